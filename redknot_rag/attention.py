@@ -1,0 +1,126 @@
+"""Attention backends behind one interface: plan once per batch, run per layer.
+
+Backends read pre-RoPE K from head-granular pages and rotate it (and q) from explicit positions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from redknot_rag.batch import ForwardBatch
+from redknot_rag.config import ModelConfig
+from redknot_rag.kvcache import KVPool
+from redknot_rag.rope import Rotary
+
+
+class AttentionBackend(ABC):
+    """`plan(batch)` once per step; `write_kv` + `run` per layer. Shapes: q `[N, Hq, D]`, k/v `[N, Hkv, D]`."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.rotary = rotary
+
+    @abstractmethod
+    def plan(self, batch: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store pre-RoPE k and v `[N, Hkv, D]` of the batch's new tokens into their page slots."""
+
+    @abstractmethod
+    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q `[N, Hq, D]` pre-RoPE → attention output `[N, Hq, D]`."""
+
+
+_REGISTRY: dict[str, Callable[[ModelConfig, KVPool, Rotary], AttentionBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
+    def deco(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def create_backend(name: str, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> AttentionBackend:
+    if name not in _REGISTRY and name in ("flashinfer", "triton"):
+        import redknot_rag.kernels.backends  # noqa: F401  (registers GPU backends)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](cfg, pool, rotary)
+
+
+@register_backend("torch")
+class TorchBackend(AttentionBackend):
+    """Reference backend (CPU and GPU, any shape): gathers K/V slots, rotates K, masks by position."""
+
+    def plan(self, batch: ForwardBatch) -> None:
+        cfg = self.cfg
+        self.new_slots = batch.new_slots().to(self.pool.device)  # [L, Hkv, N]
+        self.q_pos = batch.positions.to(self.pool.device)
+        dec = [s for s in batch.seqs if s.is_decode]
+        self.prefills = [s for s in batch.seqs if not s.is_decode]
+        self.dec_rows = torch.tensor([s.q_start for s in dec], dtype=torch.int64, device=self.pool.device)
+        if dec:
+            tmax = max(s.kv.num_tokens for s in dec)
+            b = len(dec)
+            slots = torch.zeros(cfg.num_layers, b, cfg.num_kv_heads, tmax, dtype=torch.int64)
+            kpos = torch.zeros(b, tmax, dtype=torch.int64)
+            mask = torch.zeros(cfg.num_layers, b, cfg.num_kv_heads, tmax, dtype=torch.bool)
+            for i, s in enumerate(dec):
+                t = s.kv.num_tokens
+                slots[:, i, :, :t] = s.kv.slots[:, :, :t]
+                kpos[i, :t] = s.kv.positions[:t]
+                mask[:, i, :, :t] = True if s.kv.visible is None else s.kv.visible[:, :, :t]
+            dev = self.pool.device
+            self.dec_slots, self.dec_kpos, self.dec_mask = slots.to(dev), kpos.to(dev), mask.to(dev)
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        slots = self.new_slots[layer]  # [Hkv, N]
+        self.pool.k_slots[slots] = k.transpose(0, 1).to(self.pool.dtype)  # [Hkv, N, D]
+        self.pool.v_slots[slots] = v.transpose(0, 1).to(self.pool.dtype)
+
+    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        hkv, g, d = cfg.num_kv_heads, cfg.num_kv_groups, cfg.head_dim
+        q = self.rotary.apply(q.transpose(0, 1), self.q_pos).transpose(0, 1)  # [N, Hq, D]
+        out = torch.empty_like(q)
+        scale = d**-0.5
+        if self.dec_rows.numel():
+            b = self.dec_rows.shape[0]
+            slots = self.dec_slots[layer]  # [B, Hkv, T]
+            k = self.pool.k_slots[slots].to(q.dtype)  # [B, Hkv, T, D]
+            v = self.pool.v_slots[slots].to(q.dtype)
+            k = self.rotary.apply(k, self.dec_kpos[:, None, :])
+            qd = q[self.dec_rows].view(b, hkv, g, d)  # [B, Hkv, g, D]
+            scores = torch.einsum("bhgd,bhtd->bhgt", qd, k).float() * scale
+            scores.masked_fill_(~self.dec_mask[layer][:, :, None, :], float("-inf"))
+            probs = scores.softmax(-1).to(v.dtype)
+            out[self.dec_rows] = torch.einsum("bhgt,bhtd->bhgd", probs, v).reshape(b, hkv * g, d)
+        for s in self.prefills:
+            t = s.kv.num_tokens
+            slots = s.kv.slots[layer, :, :t].to(self.pool.device)  # [Hkv, T]
+            kpos = s.kv.positions[:t].to(self.pool.device)
+            k = self.rotary.apply(self.pool.k_slots[slots].to(q.dtype), kpos)  # [Hkv, T, D]
+            v = self.pool.v_slots[slots].to(q.dtype)
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            qpos = self.q_pos[rows]
+            mask = kpos[None, :] <= qpos[:, None]  # [Tq, T]
+            mask = mask[None].expand(hkv, -1, -1)  # [Hkv, Tq, T]
+            if s.kv.visible is not None:
+                mask = mask & s.kv.visible[layer, :, None, :t].to(self.pool.device)
+            qs = q[rows].view(s.q_len, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, g, Tq, D]
+            o = F.scaled_dot_product_attention(
+                qs, k[:, None], v[:, None], attn_mask=mask[:, None], scale=scale
+            )  # [Hkv, g, Tq, D]
+            out[rows] = o.permute(2, 0, 1, 3).reshape(s.q_len, hkv * g, d)
+        return out
