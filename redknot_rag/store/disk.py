@@ -1,0 +1,360 @@
+"""Disk tier: one block file per chunk under a fingerprint namespace.
+
+    root/v1-<fingerprint digest[:32]>/
+        fingerprint.json      the fingerprint fields, for humans
+        chunks/ab/<sha256(chunk_key)>.rkv
+        tmp/                  in-flight writes: <keyhash>.<host>.<pid>.<rand>.tmp
+        quarantine/           files that failed validation, kept for inspection
+
+Invariants (crash safety): a file under chunks/ appears only by os.replace of a fully written and
+fsynced temp file from tmp/ (same filesystem), followed by an fsync of its directory; so any
+visible chunk file is complete, and a SIGKILL at any point leaves at most a stale temp file,
+which the next open removes. Concurrent writers of one chunk each write their own temp file;
+the last rename wins, and the content is identical under one fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from redknot_rag.store.blockfile import (
+    ChunkHeader,
+    CorruptChunkError,
+    FingerprintMismatchError,
+    encode_chunk,
+    read_blocks,
+    read_header,
+)
+from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint, dtype_from_name, sha256_hex
+from redknot_rag.store.tiers import BlockKey, ChunkShape, KVBlock
+
+log = logging.getLogger(__name__)
+
+_STALE_TMP_S = 3600.0  # temp files of another host (or a reused pid) count as stale after this
+_HEADER_CACHE = 4096
+
+
+def key_hash(chunk_key: str) -> str:
+    return sha256_hex(b"chunk", chunk_key)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DiskTier:
+    """Durable chunk files with per-block reads; LRU over whole chunks under `budget_bytes`."""
+
+    def __init__(self, root: Path, fingerprint: KVFingerprint, budget_bytes: int | None = None) -> None:
+        self.digest = fingerprint.digest()
+        self.budget_bytes = budget_bytes
+        self.ns = Path(root) / f"v{FORMAT_VERSION}-{self.digest[:32]}"
+        self.chunks_dir, self.tmp_dir, self.quarantine_dir = (
+            self.ns / d for d in ("chunks", "tmp", "quarantine")
+        )
+        for d in (self.chunks_dir, self.tmp_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._host = socket.gethostname().replace(".", "_")
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # key hash -> file bytes, LRU oldest first
+        self._headers: OrderedDict[str, tuple[tuple[int, int], ChunkHeader]] = OrderedDict()
+        self.nbytes = 0
+        self.num_evictions = 0
+        self._write_fingerprint(fingerprint)
+        self.num_stale_removed = self._clean_tmp()
+        self._scan()
+
+    # -- open -------------------------------------------------------------------------------
+
+    def _write_fingerprint(self, fp: KVFingerprint) -> None:
+        path = self.ns / "fingerprint.json"
+        if path.exists():
+            return
+        tmp = self.tmp_dir / f"fingerprint.{self._host}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps({"digest": self.digest, **fp.__dict__}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def _clean_tmp(self) -> int:
+        """Remove temp files whose writer is gone (dead local pid, or older than _STALE_TMP_S)."""
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            parts = entry.name.split(".")
+            try:
+                local = len(parts) == 5 and parts[1] == self._host
+                stale = (local and not _pid_alive(int(parts[2]))) or (
+                    time.time() - entry.stat().st_mtime > _STALE_TMP_S
+                )
+                if stale:
+                    os.unlink(entry.path)
+                    removed += 1
+            except (ValueError, FileNotFoundError):
+                continue
+        return removed
+
+    def _scan(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for sub in os.scandir(self.chunks_dir):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                if entry.name.endswith(".rkv"):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    found.append((st.st_mtime, entry.name[:-4], st.st_size))
+        for _, kh, size in sorted(found):
+            self._index[kh] = size
+            self.nbytes += size
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def _path(self, kh: str) -> Path:
+        return self.chunks_dir / kh[:2] / f"{kh}.rkv"
+
+    def _forget(self, kh: str) -> None:
+        """Caller holds the lock."""
+        size = self._index.pop(kh, None)
+        if size is not None:
+            self.nbytes -= size
+        self._headers.pop(kh, None)
+
+    def _quarantine(self, kh: str, why: str) -> None:
+        try:
+            os.replace(self._path(kh), self.quarantine_dir / f"{kh}.rkv")
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            self._forget(kh)
+        log.warning("KV chunk file %s quarantined: %s", kh, why)
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def put_chunk(self, chunk_key: str, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+        """Atomically write K, V `[L, H, T, D]` (CPU). Returns chunk keys evicted for the budget."""
+        kh = key_hash(chunk_key)
+        tmp = self.tmp_dir / f"{kh}.{self._host}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        final = self._path(kh)
+        try:
+            with open(tmp, "xb") as f:
+                for part in encode_chunk(chunk_key, self.digest, k, v):
+                    f.write(part)
+                f.flush()
+                os.fsync(f.fileno())
+            if not final.parent.is_dir():
+                final.parent.mkdir(exist_ok=True)
+                _fsync_dir(self.chunks_dir)
+            os.replace(tmp, final)  # the commit point
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        size = final.stat().st_size
+        with self._lock:
+            self._forget(kh)
+            self._index[kh] = size
+            self.nbytes += size
+        return self._enforce_budget(keep=kh)
+
+    def _enforce_budget(self, keep: str) -> list[str]:
+        if self.budget_bytes is None:
+            return []
+        evicted: list[str] = []
+        while True:
+            with self._lock:
+                if self.nbytes <= self.budget_bytes:
+                    break
+                victim = next((kh for kh in self._index if kh != keep), None)
+                if victim is None:
+                    break
+                hdr = self._headers.get(victim)
+            name = hdr[1].chunk_key if hdr else self._read_key(victim)
+            self._path(victim).unlink(missing_ok=True)
+            with self._lock:
+                self._forget(victim)
+                self.num_evictions += 1
+            if name is not None:
+                evicted.append(name)
+        return evicted
+
+    def _read_key(self, kh: str) -> str | None:
+        hdr = self._header(kh)
+        return hdr[1].chunk_key if hdr else None
+
+    def _header(self, kh: str, fd: int | None = None) -> tuple[int, ChunkHeader] | None:
+        """(fd, header) for an open file; caller closes fd. None if absent. Raises on corruption."""
+        own = fd is None
+        if fd is None:
+            try:
+                fd = os.open(self._path(kh), os.O_RDONLY)
+            except FileNotFoundError:
+                with self._lock:
+                    self._forget(kh)
+                return None
+        try:
+            st = os.fstat(fd)
+            ident = (st.st_ino, st.st_mtime_ns)
+            with self._lock:
+                cached = self._headers.get(kh)
+            if cached is not None and cached[0] == ident:
+                return fd, cached[1]
+            hdr = read_header(fd, expect_digest=self.digest)
+            with self._lock:
+                self._headers[kh] = (ident, hdr)
+                while len(self._headers) > _HEADER_CACHE:
+                    self._headers.popitem(last=False)
+            return fd, hdr
+        except BaseException:
+            if own:
+                os.close(fd)
+            raise
+
+    def _open(self, chunk_key: str) -> tuple[int, ChunkHeader] | None:
+        """Open and validate; a fingerprint mismatch quarantines and misses, corruption raises."""
+        kh = key_hash(chunk_key)
+        try:
+            got = self._header(kh)
+        except FingerprintMismatchError as e:
+            self._quarantine(kh, str(e))
+            return None
+        except CorruptChunkError as e:
+            self._quarantine(kh, str(e))
+            raise
+        if got is not None and got[1].chunk_key != chunk_key:
+            os.close(got[0])
+            raise CorruptChunkError(f"file for {chunk_key!r} holds chunk {got[1].chunk_key!r}")
+        return got
+
+    def shape(self, chunk_key: str) -> ChunkShape | None:
+        got = self._open(chunk_key)
+        if got is None:
+            return None
+        os.close(got[0])
+        h = got[1]
+        return ChunkShape(h.num_layers, h.num_kv_heads, h.num_tokens, h.head_dim, h.dtype)
+
+    def get_blocks(
+        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
+    ) -> dict[tuple[int, int], KVBlock] | None:
+        """Read blocks (layer, head) of one chunk, each `[T, D]` K and V on CPU, crc-verified.
+
+        Reads the header and exactly the requested blocks' bytes. Raises CorruptChunkError (and
+        quarantines the file) if any requested block fails its checksum.
+        """
+        got = self._open(chunk_key)
+        if got is None:
+            return None
+        fd, hdr = got
+        kh = key_hash(chunk_key)
+        try:
+            idx = {hdr.block_index(l, h): (l, h) for l, h in blocks}
+            raw = read_blocks(fd, hdr, list(idx))
+        except CorruptChunkError as e:
+            self._quarantine(kh, str(e))
+            raise
+        finally:
+            os.close(fd)
+        with self._lock:
+            if kh in self._index:
+                self._index.move_to_end(kh)
+        return {idx[b]: KVBlock(kv[0], kv[1]) for b, kv in raw.items()}
+
+    def contains_chunk(self, chunk_key: str) -> bool:
+        kh = key_hash(chunk_key)
+        with self._lock:
+            if kh in self._index:
+                return True
+        # another process may have committed it since our scan
+        try:
+            size = self._path(kh).stat().st_size
+        except FileNotFoundError:
+            return False
+        with self._lock:
+            if kh not in self._index:
+                self._index[kh] = size
+                self.nbytes += size
+        return True
+
+    def delete_chunk(self, chunk_key: str) -> bool:
+        kh = key_hash(chunk_key)
+        try:
+            self._path(kh).unlink()
+            existed = True
+        except FileNotFoundError:
+            existed = False
+        with self._lock:
+            self._forget(kh)
+        return existed
+
+    def chunk_keys(self) -> Iterator[str]:
+        """Keys of the committed chunks (reads each header; files failing validation are skipped)."""
+        with self._lock:
+            hashes = list(self._index)
+        for kh in hashes:
+            try:
+                got = self._header(kh)
+            except (CorruptChunkError, FingerprintMismatchError):
+                continue
+            if got is not None:
+                os.close(got[0])
+                yield got[1].chunk_key
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._index)
+
+    # -- BlockTier --------------------------------------------------------------------------
+
+    def get(self, key: BlockKey) -> KVBlock | None:
+        got = self.get_blocks(key.chunk_key, [(key.layer, key.head)])
+        return None if got is None else got[(key.layer, key.head)]
+
+    def put(self, key: BlockKey, block: KVBlock) -> None:
+        """Replace one block of a stored chunk (read-modify-write of the whole file, atomic)."""
+        shape = self.shape(key.chunk_key)
+        if shape is None:
+            raise KeyError(f"disk tier stores whole chunks; {key.chunk_key!r} is not stored (use put_chunk)")
+        every = [(l, h) for l in range(shape.num_layers) for h in range(shape.num_kv_heads)]
+        got = self.get_blocks(key.chunk_key, every)
+        if got is None:
+            raise KeyError(key.chunk_key)
+        got[(key.layer, key.head)] = block
+        dtype = dtype_from_name(shape.dtype)
+        k = torch.stack([got[b].k.cpu().to(dtype) for b in every]).view(
+            shape.num_layers, shape.num_kv_heads, shape.num_tokens, -1
+        )
+        v = torch.stack([got[b].v.cpu().to(dtype) for b in every]).view_as(k)
+        self.put_chunk(key.chunk_key, k, v)
+
+    def contains(self, key: BlockKey) -> bool:
+        shape = self.shape(key.chunk_key)
+        return shape is not None and 0 <= key.layer < shape.num_layers and 0 <= key.head < shape.num_kv_heads
+
+    def delete(self, key: BlockKey) -> bool:
+        """A chunk file holds every block or none: deleting a block deletes its chunk."""
+        return self.delete_chunk(key.chunk_key)

@@ -1,0 +1,166 @@
+"""Block-granular tier interface and the in-memory tier.
+
+The unit every tier stores is one (chunk, layer, kv_head) block: K and V, `[T, D]` each, K pre-RoPE.
+Cold tiers (disk, Redis) additionally accept whole chunks atomically (`ColdTier`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class BlockKey:
+    chunk_key: str
+    layer: int
+    head: int
+
+
+@dataclass(frozen=True)
+class KVBlock:
+    """K and V of one (layer, kv_head) of one chunk: `[T, D]` each, same dtype and device."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    num_layers: int
+    num_kv_heads: int
+    num_tokens: int
+    head_dim: int
+    dtype: str
+
+
+@runtime_checkable
+class BlockTier(Protocol):
+    """Storage addressed by (chunk, layer, head) block."""
+
+    def get(self, key: BlockKey) -> KVBlock | None: ...
+    def put(self, key: BlockKey, block: KVBlock) -> None: ...
+    def contains(self, key: BlockKey) -> bool: ...
+    def delete(self, key: BlockKey) -> bool: ...
+
+
+@runtime_checkable
+class ColdTier(BlockTier, Protocol):
+    """A durable tier: holds a chunk with every block or not at all (after a crash too).
+
+    `get_blocks` raises `CorruptChunkError` (after dropping the chunk) when a block fails its
+    checksum, and returns None when the chunk is absent or bound to another fingerprint.
+    """
+
+    def put_chunk(self, chunk_key: str, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+        """Store K, V `[L, H, T, D]` (CPU) atomically; returns chunk keys evicted for budget."""
+        ...
+
+    def shape(self, chunk_key: str) -> ChunkShape | None: ...
+    def get_blocks(
+        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
+    ) -> dict[tuple[int, int], KVBlock] | None: ...
+    def contains_chunk(self, chunk_key: str) -> bool: ...
+    def delete_chunk(self, chunk_key: str) -> bool: ...
+    def chunk_keys(self) -> Iterator[str]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def num_chunks(self) -> int: ...
+
+
+class MemoryTier:
+    """LRU of blocks under a byte budget, tensors on `device` (pinned when on CPU with CUDA present).
+
+    Invariants: `nbytes` = sum of held blocks' bytes <= `budget_bytes`; every held tensor owns its
+    storage (copied in), so evicting a block frees exactly its bytes.
+    """
+
+    def __init__(self, budget_bytes: int, device: torch.device | str = "cpu") -> None:
+        self.budget_bytes = int(budget_bytes)
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cpu" and torch.cuda.is_available()
+        self.nbytes = 0
+        self.num_evictions = 0
+        self._blocks: OrderedDict[BlockKey, KVBlock] = OrderedDict()  # oldest first
+        self._by_chunk: dict[str, set[BlockKey]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.device, pin_memory=self.pin)
+        return out.copy_(t, non_blocking=self.pin or t.is_pinned())
+
+    def get(self, key: BlockKey) -> KVBlock | None:
+        with self._lock:
+            block = self._blocks.get(key)
+            if block is not None:
+                self._blocks.move_to_end(key)
+            return block
+
+    def put(self, key: BlockKey, block: KVBlock) -> None:
+        """Insert (or refresh) a block; evicts LRU blocks to fit. A block above the budget is not kept."""
+        if block.nbytes > self.budget_bytes:
+            self.delete(key)
+            return
+        placed = KVBlock(self._place(block.k), self._place(block.v))
+        with self._lock:
+            self._drop(key)
+            while self.nbytes + placed.nbytes > self.budget_bytes:
+                self._drop(next(iter(self._blocks)))
+                self.num_evictions += 1
+            self._blocks[key] = placed
+            self._by_chunk.setdefault(key.chunk_key, set()).add(key)
+            self.nbytes += placed.nbytes
+
+    def contains(self, key: BlockKey) -> bool:
+        with self._lock:
+            return key in self._blocks
+
+    def delete(self, key: BlockKey) -> bool:
+        with self._lock:
+            return self._drop(key) > 0
+
+    def delete_chunk(self, chunk_key: str) -> int:
+        """Drop every block of a chunk; returns bytes freed."""
+        with self._lock:
+            return sum(self._drop(k) for k in list(self._by_chunk.get(chunk_key, ())))
+
+    def evict(self, keys: Iterable[BlockKey] | None = None, target_bytes: int | None = None) -> int:
+        """Drop `keys`, or LRU blocks until `nbytes <= target_bytes`; returns bytes freed."""
+        with self._lock:
+            victims = list(keys) if keys is not None else []
+            if target_bytes is not None:
+                excess = self.nbytes - sum(self._blocks[k].nbytes for k in set(victims) if k in self._blocks)
+                for k, b in self._blocks.items():  # oldest first
+                    if excess <= target_bytes:
+                        break
+                    if k not in victims:
+                        victims.append(k)
+                        excess -= b.nbytes
+            freed = [self._drop(k) for k in victims]
+            self.num_evictions += sum(1 for f in freed if f)
+            return sum(freed)
+
+    def _drop(self, key: BlockKey) -> int:
+        """Caller holds the lock."""
+        block = self._blocks.pop(key, None)
+        if block is None:
+            return 0
+        keys = self._by_chunk[key.chunk_key]
+        keys.discard(key)
+        if not keys:
+            del self._by_chunk[key.chunk_key]
+        self.nbytes -= block.nbytes
+        return block.nbytes
