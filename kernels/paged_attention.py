@@ -1,0 +1,235 @@
+"""SegPagedAttention in Triton: attention over head-granular pool slots with explicit positions.
+
+One *row* is one (sequence, kv_head) of one layer. A row lists its visible keys in CSR form:
+`kv_indptr [R + 1]` into `kv_slots [nnz]` (pool slot = page * page_size + offset) and `kv_pos [nnz]`
+(RoPE position of that key). Invisible keys (the middle of a local head's context) are simply not
+listed, so sink + window with a position gap costs only the keys that are read.
+
+Invariants:
+- Pool K is pre-RoPE; the kernel rotates K and q from `kv_pos` / `q_pos` with the model's
+  `inv_freq` (any RoPE variant whose angle is `pos * inv_freq[j]`, llama3 scaling included), in
+  float32 — the same arithmetic as `redknot_rag.rope.Rotary`.
+- A key is attended iff it is listed for the row and `kv_pos <= q_pos` (causal by position).
+- Outputs come with a natural-log log-sum-exp, so results over disjoint key sets merge exactly
+  (`merge_states`); a row with no visible key has output 0 and lse -inf.
+- The q heads of one kv head (GQA group g) are processed together: tile row m is
+  (token m // g, q head kv_head * g + m % g).
+- Long rows split into `num_splits` chunks (sized in-kernel from each row's length, so a fixed grid
+  serves changing lengths under CUDA graphs); partials are merged by `_merge_splits_kernel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class SegPagedMeta:
+    """Per-layer attention metadata (device tensors, all int32).
+
+    `q_pos [N]`; per row: `row_q_start`, `row_q_len`, `row_head` `[R]`; `kv_indptr [R + 1]`,
+    `kv_slots [nnz]`, `kv_pos [nnz]`. `max_q_len` bounds `row_q_len` (sizes the grid).
+    """
+
+    q_pos: torch.Tensor
+    row_q_start: torch.Tensor
+    row_q_len: torch.Tensor
+    row_head: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_slots: torch.Tensor
+    kv_pos: torch.Tensor
+    max_q_len: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_head.shape[0])
+
+
+@triton.jit
+def _seg_paged_attn_kernel(
+    Q, K, V, O, LSE,
+    QPOS, ROW_Q_START, ROW_Q_LEN, ROW_HEAD, KV_INDPTR, KV_SLOT, KV_POS, INV_FREQ,
+    stride_qn, stride_qh, stride_os, stride_on, stride_oh, stride_ls, stride_ln,
+    sm_scale_log2,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    r = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    HALF: tl.constexpr = D // 2
+
+    q_start = tl.load(ROW_Q_START + r)
+    q_len = tl.load(ROW_Q_LEN + r)
+    head = tl.load(ROW_HEAD + r)
+    if pid_m * BLOCK_M >= q_len * G:
+        return
+    kv_begin = tl.load(KV_INDPTR + r)
+    kv_len = tl.load(KV_INDPTR + r + 1) - kv_begin
+    chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = offs_m // G
+    qh = head * G + offs_m % G
+    m_valid = tok < q_len
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, D)
+    inv_freq = tl.load(INV_FREQ + offs_h)  # [HALF] fp32
+
+    # q: rotate by its own position, in float32
+    q_ptr = Q + (q_start + tok)[:, None] * stride_qn + qh[:, None] * stride_qh
+    q_lo = tl.load(q_ptr + offs_h[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(q_ptr + HALF + offs_h[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
+    qpos = tl.load(QPOS + q_start + tok, mask=m_valid, other=0)
+    ang = qpos.to(tl.float32)[:, None] * inv_freq[None, :]
+    cq = tl.cos(ang)
+    sq = tl.sin(ang)
+    dt = K.dtype.element_ty
+    qr_lo = (q_lo * cq - q_hi * sq).to(dt)
+    qr_hi = (q_hi * cq + q_lo * sq).to(dt)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        slot = tl.load(KV_SLOT + kv_begin + offs_n, mask=n_valid, other=0).to(tl.int64)
+        kpos = tl.load(KV_POS + kv_begin + offs_n, mask=n_valid, other=0)
+        k_ptr = K + slot[:, None] * D
+        k_lo = tl.load(k_ptr + offs_h[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
+        k_hi = tl.load(k_ptr + HALF + offs_h[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(V + slot[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        ang_k = kpos.to(tl.float32)[:, None] * inv_freq[None, :]
+        ck = tl.cos(ang_k)
+        sk = tl.sin(ang_k)
+        kr_lo = (k_lo * ck - k_hi * sk).to(dt)
+        kr_hi = (k_hi * ck + k_lo * sk).to(dt)
+        s = tl.dot(qr_lo, tl.trans(kr_lo)) + tl.dot(qr_hi, tl.trans(kr_hi))  # [BLOCK_M, BLOCK_N] fp32
+        s = s * sm_scale_log2
+        keep = n_valid[None, :] & (kpos[None, :] <= qpos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptr = O + split * stride_os + (q_start + tok)[:, None] * stride_on + qh[:, None] * stride_oh
+    tl.store(o_ptr + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(LSE + split * stride_ls + (q_start + tok) * stride_ln + qh, lse, mask=m_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    OP, LP, O, LSE, num_splits, stride_os, stride_ls, n_heads,
+    D: tl.constexpr,
+):  # fmt: skip
+    """OP `[S, N*H, D]` fp32, LP `[S, N*H]` fp32 → O `[N*H, D]`, LSE `[N*H]` (natural log)."""
+    i = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    m = tl.full([1], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(LP + s * stride_ls + i + tl.zeros([1], tl.int32)))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(LP + s * stride_ls + i + tl.zeros([1], tl.int32))
+        w = tl.exp(lse_s - m_safe)
+        den += w
+        acc += tl.sum(w) * tl.load(OP + s * stride_os + i * D + offs_d)
+    has = den > 0
+    out = acc / tl.sum(tl.where(has, den, 1.0))
+    tl.store(O + i * D + offs_d, out.to(O.dtype.element_ty))
+    tl.store(LSE + i + tl.zeros([1], tl.int32), tl.where(has, m + tl.log(tl.where(has, den, 1.0)), m))
+
+
+def seg_paged_attention(
+    q: torch.Tensor,
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
+    meta: SegPagedMeta,
+    inv_freq: torch.Tensor,
+    num_kv_groups: int,
+    sm_scale: float | None = None,
+    num_splits: int = 1,
+    block_n: int = 64,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of pre-RoPE q over the keys listed in `meta`.
+
+    q `[N, Hq, D]` (pre-RoPE, pool dtype); `k_slots`, `v_slots` `[num_slots, D]` (pre-RoPE K);
+    `inv_freq [D/2]` float32. Every (token, q head) must belong to exactly one meta row.
+    Returns (out `[N, Hq, D]` q.dtype, lse `[N, Hq]` float32, natural log, -inf where nothing visible).
+    """
+    n, hq, d = q.shape
+    g = num_kv_groups
+    if q.stride(-1) != 1 or k_slots.stride(0) != d or v_slots.stride(0) != d:
+        raise ValueError("q, k_slots and v_slots must be contiguous in head_dim; slots rows dense")
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    out = torch.empty_like(q) if out is None else out
+    block_m = 16 if meta.max_q_len * g <= 16 else 64
+    grid_m = triton.cdiv(max(meta.max_q_len, 1) * g, block_m)
+    grid = (grid_m, meta.num_rows, num_splits)
+    if num_splits == 1:
+        o_part, lse_part = out, torch.empty(n, hq, dtype=torch.float32, device=q.device)
+        lse = lse_part
+        stride_os, stride_ls = 0, 0
+    else:
+        o_part = torch.empty(num_splits, n, hq, d, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits, n, hq, dtype=torch.float32, device=q.device)
+        stride_os, stride_ls = o_part.stride(0), lse_part.stride(0)
+    on_stride = o_part.stride(-3) if num_splits > 1 else out.stride(0)
+    oh_stride = o_part.stride(-2) if num_splits > 1 else out.stride(1)
+    ln_stride = lse_part.stride(-2)
+    _seg_paged_attn_kernel[grid](
+        q, k_slots, v_slots, o_part, lse_part,
+        meta.q_pos, meta.row_q_start, meta.row_q_len, meta.row_head,
+        meta.kv_indptr, meta.kv_slots, meta.kv_pos, inv_freq,
+        q.stride(0), q.stride(1), stride_os, on_stride, oh_stride, stride_ls, ln_stride,
+        scale * LOG2E,
+        G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if num_splits == 1:
+        return out, lse
+    lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous when num_splits > 1")
+    _merge_splits_kernel[(n * hq,)](
+        o_part, lse_part, out, lse, num_splits, o_part.stride(0), lse_part.stride(0), hq, D=d
+    )
+    return out, lse
+
+
+def merge_states(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge attention over two disjoint key sets: o `[..., D]`, lse `[...]` float32 natural log.
+
+    Returns (o `[..., D]` in o1.dtype, lse `[...]` float32). Where both lse are -inf the output is 0.
+    """
+    m = torch.maximum(lse1, lse2)
+    m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    w1 = torch.exp(lse1 - m_safe)
+    w2 = torch.exp(lse2 - m_safe)
+    den = w1 + w2
+    den_safe = torch.where(den > 0, den, torch.ones_like(den))
+    o = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / den_safe[..., None]
+    lse = torch.where(den > 0, m_safe + torch.log(den_safe), m)
+    return o.to(o1.dtype), lse

@@ -1,0 +1,117 @@
+"""Random SegPaged scenarios for kernel tests and benchmarks: pools, sequences, batches.
+
+A scenario mixes what the product produces: private-only sequences, shared segments attached at
+arbitrary positions (position gaps, partial last pages), local heads that see only sink + window,
+decode rows (q_len 1) and prefill rows (q_len > 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.config import ModelConfig, RopeScaling
+from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV
+
+
+def tiny_config(
+    head_dim: int = 64,
+    num_kv_heads: int = 2,
+    group: int = 4,
+    num_layers: int = 2,
+    llama3: bool = False,
+    hidden: int | None = None,
+    vocab: int = 128,
+) -> ModelConfig:
+    """A small Llama-family shape (llama3 RoPE scaling optional)."""
+    scaling = (
+        RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64)
+        if llama3
+        else RopeScaling()
+    )
+    hq = num_kv_heads * group
+    return ModelConfig(
+        arch="llama",
+        vocab_size=vocab,
+        hidden_size=hidden or hq * head_dim,
+        intermediate_size=2 * (hidden or hq * head_dim),
+        num_layers=num_layers,
+        num_q_heads=hq,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position=4096,
+        rope_scaling=scaling,
+    )
+
+
+@dataclass
+class SeqSpec:
+    """One sequence: `segments` (num_tokens, start position) shared chunks, then `private` tokens
+    at consecutive positions after the last segment, of which the last `q_len` are this step's new
+    tokens. `local_window` > 0 makes odd kv heads local (sink `local_sink` + last `local_window`)."""
+
+    private: int
+    q_len: int = 1
+    segments: tuple[tuple[int, int], ...] = ()
+    local_sink: int = 0
+    local_window: int = 0
+
+
+def make_segment(
+    cfg: ModelConfig, alloc: PageAllocator, page_size: int, num_tokens: int
+) -> KVSegment:
+    npages = -(-num_tokens // page_size)
+    ids = alloc.allocate(cfg.num_layers * cfg.num_kv_heads * npages)
+    pages = torch.from_numpy(ids).view(cfg.num_layers, cfg.num_kv_heads, npages)  # [L, Hkv, P]
+    return KVSegment(pages=pages, num_tokens=num_tokens, is_shared=True)
+
+
+def build_batch(
+    cfg: ModelConfig, pool: KVPool, alloc: PageAllocator, specs: list[SeqSpec]
+) -> ForwardBatch:
+    """Sequences per `specs` (KV of old tokens = whatever the pool holds), new tokens appended."""
+    ps = pool.page_size
+    seqs: list[SeqSlice] = []
+    ids, positions = [], []
+    q_start = 0
+    for sp in specs:
+        kv = SeqKV(cfg.num_layers, cfg.num_kv_heads, ps)
+        next_pos = 0
+        for n, start in sp.segments:
+            seg = make_segment(cfg, alloc, ps, n)
+            kv.attach(seg, torch.arange(start, start + n), alloc)
+            next_pos = start + n
+        old = sp.private - sp.q_len
+        if old > 0:
+            kv.append(torch.arange(next_pos, next_pos + old), alloc)
+        new_pos = torch.arange(next_pos + old, next_pos + sp.private)
+        new_slots = kv.append(new_pos, alloc)
+        if sp.local_window:
+            t = kv.num_tokens
+            vis = torch.zeros(t, dtype=torch.bool)
+            vis[: sp.local_sink] = True
+            vis[max(0, t - sp.local_window) :] = True
+            full = torch.ones(cfg.num_layers, cfg.num_kv_heads, kv.capacity, dtype=torch.bool)
+            full[:, 1::2, :t] = vis
+            kv.visible = full
+        seqs.append(SeqSlice(kv=kv, q_start=q_start, q_len=sp.q_len, new_slots=new_slots))
+        ids.append(torch.randint(0, cfg.vocab_size, (sp.q_len,)))
+        positions.append(new_pos)
+        q_start += sp.q_len
+    return ForwardBatch(
+        input_ids=torch.cat(ids),
+        positions=torch.cat(positions),
+        seqs=seqs,
+        logit_rows=torch.tensor([s.q_start + s.q_len - 1 for s in seqs]),
+    )
+
+
+def random_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype, device: str) -> KVPool:
+    pool = KVPool(num_pages, page_size, cfg.head_dim, dtype, device)
+    pool.k.normal_()
+    pool.v.normal_()
+    return pool

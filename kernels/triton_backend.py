@@ -1,0 +1,80 @@
+"""The "triton" attention backend: SegPagedAttention over head-granular pages, any layout.
+
+Handles everything the torch reference handles (ragged lengths, shared segments with partial pages,
+position gaps, per-(layer, head) visibility, any RoPE variant via `inv_freq`), on GPU or — under
+`TRITON_INTERPRET=1` — on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from redknot_rag.attention import AttentionBackend, register_backend
+from redknot_rag.batch import ForwardBatch
+from redknot_rag.config import ModelConfig
+from redknot_rag.kvcache import KVPool
+from redknot_rag.rope import Rotary
+
+from .kv_write import write_kv_pages
+from .paged_attention import seg_paged_attention
+from .seg_meta import SegPagedPlan, build_plan
+
+
+def choose_num_splits(num_rows: int, q_tiles: int, max_kv_len: int, device: torch.device, block_n: int) -> int:
+    """Split-KV factor: enough programs to fill the GPU twice, chunks of at least 4 key blocks."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(1, num_rows * q_tiles))
+    most = max(1, max_kv_len // (4 * block_n))
+    return int(max(1, min(want, most, 64)))
+
+
+@register_backend("triton")
+class TritonBackend(AttentionBackend):
+    """`plan` builds `SegPagedPlan` (all layers) once; `run(layer)` launches one kernel on its views."""
+
+    block_n = 64
+
+    def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
+        super().__init__(cfg, pool, rotary)
+        self.inv_freq = rotary.inv_freq.to(pool.device, torch.float32).contiguous()
+        self.meta: SegPagedPlan | None = None
+        self.num_splits = 1
+        self.force_num_splits: int | None = None  # tests exercise the split/merge path on CPU
+
+    def plan(self, batch: ForwardBatch) -> None:
+        self.set_plan(build_plan(batch, self.cfg.num_layers, self.cfg.num_kv_heads, self.pool.device))
+
+    def set_plan(self, meta: SegPagedPlan, num_splits: int | None = None) -> None:
+        """Install prepared metadata (the CUDA-graph runner passes static buffers here)."""
+        self.meta = meta
+        if num_splits is None:
+            num_splits = self.force_num_splits
+        if num_splits is None:
+            q_tiles = triton.cdiv(max(1, meta.max_q_len) * self.cfg.num_kv_groups, 16)
+            num_splits = choose_num_splits(
+                meta.num_rows, q_tiles, meta.max_kv_len, self.pool.device, self.block_n
+            )
+        self.num_splits = num_splits
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        assert self.meta is not None, "plan() first"
+        write_kv_pages(
+            self.pool.k_slots, self.pool.v_slots, self.meta.new_slots[layer], k.contiguous(), v.contiguous()
+        )
+
+    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        assert self.meta is not None, "plan() first"
+        out, _ = seg_paged_attention(
+            q.contiguous(),
+            self.pool.k_slots,
+            self.pool.v_slots,
+            self.meta.layer(layer),
+            self.inv_freq,
+            self.cfg.num_kv_groups,
+            num_splits=self.num_splits,
+            block_n=self.block_n,
+        )
+        return out
