@@ -182,7 +182,7 @@ def seg_paged_attention(
     if q.stride(-1) != 1 or k_slots.stride(0) != d or v_slots.stride(0) != d:
         raise ValueError("q, k_slots and v_slots must be contiguous in head_dim; slots rows dense")
     scale = d**-0.5 if sm_scale is None else sm_scale
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     block_m = 16 if meta.max_q_len * g <= 16 else 64
     grid_m = triton.cdiv(max(meta.max_q_len, 1) * g, block_m)
     grid = (grid_m, meta.num_rows, num_splits)

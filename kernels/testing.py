@@ -115,3 +115,32 @@ def random_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.d
     pool.k.normal_()
     pool.v.normal_()
     return pool
+
+
+def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: str, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """HF-named random weights for `CausalLM` (norms at 1)."""
+    d, hq, hkv = cfg.head_dim, cfg.num_q_heads, cfg.num_kv_heads
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, device=device, dtype=dtype) * std)
+
+    w = {
+        "model.embed_tokens.weight": rnd(cfg.vocab_size, h) * 50,
+        "model.norm.weight": torch.ones(h, device=device, dtype=dtype),
+        "lm_head.weight": rnd(cfg.vocab_size, h),
+    }
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        w |= {
+            p + "input_layernorm.weight": torch.ones(h, device=device, dtype=dtype),
+            p + "post_attention_layernorm.weight": torch.ones(h, device=device, dtype=dtype),
+            p + "self_attn.q_proj.weight": rnd(hq * d, h),
+            p + "self_attn.k_proj.weight": rnd(hkv * d, h),
+            p + "self_attn.v_proj.weight": rnd(hkv * d, h),
+            p + "self_attn.o_proj.weight": rnd(h, hq * d),
+            p + "mlp.gate_proj.weight": rnd(inter, h),
+            p + "mlp.up_proj.weight": rnd(inter, h),
+            p + "mlp.down_proj.weight": rnd(h, inter),
+        }
+    return w
