@@ -190,7 +190,8 @@ class DecodeGraphRunner:
 
     # -- capture / replay -----------------------------------------------------------------------
     def _static_batch(self, slot: GraphSlot) -> ForwardBatch:
-        return ForwardBatch(input_ids=slot.input_ids, positions=slot.input_ids, seqs=[], logit_rows=slot.logit_rows)
+        ids = slot.input_ids
+        return ForwardBatch(input_ids=ids, positions=ids, seqs=[], logit_rows=slot.logit_rows)
 
     def capture(self) -> None:
         dev = self.backend.pool.device

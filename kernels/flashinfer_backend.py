@@ -90,7 +90,8 @@ def build_page_tables(batch: ForwardBatch, page_size: int) -> PageTables:
         lens.append(t)
     nl, hkv = per_seq[0].shape[:2]
     npages = torch.tensor([p.shape[2] for p in per_seq], dtype=torch.int32)  # [B]
-    last = torch.tensor([t - (p.shape[2] - 1) * ps for t, p in zip(lens, per_seq)], dtype=torch.int32)
+    last = torch.tensor([t - (p.shape[2] - 1) * ps for t, p in zip(lens, per_seq, strict=True)])
+    last = last.to(torch.int32)  # [B] tokens in each row's last page
     is_decode = all(s.is_decode for s in batch.seqs)
     q_len = torch.tensor([s.q_len for s in batch.seqs], dtype=torch.int32)
     if is_decode:
@@ -120,7 +121,9 @@ class FlashInferBackend(AttentionBackend):
         self.triton = TritonBackend(cfg, pool, rotary)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         g = cfg.num_kv_groups
-        self.eager_decode = fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=g >= 4)
+        self.eager_decode = fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=g >= 4
+        )
         self.decode = self.eager_decode  # the CUDA-graph runner swaps in its fixed-size wrappers
         self.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         for w in (self.eager_decode, self.prefill):

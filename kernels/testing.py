@@ -27,7 +27,9 @@ def tiny_config(
 ) -> ModelConfig:
     """A small Llama-family shape (llama3 RoPE scaling optional)."""
     scaling = (
-        RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64)
+        RopeScaling(
+            kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64
+        )
         if llama3
         else RopeScaling()
     )
@@ -117,7 +119,9 @@ def random_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.d
     return pool
 
 
-def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: str, std: float = 0.02) -> dict[str, torch.Tensor]:
+def random_weights(
+    cfg: ModelConfig, dtype: torch.dtype, device: str, std: float = 0.02
+) -> dict[str, torch.Tensor]:
     """HF-named random weights for `CausalLM` (norms at 1)."""
     d, hq, hkv = cfg.head_dim, cfg.num_q_heads, cfg.num_kv_heads
     h, inter = cfg.hidden_size, cfg.intermediate_size

@@ -21,7 +21,9 @@ from .paged_attention import seg_paged_attention
 from .seg_meta import SegPagedPlan, build_plan
 
 
-def choose_num_splits(num_rows: int, q_tiles: int, max_kv_len: int, device: torch.device, block_n: int) -> int:
+def choose_num_splits(
+    num_rows: int, q_tiles: int, max_kv_len: int, device: torch.device, block_n: int
+) -> int:
     """Split-KV factor: enough programs to fill the GPU twice, chunks of at least 4 key blocks."""
     if device.type != "cuda":
         return 1

@@ -15,7 +15,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from redknot_rag.attention import TorchBackend, create_backend  # noqa: E402
 from redknot_rag.kernels.flashinfer_backend import build_page_tables, is_contiguous_layout  # noqa: E402
 from redknot_rag.kernels.kv_write import write_kv_pages, write_kv_pages_torch  # noqa: E402
 from redknot_rag.kernels.paged_attention import SegPagedMeta, merge_states, seg_paged_attention  # noqa: E402
@@ -27,6 +26,8 @@ from redknot_rag.kernels.testing import (  # noqa: E402
     tiny_config,
 )
 from redknot_rag.kernels.triton_backend import TritonBackend  # noqa: E402
+
+from redknot_rag.attention import TorchBackend, create_backend  # noqa: E402
 from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.model import CausalLM  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
@@ -205,7 +206,9 @@ def test_gpu_backend_bf16(name, layout):
     cfg = tiny_config(head_dim=128, group=4, num_kv_heads=2, num_layers=2)
     specs = {
         "contiguous_decode": [SeqSpec(private=700), SeqSpec(private=33), SeqSpec(private=1)],
-        "contiguous_prefill": [SeqSpec(private=300, q_len=77), SeqSpec(private=5, q_len=5), SeqSpec(private=40)],
+        "contiguous_prefill": [
+            SeqSpec(private=300, q_len=77), SeqSpec(private=5, q_len=5), SeqSpec(private=40)
+        ],
         "segments_local": MIXED,
     }[layout]
     be = _compare_backends(
