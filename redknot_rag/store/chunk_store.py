@@ -94,8 +94,10 @@ class ChunkKVStore:
 
         Durable when this returns. `keep_in_memory=False` (bulk ingest) leaves the memory tier as is.
         """
-        if k.shape != v.shape or k.dim() != 4 or k.shape[2] == 0:
-            raise ValueError(f"K, V must be equal [L, H, T>0, D], got {tuple(k.shape)}, {tuple(v.shape)}")
+        if k.shape != v.shape or k.dim() != 4 or k.numel() == 0:
+            raise ValueError(
+                f"K, V must be equal non-empty [L, H, T, D], got {tuple(k.shape)}, {tuple(v.shape)}"
+            )
         if k.dtype != self.dtype or v.dtype != self.dtype:
             raise ValueError(f"store fingerprint is {self.fingerprint.dtype}, got K {k.dtype}, V {v.dtype}")
         L, H, T, D = k.shape
@@ -128,14 +130,13 @@ class ChunkKVStore:
         """
         if chunk_key is None and target_bytes is None:
             target_bytes = 0
-        keys: list[BlockKey] | None = None
+        keys = None
         if chunk_key is not None:
-            shape = self._shapes.get(chunk_key)
-            if shape is None:
-                return 0 if target_bytes is None else self.memory.evict(None, target_bytes)
-            layers = range(shape.num_layers) if layer is None else [layer]
-            hs = range(shape.num_kv_heads) if heads is None else heads
-            keys = [BlockKey(chunk_key, li, h) for li in layers for h in hs]
+            keys = [
+                b
+                for b in self.memory.chunk_blocks(chunk_key)
+                if (layer is None or b.layer == layer) and (heads is None or b.head in heads)
+            ]
         return self.memory.evict(keys, target_bytes)
 
     def _remember(self, chunk_key: str, shape: ChunkShape) -> None:

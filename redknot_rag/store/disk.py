@@ -193,7 +193,7 @@ class DiskTier:
                 if victim is None:
                     break
                 hdr = self._headers.get(victim)
-            name = hdr[1].chunk_key if hdr else self._read_key(victim)
+            name = hdr[1].chunk_key if hdr else self._read_key(victim)  # memory must drop it too
             self._path(victim).unlink(missing_ok=True)
             with self._lock:
                 self._forget(victim)
@@ -203,19 +203,27 @@ class DiskTier:
         return evicted
 
     def _read_key(self, kh: str) -> str | None:
-        hdr = self._header(kh)
-        return hdr[1].chunk_key if hdr else None
+        try:
+            got = self._header(kh)
+        except (CorruptChunkError, FingerprintMismatchError):
+            return None
+        if got is None:
+            return None
+        os.close(got[0])
+        return got[1].chunk_key
 
-    def _header(self, kh: str, fd: int | None = None) -> tuple[int, ChunkHeader] | None:
-        """(fd, header) for an open file; caller closes fd. None if absent. Raises on corruption."""
-        own = fd is None
-        if fd is None:
-            try:
-                fd = os.open(self._path(kh), os.O_RDONLY)
-            except FileNotFoundError:
-                with self._lock:
-                    self._forget(kh)
-                return None
+    def _header(self, kh: str) -> tuple[int, ChunkHeader] | None:
+        """(open fd, verified header), caller closes the fd; None if absent. Raises on a bad file.
+
+        Header and blocks are read through one fd, so a concurrent replace or unlink of the path
+        cannot mix two files' bytes.
+        """
+        try:
+            fd = os.open(self._path(kh), os.O_RDONLY)
+        except FileNotFoundError:
+            with self._lock:
+                self._forget(kh)
+            return None
         try:
             st = os.fstat(fd)
             ident = (st.st_ino, st.st_mtime_ns)
@@ -230,8 +238,7 @@ class DiskTier:
                     self._headers.popitem(last=False)
             return fd, hdr
         except BaseException:
-            if own:
-                os.close(fd)
+            os.close(fd)
             raise
 
     def _open(self, chunk_key: str) -> tuple[int, ChunkHeader] | None:

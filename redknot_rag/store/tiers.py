@@ -100,7 +100,8 @@ class MemoryTier:
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         out = torch.empty(t.shape, dtype=t.dtype, device=self.device, pin_memory=self.pin)
-        return out.copy_(t, non_blocking=self.pin or t.is_pinned())
+        # async only host->device from pinned memory: stream order covers every later GPU read
+        return out.copy_(t, non_blocking=self.device.type == "cuda" and t.is_pinned())
 
     def get(self, key: BlockKey) -> KVBlock | None:
         with self._lock:
@@ -132,6 +133,11 @@ class MemoryTier:
         with self._lock:
             return self._drop(key) > 0
 
+    def chunk_blocks(self, chunk_key: str) -> list[BlockKey]:
+        """Keys of the blocks of one chunk held here."""
+        with self._lock:
+            return list(self._by_chunk.get(chunk_key, ()))
+
     def delete_chunk(self, chunk_key: str) -> int:
         """Drop every block of a chunk; returns bytes freed."""
         with self._lock:
@@ -140,15 +146,15 @@ class MemoryTier:
     def evict(self, keys: Iterable[BlockKey] | None = None, target_bytes: int | None = None) -> int:
         """Drop `keys`, or LRU blocks until `nbytes <= target_bytes`; returns bytes freed."""
         with self._lock:
-            victims = list(keys) if keys is not None else []
+            victims = {k for k in keys if k in self._blocks} if keys is not None else set()
             if target_bytes is not None:
-                excess = self.nbytes - sum(self._blocks[k].nbytes for k in set(victims) if k in self._blocks)
+                left = self.nbytes - sum(self._blocks[k].nbytes for k in victims)
                 for k, b in self._blocks.items():  # oldest first
-                    if excess <= target_bytes:
+                    if left <= target_bytes:
                         break
                     if k not in victims:
-                        victims.append(k)
-                        excess -= b.nbytes
+                        victims.add(k)
+                        left -= b.nbytes
             freed = [self._drop(k) for k in victims]
             self.num_evictions += sum(1 for f in freed if f)
             return sum(freed)
