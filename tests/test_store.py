@@ -298,3 +298,23 @@ def test_concurrent_threads(tmp_path: Path) -> None:
         got = fresh.get(key)
         assert got is not None and torch.equal(got.k, k) and torch.equal(got.v, v)
     assert not any(fresh.cold.tmp_dir.iterdir())  # type: ignore[attr-defined]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("device", ["cuda", "cpu"])  # GPU-resident hot tier; pinned host warm tier
+def test_gpu_tensors_roundtrip(tmp_path: Path, device: str) -> None:
+    k, v = (t.cuda() for t in kv(9, torch.bfloat16))
+    store = ChunkKVStore(tmp_path, fp("bfloat16"), 1 << 20, device=device)
+    store.put("c", k, v)
+    got = store.get("c", heads=[1, 3])
+    assert got is not None and got.k.device.type == device
+    assert torch.equal(got.k.cuda(), k[:, [1, 3]]) and torch.equal(got.v.cuda(), v[:, [1, 3]])
+    if device == "cpu":
+        assert store.memory.pin and store.memory.get(BlockKey("c", 0, 0)).k.is_pinned()  # type: ignore[union-attr]
+    store.evict()
+    again = store.get("c")  # from disk, onto the device
+    assert again is not None and again.k.device.type == device and torch.equal(again.k.cuda(), k)
