@@ -30,38 +30,66 @@ KV_MISSING = "missing"
 KV_DONE = "done"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _MAX_SQL_VARS = 500
+_WORD_RE = re.compile(r"\w+")
+_MAX_QUERY_TERMS = 64
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS namespaces (
-    name     TEXT PRIMARY KEY,
-    created  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS documents (
-    namespace     TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
-    doc_id        TEXT NOT NULL,
-    source_path   TEXT NOT NULL,
-    content_hash  TEXT NOT NULL,
-    metadata      TEXT NOT NULL DEFAULT '{}',
-    created       REAL NOT NULL,
-    PRIMARY KEY (namespace, doc_id)
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace   TEXT NOT NULL,
-    doc_id      TEXT NOT NULL,
-    chunk_id    TEXT NOT NULL,
-    idx         INTEGER NOT NULL,
-    text        TEXT NOT NULL,
-    char_start  INTEGER NOT NULL,
-    char_end    INTEGER NOT NULL,
-    num_tokens  INTEGER NOT NULL,
-    kv_state    TEXT NOT NULL DEFAULT 'missing',
-    UNIQUE (namespace, chunk_id),
-    UNIQUE (namespace, doc_id, idx),
-    FOREIGN KEY (namespace, doc_id) REFERENCES documents(namespace, doc_id) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS chunks_by_kv_state ON chunks(namespace, kv_state);
-"""
+# chunks_fts: a full-text (FTS5, external content) index over chunk text, kept in step by triggers.
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS namespaces (
+        name     TEXT PRIMARY KEY,
+        created  REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS documents (
+        namespace     TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        doc_id        TEXT NOT NULL,
+        source_path   TEXT NOT NULL,
+        content_hash  TEXT NOT NULL,
+        metadata      TEXT NOT NULL DEFAULT '{}',
+        created       REAL NOT NULL,
+        PRIMARY KEY (namespace, doc_id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS chunks (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        namespace   TEXT NOT NULL,
+        doc_id      TEXT NOT NULL,
+        chunk_id    TEXT NOT NULL,
+        idx         INTEGER NOT NULL,
+        text        TEXT NOT NULL,
+        char_start  INTEGER NOT NULL,
+        char_end    INTEGER NOT NULL,
+        num_tokens  INTEGER NOT NULL,
+        kv_state    TEXT NOT NULL DEFAULT 'missing',
+        UNIQUE (namespace, chunk_id),
+        UNIQUE (namespace, doc_id, idx),
+        FOREIGN KEY (namespace, doc_id) REFERENCES documents(namespace, doc_id) ON DELETE CASCADE
+    )
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS chunks_by_kv_state ON chunks(namespace, kv_state)
+    """,
+    """
+    CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+        text, namespace UNINDEXED, content='chunks', content_rowid='id',
+        tokenize='unicode61 remove_diacritics 2'
+    )
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+        INSERT INTO chunks_fts(rowid, text, namespace) VALUES (new.id, new.text, new.namespace);
+    END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+        INSERT INTO chunks_fts(chunks_fts, rowid, text, namespace)
+        VALUES ('delete', old.id, old.text, old.namespace);
+    END
+    """,
+)
 
 
 class UnknownNamespaceError(KeyError):
@@ -131,9 +159,8 @@ class DocDB:
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         with self._write() as cur:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    cur.execute(stmt)
+            for stmt in _SCHEMA:
+                cur.execute(stmt)
 
     def close(self) -> None:
         with self._lock:
@@ -331,6 +358,21 @@ class DocDB:
 
     def chunks_missing_kv(self, namespace: str) -> list[ChunkRow]:
         return self._chunks("kv_state = ? ORDER BY id", namespace, (KV_MISSING,))
+
+    def search_text(self, namespace: str, query: str, limit: int = 20) -> list[tuple[int, float]]:
+        """Lexical (BM25, FTS5) search. Returns [(chunk row id, score)], best first; higher
+        scores are better. Any word of the query may match (OR), rarer words weigh more."""
+        terms = list(dict.fromkeys(_WORD_RE.findall(query.lower())))[:_MAX_QUERY_TERMS]
+        self.require_namespace(namespace)
+        if not terms or limit <= 0:
+            return []
+        match = " OR ".join(f'"{t}"' for t in terms)
+        rows = self._read(
+            "SELECT rowid, bm25(chunks_fts) AS s FROM chunks_fts"
+            " WHERE chunks_fts MATCH ? AND namespace = ? ORDER BY s LIMIT ?",
+            (match, namespace, int(limit)),
+        )
+        return [(int(r[0]), -float(r[1])) for r in rows]
 
     def _chunks(self, where: str, namespace: str, params: Sequence[Any]) -> list[ChunkRow]:
         with self._lock:
