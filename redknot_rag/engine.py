@@ -1,0 +1,429 @@
+"""The engine: continuous batching (chunked prefill mixed with decode) over the paged KV pool.
+
+One thread owns the model, the pool and the scheduler state (`step`); other threads only
+`submit` / `abort` requests and read their event queues.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from redknot_rag.attention import AttentionBackend, create_backend
+from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.config import EngineConfig, ModelConfig
+from redknot_rag.kvcache import KVPool, PageAllocator, SeqKV, pool_pages_for
+from redknot_rag.loader import LoadedModel, load_model
+from redknot_rag.model import CausalLM
+from redknot_rag.request import Request, RequestStatus, TokenEvent
+from redknot_rag.rope import Rotary
+from redknot_rag.sampling import InvalidRequestError, SamplingParams, apply_penalties, sample_token
+
+log = logging.getLogger("redknot.engine")
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full; retry later (HTTP 429/503)."""
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+@dataclass
+class StepStats:
+    num_decode: int = 0
+    num_prefill_tokens: int = 0
+    seconds: float = 0.0
+
+
+class Engine:
+    """Serve one model. `generate()` drives steps itself; `start()` runs a background loop for servers."""
+
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = cfg = config or EngineConfig()
+        self.device = _pick_device(cfg.device)
+        self.dtype = _pick_dtype(cfg.dtype, self.device)
+        self.loaded = loaded or load_model(cfg.model_path, dtype=self.dtype, device=self.device)
+        self.model_config: ModelConfig = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.model = CausalLM(self.model_config, dict(self.loaded.weights))
+        self.rotary = Rotary(self.model_config, self.device)
+        self.pool = KVPool(self._num_pages(), cfg.page_size, self.model_config.head_dim, self.dtype, self.device)
+        self.allocator = PageAllocator(self.pool.num_pages)
+        backend = cfg.attention_backend
+        if backend == "auto":
+            backend = "torch"
+        self.backend: AttentionBackend = create_backend(backend, self.model_config, self.pool, self.rotary)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._reserved_pages = 0
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.last_step = StepStats()
+        self.total_requests = 0
+
+    # ---- sizing ---------------------------------------------------------------------------
+    def _num_pages(self) -> int:
+        cfg, mc = self.config, self.loaded.config
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # keep room for activations of a max_prefill_tokens step (rough upper bound)
+            act = 32 * cfg.max_prefill_tokens * max(mc.hidden_size, mc.intermediate_size) * 4
+            budget = int(free * cfg.mem_fraction) - act
+        else:
+            budget = int(cfg.cpu_kv_gib * (1 << 30))
+        return KVPool.pages_for_budget(budget, cfg.page_size, mc.head_dim, self.dtype)
+
+    @property
+    def max_context(self) -> int:
+        return self.model_config.max_position
+
+    # ---- request intake -------------------------------------------------------------------
+    def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None, **kw) -> Request:
+        """Validate and build a Request (raises InvalidRequestError with a clear message)."""
+        params = params or SamplingParams()
+        params.validate()
+        if not prompt_ids:
+            raise InvalidRequestError("empty prompt: at least one token is required")
+        vocab = self.model_config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        n = len(prompt_ids)
+        if n >= self.max_context:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens; the model context is {self.max_context} tokens"
+            )
+        req = Request(list(prompt_ids), params, **kw)
+        room = self.max_context - n
+        if params.max_new_tokens > room:
+            from dataclasses import replace
+
+            req.params = replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
+        need = pool_pages_for(self.model_config, n - req.prefix_len + req.params.max_new_tokens + 1,
+                              self.config.page_size)
+        if need > self.pool.num_pages:
+            raise InvalidRequestError(
+                f"request needs {need} KV pages but the pool has {self.pool.num_pages}; shorten it"
+            )
+        if req.params.seed is not None:
+            req.generator = torch.Generator(device="cpu").manual_seed(req.params.seed)
+        return req
+
+    def submit(self, req: Request) -> Request:
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queued_requests:
+                raise EngineOverloadedError(f"{len(self._waiting)} requests already queued")
+            self._waiting.append(req)
+            self.total_requests += 1
+            self._wakeup.notify()
+        return req
+
+    def abort(self, rid: str) -> None:
+        with self._lock:
+            for r in list(self._waiting) + self._running:
+                if r.rid == rid:
+                    r.aborted = True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # ---- scheduling -----------------------------------------------------------------------
+    def _reservation(self, req: Request) -> int:
+        return pool_pages_for(
+            self.model_config, req.prompt_len - req.prefix_len + req.params.max_new_tokens + 1, self.config.page_size
+        )
+
+    def _admit(self) -> None:
+        """Move waiting requests to running while the page reservation and the running cap allow."""
+        with self._lock:
+            while self._waiting and len(self._running) < self.config.max_running_requests:
+                req = self._waiting[0]
+                if req.aborted:
+                    self._waiting.popleft()
+                    self._finish(req, {"type": "abort"})
+                    continue
+                need = self._reservation(req)
+                if self._reserved_pages + need > self.allocator.num_free + self._reserved_used():
+                    break
+                self._waiting.popleft()
+                self._reserved_pages += need
+                self._start(req)
+                self._running.append(req)
+
+    def _reserved_used(self) -> int:
+        """Pages already taken by running requests out of their reservations."""
+        return sum(len(r.kv.private_pages) * self.model_config.num_kv_blocks for r in self._running if r.kv)
+
+    def _start(self, req: Request) -> None:
+        mc = self.model_config
+        req.kv = SeqKV(mc.num_layers, mc.num_kv_heads, self.config.page_size)
+        start = 0
+        for p in req.prefix:
+            req.kv.attach(p.segment, p.positions, self.allocator, p.visible)
+            start += p.segment.num_tokens
+        req.num_computed = start
+        req.status = RequestStatus.PREFILL
+
+    def _finish(self, req: Request, reason: dict | None, error: str | None = None) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        req.finish_time = time.perf_counter()
+        if req.kv is not None:
+            req.kv.release(self.allocator)
+            req.kv = None
+        req.events.put(TokenEvent(None, "", finished=True, finish_reason=reason, error=error))
+        req.done.set()
+
+    def step(self) -> StepStats:
+        """Run one forward over a mixed batch (all decodes + prefill chunks up to the token budget)."""
+        t0 = time.perf_counter()
+        self._admit()
+        for r in [r for r in self._running if r.aborted]:
+            self._drop(r, {"type": "abort"})
+        decodes = [r for r in self._running if r.is_prefill_done]
+        budget = max(self.config.max_prefill_tokens - len(decodes), 1)
+        plan: list[tuple[Request, int]] = [(r, 1) for r in decodes]
+        for r in self._running:
+            if r.is_prefill_done or budget <= 0:
+                continue
+            take = min(r.prompt_len - r.num_computed, budget)
+            plan.append((r, take))
+            budget -= take
+        if not plan:
+            return StepStats()
+        try:
+            self._run_batch(plan)
+        except Exception as e:  # a failing batch fails its requests, not the engine
+            log.exception("batch failed")
+            for r, _ in plan:
+                self._drop(r, {"type": "abort"}, error=f"{type(e).__name__}: {e}")
+        self.last_step = StepStats(len(decodes), sum(n for r, n in plan if not r.is_prefill_done or n > 1),
+                                   time.perf_counter() - t0)
+        return self.last_step
+
+    def _drop(self, req: Request, reason: dict, error: str | None = None) -> None:
+        if req in self._running:
+            self._running.remove(req)
+            self._reserved_pages -= self._reservation(req)
+        self._finish(req, reason, error)
+
+    def _run_batch(self, plan: list[tuple[Request, int]]) -> None:
+        ids: list[int] = []
+        pos: list[int] = []
+        slices: list[SeqSlice] = []
+        logit_rows: list[int] = []
+        # (request, kind, rows): kind "sample" → last row samples; "input" → prompt logprob rows
+        wants: list[tuple[Request, list[int], list[int], bool]] = []
+        for req, n in plan:
+            assert req.kv is not None
+            q0 = len(ids)
+            if req.is_prefill_done:
+                toks = [req.output_ids[-1]]
+                p0 = req.kv.num_tokens
+            else:
+                toks = req.prompt_ids[req.num_computed : req.num_computed + n]
+                p0 = req.num_computed
+            positions = torch.arange(p0, p0 + len(toks), dtype=torch.int64)
+            new_slots = req.kv.append(positions, self.allocator)
+            slices.append(SeqSlice(req.kv, q0, len(toks), new_slots))
+            ids.extend(toks)
+            pos.extend(range(p0, p0 + len(toks)))
+            rows: list[int] = []
+            targets: list[int] = []
+            if not req.is_prefill_done and req.return_logprob and req.logprob_start_len >= 0:
+                # row i predicts prompt token at (num_computed + i + 1)
+                for i in range(len(toks)):
+                    tgt = req.num_computed + i + 1
+                    if req.logprob_start_len <= tgt < req.prompt_len:
+                        rows.append(q0 + i)
+                        targets.append(req.prompt_ids[tgt])
+            completes = req.is_prefill_done or req.num_computed + n >= req.prompt_len
+            if completes and (q0 + len(toks) - 1) not in rows:
+                rows.append(q0 + len(toks) - 1)
+                targets.append(-1)
+            start = len(logit_rows)
+            logit_rows.extend(rows)
+            wants.append((req, list(range(start, start + len(rows))), targets, completes))
+        batch = ForwardBatch(
+            torch.tensor(ids, dtype=torch.int64),
+            torch.tensor(pos, dtype=torch.int64),
+            slices,
+            torch.tensor(logit_rows, dtype=torch.int64),
+        )
+        logits = self.model.forward(batch, self.backend).cpu()  # [M, vocab] float32
+        now = time.perf_counter()
+        for (req, n), (_, lrows, targets, completes) in zip(plan, wants):
+            was_prefill = not req.is_prefill_done
+            if was_prefill:
+                if req.return_logprob and req.logprob_start_len >= 0 and req.num_computed == 0:
+                    if req.logprob_start_len == 0:  # the first token has no context; report 0.0
+                        req.input_token_logprobs.append((0.0, req.prompt_ids[0]))
+                        req.input_top_logprobs.append([])
+                for li, tgt in zip(lrows, targets):
+                    if tgt >= 0:
+                        lp = logits[li].log_softmax(-1)
+                        req.input_token_logprobs.append((float(lp[tgt]), tgt))
+                        if req.top_logprobs_num > 0:
+                            req.input_top_logprobs.append(self._topk(lp, req.top_logprobs_num))
+                req.num_computed += n
+            if completes:
+                if was_prefill and req.params.max_new_tokens == 0:
+                    self._drop(req, {"type": "length", "length": 0})
+                    continue
+                if was_prefill:
+                    req.status = RequestStatus.DECODE
+                self._emit(req, logits[lrows[-1]], now)
+
+    @staticmethod
+    def _topk(lp: torch.Tensor, k: int) -> list[tuple[float, int]]:
+        v, i = lp.topk(k)
+        return [(float(a), int(b)) for a, b in zip(v, i)]
+
+    def _emit(self, req: Request, logits: torch.Tensor, now: float) -> None:
+        """Sample the next token of `req` from its logits `[vocab]` and check stop conditions."""
+        p = req.params
+        logits = apply_penalties(logits, p, req.output_ids)
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
+        if len(req.output_ids) < p.min_new_tokens and stop_ids:
+            logits = logits.clone()
+            logits[list(stop_ids)] = float("-inf")
+        tok = sample_token(logits, p, req.generator)
+        lp = logits.log_softmax(-1)
+        if req.return_logprob:
+            req.output_token_logprobs.append((float(lp[tok]), tok))
+            if req.top_logprobs_num > 0:
+                req.output_top_logprobs.append(self._topk(lp, req.top_logprobs_num))
+        req.output_ids.append(tok)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.token_times.append(now)
+        reason: dict | None = None
+        if tok in stop_ids:
+            reason = {"type": "stop", "matched": tok}
+        text = self.tokenizer.decode(
+            req.output_ids[:-1] if reason else req.output_ids, skip_special_tokens=p.skip_special_tokens
+        )
+        if p.stop and reason is None:
+            hits = [(text.find(s), s) for s in p.stop if s and s in text]
+            if hits:
+                cut, s = min(hits)
+                text = text[:cut]
+                reason = {"type": "stop", "matched": s}
+        if reason is None and len(req.output_ids) >= p.max_new_tokens:
+            reason = {"type": "length", "length": p.max_new_tokens}
+        # hold back a possible partial stop string at the end of streamed text
+        hold = 0
+        if reason is None and p.stop:
+            for s in p.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+        visible = text[: len(text) - hold] if hold else text
+        if reason is not None:
+            visible = text
+        elif visible.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for more tokens
+            visible = req.output_text
+        delta = visible[len(req.output_text) :] if visible.startswith(req.output_text) else ""
+        req.output_text = visible
+        req.events.put(TokenEvent(tok, delta, float(lp[tok])))
+        if reason is not None:
+            self._drop(req, reason)
+
+    # ---- driving --------------------------------------------------------------------------
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None, **kw
+    ) -> list[Request]:
+        """Run requests to completion (drives steps itself unless a loop thread is running)."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        reqs = [self.submit(self.make_request(p, sp, **kw)) for p, sp in zip(prompts, plist)]
+        if self._thread is not None:
+            for r in reqs:
+                r.done.wait()
+        else:
+            while not all(r.is_finished for r in reqs):
+                self.step()
+        return reqs
+
+    def start(self) -> None:
+        """Run steps in a background thread until `shutdown()`."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="redknot-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                while not self._stop and not (self._waiting or self._running):
+                    self._wakeup.wait(timeout=0.5)
+            if self._stop:
+                break
+            try:
+                self.step()
+            except Exception:  # never let the loop die
+                log.exception("engine step failed")
+                time.sleep(0.01)
+
+    def shutdown(self, cancel: bool = True) -> None:
+        """Stop the loop; with `cancel`, abort what is still queued or running."""
+        if cancel:
+            with self._lock:
+                for r in list(self._waiting) + self._running:
+                    r.aborted = True
+            deadline = time.time() + 5
+            while self._thread is not None and self.has_work() and time.time() < deadline:
+                time.sleep(0.01)
+        self._stop = True
+        with self._lock:
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def info(self) -> dict:
+        mc = self.model_config
+        return {
+            "model": self.loaded.name,
+            "arch": mc.arch,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "layers": mc.num_layers,
+            "q_heads": mc.num_q_heads,
+            "kv_heads": mc.num_kv_heads,
+            "head_dim": mc.head_dim,
+            "context": mc.max_position,
+            "page_size": self.config.page_size,
+            "pool_pages": self.pool.num_pages,
+            "pool_gib": round(self.pool.num_bytes / (1 << 30), 3),
+            "pool_free_pages": self.allocator.num_free,
+            "attention_backend": self.backend.name,
+        }
