@@ -10,7 +10,10 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,6 +79,7 @@ class Engine:
         self._wakeup = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self.last_step = StepStats()
         self.total_requests = 0
 
@@ -151,7 +155,31 @@ class Engine:
         return len(self._running)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._tasks)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the thread that owns the pool (between steps) and return its result.
+
+        Work that writes the KV pool outside `step` (chunk prefill for the store, reuse recompute)
+        goes through here so that only one thread ever touches the pool.
+        """
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+        with self._lock:
+            self._tasks.append((fn, fut))
+            self._wakeup.notify()
+        return fut.result()
+
+    def _run_tasks(self) -> None:
+        while self._tasks:
+            with self._lock:
+                fn, fut = self._tasks.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # delivered to the caller
+                    fut.set_exception(e)
 
     # ---- scheduling -----------------------------------------------------------------------
     def _reservation(self, req: Request) -> int:
@@ -383,11 +411,12 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop:
             with self._lock:
-                while not self._stop and not (self._waiting or self._running):
+                while not self._stop and not (self._waiting or self._running or self._tasks):
                     self._wakeup.wait(timeout=0.5)
             if self._stop:
                 break
             try:
+                self._run_tasks()
                 self.step()
             except Exception:  # never let the loop die
                 log.exception("engine step failed")

@@ -30,9 +30,7 @@ def fp(dtype: str = "float32", weights: str = "w0") -> KVFingerprint:
     return KVFingerprint(weights, "tok0", hash_token_ids([1, 2, 3]), dtype, "prof0")
 
 
-def kv(
-    seed: int, dtype: torch.dtype = torch.float32, shape=(L, H, T, D)
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kv(seed: int, dtype: torch.dtype = torch.float32, shape=(L, H, T, D)) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(dtype), torch.randn(*shape, generator=g).to(dtype)
 
@@ -172,9 +170,7 @@ def test_put_rejects_wrong_dtype_and_shape(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         store.put("c", *kv(0, torch.float32))
     with pytest.raises(ValueError):
-        store.put(
-            "c", torch.zeros(2, 2, 0, 4, dtype=torch.bfloat16), torch.zeros(2, 2, 0, 4, dtype=torch.bfloat16)
-        )
+        store.put("c", torch.zeros(2, 2, 0, 4, dtype=torch.bfloat16), torch.zeros(2, 2, 0, 4, dtype=torch.bfloat16))
 
 
 def test_lru_memory_budget_falls_back_to_disk(tmp_path: Path) -> None:

@@ -97,9 +97,7 @@ def encode_chunk(
 ) -> Iterator[bytes | memoryview]:
     """File contents, in order, for K and V `[L, H, T, D]` on CPU. Yields header then blocks."""
     if k.shape != v.shape or k.dim() != 4 or k.dtype != v.dtype:
-        raise ValueError(
-            f"K/V must be equal-shaped [L, H, T, D] of one dtype, got {tuple(k.shape)} {tuple(v.shape)}"
-        )
+        raise ValueError(f"K/V must be equal-shaped [L, H, T, D] of one dtype, got {tuple(k.shape)} {tuple(v.shape)}")
     L, H, T, D = k.shape
     dname = dtype_name(k.dtype)
     key = chunk_key.encode()
@@ -142,10 +140,7 @@ def read_header(fd: int, expect_digest: str | None = None) -> ChunkHeader:
         raise CorruptChunkError(f"bad magic {magic!r}")
     if version != FORMAT_VERSION:
         raise CorruptChunkError(f"format version {version}, this reader knows {FORMAT_VERSION}")
-    if (
-        not (_FIXED.size < header_len <= _MAX_HEADER)
-        or header_len != _FIXED.size + _ENTRY.size * L * H + key_len + 4
-    ):
+    if not (_FIXED.size < header_len <= _MAX_HEADER) or header_len != _FIXED.size + _ENTRY.size * L * H + key_len + 4:
         raise CorruptChunkError(f"inconsistent header length {header_len}")
     rest = os.pread(fd, header_len - _FIXED.size, _FIXED.size)
     if len(rest) != header_len - _FIXED.size:
@@ -184,9 +179,7 @@ def read_header(fd: int, expect_digest: str | None = None) -> ChunkHeader:
     return hdr
 
 
-def read_blocks(
-    fd: int, hdr: ChunkHeader, indices: Sequence[int]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def read_blocks(fd: int, hdr: ChunkHeader, indices: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Read and crc-check blocks `indices`; returns {b: (K, V)} `[T, D]` each on CPU.
 
     Adjacent blocks are fetched with one preadv into per-block buffers (no copy, no foreign bytes).
@@ -214,9 +207,7 @@ def read_blocks(
         for b, buf in zip(run, blocks, strict=True):
             if zlib.crc32(buf) != hdr.crcs[b]:
                 L_, H_ = divmod(b, hdr.num_kv_heads)
-                raise CorruptChunkError(
-                    f"chunk {hdr.chunk_key!r}: checksum mismatch in block (layer {L_}, head {H_})"
-                )
+                raise CorruptChunkError(f"chunk {hdr.chunk_key!r}: checksum mismatch in block (layer {L_}, head {H_})")
             kv = torch.frombuffer(buf, dtype=dtype).view(2, T, D)  # [2, T, D]: K then V
             out[b] = (kv[0], kv[1])
         i = j

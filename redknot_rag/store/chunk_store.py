@@ -76,9 +76,7 @@ class ChunkKVStore:
         self.dtype = fingerprint.torch_dtype
         self.device = torch.device(device)
         self.memory = MemoryTier(memory_budget_bytes, self.device)
-        self.cold: ColdTier = (
-            cold if cold is not None else DiskTier(Path(root), fingerprint, disk_budget_bytes)
-        )
+        self.cold: ColdTier = cold if cold is not None else DiskTier(Path(root), fingerprint, disk_budget_bytes)
         self._lock = threading.Lock()
         self._shapes: OrderedDict[str, ChunkShape] = OrderedDict()  # recently used chunks, bounded
         self._counts = dict(hits=0, misses=0, memory_block_hits=0, cold_block_reads=0, corrupt=0)
@@ -95,9 +93,7 @@ class ChunkKVStore:
         Durable when this returns. `keep_in_memory=False` (bulk ingest) leaves the memory tier as is.
         """
         if k.shape != v.shape or k.dim() != 4 or k.numel() == 0:
-            raise ValueError(
-                f"K, V must be equal non-empty [L, H, T, D], got {tuple(k.shape)}, {tuple(v.shape)}"
-            )
+            raise ValueError(f"K, V must be equal non-empty [L, H, T, D], got {tuple(k.shape)}, {tuple(v.shape)}")
         if k.dtype != self.dtype or v.dtype != self.dtype:
             raise ValueError(f"store fingerprint is {self.fingerprint.dtype}, got K {k.dtype}, V {v.dtype}")
         L, H, T, D = k.shape
@@ -171,9 +167,7 @@ class ChunkKVStore:
             self._corrupt(chunk_key, e)
             return None
 
-    def get(
-        self, chunk_key: str, layer: int | None = None, heads: Sequence[int] | None = None
-    ) -> ChunkKV | None:
+    def get(self, chunk_key: str, layer: int | None = None, heads: Sequence[int] | None = None) -> ChunkKV | None:
         """Blocks of `layer` (all if None) × `heads` (all if None) as `[L', H', T, D]` on `device`.
 
         Memory-tier blocks are served from memory; the rest are read from the cold tier (only

@@ -74,9 +74,7 @@ class DiskTier:
         self.digest = fingerprint.digest()
         self.budget_bytes = budget_bytes
         self.ns = Path(root) / f"v{FORMAT_VERSION}-{self.digest[:32]}"
-        self.chunks_dir, self.tmp_dir, self.quarantine_dir = (
-            self.ns / d for d in ("chunks", "tmp", "quarantine")
-        )
+        self.chunks_dir, self.tmp_dir, self.quarantine_dir = (self.ns / d for d in ("chunks", "tmp", "quarantine"))
         for d in (self.chunks_dir, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._host = socket.gethostname().replace(".", "_")
@@ -265,9 +263,7 @@ class DiskTier:
         h = got[1]
         return ChunkShape(h.num_layers, h.num_kv_heads, h.num_tokens, h.head_dim, h.dtype)
 
-    def get_blocks(
-        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
-    ) -> dict[tuple[int, int], KVBlock] | None:
+    def get_blocks(self, chunk_key: str, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], KVBlock] | None:
         """Read blocks (layer, head) of one chunk, each `[T, D]` K and V on CPU, crc-verified.
 
         Reads the header and exactly the requested blocks' bytes. Raises CorruptChunkError (and

@@ -69,9 +69,7 @@ class RedisTier:
             raise CorruptChunkError(f"redis meta for {chunk_key!r} names {m['chunk_key']!r}")
         return ChunkShape(m["num_layers"], m["num_kv_heads"], m["num_tokens"], m["head_dim"], m["dtype"])
 
-    def get_blocks(
-        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
-    ) -> dict[tuple[int, int], KVBlock] | None:
+    def get_blocks(self, chunk_key: str, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], KVBlock] | None:
         shape = self.shape(chunk_key)
         if shape is None:
             return None
@@ -101,9 +99,7 @@ class RedisTier:
         keys = [self._key(chunk_key, "m")]
         if shape is not None:
             keys += [
-                self._key(chunk_key, f"b:{l}:{h}")
-                for l in range(shape.num_layers)
-                for h in range(shape.num_kv_heads)
+                self._key(chunk_key, f"b:{l}:{h}") for l in range(shape.num_layers) for h in range(shape.num_kv_heads)
             ]
         return bool(self.client.delete(*keys))
 
@@ -137,9 +133,7 @@ class RedisTier:
             block.k.cpu().contiguous().view(torch.uint8).numpy().tobytes()
             + block.v.cpu().contiguous().view(torch.uint8).numpy().tobytes()
         )
-        self.client.set(
-            self._key(key.chunk_key, f"b:{key.layer}:{key.head}"), _CRC.pack(zlib.crc32(payload)) + payload
-        )
+        self.client.set(self._key(key.chunk_key, f"b:{key.layer}:{key.head}"), _CRC.pack(zlib.crc32(payload)) + payload)
 
     def contains(self, key: BlockKey) -> bool:
         return bool(self.client.exists(self._key(key.chunk_key, f"b:{key.layer}:{key.head}")))
