@@ -78,14 +78,14 @@ def _triton_static(be: TritonBackend, bs: int, cap: int) -> tuple[SegPagedPlan, 
         max_q_len=1,
         max_kv_len=cap // max(1, bs),
     )
-    splits = choose_num_splits(r, 1, 8192, dev, be.block_n)
+    splits = choose_num_splits(r, 1, cap // max(1, r), dev, be.block_n, cap)
     return plan, splits
 
 
-def _triton_fill(static: SegPagedPlan, fresh: SegPagedPlan) -> bool:
+def _triton_fill(static: SegPagedPlan, fresh: SegPagedPlan, table_len: int) -> bool:
     """Copy a real decode plan into the bucket's buffers; rows past the batch see no key."""
     r, nnz = fresh.num_rows, fresh.kv_slots.shape[1]
-    if nnz > static.kv_slots.shape[1] or r > static.num_rows:
+    if nnz > static.kv_slots.shape[1] or r > static.num_rows or fresh.max_pos >= table_len:
         return False
     b = fresh.q_pos.shape[0]
     static.q_pos[:b].copy_(fresh.q_pos)
@@ -186,7 +186,9 @@ class DecodeGraphRunner:
             state.new_slots[:, :, :b].copy_(batch.new_slots().to(torch.int32), non_blocking=True)
             return True
         plan, _ = state
-        return _triton_fill(plan, build_plan(batch, be.cfg.num_layers, be.cfg.num_kv_heads, be.pool.device))
+        assert isinstance(be, TritonBackend)
+        fresh = build_plan(batch, be.cfg.num_layers, be.cfg.num_kv_heads, be.pool.device)
+        return _triton_fill(plan, fresh, be.cos.shape[0])
 
     # -- capture / replay -----------------------------------------------------------------------
     def _static_batch(self, slot: GraphSlot) -> ForwardBatch:

@@ -6,9 +6,11 @@ One *row* is one (sequence, kv_head) of one layer. A row lists its visible keys 
 listed, so sink + window with a position gap costs only the keys that are read.
 
 Invariants:
-- Pool K is pre-RoPE; the kernel rotates K and q from `kv_pos` / `q_pos` with the model's
-  `inv_freq` (any RoPE variant whose angle is `pos * inv_freq[j]`, llama3 scaling included), in
-  float32 — the same arithmetic as `redknot_rag.rope.Rotary`.
+- Pool K is pre-RoPE; the kernel rotates K and q from `kv_pos` / `q_pos` with cos/sin tables
+  `[max_pos, D/2]` built from the model's `inv_freq` (`rope_tables`: any RoPE variant whose angle is
+  `pos * inv_freq[j]`, llama3 scaling included) — the arithmetic of `redknot_rag.rope.Rotary`, whose
+  tables are also cast to the activation dtype. Table loads, not in-kernel sin/cos: the latter made
+  decode compute-bound (~30% of HBM peak on H100).
 - A key is attended iff it is listed for the row and `kv_pos <= q_pos` (causal by position).
 - Outputs come with a natural-log log-sum-exp, so results over disjoint key sets merge exactly
   (`merge_states`); a row with no visible key has output 0 and lse -inf.
@@ -55,10 +57,10 @@ class SegPagedMeta:
 @triton.jit
 def _seg_paged_attn_kernel(
     Q, K, V, O, LSE,
-    QPOS, ROW_Q_START, ROW_Q_LEN, ROW_HEAD, KV_INDPTR, KV_SLOT, KV_POS, INV_FREQ,
+    QPOS, ROW_Q_START, ROW_Q_LEN, ROW_HEAD, KV_INDPTR, KV_SLOT, KV_POS, COS, SIN,
     stride_qn, stride_qh, stride_os, stride_on, stride_oh, stride_ls, stride_ln,
     sm_scale_log2,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     r = tl.program_id(1)
@@ -83,16 +85,15 @@ def _seg_paged_attn_kernel(
     m_valid = tok < q_len
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, D)
-    inv_freq = tl.load(INV_FREQ + offs_h)  # [HALF] fp32
 
     # q: rotate by its own position, in float32
     q_ptr = Q + (q_start + tok)[:, None] * stride_qn + qh[:, None] * stride_qh
     q_lo = tl.load(q_ptr + offs_h[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
     q_hi = tl.load(q_ptr + HALF + offs_h[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
     qpos = tl.load(QPOS + q_start + tok, mask=m_valid, other=0)
-    ang = qpos.to(tl.float32)[:, None] * inv_freq[None, :]
-    cq = tl.cos(ang)
-    sq = tl.sin(ang)
+    t_q = qpos.to(tl.int64)[:, None] * HALF + offs_h[None, :]
+    cq = tl.load(COS + t_q).to(tl.float32)
+    sq = tl.load(SIN + t_q).to(tl.float32)
     dt = K.dtype.element_ty
     qr_lo = (q_lo * cq - q_hi * sq).to(dt)
     qr_hi = (q_hi * cq + q_lo * sq).to(dt)
@@ -109,12 +110,13 @@ def _seg_paged_attn_kernel(
         k_lo = tl.load(k_ptr + offs_h[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
         k_hi = tl.load(k_ptr + HALF + offs_h[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
         v = tl.load(V + slot[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        ang_k = kpos.to(tl.float32)[:, None] * inv_freq[None, :]
-        ck = tl.cos(ang_k)
-        sk = tl.sin(ang_k)
+        t_k = kpos.to(tl.int64)[:, None] * HALF + offs_h[None, :]
+        ck = tl.load(COS + t_k).to(tl.float32)
+        sk = tl.load(SIN + t_k).to(tl.float32)
         kr_lo = (k_lo * ck - k_hi * sk).to(dt)
         kr_hi = (k_hi * ck + k_lo * sk).to(dt)
-        s = tl.dot(qr_lo, tl.trans(kr_lo)) + tl.dot(qr_hi, tl.trans(kr_hi))  # [BLOCK_M, BLOCK_N] fp32
+        s = tl.dot(qr_lo, tl.trans(kr_lo), input_precision=PREC)
+        s += tl.dot(qr_hi, tl.trans(kr_hi), input_precision=PREC)  # [BLOCK_M, BLOCK_N] fp32
         s = s * sm_scale_log2
         keep = n_valid[None, :] & (kpos[None, :] <= qpos[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -123,7 +125,7 @@ def _seg_paged_attn_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
     has = l_i > 0
@@ -164,7 +166,8 @@ def seg_paged_attention(
     k_slots: torch.Tensor,
     v_slots: torch.Tensor,
     meta: SegPagedMeta,
-    inv_freq: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     num_kv_groups: int,
     sm_scale: float | None = None,
     num_splits: int = 1,
@@ -174,7 +177,8 @@ def seg_paged_attention(
     """Attention of pre-RoPE q over the keys listed in `meta`.
 
     q `[N, Hq, D]` (pre-RoPE, pool dtype); `k_slots`, `v_slots` `[num_slots, D]` (pre-RoPE K);
-    `inv_freq [D/2]` float32. Every (token, q head) must belong to exactly one meta row.
+    `cos`, `sin` `[max_pos, D/2]` (`rope_tables`; every listed position must be < max_pos).
+    Every (token, q head) must belong to exactly one meta row.
     Returns (out `[N, Hq, D]` q.dtype, lse `[N, Hq]` float32, natural log, -inf where nothing visible).
     """
     n, hq, d = q.shape
@@ -200,10 +204,11 @@ def seg_paged_attention(
     _seg_paged_attn_kernel[grid](
         q, k_slots, v_slots, o_part, lse_part,
         meta.q_pos, meta.row_q_start, meta.row_q_len, meta.row_head,
-        meta.kv_indptr, meta.kv_slots, meta.kv_pos, inv_freq,
+        meta.kv_indptr, meta.kv_slots, meta.kv_pos, cos, sin,
         q.stride(0), q.stride(1), stride_os, on_stride, oh_stride, stride_ls, ln_stride,
         scale * LOG2E,
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits == 1:
@@ -215,6 +220,15 @@ def seg_paged_attention(
         o_part, lse_part, out, lse, num_splits, o_part.stride(0), lse_part.stride(0), hq, D=d
     )
     return out, lse
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, max_pos: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) `[max_pos, D/2]` in `dtype`: angle = float32(pos) * inv_freq, as `Rotary` computes it."""
+    pos = torch.arange(max_pos, device=inv_freq.device, dtype=torch.float32)
+    ang = pos[:, None] * inv_freq.float()[None, :]  # [max_pos, D/2]
+    return ang.cos().to(dtype).contiguous(), ang.sin().to(dtype).contiguous()
 
 
 def merge_states(

@@ -35,6 +35,8 @@ class SegPagedPlan:
     new_slots: torch.Tensor
     max_q_len: int
     max_kv_len: int
+    total_kv: int = 0  # keys over all rows, the largest layer
+    max_pos: int = 0  # largest position listed (q or key)
 
     @property
     def num_rows(self) -> int:
@@ -103,4 +105,6 @@ def build_plan(batch: ForwardBatch, num_layers: int, num_kv_heads: int, device: 
         new_slots=up(batch.new_slots()),
         max_q_len=int(q_len.max()) if nseq else 0,
         max_kv_len=int(counts.max()) if counts.numel() else 0,
+        total_kv=nnz_cap,
+        max_pos=max(int(x_pos.max()) if x_pos.numel() else 0, int(batch.positions.max()) if nseq else 0),
     )

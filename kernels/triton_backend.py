@@ -17,20 +17,22 @@ from redknot_rag.kvcache import KVPool
 from redknot_rag.rope import Rotary
 
 from .kv_write import write_kv_pages
-from .paged_attention import seg_paged_attention
+from .paged_attention import rope_tables, seg_paged_attention
 from .seg_meta import SegPagedPlan, build_plan
 
 
 def choose_num_splits(
-    num_rows: int, q_tiles: int, max_kv_len: int, device: torch.device, block_n: int
+    num_rows: int, q_tiles: int, max_kv_len: int, device: torch.device, block_n: int, total_kv: int = 0
 ) -> int:
-    """Split-KV factor: enough programs to fill the GPU twice, chunks of at least 4 key blocks."""
+    """Split-KV factor: the longest row splits into chunks near an even share of all keys over
+    ~4 programs per SM (rows of very unequal length — global vs local heads — stay balanced), at least
+    4 key blocks a chunk."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(1, num_rows * q_tiles))
-    most = max(1, max_kv_len // (4 * block_n))
-    return int(max(1, min(want, most, 64)))
+    total = max(total_kv, num_rows * max_kv_len) * q_tiles
+    chunk = max(4 * block_n, total // (4 * sms))
+    return int(max(1, min(triton.cdiv(max_kv_len, chunk), 64)))
 
 
 @register_backend("triton")
@@ -42,6 +44,7 @@ class TritonBackend(AttentionBackend):
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
         super().__init__(cfg, pool, rotary)
         self.inv_freq = rotary.inv_freq.to(pool.device, torch.float32).contiguous()
+        self.cos, self.sin = rope_tables(self.inv_freq, max(cfg.max_position, 4096), pool.dtype)
         self.meta: SegPagedPlan | None = None
         self.num_splits = 1
         self.force_num_splits: int | None = None  # tests exercise the split/merge path on CPU
@@ -52,12 +55,14 @@ class TritonBackend(AttentionBackend):
     def set_plan(self, meta: SegPagedPlan, num_splits: int | None = None) -> None:
         """Install prepared metadata (the CUDA-graph runner passes static buffers here)."""
         self.meta = meta
+        if meta.max_pos >= self.cos.shape[0]:  # never after a CUDA-graph capture: that checks first
+            self.cos, self.sin = rope_tables(self.inv_freq, 2 * meta.max_pos + 1, self.pool.dtype)
         if num_splits is None:
             num_splits = self.force_num_splits
         if num_splits is None:
             q_tiles = triton.cdiv(max(1, meta.max_q_len) * self.cfg.num_kv_groups, 16)
             num_splits = choose_num_splits(
-                meta.num_rows, q_tiles, meta.max_kv_len, self.pool.device, self.block_n
+                meta.num_rows, q_tiles, meta.max_kv_len, self.pool.device, self.block_n, meta.total_kv
             )
         self.num_splits = num_splits
 
@@ -74,7 +79,8 @@ class TritonBackend(AttentionBackend):
             self.pool.k_slots,
             self.pool.v_slots,
             self.meta.layer(layer),
-            self.inv_freq,
+            self.cos,
+            self.sin,
             self.cfg.num_kv_groups,
             num_splits=self.num_splits,
             block_n=self.block_n,

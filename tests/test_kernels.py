@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from redknot_rag.kernels.flashinfer_backend import build_page_tables, is_contiguous_layout  # noqa: E402
 from redknot_rag.kernels.kv_write import write_kv_pages, write_kv_pages_torch  # noqa: E402
-from redknot_rag.kernels.paged_attention import SegPagedMeta, merge_states, seg_paged_attention  # noqa: E402
+from redknot_rag.kernels.paged_attention import SegPagedMeta, merge_states, rope_tables, seg_paged_attention  # noqa: E402
 from redknot_rag.kernels.testing import (  # noqa: E402
     SeqSpec,
     build_batch,
@@ -90,26 +90,27 @@ def _attn_ref(q, k, v, scale):
 def test_kernel_lse_and_merge_states():
     torch.manual_seed(0)
     d, g, t = 64, 4, 40
-    k = torch.randn(t, d)
-    v = torch.randn(t, d)
-    q = torch.randn(1, g, d)
-    inv_freq = torch.zeros(d // 2)  # positions irrelevant: test the softmax/lse alone
+    k = torch.randn(t, d, device=DEV)
+    v = torch.randn(t, d, device=DEV)
+    q = torch.randn(1, g, d, device=DEV)
+    cos, sin = rope_tables(torch.zeros(d // 2, device=DEV), 8, torch.float32)  # identity rotation
 
     def run(lo: int, hi: int):
+        i32 = dict(dtype=torch.int32, device=DEV)
         meta = SegPagedMeta(
-            q_pos=torch.tensor([10**6], dtype=torch.int32),
-            row_q_start=torch.tensor([0], dtype=torch.int32),
-            row_q_len=torch.tensor([1], dtype=torch.int32),
-            row_head=torch.tensor([0], dtype=torch.int32),
-            kv_indptr=torch.tensor([0, hi - lo], dtype=torch.int32),
-            kv_slots=torch.arange(lo, hi, dtype=torch.int32),
-            kv_pos=torch.zeros(hi - lo, dtype=torch.int32),
+            q_pos=torch.tensor([5], **i32),
+            row_q_start=torch.tensor([0], **i32),
+            row_q_len=torch.tensor([1], **i32),
+            row_head=torch.tensor([0], **i32),
+            kv_indptr=torch.tensor([0, hi - lo], **i32),
+            kv_slots=torch.arange(lo, hi, **i32),
+            kv_pos=torch.zeros(hi - lo, **i32),
             max_q_len=1,
         )
-        return seg_paged_attention(q, k, v, meta, inv_freq, g)
+        return seg_paged_attention(q, k, v, meta, cos, sin, g)
 
     o_all, lse_all = run(0, t)
-    o_ref, lse_ref = _attn_ref(q[0], k, v, d**-0.5)
+    o_ref, lse_ref = _attn_ref(q[0], k, v, d**-0.5)  # fp32: the kernel uses IEEE fp32 dots
     torch.testing.assert_close(o_all[0], o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse_all[0], lse_ref, atol=1e-5, rtol=1e-5)
     o1, l1 = run(0, 13)
@@ -128,12 +129,12 @@ def test_kernel_lse_and_merge_states():
 
 def test_write_kv_matches_torch():
     n, hkv, d = 5, 3, 64
-    kp = torch.zeros(40, d)
-    vp = torch.zeros(40, d)
+    kp = torch.zeros(40, d, device=DEV)
+    vp = torch.zeros(40, d, device=DEV)
     kp2, vp2 = kp.clone(), vp.clone()
-    slots = torch.randperm(40)[: n * hkv].view(hkv, n).to(torch.int32)
+    slots = torch.randperm(40, device=DEV)[: n * hkv].view(hkv, n).to(torch.int32)
     slots[1, 2] = -1  # padding: skipped
-    kv = torch.randn(n, 2 * hkv, d)
+    kv = torch.randn(n, 2 * hkv, d, device=DEV)
     k, v = kv.split([hkv, hkv], dim=1)
     write_kv_pages(kp, vp, slots, k, v)
     write_kv_pages_torch(kp2, vp2, slots, k, v)

@@ -56,7 +56,7 @@ def row_lengths(batch: int, ctx: int, head_aware: bool) -> torch.Tensor:
 
 
 def attention_case(batch: int, ctx: int, head_aware: bool, fi: Any, res: list[dict]) -> None:
-    from redknot_rag.kernels.paged_attention import SegPagedMeta, seg_paged_attention
+    from redknot_rag.kernels.paged_attention import SegPagedMeta, rope_tables, seg_paged_attention
     from redknot_rag.kernels.triton_backend import choose_num_splits
 
     dev = torch.device("cuda")
@@ -91,12 +91,13 @@ def attention_case(batch: int, ctx: int, head_aware: bool, fi: Any, res: list[di
         max_q_len=1,
     )
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
-    splits = choose_num_splits(r, 1, int(lens.max()), dev, 64)
+    cos, sin = rope_tables(inv_freq, ctx, torch.bfloat16)
+    splits = choose_num_splits(r, 1, int(lens.max()), dev, 64, int(lens.sum()))
     kslots, vslots = k.view(-1, D), v.view(-1, D)
-    t = timeit(lambda: seg_paged_attention(q, kslots, vslots, meta, inv_freq, G, num_splits=splits))
+    t = timeit(lambda: seg_paged_attention(q, kslots, vslots, meta, cos, sin, G, num_splits=splits))
     base = dict(batch=batch, ctx=ctx, head_aware=head_aware, kv_bytes=kv_bytes)
     peak = PEAK.get(card(), 3.35e12)
-    res.append(base | dict(backend="triton", seconds=t, tbps=kv_bytes / t / 1e12, frac_peak=kv_bytes / t / peak))  # noqa: E501
+    res.append(base | dict(backend="triton", num_splits=splits, seconds=t, tbps=kv_bytes / t / 1e12, frac_peak=kv_bytes / t / peak))  # noqa: E501
     if fi is not None and not head_aware:
         ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
         w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
