@@ -342,6 +342,9 @@ class Engine:
         if len(req.output_ids) < p.min_new_tokens and stop_ids:
             logits = logits.clone()
             logits[list(stop_ids)] = float("-inf")
+        proc = getattr(req, "logits_processor", None)  # constrained decoding (server/constrained.py)
+        if proc is not None:
+            logits = proc(req, logits)
         tok = sample_token(logits, p, req.generator)
         lp = logits.log_softmax(-1)
         if req.return_logprob:
