@@ -1,0 +1,48 @@
+"""Shared fixtures: one loaded default model per test session (loading takes seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def loaded_default():
+    """The embedded default model (SmolLM2-135M-Instruct), fp32 on CPU. Do not mutate its weights."""
+    from redknot_rag.loader import load_model
+
+    return load_model(None, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def engine(loaded_default):
+    """A CPU engine on the default model, driven synchronously (no loop thread)."""
+    from redknot_rag.config import EngineConfig
+    from redknot_rag.engine import Engine
+
+    return Engine(EngineConfig(device="cpu", dtype="float32", cpu_kv_gib=0.5), loaded=loaded_default)
+
+
+@pytest.fixture(scope="session")
+def hf_default():
+    """transformers' own model for the default checkpoint: the correctness oracle."""
+    from transformers import AutoModelForCausalLM
+
+    from redknot_rag.loader import resolve_model_dir
+
+    path, _, _ = resolve_model_dir(None)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
