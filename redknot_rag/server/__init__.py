@@ -1,0 +1,11 @@
+"""HTTP serving: the RAG API, SGLang's native API and the OpenAI API over one engine.
+
+Modules: `app` (FastAPI app, errors, access log), `runtime` (engine bridge), `api_rag`,
+`api_sglang`, `api_openai` (routes), `schemas` (request bodies), `constrained` (regex/JSON
+decoding), `metrics` (Prometheus), `limits`, `auth`, `logs`, `settings`, `cli` (`redknot serve`).
+"""
+
+from redknot_rag.server.cli import register_cli
+from redknot_rag.server.settings import ServerSettings
+
+__all__ = ["ServerSettings", "register_cli"]

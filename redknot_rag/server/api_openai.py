@@ -1,0 +1,236 @@
+"""OpenAI-compatible `/v1/completions`, `/v1/chat/completions` and `/v1/models`, with streaming.
+
+Chat requests go through the model's own chat template; a prompt that contains stored chunks
+reuses their KV like any other (`usage.prompt_tokens_details.cached_tokens` reports it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request as HttpRequest
+
+from redknot_rag.chat import chat_prompt_ids
+from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
+from redknot_rag.server.constrained import any_json_object_regex
+from redknot_rag.server.errors import ApiError, error_body
+from redknot_rag.server.limits import read_model
+from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
+from redknot_rag.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAISampling
+
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _finish(job: Job) -> str | None:
+    t = (job.finish_reason or {}).get("type")
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(t or "", None)
+
+
+def _usage(jobs: list[Job], n: int) -> dict[str, Any]:
+    """Token counts; the prompt of n samples is counted once (jobs come grouped by prompt)."""
+    firsts = jobs[::n]
+    prompt = sum(j.prompt_tokens for j in firsts)
+    completion = sum(j.completion_tokens for j in jobs)
+    cached = sum(j.cached_tokens for j in firsts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _params(body: _OpenAISampling, max_tokens: int | None, default_max: int) -> Any:
+    if body.best_of if isinstance(body, CompletionRequest) else None:
+        if body.best_of != (body.n or 1):  # type: ignore[union-attr]
+            raise ApiError(400, "best_of other than n is not supported")
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported")
+    fields = {
+        "max_new_tokens": default_max if max_tokens is None else max_tokens,
+        "min_new_tokens": body.min_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
+        "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+        "repetition_penalty": body.repetition_penalty, "seed": body.seed, "stop": body.stop,
+        "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens, "regex": body.regex,
+        "json_schema": json.dumps(body.json_schema) if isinstance(body.json_schema, dict) else body.json_schema,
+        "n": body.n,
+    }
+    return sampling_from_fields(fields)
+
+
+def _expand(prompts: list[list[int]], params: Any, logprobs: int | None) -> list[GenInput]:
+    n = params.n
+    if n > 16:
+        raise ApiError(400, f"n must be <= 16, got {n}")
+    want = logprobs is not None
+    if want and not 0 <= logprobs <= 20:  # type: ignore[operator]
+        raise ApiError(400, f"logprobs must be in [0, 20], got {logprobs}")
+    out = []
+    for ids in prompts:
+        for j in range(n):
+            p = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
+            out.append(GenInput(list(ids), replace(p, n=1), return_logprob=want, logprob_start_len=-1,
+                                top_logprobs_num=logprobs or 0))
+    return out
+
+
+def make_router(rt: Runtime) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": rt.model_name, "object": "model", "created": int(rt.started), "owned_by": "redknot-rag",
+             "root": rt.model_name, "max_model_len": rt.engine.max_context}
+        ]}
+
+    @router.post("/completions")
+    async def completions(request: HttpRequest):
+        body = await read_model(request, CompletionRequest, rt.settings.max_request_bytes)
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported")
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [await rt.tokenize(p)]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = [await rt.tokenize(x) for x in p]  # type: ignore[arg-type]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        elif p and all(isinstance(x, list) for x in p):
+            prompts = [list(x) for x in p]  # type: ignore[arg-type]
+        else:
+            raise ApiError(400, "prompt must be a string, a list of strings, or token ids")
+        if len(prompts) > rt.settings.max_batch_size:
+            raise ApiError(413, f"{len(prompts)} prompts exceed the limit of {rt.settings.max_batch_size}")
+        params = _params(body, body.max_tokens, _DEFAULT_MAX_TOKENS)
+        inputs = _expand(prompts, params, body.logprobs)
+        echo = [rt.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(params.n)]
+        jobs = await rt.start(inputs)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream_completion(rt, jobs, request, cid, created, echo, include_usage, params.n),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        await rt.wait_all(jobs, request)
+        rt.raise_if_failed(jobs)
+        choices = []
+        for i, job in enumerate(jobs):
+            choice: dict[str, Any] = {"index": i, "text": echo[i] + job.text, "finish_reason": _finish(job),
+                                      "logprobs": None}
+            if body.logprobs is not None:
+                choice["logprobs"] = _completion_logprobs(rt, job)
+            choices.append(choice)
+        return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": rt.model_name,
+                             "choices": choices, "usage": _usage(jobs, params.n)})
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        body = await read_model(request, ChatCompletionRequest, rt.settings.max_request_bytes)
+        if body.tools:
+            raise ApiError(400, "tools / function calling are not supported by this server")
+        messages = []
+        for m in body.messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
+                part.text for part in m.content)
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": content or ""})
+        ids = await rt.run_blocking(chat_prompt_ids, rt.tokenizer, messages)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        default_max = min(rt.settings.max_new_tokens_limit, max(rt.engine.max_context - len(ids) - 1, 0))
+        params = _params(body, max_tokens, default_max)
+        rf = body.response_format
+        if rf is not None and rf.type != "text" and params.regex is None:
+            if rf.type == "json_object":
+                params = replace(params, regex=any_json_object_regex())
+            else:
+                schema = (rf.json_schema or {}).get("schema")
+                if schema is None:
+                    raise ApiError(400, "response_format.json_schema.schema is required")
+                params = replace(params, json_schema=json.dumps(schema))
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true")
+        inputs = _expand([ids], params, (body.top_logprobs or 0) if body.logprobs else None)
+        jobs = await rt.start(inputs)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream_chat(rt, jobs, request, cid, created, include_usage, params.n),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        await rt.wait_all(jobs, request)
+        rt.raise_if_failed(jobs)
+        choices = []
+        for i, job in enumerate(jobs):
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": job.text},
+                                      "finish_reason": _finish(job), "logprobs": None}
+            if body.logprobs:
+                choice["logprobs"] = {"content": _chat_logprobs(rt, job)}
+            choices.append(choice)
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": rt.model_name,
+                             "choices": choices, "usage": _usage(jobs, params.n)})
+
+    return router
+
+
+def _chat_logprobs(rt: Runtime, job: Job) -> list[dict[str, Any]]:
+    r = job.req
+    out = []
+    for k, (lp, tid) in enumerate(r.output_token_logprobs):
+        tok = rt.decode_one(tid)
+        tops = r.output_top_logprobs[k] if k < len(r.output_top_logprobs) else []
+        out.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                    "top_logprobs": [{"token": rt.decode_one(t), "logprob": v, "bytes": list(rt.decode_one(t).encode())}
+                                     for v, t in tops]})
+    return out
+
+
+def _completion_logprobs(rt: Runtime, job: Job) -> dict[str, Any]:
+    r = job.req
+    tokens = [rt.decode_one(t) for _, t in r.output_token_logprobs]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    tops = [{rt.decode_one(t): v for v, t in row} for row in r.output_top_logprobs] or None
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in r.output_token_logprobs],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _stream_completion(rt: Runtime, jobs: list[Job], request: HttpRequest, cid: str, created: int,
+                             echo: list[str], include_usage: bool, n: int) -> AsyncIterator[bytes]:
+    base = {"id": cid, "object": "text_completion", "created": created, "model": rt.model_name}
+    for i, e in enumerate(echo):
+        if e:
+            yield sse({**base, "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}]})
+    async for i, job, ev in rt.merged(jobs, request):
+        if job.error:
+            yield sse(error_body(500, f"request failed: {job.error}"))
+            continue
+        yield sse({**base, "choices": [{"index": i, "text": ev.text, "logprobs": None,
+                                        "finish_reason": _finish(job) if ev.finished else None}]})
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": _usage(jobs, n)})
+    yield SSE_DONE
+
+
+async def _stream_chat(rt: Runtime, jobs: list[Job], request: HttpRequest, cid: str, created: int,
+                       include_usage: bool, n: int) -> AsyncIterator[bytes]:
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.model_name}
+    for i in range(len(jobs)):
+        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None, "logprobs": None}]})
+    async for i, job, ev in rt.merged(jobs, request):
+        if job.error:
+            yield sse(error_body(500, f"request failed: {job.error}"))
+            continue
+        d = {"content": ev.text} if ev.text else {}
+        yield sse({**base, "choices": [{"index": i, "delta": d, "logprobs": None,
+                                        "finish_reason": _finish(job) if ev.finished else None}]})
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": _usage(jobs, n)})
+    yield SSE_DONE

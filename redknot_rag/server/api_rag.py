@@ -1,0 +1,155 @@
+"""The RAG routes: `/query` (answer + sources + timing, optionally streamed), `/retrieve` (chunks
+and the exact context text that automatic reuse recognizes), `/ingest`, `/documents`.
+
+Every route names a namespace; namespaces are isolated (an unknown one answers 404).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request as HttpRequest
+
+from redknot_rag.chat import DEFAULT_SYSTEM
+from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
+from redknot_rag.server.errors import ApiError, error_body
+from redknot_rag.server.limits import read_model
+from redknot_rag.server.runtime import Job, Runtime, sampling_from_fields
+from redknot_rag.server.schemas import IngestRequest, QueryRequest, RetrieveRequest
+
+CHUNK_SEPARATOR = "\n\n"  # used only when the RAG service does not say how it joins chunks
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return obj
+    return getattr(obj, "__dict__", obj)
+
+
+def _source(src: Any) -> dict[str, Any]:
+    d = to_dict(src)
+    return {k: d.get(k) for k in ("doc_id", "chunk_id", "score", "text", "char_start", "char_end") if k in d}
+
+
+def _rag(rt: Runtime) -> Any:
+    if rt.rag is None:
+        raise ApiError(503, "RAG is not enabled on this server: start it with --data-dir")
+    return rt.rag
+
+
+def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
+    router = APIRouter()
+    limit = rt.settings.max_request_bytes
+
+    @router.post("/query")
+    async def query(request: HttpRequest):
+        rag = _rag(rt)
+        body = await read_model(request, QueryRequest, limit)
+        params = sampling_from_fields({"max_new_tokens": body.max_new_tokens, "temperature": body.temperature,
+                                       "top_p": body.top_p, "stop": body.stop, "seed": body.seed})
+        params.validate()
+        rt.check_limits_params(params)
+        if rt.draining:
+            raise ApiError(503, "server is shutting down")
+        prepared = await rt.run_blocking(
+            rag.prepare, body.question, top_k=body.top_k, namespace=body.namespace,
+            reuse_policy=body.reuse_policy or None, params=params,
+        )
+        job = rt.adopt(prepared.request)
+        sources = [_source(s) for s in prepared.sources]
+        if body.stream:
+            return StreamingResponse(_stream_query(rt, job, prepared, sources, request),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        await rt.wait(job, request)
+        rt.raise_if_failed([job])
+        return JSONResponse(_final(job, prepared, sources))
+
+    @router.post("/retrieve")
+    async def retrieve(request: HttpRequest):
+        rag = _rag(rt)
+        body = await read_model(request, RetrieveRequest, limit)
+        fn = getattr(rag, "retrieve", None)
+        if fn is None:
+            raise ApiError(501, "this RAG service has no retrieve()")
+        t0 = time.perf_counter()
+        sources = await rt.run_blocking(fn, body.question, top_k=body.top_k, namespace=body.namespace)
+        fmt = getattr(rag, "format_context", None)
+        context = fmt(sources) if fmt is not None else "".join(to_dict(s)["text"] + CHUNK_SEPARATOR
+                                                               for s in sources)
+        system = getattr(rag, "system_prompt", DEFAULT_SYSTEM)
+        return {"namespace": body.namespace, "chunks": [_source(s) for s in sources], "context": context,
+                "system": system, "retrieve_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+
+    @router.post("/ingest")
+    async def ingest(request: HttpRequest):
+        admin(request)
+        rag = _rag(rt)
+        body = await read_model(request, IngestRequest, limit)
+        if not body.documents and not body.paths:
+            raise ApiError(400, "give 'documents' (a list of {doc_id, text}) or 'paths'")
+        out: dict[str, Any] = {"namespace": body.namespace}
+        if body.documents:
+            docs = [{"doc_id": d.doc_id, "text": d.text, "metadata": d.metadata or {}} for d in body.documents]
+            out["documents"] = to_dict(await rt.run_blocking(rag.ingest_texts, docs, body.namespace))
+        if body.paths:
+            paths = [Path(p) for p in body.paths]
+            missing = [str(p) for p in paths if not p.exists()]
+            if missing:
+                raise ApiError(400, f"paths not found on the server: {', '.join(missing[:5])}")
+            out["paths"] = to_dict(await rt.run_blocking(rag.ingest_paths, paths, body.namespace))
+        return out
+
+    @router.get("/documents")
+    async def list_documents(namespace: str = "default"):
+        rag = _rag(rt)
+        docs = await rt.run_blocking(rag.list_documents, namespace)
+        return {"namespace": namespace, "documents": [to_dict(d) for d in docs]}
+
+    @router.delete("/documents/{doc_id}")
+    async def delete_document(doc_id: str, request: HttpRequest, namespace: str = "default"):
+        admin(request)
+        rag = _rag(rt)
+        if not await rt.run_blocking(rag.delete_document, namespace, doc_id):
+            raise ApiError(404, f"document {doc_id!r} not found in namespace {namespace!r}")
+        return {"namespace": namespace, "doc_id": doc_id, "deleted": True}
+
+    return router
+
+
+def _final(job: Job, prepared: Any, sources: list[dict[str, Any]]) -> dict[str, Any]:
+    r = job.req
+    try:
+        timing = prepared.finalize()
+    except Exception:  # timing is a report; never fail an answer for it
+        timing = dict(getattr(prepared, "timing", {}))
+    return {
+        "id": r.rid,
+        "answer": job.text,
+        "sources": sources,
+        "finish_reason": job.finish_reason,
+        "usage": {"prompt_tokens": r.prompt_len, "completion_tokens": len(r.output_ids),
+                  "cached_tokens": r.cached_tokens},
+        "timing": timing,
+    }
+
+
+async def _stream_query(rt: Runtime, job: Job, prepared: Any, sources: list[dict[str, Any]],
+                        request: HttpRequest) -> AsyncIterator[bytes]:
+    """SSE: `{"type": "sources"}`, then `{"type": "token", "text": delta}`..., then `{"type": "done", ...}`."""
+    yield sse({"type": "sources", "id": job.rid, "sources": sources})
+    async for ev in rt.events(job, request):
+        if ev.text and not ev.finished:
+            yield sse({"type": "token", "text": ev.text})
+    if job.error:
+        yield sse(error_body(500, f"request failed: {job.error}"))
+    else:
+        yield sse({"type": "done", **_final(job, prepared, sources)})
+    yield SSE_DONE

@@ -1,0 +1,51 @@
+"""Request body limits and parsing: size (413), malformed JSON (400), schema (422)."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from redknot_rag.server.errors import ApiError, describe_validation_errors
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes (checked on Content-Length and while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        except ValueError:
+            raise ApiError(400, "invalid Content-Length header") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_model(request: Request, model: type[M], limit: int, allow_empty: bool = False) -> M:
+    """Parse the body as JSON and validate it against `model` (strict types, no unknown fields)."""
+    raw = await read_body(request, limit)
+    if not raw.strip():
+        if allow_empty:
+            return model()
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, f"invalid request: {describe_validation_errors(e.errors())}") from None
