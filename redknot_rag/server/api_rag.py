@@ -88,6 +88,12 @@ def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
         return {"namespace": body.namespace, "chunks": [_source(s) for s in sources], "context": context,
                 "system": system, "retrieve_ms": round((time.perf_counter() - t0) * 1e3, 2)}
 
+    @router.get("/rag_info")
+    async def rag_info():
+        rag = rt.rag
+        return {"enabled": rag is not None, "system": getattr(rag, "system_prompt", DEFAULT_SYSTEM),
+                "reuse_policy": rt.settings.reuse_policy}
+
     @router.post("/ingest")
     async def ingest(request: HttpRequest):
         admin(request)
