@@ -1,0 +1,548 @@
+"""`redknot serve` end to end: the real server in a subprocess on 127.0.0.1, driven by real clients
+(SGLang's frontend through `sgl.RuntimeEndpoint`, the `openai` package, httpx for raw HTTP).
+
+Two servers: a main one (keys, limits) and a small one (queue of 1) for 429s and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+KEY, ADMIN = "test-key", "admin-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
+HAS_RAG = importlib.util.find_spec("redknot_rag.rag") is not None
+needs_rag = pytest.mark.skipif(not HAS_RAG, reason="redknot_rag.rag (RagService) is not in this tree yet")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def start_server(tmp: Path, *extra: str, data_dir: Path | None = None) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--api-key", KEY, "--admin-key", ADMIN, "--device", "cpu", "--cpu-kv-gib", "0.25", *extra]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    log_path = tmp / f"server-{port}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.log()}")
+        try:
+            if httpx.get(srv.url + "/health", timeout=1).status_code == 200:
+                return srv
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"server did not come up:\n{srv.log()}")
+
+
+def stop_server(srv: Server) -> None:
+    if srv.proc.poll() is None:
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("server")
+    srv = start_server(tmp, "--max-new-tokens-limit", "256", "--max-request-bytes", "200000",
+                       data_dir=tmp / "data" if HAS_RAG else None)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def gen(client: httpx.Client, text: str = "The capital of France is", **sp) -> dict:
+    sp.setdefault("max_new_tokens", 6)
+    sp.setdefault("temperature", 0)
+    r = client.post("/generate", json={"text": text, "sampling_params": sp})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_serving(client: httpx.Client) -> None:
+    assert client.get("/health").status_code == 200
+    assert gen(client, max_new_tokens=2)["meta_info"]["completion_tokens"] == 2
+
+
+def sse_events(lines: Iterator[str]) -> list:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+# ---- SGLang native API ----------------------------------------------------------------------
+def test_model_and_server_info(client):
+    info = client.get("/get_model_info").json()
+    assert "SmolLM2" in info["model_path"]
+    for path in ("/server_info", "/get_server_info"):
+        si = client.get(path).json()
+        assert si["engine"]["kv_heads"] >= 1 and si["max_new_tokens_limit"] == 256
+    assert client.post("/flush_cache").status_code == 200
+    assert client.get("/health_generate").json() == {"status": "ok"}
+    assert httpx.get(client.base_url.join("/health")).status_code == 200  # no key needed
+
+
+def test_generate_single_batch_input_ids(client):
+    one = gen(client)
+    meta = one["meta_info"]
+    assert one["text"] and meta["completion_tokens"] == 6 and meta["prompt_tokens"] == 5
+    assert meta["finish_reason"] == {"type": "length", "length": 6} and meta["cached_tokens"] == 0
+    batch = client.post("/generate", json={"text": ["The capital of France is", "1, 2, 3,"],
+                                           "sampling_params": {"max_new_tokens": 6, "temperature": 0}}).json()
+    assert isinstance(batch, list) and batch[0]["text"] == one["text"]
+    lp = client.post("/generate", json={"text": "The capital of France is", "sampling_params": {
+        "max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": 0}).json()
+    prompt_ids = [x[1] for x in lp["meta_info"]["input_token_logprobs"]]
+    ids = client.post("/generate", json={"input_ids": [prompt_ids, prompt_ids],
+                                         "sampling_params": {"max_new_tokens": 6, "temperature": 0}}).json()
+    assert [x["text"] for x in ids] == [one["text"]] * 2  # the same 5 prompt tokens as text
+    flat = client.post("/generate", json={"input_ids": prompt_ids,
+                                          "sampling_params": {"max_new_tokens": 6, "temperature": 0}}).json()
+    assert flat["text"] == one["text"]
+
+
+def test_generate_sampling_fields(client):
+    r = client.post("/generate", json={"text": "Once upon a time", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.01, "n": 3,
+        "frequency_penalty": 0.1, "presence_penalty": 0.1, "sampling_seed": 7, "ignore_eos": True,
+        "skip_special_tokens": True, "spaces_between_special_tokens": True}}).json()
+    assert len(r) == 3 and all(x["meta_info"]["completion_tokens"] == 8 for x in r)
+    again = client.post("/generate", json={"text": "Once upon a time", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.01, "n": 3,
+        "frequency_penalty": 0.1, "presence_penalty": 0.1, "sampling_seed": 7, "ignore_eos": True}}).json()
+    assert [x["text"] for x in again] == [x["text"] for x in r]  # seeded
+    full = gen(client, "1, 2, 3, 4,", max_new_tokens=12)["text"]
+    stop = full.strip().split(" ")[1]
+    cut = gen(client, "1, 2, 3, 4,", max_new_tokens=12, stop=[stop])
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop} and stop not in cut["text"]
+    first_id = gen(client, "1, 2, 3, 4,", max_new_tokens=12)["output_ids"][1]
+    by_id = gen(client, "1, 2, 3, 4,", max_new_tokens=12, stop_token_ids=[first_id])
+    assert by_id["meta_info"]["finish_reason"] == {"type": "stop", "matched": first_id}
+    assert gen(client, "Hi", max_new_tokens=10, min_new_tokens=10)["meta_info"]["completion_tokens"] == 10
+    rx = gen(client, "1, 2, 3, 4,", max_new_tokens=12, stop_regex=r"\d, \d")
+    assert rx["meta_info"]["finish_reason"]["type"] == "stop"
+
+
+def test_generate_logprobs_and_prefill_only(client):
+    pre = gen(client, "The capital of France is", max_new_tokens=0)
+    assert pre["text"] == "" and pre["meta_info"]["prompt_tokens"] == 5
+    r = client.post("/generate", json={"text": "The capital of France is", "sampling_params": {
+        "max_new_tokens": 3, "temperature": 0}, "return_logprob": True, "logprob_start_len": 0,
+        "top_logprobs_num": 2, "return_text_in_logprobs": True}).json()
+    m = r["meta_info"]
+    inp, out = m["input_token_logprobs"], m["output_token_logprobs"]
+    assert len(inp) == 5 and len(out) == 3
+    assert all(isinstance(x[0], float) and isinstance(x[1], int) and isinstance(x[2], str) for x in inp + out)
+    assert [x[1] for x in out] == r["output_ids"]
+    assert len(m["output_top_logprobs"]) == 3 and len(m["output_top_logprobs"][0]) == 2
+    assert m["output_top_logprobs"][0][0][1] == out[0][1]  # greedy = the top-1
+    no_text = client.post("/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 1},
+                                             "return_logprob": True}).json()
+    assert no_text["meta_info"]["output_token_logprobs"][0][2] is None
+
+
+def test_generate_stream(client):
+    body = {"text": "The capital of France is", "stream": True,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    with client.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    texts = [e["text"] for e in events[:-1]]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative
+    assert events[-2]["meta_info"]["finish_reason"]["type"] == "length"
+    assert texts[-1] == gen(client, max_new_tokens=8)["text"]
+
+
+def test_constrained_regex_and_json_schema(client):
+    r = gen(client, "My phone number is", max_new_tokens=24, regex=r"\(\d{3}\) \d{3}-\d{4}")
+    import re
+
+    assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", r["text"]), r["text"]
+    assert r["meta_info"]["finish_reason"]["type"] == "stop"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "pet": {"enum": ["cat", "dog"]}}}
+    j = gen(client, "A JSON record about Alice:", max_new_tokens=48, json_schema=json.dumps(schema))
+    obj = json.loads(j["text"])
+    assert set(obj) == {"name", "age", "pet"} and isinstance(obj["age"], int) and obj["pet"] in ("cat", "dog")
+
+
+def test_concurrent_requests_and_a_failing_one(client):
+    def one(i: int) -> int:
+        if i == 5:
+            return client.post("/generate", json={"text": "x", "sampling_params": {"regex": "(unclosed"}}).status_code
+        return client.post("/generate", json={"text": f"Count to {i}:", "sampling_params": {
+            "max_new_tokens": 8, "temperature": 0}}).status_code
+
+    with ThreadPoolExecutor(12) as ex:
+        codes = list(ex.map(one, range(12)))
+    assert codes.count(200) == 11 and codes[5] == 400
+
+
+# ---- SGLang frontend programs ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sgl_backend(server):
+    import sglang as sgl
+
+    sgl.global_config.enable_parallel_encoding = False
+    backend = sgl.RuntimeEndpoint(server.url, api_key=KEY, chat_template_name="chatml")
+    sgl.set_default_backend(backend)
+    return backend
+
+
+def test_sgl_gen_select_regex_fork(sgl_backend):
+    import sglang as sgl
+
+    @sgl.function
+    def program(s, question):
+        s += sgl.system("You are a helpful assistant.")
+        s += sgl.user(question)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=12, temperature=0))
+        s += sgl.user("Is that correct? Answer yes or no.")
+        s += sgl.assistant(sgl.select("verdict", choices=["yes", "no"]))
+        s += sgl.user("How many legs does a spider have?")
+        s += sgl.assistant(sgl.gen("legs", max_tokens=6, dtype=int, temperature=0))
+        s += sgl.user("Give a 3-digit code.")
+        s += sgl.assistant(sgl.gen("code", max_tokens=8, regex=r"[0-9]{3}", temperature=0))
+
+    st = program.run(question="What is the capital of France?")
+    assert st["answer"] and st["verdict"] in ("yes", "no")
+    assert st["legs"].strip().lstrip("+-").isdigit()
+    assert len(st["code"]) == 3 and st["code"].isdigit()
+    meta = st.get_meta_info("answer")
+    assert meta["completion_tokens"] >= 1 and "prompt_tokens" in meta
+
+    @sgl.function
+    def forked(s):
+        s += sgl.user("Name a fruit.")
+        forks = s.fork(2)
+        for f in forks:
+            f += sgl.assistant(sgl.gen("fruit", max_tokens=5, temperature=0))
+        forks.join()
+        s += sgl.assistant("ok")
+
+    st = forked.run()
+    assert st.text().endswith("ok<|im_end|>\n")
+
+
+def test_sgl_stream_and_run_batch(sgl_backend):
+    import sglang as sgl
+
+    @sgl.function
+    def qa(s, q):
+        s += sgl.user(q)
+        s += sgl.assistant(sgl.gen("a", max_tokens=8, temperature=0))
+
+    st = qa.run(q="Say hello.", stream=True)
+    pieces = list(st.text_iter("a"))
+    assert len(pieces) >= 2
+    assert "".join(pieces) == qa.run(q="Say hello.")["a"]
+    states = qa.run_batch([{"q": "1+1?"}, {"q": "Capital of Italy?"}, {"q": "Color of the sky?"}], num_threads=3)
+    assert len(states) == 3 and all(s["a"] for s in states)
+    assert sgl_backend.get_server_info()["model_path"]
+    sgl.flush_cache()
+
+
+# ---- OpenAI API -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def oai(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_openai_models_and_completions(oai):
+    models = oai.models.list()
+    name = models.data[0].id
+    c = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=6, temperature=0,
+                               logprobs=2)
+    assert c.choices[0].text and c.usage.completion_tokens == 6 and c.usage.prompt_tokens == 5
+    assert len(c.choices[0].logprobs.tokens) == 6
+    many = oai.completions.create(model=name, prompt=["a b c", "1 2 3"], max_tokens=3, temperature=0, n=2)
+    assert len(many.choices) == 4
+    stream = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                    stream=True)
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) == c.choices[0].text
+
+
+def test_openai_chat(oai):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    c = oai.chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                    top_logprobs=2)
+    text = c.choices[0].message.content
+    assert text and c.choices[0].finish_reason in ("stop", "length")
+    assert len(c.choices[0].logprobs.content) == c.usage.completion_tokens
+    assert c.usage.prompt_tokens_details.cached_tokens == 0
+    chunks = list(oai.chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
+    js = oai.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "Describe a cat as JSON."}], max_tokens=40,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}, "lives": {"type": "integer"}}}}})
+    assert set(json.loads(js.choices[0].message.content)) == {"name", "lives"}
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+BAD = [
+    ("malformed json", "POST", "/generate", b'{"text": "hi",', None, 400, "malformed JSON"),
+    ("not an object", "POST", "/generate", b"[1, 2]", None, 422, "JSON object"),
+    ("unknown field", "POST", "/generate", {"text": "hi", "bogus": 1}, None, 422, "bogus: unknown field"),
+    ("unknown sampling field", "POST", "/generate", {"text": "hi", "sampling_params": {"max_tokenz": 3}}, None,
+     422, "max_tokenz: unknown field"),
+    ("wrong type", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "5"}}, None, 422,
+     "max_new_tokens"),
+    ("text and ids", "POST", "/generate", {"text": "hi", "input_ids": [1]}, None, 400, "exactly one"),
+    ("negative max_new_tokens", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}},
+     None, 400, "non-negative"),
+    ("huge max_new_tokens", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 10**9}},
+     None, 400, "exceeds this server's limit"),
+    ("bad temperature", "POST", "/generate", {"text": "hi", "sampling_params": {"temperature": -1.0}}, None,
+     400, "temperature"),
+    ("invalid regex", "POST", "/generate", {"text": "hi", "sampling_params": {"regex": "[a-"}}, None, 400,
+     "invalid regex"),
+    ("bad json_schema", "POST", "/generate", {"text": "hi", "sampling_params": {"json_schema": "{nope"}}, None,
+     400, "json_schema"),
+    ("token id out of vocab", "POST", "/generate", {"input_ids": [10**7]}, None, 400, "token ids"),
+    ("prompt too long", "POST", "/generate", {"input_ids": [42] * 9000}, None, 413, "context"),
+    ("body too large", "POST", "/generate", {"text": "x" * 300000}, None, 413, "exceeds the limit"),
+    ("missing key", "POST", "/generate", {"text": "hi"}, {}, 401, "missing API key"),
+    ("wrong key", "POST", "/generate", {"text": "hi"}, {"Authorization": "Bearer nope"}, 401, "invalid API key"),
+    ("user key on admin route", "POST", "/ingest", {"documents": [{"doc_id": "d", "text": "t"}]}, AUTH, 403,
+     "admin key"),
+    ("unknown route", "GET", "/nope", None, None, 404, "no route"),
+    ("wrong method", "GET", "/generate", None, None, 405, "not allowed"),
+    ("chat tools", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "tools": [{"type": "function"}]}, None, 400, "tools"),
+    ("chat bad role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, None,
+     422, "role"),
+    ("chat empty messages", "POST", "/v1/chat/completions", {"messages": []}, None, 422, "messages"),
+    ("completions negative max_tokens", "POST", "/v1/completions", {"prompt": "x", "max_tokens": -5}, None, 400,
+     "non-negative"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input(client, case):
+    _, method, path, body, headers, status, needle = case
+    kw: dict = {"headers": headers if headers is not None else AUTH}
+    if isinstance(body, bytes):
+        kw["content"] = body
+    elif body is not None:
+        kw["json"] = body
+    with httpx.Client(base_url=client.base_url, timeout=60) as raw:
+        r = raw.request(method, path, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle.lower() in err["message"].lower(), err
+    assert err["code"] == status
+
+
+def test_server_keeps_serving_after_bad_input(client):
+    assert_serving(client)
+
+
+def test_client_disconnect_mid_stream_aborts(server, client):
+    before = client.get("/metrics").text
+    aborted_before = _metric(before, 'redknot_requests_total{finish_reason="abort"}')
+    body = {"text": "Write a very long story about dragons.", "stream": True,
+            "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c, \
+            c.stream("POST", "/generate", json=body) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got += 1
+                if got == 3:
+                    break  # leave mid-stream: the context manager closes the connection
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        info = client.get("/server_info").json()
+        m = client.get("/metrics").text
+        if info["num_running"] == 0 and _metric(m, 'redknot_requests_total{finish_reason="abort"}') > aborted_before:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the engine request was not aborted after the client left")
+    assert_serving(client)
+
+
+def _metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics(client):
+    gen(client, max_new_tokens=4)
+    text = httpx.get(client.base_url.join("/metrics")).text  # no key needed
+    for name in ("redknot_num_queued_requests", "redknot_num_running_requests", "redknot_kv_pool_usage",
+                 "redknot_cache_hit_tokens_total", "redknot_time_to_first_token_seconds_bucket",
+                 "redknot_inter_token_latency_seconds_count", "redknot_http_requests_total"):
+        assert name in text, name
+    assert _metric(text, "redknot_time_to_first_token_seconds_count") >= 1
+    assert 'le="+Inf"' in text
+
+
+# ---- RAG routes ---------------------------------------------------------------------------------
+DOCS = [
+    {"doc_id": "lighthouse", "text": "The Varnholt lighthouse was built in 1873 by the engineer Ida Brask. "
+     "Its lamp is visible for 19 nautical miles and it is painted in red and white bands."},
+    {"doc_id": "glacier", "text": "The Skelmir glacier retreats about 31 meters per year. Researchers measure "
+     "it every August from a station at its northern edge."},
+    {"doc_id": "bakery", "text": "Mora's bakery on Linden Street sells cardamom buns every Thursday. "
+     "The oven was imported from Turin in 1998."},
+]
+
+
+@pytest.fixture(scope="module")
+def ingested(client):
+    if not HAS_RAG:
+        pytest.skip("redknot_rag.rag (RagService) is not in this tree yet")
+    r = client.post("/ingest", json={"namespace": "test", "documents": DOCS}, headers=ADMIN_AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@needs_rag
+def test_rag_query_documents_delete(client, ingested):
+    docs = client.get("/documents", params={"namespace": "test"}).json()["documents"]
+    assert {d["doc_id"] for d in docs} >= {"lighthouse", "glacier", "bakery"}
+    q = client.post("/query", json={"question": "Who built the Varnholt lighthouse?", "namespace": "test",
+                                    "top_k": 2, "max_new_tokens": 24}).json()
+    assert q["answer"] and q["sources"] and q["sources"][0]["doc_id"] == "lighthouse"
+    assert {"doc_id", "chunk_id", "score", "text"} <= set(q["sources"][0])
+    for key in ("retrieve_ms", "kv_load_ms", "recompute_ms", "question_prefill_ms", "decode_ms"):
+        assert any(k.startswith(key.split("_ms")[0]) for k in q["timing"]), (key, q["timing"])
+    assert q["usage"]["cached_tokens"] > 0
+    with client.stream("POST", "/query", json={"question": "When is the glacier measured?", "namespace": "test",
+                                               "top_k": 2, "max_new_tokens": 16, "stream": True}) as r:
+        events = sse_events(r.iter_lines())
+    assert events[0]["type"] == "sources" and events[-2]["type"] == "done" and events[-1] == "[DONE]"
+    assert "".join(e["text"] for e in events if isinstance(e, dict) and e["type"] == "token") == events[-2]["answer"]
+    ret = client.post("/retrieve", json={"question": "cardamom buns", "namespace": "test", "top_k": 1}).json()
+    assert ret["chunks"][0]["doc_id"] == "bakery" and ret["chunks"][0]["text"] in ret["context"]
+    r = client.post("/query", json={"question": "x", "namespace": "no-such-namespace"})
+    assert r.status_code == 404 and "namespace" in r.json()["error"]["message"]
+    assert client.delete("/documents/bakery", params={"namespace": "test"}).status_code == 403
+    assert client.delete("/documents/bakery", params={"namespace": "test"}, headers=ADMIN_AUTH).status_code == 200
+    assert client.delete("/documents/bakery", params={"namespace": "test"}, headers=ADMIN_AUTH).status_code == 404
+
+
+@needs_rag
+def test_chat_prompt_with_three_stored_chunks_reuses_kv(client, oai, ingested):
+    """Three stored chunks in a /v1/chat/completions prompt are reported cached, and the answer
+    matches a full prefill of the same prompt (reuse fidelity: same greedy first tokens)."""
+    ret = client.post("/retrieve", json={"question": "lighthouse glacier bakery", "namespace": "test",
+                                         "top_k": 3}).json()
+    assert len(ret["chunks"]) == 3
+    question = "Who built the Varnholt lighthouse?"
+    msgs = [{"role": "system", "content": ret["system"]}, {"role": "user", "content": ret["context"] + question}]
+    c = oai.chat.completions.create(model="any", messages=msgs, max_tokens=12, temperature=0)
+    chunk_tokens = sum(gen(client, ch["text"], max_new_tokens=0)["meta_info"]["prompt_tokens"]
+                       for ch in ret["chunks"])
+    assert c.usage.prompt_tokens_details.cached_tokens >= chunk_tokens * 0.9
+    # the full policy: the same ChatML prompt through /generate with prompt logprobs (which disables reuse)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs) + "<|im_start|>assistant\n"
+    full = client.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": 12,
+                       "temperature": 0}, "return_logprob": True, "logprob_start_len": 0}).json()
+    assert full["meta_info"]["cached_tokens"] == 0
+    assert full["meta_info"]["prompt_tokens"] == c.usage.prompt_tokens
+    assert c.choices[0].message.content.split()[:3] == full["text"].split()[:3]
+
+
+# ---- overload and graceful shutdown (a second, small server) ---------------------------------
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("small"), "--max-running-requests", "1", "--max-queued-requests",
+                       "1", "--graceful-timeout", "20")
+    yield srv
+    stop_server(srv)
+
+
+def test_queue_full_answers_429(small_server):
+    body = {"text": "Tell me a story.", "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(small_server.url + "/generate", json=body, headers=AUTH, timeout=120)
+
+    with ThreadPoolExecutor(8) as ex:
+        rs = list(ex.map(one, range(8)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1, codes
+    r429 = next(r for r in rs if r.status_code == 429)
+    assert "overloaded" in r429.json()["error"]["message"] and r429.headers["retry-after"] == "1"
+    assert httpx.get(small_server.url + "/health").status_code == 200
+
+
+def test_graceful_shutdown_finishes_in_flight_stream(small_server):
+    events: list = []
+    body = {"text": "Count slowly:", "stream": True, "sampling_params": {"max_new_tokens": 30, "ignore_eos": True}}
+    started = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", small_server.url + "/generate", json=body, headers=AUTH, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    started.set()
+                    events.append(line)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert started.wait(60)
+    small_server.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["meta_info"]["completion_tokens"] == 30
+    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
+    assert small_server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    log = small_server.log()
+    assert '"shutting down' in log or "shutting down" in log
