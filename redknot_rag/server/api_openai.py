@@ -44,9 +44,8 @@ def _usage(jobs: list[Job], n: int) -> dict[str, Any]:
 
 
 def _params(body: _OpenAISampling, max_tokens: int | None, default_max: int) -> Any:
-    if body.best_of if isinstance(body, CompletionRequest) else None:
-        if body.best_of != (body.n or 1):  # type: ignore[union-attr]
-            raise ApiError(400, "best_of other than n is not supported")
+    if isinstance(body, CompletionRequest) and body.best_of is not None and body.best_of != (body.n or 1):
+        raise ApiError(400, "best_of other than n is not supported")
     if body.logit_bias:
         raise ApiError(400, "logit_bias is not supported")
     fields = {
