@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="engine queue length; beyond it requests get 429")
     p.add_argument("--reuse-policy", default="redknot", help="default KV reuse policy of /query")
+    p.add_argument("--redis-url", default=os.environ.get("REDKNOT_REDIS_URL"),
+                   help="shared Redis cold tier for chunk KV (env REDKNOT_REDIS_URL)")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="larger max_new_tokens get 400")
     p.add_argument("--served-model-name", default=None)
@@ -41,7 +45,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, api_key=args.api_key, admin_key=args.admin_key, data_dir=args.data_dir,
         reuse_policy=args.reuse_policy, max_request_bytes=args.max_request_bytes,
         max_new_tokens_limit=args.max_new_tokens_limit, served_model_name=args.served_model_name,
-        graceful_timeout_s=args.graceful_timeout,
+        graceful_timeout_s=args.graceful_timeout, redis_url=args.redis_url,
     )
 
 
@@ -77,4 +81,9 @@ def make_rag(engine: Any, settings: ServerSettings) -> Any:
     from redknot_rag.rag import RagService
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return RagService(engine, settings.data_dir, settings.reuse_policy)
+    kw: dict[str, Any] = {}
+    if settings.redis_url:
+        os.environ["REDKNOT_REDIS_URL"] = settings.redis_url
+        if "redis_url" in inspect.signature(RagService).parameters:
+            kw["redis_url"] = settings.redis_url
+    return RagService(engine, settings.data_dir, settings.reuse_policy, **kw)

@@ -18,6 +18,7 @@ class ServerSettings:
     admin_key: str | None = None
     data_dir: Path | None = None
     reuse_policy: str = "redknot"
+    redis_url: str | None = None
     max_request_bytes: int = 4 << 20
     max_new_tokens_limit: int = 4096
     max_batch_size: int = 256
