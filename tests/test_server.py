@@ -414,6 +414,17 @@ def test_client_disconnect_mid_stream_aborts(server, client):
     assert_serving(client)
 
 
+def test_client_leaving_a_non_streaming_request_aborts(server, client):
+    body = {"text": "Write a long story.", "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/generate", json=body, headers=AUTH, timeout=1.5)
+    deadline = time.time() + 20
+    while client.get("/server_info").json()["num_running"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert client.get("/server_info").json()["num_running"] == 0
+    assert_serving(client)
+
+
 def _metric(text: str, series: str) -> float:
     for line in text.splitlines():
         if line.startswith(series + " "):

@@ -10,6 +10,7 @@ aborts its engine request; a request that fails only fails itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
@@ -224,18 +225,20 @@ class Runtime:
         """
         bridge = job.req.events
         assert isinstance(bridge, _LoopQueue)
+        checked = time.monotonic()
         try:
             while not job.is_finished:
+                if http is not None and time.monotonic() - checked > _WAKE_S:
+                    checked = time.monotonic()
+                    if await http.is_disconnected():
+                        log.info("client disconnected", extra={"rid": job.rid})
+                        return
                 ev = self._next_event(job)
                 if ev is None:
                     bridge.ready.clear()
                     if bridge.empty():
-                        try:
+                        with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(bridge.ready.wait(), _WAKE_S)
-                        except asyncio.TimeoutError:
-                            if http is not None and await http.is_disconnected():
-                                log.info("client disconnected", extra={"rid": job.rid})
-                                return
                     continue
                 out = self._apply(job, ev)
                 if out is not None:
