@@ -160,32 +160,42 @@ class Runtime:
         """Validate and build a Job (not submitted). Runs on an executor thread (reuse may load KV)."""
         self.check_limits(inp)
         p = inp.params
+        pattern = p.regex
+        if pattern is None and p.json_schema is not None:
+            pattern = json_schema_regex(p.json_schema)
+        processor = None
+        if pattern is not None:  # validated before any KV is assembled
+            eos = tuple(p.stop_token_ids) + tuple(self.engine.model_config.eos_token_ids)
+            processor = RegexProcessor(pattern, TokenTexts.of(self.tokenizer), eos, p.is_greedy)
+        stop_regex = [compile_regex(s) for s in inp.stop_regex]
         kw = dict(return_logprob=inp.return_logprob, logprob_start_len=inp.logprob_start_len,
                   top_logprobs_num=inp.top_logprobs_num)
         req: Request | None = None
         if self.rag is not None and inp.allow_reuse:
             req = self.rag.build_request(inp.prompt_ids, p, **kw)
             if inp.return_logprob and req.prefix_len > max(inp.logprob_start_len, 0):
-                req = None  # reused prompt tokens have no logits: prefill them to answer logprobs
+                self.discard(req)  # reused prompt tokens have no logits: prefill them to answer logprobs
+                req = None
         if req is None:
             req = self.engine.make_request(inp.prompt_ids, p, **kw)
         if inp.rid:
             req.rid = inp.rid
-        pattern = p.regex
-        if pattern is None and p.json_schema is not None:
-            pattern = json_schema_regex(p.json_schema)
-        if pattern is not None:
-            eos = tuple(p.stop_token_ids) + tuple(self.engine.model_config.eos_token_ids)
-            req.logits_processor = RegexProcessor(  # type: ignore[attr-defined]
-                pattern, TokenTexts.of(self.tokenizer), eos, p.is_greedy
-            )
-        return Job(req, [compile_regex(s) for s in inp.stop_regex])
+        if processor is not None:
+            req.logits_processor = processor  # type: ignore[attr-defined]  # called by Engine._emit
+        return Job(req, stop_regex)
 
     async def start(self, inputs: list[GenInput]) -> list[Job]:
         """Build and submit every input; all or none (a failure aborts those already submitted)."""
         if self.draining:
             raise ApiError(503, "server is shutting down")
-        jobs = [await self.run_blocking(self.build, inp) for inp in inputs]
+        jobs: list[Job] = []
+        try:
+            for inp in inputs:
+                jobs.append(await self.run_blocking(self.build, inp))
+        except BaseException:
+            for j in jobs:
+                await self.run_blocking(self.discard, j.req)
+            raise
         loop = asyncio.get_running_loop()
         submitted: list[Job] = []
         try:
@@ -196,9 +206,18 @@ class Runtime:
         except EngineOverloadedError as e:
             for j in submitted:
                 self.engine.abort(j.rid)
+            for j in jobs[len(submitted):]:
+                await self.run_blocking(self.discard, j.req)
             self.metrics.count_rejected("queue_full")
             raise ApiError(429, f"server overloaded: {e}; retry later", {"Retry-After": "1"}) from e
         return jobs
+
+    def discard(self, req: Request) -> None:
+        """Give back what a built but never submitted request holds (reuse may have assembled KV pages)."""
+        kv = getattr(req, "prebuilt_kv", None)
+        if kv is not None:
+            req.prebuilt_kv = None  # type: ignore[attr-defined]
+            self.engine.call(lambda: kv.release(self.engine.allocator))
 
     def adopt(self, req: Request) -> Job:
         """A Job for a request someone else already submitted (the RAG service's `prepare`)."""
