@@ -194,6 +194,8 @@ class Engine:
                 req = self._waiting[0]
                 if req.aborted:
                     self._waiting.popleft()
+                    if req.prebuilt_kv is not None:
+                        req.prebuilt_kv.release(self.allocator)
                     self._finish(req, {"type": "abort"})
                     continue
                 need = self._reservation(req)
@@ -210,6 +212,11 @@ class Engine:
 
     def _start(self, req: Request) -> None:
         mc = self.model_config
+        if req.prebuilt_kv is not None:
+            req.kv, req.prebuilt_kv = req.prebuilt_kv, None
+            req.num_computed = req.prebuilt_len
+            req.status = RequestStatus.PREFILL
+            return
         req.kv = SeqKV(mc.num_layers, mc.num_kv_heads, self.config.page_size)
         start = 0
         for p in req.prefix:

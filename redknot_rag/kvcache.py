@@ -149,6 +149,7 @@ class SeqKV:
     num_tokens: int = field(init=False, default=0)
     segments: list[AttachedSegment] = field(init=False, default_factory=list)
     private_pages: list[np.ndarray] = field(init=False, default_factory=list)  # each [L*Hkv]
+    cow_pages: list[np.ndarray] = field(init=False, default_factory=list)  # pages of overridden tokens
     _tail_used: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -232,14 +233,32 @@ class SeqKV:
         self.num_tokens += n
         return out
 
+    def override(self, token_index: torch.Tensor, allocator: PageAllocator) -> torch.Tensor:
+        """Copy-on-write: give tokens `token_index` `[n]` fresh private slots (for recomputed KV).
+
+        Shared segment pages are never written; the sequence's view is redirected instead.
+        Returns the new slots `[L, Hkv, n]` (the caller writes them, e.g. by a recompute forward).
+        """
+        n = int(token_index.shape[0])
+        lh = self.num_layers * self.num_kv_heads
+        num_pages = -(-n // self.page_size)
+        pages = allocator.allocate(num_pages * lh)
+        self.cow_pages.append(pages)
+        pages_t = torch.from_numpy(pages).view(num_pages, self.num_layers, self.num_kv_heads)
+        t = torch.arange(n)
+        out = (pages_t[t // self.page_size] * self.page_size + (t % self.page_size)[:, None, None]).permute(1, 2, 0)
+        self.slots[:, :, token_index] = out  # [L, Hkv, n]
+        return out
+
     def release(self, allocator: PageAllocator) -> None:
         """Drop every page reference this sequence holds. Idempotent."""
         for att in self.segments:
             allocator.decref(att.segment.pages.numpy())
-        for pages in self.private_pages:
+        for pages in self.private_pages + self.cow_pages:
             allocator.decref(pages)
         self.segments.clear()
         self.private_pages.clear()
+        self.cow_pages.clear()
         self.num_tokens = 0
         self._tail_used = 0
 

@@ -70,13 +70,15 @@ class CausalLM:
         self.device = self.embed.device
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, attn: AttentionBackend, all_hidden: bool = False) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend, num_layers: int | None = None) -> torch.Tensor:
+        """Logits `[M, vocab]` float32 of `batch.logit_rows`; with `num_layers`, run only the first
+        `num_layers` layers (their KV is written) and return an empty tensor."""
         cfg = self.cfg
         n = batch.num_tokens
         hq, hkv, d = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
         attn.plan(batch)
         x = self.embed[batch.input_ids.to(self.device)]  # [N, hidden]
-        for li, lw in enumerate(self.layers):
+        for li, lw in enumerate(self.layers[:num_layers]):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [N, (Hq + 2Hkv) * D]
             q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
@@ -92,6 +94,8 @@ class CausalLM:
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, lw.down)
+        if num_layers is not None and num_layers < cfg.num_layers:
+            return torch.zeros(0, cfg.vocab_size)
         rows = batch.logit_rows.to(self.device)
         x = rms_norm(x[rows], self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()  # [M, vocab]

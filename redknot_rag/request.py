@@ -55,6 +55,9 @@ class Request:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     prefix: list[PrefixSegment] = field(default_factory=list)
+    prebuilt_kv: SeqKV | None = None  # context KV assembled by a reuse policy; covers prompt[:prebuilt_len]
+    prebuilt_len: int = 0
+    reused_tokens: int = 0  # context tokens served from stored KV (not recomputed)
 
     status: RequestStatus = RequestStatus.WAITING
     kv: SeqKV | None = None
@@ -82,11 +85,12 @@ class Request:
 
     @property
     def prefix_len(self) -> int:
-        return sum(p.segment.num_tokens for p in self.prefix)
+        """Prompt tokens whose KV exists before the engine's prefill starts."""
+        return self.prebuilt_len or sum(p.segment.num_tokens for p in self.prefix)
 
     @property
     def cached_tokens(self) -> int:
-        return self.prefix_len
+        return self.reused_tokens or sum(p.segment.num_tokens for p in self.prefix)
 
     @property
     def is_prefill_done(self) -> bool:

@@ -1,0 +1,192 @@
+"""Position-independent KV reuse: assemble `[anchor][chunk_1]...[chunk_k]` from stored chunk KV and
+recompute what the policy selects.
+
+Invariants: shared chunk pages are never written (recomputed tokens get request-private pages by
+copy-on-write of the sequence's slot view); K stays pre-RoPE and is rotated at read time from the
+token's position in the assembled context, so relocation itself is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.kvcache import KVSegment, SeqKV
+
+
+@dataclass
+class ReuseInput:
+    """What a policy assembles: anchor ids (KV in `anchor`), chunk ids with their stored segments, and
+    the question tokens that follow the context (the engine prefills those)."""
+
+    anchor_ids: list[int]
+    anchor: KVSegment
+    chunk_ids: list[list[int]]
+    chunks: list[KVSegment]
+    question_ids: list[int]
+
+    @property
+    def context_ids(self) -> list[int]:
+        out = list(self.anchor_ids)
+        for c in self.chunk_ids:
+            out.extend(c)
+        return out
+
+    def chunk_spans(self) -> list[tuple[int, int]]:
+        spans, s = [], len(self.anchor_ids)
+        for c in self.chunk_ids:
+            spans.append((s, s + len(c)))
+            s += len(c)
+        return spans
+
+
+@dataclass
+class Assembled:
+    """A policy's result: `kv` covers the context (None: the policy wants plain full prefill)."""
+
+    kv: SeqKV | None
+    context_len: int
+    reused_tokens: int
+    recomputed_tokens: int
+    recompute_ms: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+class ReusePolicy(ABC):
+    """One interface for every policy; `assemble` runs on the engine thread (it writes the pool)."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def assemble(self, engine, inp: ReuseInput) -> Assembled: ...
+
+
+def _new_kv(engine) -> SeqKV:
+    mc = engine.model_config
+    return SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
+
+
+def relocate(engine, inp: ReuseInput, visible: list[torch.Tensor | None] | None = None) -> SeqKV:
+    """Attach anchor and chunk segments at their assembled positions (no copy of shared pages)."""
+    kv = _new_kv(engine)
+    kv.attach(inp.anchor, torch.arange(len(inp.anchor_ids)), engine.allocator)
+    for i, ((s, e), seg) in enumerate(zip(inp.chunk_spans(), inp.chunks)):
+        kv.attach(seg, torch.arange(s, e), engine.allocator, None if visible is None else visible[i])
+    return kv
+
+
+def recompute(engine, kv: SeqKV, context_ids: list[int], token_index: torch.Tensor) -> None:
+    """Recompute the KV of context tokens `token_index` `[n]` (ascending) in the assembled context.
+
+    Each selected token attends to everything at or before its position: reused KV for the rest,
+    fresh KV of the other selected tokens (written earlier in the same layer). Results go to
+    private copy-on-write slots.
+    """
+    if token_index.numel() == 0:
+        return
+    new_slots = kv.override(token_index, engine.allocator)
+    ids = torch.tensor(context_ids, dtype=torch.int64)[token_index]
+    pos = kv.positions[token_index]
+    batch = ForwardBatch(ids, pos, [SeqSlice(kv, 0, int(token_index.numel()), new_slots)],
+                         torch.zeros(0, dtype=torch.int64))
+    engine.model.forward(batch, engine.backend)
+
+
+class FullPolicy(ReusePolicy):
+    """No reuse: the engine prefills the whole prompt (the oracle)."""
+
+    name = "full"
+
+    def assemble(self, engine, inp: ReuseInput) -> Assembled:
+        return Assembled(None, 0, 0, len(inp.context_ids))
+
+
+class NaivePolicy(ReusePolicy):
+    """Relocation only: stored KV at new positions, nothing recomputed."""
+
+    name = "naive"
+
+    def assemble(self, engine, inp: ReuseInput) -> Assembled:
+        kv = relocate(engine, inp)
+        n = kv.num_tokens
+        return Assembled(kv, n, n - len(inp.anchor_ids), 0)
+
+
+class _SelectivePolicy(ReusePolicy):
+    """Relocate, then recompute the context tokens `select` returns."""
+
+    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        raise NotImplementedError
+
+    def visibility(self, engine, inp: ReuseInput) -> list[torch.Tensor | None] | None:
+        return None
+
+    def assemble(self, engine, inp: ReuseInput) -> Assembled:
+        kv = relocate(engine, inp, self.visibility(engine, inp))
+        try:
+            t0 = time.perf_counter()
+            idx = self.select(engine, inp, kv)
+            idx = torch.unique(idx.to(torch.int64))  # sorted, ascending positions
+            recompute(engine, kv, inp.context_ids, idx)
+            ms = (time.perf_counter() - t0) * 1e3
+        except BaseException:
+            kv.release(engine.allocator)
+            raise
+        chunk_tokens = kv.num_tokens - len(inp.anchor_ids)
+        return Assembled(kv, kv.num_tokens, chunk_tokens - int(idx.numel()), int(idx.numel()), ms)
+
+
+class EpicPolicy(_SelectivePolicy):
+    """EPIC: recompute the first `k` tokens of every chunk."""
+
+    name = "epic"
+
+    def __init__(self, k: int = 16) -> None:
+        self.k = k
+
+    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        return torch.cat([torch.arange(s, min(e, s + self.k)) for s, e in inp.chunk_spans()] or [torch.zeros(0)])
+
+
+def kv_deviation(engine, inp: ReuseInput, kv: SeqKV, layer: int) -> torch.Tensor:
+    """Per context token, the L2 deviation of reused K/V from KV recomputed in the assembled context
+    at `layer` (first `layer + 1` layers run over all chunk tokens): `[L?]` → `[Hkv, T_ctx]` float32."""
+    a = len(inp.anchor_ids)
+    ctx = inp.context_ids
+    scratch = _new_kv(engine)
+    try:
+        scratch.attach(inp.anchor, torch.arange(a), engine.allocator)
+        pos = torch.arange(a, len(ctx))
+        slots = scratch.append(pos, engine.allocator)
+        batch = ForwardBatch(torch.tensor(ctx[a:]), pos, [SeqSlice(scratch, 0, len(ctx) - a, slots)],
+                             torch.zeros(0, dtype=torch.int64))
+        engine.model.forward(batch, engine.backend, num_layers=layer + 1)
+        pool = engine.pool
+        new = slots[layer]  # [Hkv, n]
+        old = kv.slots[layer, :, a : len(ctx)]
+        dk = (pool.k_slots[new] - pool.k_slots[old]).float().norm(dim=-1)  # [Hkv, n]
+        dv = (pool.v_slots[new] - pool.v_slots[old]).float().norm(dim=-1)
+        dev = torch.zeros(engine.model_config.num_kv_heads, len(ctx))
+        dev[:, a:] = (dk + dv).cpu()
+        return dev
+    finally:
+        scratch.release(engine.allocator)
+
+
+class CacheBlendPolicy(_SelectivePolicy):
+    """CacheBlend: recompute the `ratio` of chunk tokens whose K/V deviate most at an early layer."""
+
+    name = "cacheblend"
+
+    def __init__(self, ratio: float = 0.15, layer: int = 1) -> None:
+        self.ratio = ratio
+        self.layer = layer
+
+    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        dev = kv_deviation(engine, inp, kv, self.layer).sum(0)  # [T_ctx]
+        n = int(round(self.ratio * (len(dev) - len(inp.anchor_ids))))
+        return dev.topk(n).indices if n > 0 else torch.zeros(0, dtype=torch.int64)
