@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_SYSTEM = (
-    "You are a helpful assistant. Answer the question using the documents below. "
-    "Answer briefly."
-)
+DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question using the documents below. Answer briefly."
 _SENTINEL = "\u2063RKSENTINEL\u2063"
 
 

@@ -80,8 +80,10 @@ class ChunkPrefiller:
         kv = self._new_kv()
         pos = torch.arange(len(ids))
         slots = kv.append(pos, e.allocator)
-        e.model.forward(ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)],
-                                     torch.zeros(0, dtype=torch.int64)), e.backend)
+        e.model.forward(
+            ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)], torch.zeros(0, dtype=torch.int64)),
+            e.backend,
+        )
         k, v = read_tokens(e.pool, kv, 0, len(ids))
         kv.release(e.allocator)
         return write_segment(e.pool, e.allocator, k, v)
@@ -104,8 +106,9 @@ class ChunkPrefiller:
                 slices.append(SeqSlice(kv, len(ids), len(c), kv.append(p, e.allocator)))
                 ids.extend(c)
                 pos.append(p)
-            e.model.forward(ForwardBatch(torch.tensor(ids), torch.cat(pos), slices,
-                                         torch.zeros(0, dtype=torch.int64)), e.backend)
+            e.model.forward(
+                ForwardBatch(torch.tensor(ids), torch.cat(pos), slices, torch.zeros(0, dtype=torch.int64)), e.backend
+            )
             return [read_tokens(e.pool, kv, a, a + len(c)) for kv, c in zip(kvs, chunks)]
         finally:
             for kv in kvs:

@@ -56,8 +56,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tok = engine.tokenizer
     ids = encode(tok, args.prompt) if args.raw else chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop or ()),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
     )
     req = engine.make_request(ids, params)
     engine.submit(req)
@@ -73,8 +77,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     n = len(req.output_ids)
     ttft = req.ttft or 0.0
-    print(f"\n[{len(ids)} prompt tokens, {n} new tokens, TTFT {ttft * 1e3:.0f} ms, "
-          f"{n / max(dt, 1e-9):.1f} tok/s, finish {json.dumps(req.finish_reason)}]", file=sys.stderr)
+    print(
+        f"\n[{len(ids)} prompt tokens, {n} new tokens, TTFT {ttft * 1e3:.0f} ms, "
+        f"{n / max(dt, 1e-9):.1f} tok/s, finish {json.dumps(req.finish_reason)}]",
+        file=sys.stderr,
+    )
     return 0
 
 

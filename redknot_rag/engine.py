@@ -43,8 +43,14 @@ def _pick_device(name: str) -> torch.device:
 def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[name]
+    return {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }[name]
 
 
 @dataclass
@@ -112,17 +118,16 @@ class Engine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         n = len(prompt_ids)
         if n >= self.max_context:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens; the model context is {self.max_context} tokens"
-            )
+            raise InvalidRequestError(f"prompt has {n} tokens; the model context is {self.max_context} tokens")
         req = Request(list(prompt_ids), params, **kw)
         room = self.max_context - n
         if params.max_new_tokens > room:
             from dataclasses import replace
 
             req.params = replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
-        need = pool_pages_for(self.model_config, n - req.prefix_len + req.params.max_new_tokens + 1,
-                              self.config.page_size)
+        need = pool_pages_for(
+            self.model_config, n - req.prefix_len + req.params.max_new_tokens + 1, self.config.page_size
+        )
         if need > self.pool.num_pages:
             raise InvalidRequestError(
                 f"request needs {need} KV pages but the pool has {self.pool.num_pages}; shorten it"
@@ -259,8 +264,9 @@ class Engine:
             log.exception("batch failed")
             for r, _ in plan:
                 self._drop(r, {"type": "abort"}, error=f"{type(e).__name__}: {e}")
-        self.last_step = StepStats(len(decodes), sum(n for r, n in plan if not r.is_prefill_done or n > 1),
-                                   time.perf_counter() - t0)
+        self.last_step = StepStats(
+            len(decodes), sum(n for r, n in plan if not r.is_prefill_done or n > 1), time.perf_counter() - t0
+        )
         return self.last_step
 
     def _drop(self, req: Request, reason: dict, error: str | None = None) -> None:

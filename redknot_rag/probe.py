@@ -18,6 +18,7 @@ class ProbeBackend(TorchBackend):
     def plan(self, batch: ForwardBatch) -> None:
         super().plan(batch)
         self.attn: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
 
     def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         out = super().run(layer, q)
@@ -41,4 +42,5 @@ class ProbeBackend(TorchBackend):
             mask = mask[:, None]
         scores = scores.masked_fill(~mask, float("-inf"))
         self.attn.append(scores.softmax(-1).sum(dim=(1, 2)))  # [Hkv, T]
+        self.outputs.append(out[rows].float().clone())  # [Tq, Hq, D]
         return out

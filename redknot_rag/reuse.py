@@ -91,8 +91,9 @@ def recompute(engine, kv: SeqKV, context_ids: list[int], token_index: torch.Tens
     new_slots = kv.override(token_index, engine.allocator)
     ids = torch.tensor(context_ids, dtype=torch.int64)[token_index]
     pos = kv.positions[token_index]
-    batch = ForwardBatch(ids, pos, [SeqSlice(kv, 0, int(token_index.numel()), new_slots)],
-                         torch.zeros(0, dtype=torch.int64))
+    batch = ForwardBatch(
+        ids, pos, [SeqSlice(kv, 0, int(token_index.numel()), new_slots)], torch.zeros(0, dtype=torch.int64)
+    )
     engine.model.forward(batch, engine.backend)
 
 
@@ -162,8 +163,9 @@ def kv_deviation(engine, inp: ReuseInput, kv: SeqKV, layer: int) -> torch.Tensor
         scratch.attach(inp.anchor, torch.arange(a), engine.allocator)
         pos = torch.arange(a, len(ctx))
         slots = scratch.append(pos, engine.allocator)
-        batch = ForwardBatch(torch.tensor(ctx[a:]), pos, [SeqSlice(scratch, 0, len(ctx) - a, slots)],
-                             torch.zeros(0, dtype=torch.int64))
+        batch = ForwardBatch(
+            torch.tensor(ctx[a:]), pos, [SeqSlice(scratch, 0, len(ctx) - a, slots)], torch.zeros(0, dtype=torch.int64)
+        )
         engine.model.forward(batch, engine.backend, num_layers=layer + 1)
         pool = engine.pool
         new = slots[layer]  # [Hkv, n]
@@ -190,3 +192,89 @@ class CacheBlendPolicy(_SelectivePolicy):
         dev = kv_deviation(engine, inp, kv, self.layer).sum(0)  # [T_ctx]
         n = int(round(self.ratio * (len(dev) - len(inp.anchor_ids))))
         return dev.topk(n).indices if n > 0 else torch.zeros(0, dtype=torch.int64)
+
+
+class RedKnotPolicy(_SelectivePolicy):
+    """Head-aware reuse.
+
+    - Local heads (from the head profile) read only the anchor (sink) and the last `window` context
+      tokens, so their chunk pages beyond the window are never read and never need recompute.
+    - Recompute is spent on the tokens global heads need: a probe pass of the question over the
+      relocated context measures, on global heads only, how much attention each chunk token gets;
+      the top `ratio` of chunk tokens (plus the first `head_tokens` of each chunk, whose KV deviates
+      most) are recomputed in the assembled context. The probe's question KV is dropped; the engine
+      then prefills the question over the repaired context.
+    """
+
+    name = "redknot"
+
+    def __init__(self, profile=None, ratio: float = 0.1, head_tokens: int = 4, window: int | None = None) -> None:
+        self.profile = profile
+        self.ratio = ratio
+        self.head_tokens = head_tokens
+        self.window = window if window is not None else (profile.window if profile is not None else 64)
+
+    def _local(self, engine) -> torch.Tensor:
+        mc = engine.model_config
+        if self.profile is None:
+            return torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
+        return self.profile.class_tensor() == 0  # [L, Hkv]
+
+    def visibility(self, engine, inp: ReuseInput) -> list[torch.Tensor | None] | None:
+        local = self._local(engine)
+        if not local.any():
+            return None
+        end = len(inp.context_ids)
+        out: list[torch.Tensor | None] = []
+        for s, e in inp.chunk_spans():
+            in_window = torch.arange(s, e) >= end - self.window  # [T]
+            vis = ~local[:, :, None] | in_window[None, None, :]  # [L, Hkv, T]
+            out.append(vis)
+        return out
+
+    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        from redknot_rag.probe import ProbeBackend
+
+        spans = inp.chunk_spans()
+        first = [torch.arange(s, min(e, s + self.head_tokens)) for s, e in spans]
+        n = int(round(self.ratio * (kv.num_tokens - len(inp.anchor_ids))))
+        if n <= 0 or not inp.question_ids:
+            return torch.cat(first) if first else torch.zeros(0, dtype=torch.int64)
+        ctx_len = kv.num_tokens
+        q = inp.question_ids
+        probe = ProbeBackend(engine.model_config, engine.pool, engine.rotary)
+        pos = torch.arange(ctx_len, ctx_len + len(q))
+        slots = kv.append(pos, engine.allocator)
+        try:
+            engine.model.forward(
+                ForwardBatch(torch.tensor(q), pos, [SeqSlice(kv, 0, len(q), slots)], torch.zeros(0, dtype=torch.int64)),
+                probe,
+            )
+        finally:
+            kv.truncate(ctx_len, engine.allocator)
+        glob = ~self._local(engine)  # [L, Hkv]
+        attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [L, Hkv, T]
+        attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-9)
+        score = (attn * glob[:, :, None]).sum((0, 1))  # [T]
+        score[: len(inp.anchor_ids)] = -1  # the anchor is exact already
+        top = score.topk(min(n, ctx_len - len(inp.anchor_ids))).indices
+        return torch.cat([top, *first])
+
+
+def make_policy(name: str, engine=None) -> ReusePolicy:
+    """Policies by name, with parameters: "epic", "epic:64", "cacheblend:0.2", "redknot:0.15"."""
+    base, _, arg = name.partition(":")
+    if base == "full":
+        return FullPolicy()
+    if base == "naive":
+        return NaivePolicy()
+    if base == "epic":
+        return EpicPolicy(int(arg) if arg else 16)
+    if base == "cacheblend":
+        return CacheBlendPolicy(float(arg) if arg else 0.15)
+    if base == "redknot":
+        from redknot_rag.heads import load_profile_for
+
+        profile = load_profile_for(engine) if engine is not None else None
+        return RedKnotPolicy(profile, ratio=float(arg) if arg else 0.1)
+    raise ValueError(f"unknown reuse policy {name!r}; known: full, naive, epic[:k], cacheblend[:r], redknot[:r]")

@@ -19,9 +19,7 @@ def inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tens
         high_wavelen = sc.original_max_position / sc.high_freq_factor
         wavelen = 2 * math.pi / freqs
         scaled = torch.where(wavelen > low_wavelen, freqs / sc.factor, freqs)
-        smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (
-            sc.high_freq_factor - sc.low_freq_factor
-        )
+        smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
         smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         freqs = torch.where(is_medium, smoothed, scaled)

@@ -91,18 +91,27 @@ def _post(endpoint: str, api_key: str | None, path: str, body: dict[str, Any], t
     return _check(httpx.post(endpoint + path, json=body, headers=_headers(api_key), timeout=timeout), path)
 
 
-def retrieve(question: str, top_k: int = 6, namespace: str = "default", endpoint: str | None = None,
-             api_key: str | None = None, timeout: float = 60.0) -> Retrieval:
+def retrieve(
+    question: str,
+    top_k: int = 6,
+    namespace: str = "default",
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 60.0,
+) -> Retrieval:
     """Top-k chunks of `question` from the server's namespace (raises RuntimeError on an error answer)."""
     url, key = _resolve(endpoint, api_key)
     out = _post(url, key, "/retrieve", {"question": question, "top_k": top_k, "namespace": namespace}, timeout)
-    chunks = [Chunk(c.get("doc_id", ""), c.get("chunk_id", ""), float(c.get("score") or 0.0), c.get("text", ""))
-              for c in out.get("chunks", [])]
+    chunks = [
+        Chunk(c.get("doc_id", ""), c.get("chunk_id", ""), float(c.get("score") or 0.0), c.get("text", ""))
+        for c in out.get("chunks", [])
+    ]
     return Retrieval(out["context"], out["system"], chunks)
 
 
-def context(question: str, top_k: int = 6, namespace: str = "default", endpoint: str | None = None,
-            api_key: str | None = None) -> str:
+def context(
+    question: str, top_k: int = 6, namespace: str = "default", endpoint: str | None = None, api_key: str | None = None
+) -> str:
     """The retrieved chunks as prompt text, ready for `s += sgl.user(rk.context(q) + q)`."""
     return retrieve(question, top_k, namespace, endpoint, api_key).context
 

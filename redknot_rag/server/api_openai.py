@@ -39,8 +39,12 @@ def _usage(jobs: list[Job], n: int) -> dict[str, Any]:
     prompt = sum(j.prompt_tokens for j in firsts)
     completion = sum(j.completion_tokens for j in jobs)
     cached = sum(j.cached_tokens for j in firsts)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _params(body: _OpenAISampling, max_tokens: int | None, default_max: int) -> Any:
@@ -52,11 +56,18 @@ def _params(body: _OpenAISampling, max_tokens: int | None, default_max: int) -> 
         "max_new_tokens": default_max if max_tokens is None else max_tokens,
         "min_new_tokens": body.min_tokens,
         "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
-        "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
-        "repetition_penalty": body.repetition_penalty, "seed": body.seed, "stop": body.stop,
-        "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
-        "skip_special_tokens": body.skip_special_tokens, "regex": body.regex,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "seed": body.seed,
+        "stop": body.stop,
+        "stop_token_ids": body.stop_token_ids,
+        "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens,
+        "regex": body.regex,
         "json_schema": json.dumps(body.json_schema) if isinstance(body.json_schema, dict) else body.json_schema,
         "n": body.n,
     }
@@ -74,8 +85,15 @@ def _expand(prompts: list[list[int]], params: Any, logprobs: int | None) -> list
     for ids in prompts:
         for j in range(n):
             p = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
-            out.append(GenInput(list(ids), replace(p, n=1), return_logprob=want, logprob_start_len=-1,
-                                top_logprobs_num=logprobs or 0))
+            out.append(
+                GenInput(
+                    list(ids),
+                    replace(p, n=1),
+                    return_logprob=want,
+                    logprob_start_len=-1,
+                    top_logprobs_num=logprobs or 0,
+                )
+            )
     return out
 
 
@@ -84,10 +102,19 @@ def make_router(rt: Runtime) -> APIRouter:
 
     @router.get("/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": rt.model_name, "object": "model", "created": int(rt.started), "owned_by": "redknot-rag",
-             "root": rt.model_name, "max_model_len": rt.engine.max_context}
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": rt.model_name,
+                    "object": "model",
+                    "created": int(rt.started),
+                    "owned_by": "redknot-rag",
+                    "root": rt.model_name,
+                    "max_model_len": rt.engine.max_context,
+                }
+            ],
+        }
 
     @router.post("/completions")
     async def completions(request: HttpRequest):
@@ -114,19 +141,34 @@ def make_router(rt: Runtime) -> APIRouter:
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream_completion(rt, jobs, request, cid, created, echo, include_usage, params.n),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _stream_completion(rt, jobs, request, cid, created, echo, include_usage, params.n),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         await rt.wait_all(jobs, request)
         rt.raise_if_failed(jobs)
         choices = []
         for i, job in enumerate(jobs):
-            choice: dict[str, Any] = {"index": i, "text": echo[i] + job.text, "finish_reason": _finish(job),
-                                      "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": i,
+                "text": echo[i] + job.text,
+                "finish_reason": _finish(job),
+                "logprobs": None,
+            }
             if body.logprobs is not None:
                 choice["logprobs"] = _completion_logprobs(rt, job)
             choices.append(choice)
-        return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": rt.model_name,
-                             "choices": choices, "usage": _usage(jobs, params.n)})
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": rt.model_name,
+                "choices": choices,
+                "usage": _usage(jobs, params.n),
+            }
+        )
 
     @router.post("/chat/completions")
     async def chat_completions(request: HttpRequest):
@@ -135,8 +177,11 @@ def make_router(rt: Runtime) -> APIRouter:
             raise ApiError(400, "tools / function calling are not supported by this server")
         messages = []
         for m in body.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
-                part.text for part in m.content)
+            content = (
+                m.content
+                if isinstance(m.content, str) or m.content is None
+                else "".join(part.text for part in m.content)
+            )
             role = "system" if m.role == "developer" else m.role
             messages.append({"role": role, "content": content or ""})
         ids = await rt.run_blocking(chat_prompt_ids, rt.tokenizer, messages)
@@ -159,19 +204,34 @@ def make_router(rt: Runtime) -> APIRouter:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream_chat(rt, jobs, request, cid, created, include_usage, params.n),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _stream_chat(rt, jobs, request, cid, created, include_usage, params.n),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         await rt.wait_all(jobs, request)
         rt.raise_if_failed(jobs)
         choices = []
         for i, job in enumerate(jobs):
-            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": job.text},
-                                      "finish_reason": _finish(job), "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": {"role": "assistant", "content": job.text},
+                "finish_reason": _finish(job),
+                "logprobs": None,
+            }
             if body.logprobs:
                 choice["logprobs"] = {"content": _chat_logprobs(rt, job)}
             choices.append(choice)
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": rt.model_name,
-                             "choices": choices, "usage": _usage(jobs, params.n)})
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": rt.model_name,
+                "choices": choices,
+                "usage": _usage(jobs, params.n),
+            }
+        )
 
     return router
 
@@ -182,9 +242,16 @@ def _chat_logprobs(rt: Runtime, job: Job) -> list[dict[str, Any]]:
     for k, (lp, tid) in enumerate(r.output_token_logprobs):
         tok = rt.decode_one(tid)
         tops = r.output_top_logprobs[k] if k < len(r.output_top_logprobs) else []
-        out.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                    "top_logprobs": [{"token": rt.decode_one(t), "logprob": v, "bytes": list(rt.decode_one(t).encode())}
-                                     for v, t in tops]})
+        out.append(
+            {
+                "token": tok,
+                "logprob": lp,
+                "bytes": list(tok.encode()),
+                "top_logprobs": [
+                    {"token": rt.decode_one(t), "logprob": v, "bytes": list(rt.decode_one(t).encode())} for v, t in tops
+                ],
+            }
+        )
     return out
 
 
@@ -196,12 +263,24 @@ def _completion_logprobs(rt: Runtime, job: Job) -> dict[str, Any]:
         offsets.append(pos)
         pos += len(t)
     tops = [{rt.decode_one(t): v for v, t in row} for row in r.output_top_logprobs] or None
-    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in r.output_token_logprobs],
-            "top_logprobs": tops, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for lp, _ in r.output_token_logprobs],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
-async def _stream_completion(rt: Runtime, jobs: list[Job], request: HttpRequest, cid: str, created: int,
-                             echo: list[str], include_usage: bool, n: int) -> AsyncIterator[bytes]:
+async def _stream_completion(
+    rt: Runtime,
+    jobs: list[Job],
+    request: HttpRequest,
+    cid: str,
+    created: int,
+    echo: list[str],
+    include_usage: bool,
+    n: int,
+) -> AsyncIterator[bytes]:
     base = {"id": cid, "object": "text_completion", "created": created, "model": rt.model_name}
     for i, e in enumerate(echo):
         if e:
@@ -210,26 +289,50 @@ async def _stream_completion(rt: Runtime, jobs: list[Job], request: HttpRequest,
         if job.error:
             yield sse(error_body(500, f"request failed: {job.error}"))
             continue
-        yield sse({**base, "choices": [{"index": i, "text": ev.text, "logprobs": None,
-                                        "finish_reason": _finish(job) if ev.finished else None}]})
+        yield sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": ev.text,
+                        "logprobs": None,
+                        "finish_reason": _finish(job) if ev.finished else None,
+                    }
+                ],
+            }
+        )
     if include_usage:
         yield sse({**base, "choices": [], "usage": _usage(jobs, n)})
     yield SSE_DONE
 
 
-async def _stream_chat(rt: Runtime, jobs: list[Job], request: HttpRequest, cid: str, created: int,
-                       include_usage: bool, n: int) -> AsyncIterator[bytes]:
+async def _stream_chat(
+    rt: Runtime, jobs: list[Job], request: HttpRequest, cid: str, created: int, include_usage: bool, n: int
+) -> AsyncIterator[bytes]:
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.model_name}
     for i in range(len(jobs)):
-        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None, "logprobs": None}]})
+        yield sse(
+            {
+                **base,
+                "choices": [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+                ],
+            }
+        )
     async for i, job, ev in rt.merged(jobs, request):
         if job.error:
             yield sse(error_body(500, f"request failed: {job.error}"))
             continue
         d = {"content": ev.text} if ev.text else {}
-        yield sse({**base, "choices": [{"index": i, "delta": d, "logprobs": None,
-                                        "finish_reason": _finish(job) if ev.finished else None}]})
+        yield sse(
+            {
+                **base,
+                "choices": [
+                    {"index": i, "delta": d, "logprobs": None, "finish_reason": _finish(job) if ev.finished else None}
+                ],
+            }
+        )
     if include_usage:
         yield sse({**base, "choices": [], "usage": _usage(jobs, n)})
     yield SSE_DONE

@@ -53,21 +53,33 @@ def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
     async def query(request: HttpRequest):
         rag = _rag(rt)
         body = await read_model(request, QueryRequest, limit)
-        params = sampling_from_fields({"max_new_tokens": body.max_new_tokens, "temperature": body.temperature,
-                                       "top_p": body.top_p, "stop": body.stop, "seed": body.seed})
+        params = sampling_from_fields(
+            {
+                "max_new_tokens": body.max_new_tokens,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "stop": body.stop,
+                "seed": body.seed,
+            }
+        )
         params.validate()
         rt.check_limits_params(params)
         if rt.draining:
             raise ApiError(503, "server is shutting down")
         prepared = await rt.run_blocking(
-            rag.prepare, body.question, top_k=body.top_k, namespace=body.namespace,
-            reuse_policy=body.reuse_policy or None, params=params,
+            rag.prepare,
+            body.question,
+            top_k=body.top_k,
+            namespace=body.namespace,
+            reuse_policy=body.reuse_policy or None,
+            params=params,
         )
         job = rt.adopt(prepared.request)
         sources = [_source(s) for s in prepared.sources]
         if body.stream:
-            return StreamingResponse(_stream_query(rt, job, prepared, sources, request),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _stream_query(rt, job, prepared, sources, request), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         await rt.wait(job, request)
         rt.raise_if_failed([job])
         return JSONResponse(_final(job, prepared, sources))
@@ -82,17 +94,24 @@ def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
         t0 = time.perf_counter()
         sources = await rt.run_blocking(fn, body.question, top_k=body.top_k, namespace=body.namespace)
         fmt = getattr(rag, "format_context", None)
-        context = fmt(sources) if fmt is not None else "".join(to_dict(s)["text"] + CHUNK_SEPARATOR
-                                                               for s in sources)
+        context = fmt(sources) if fmt is not None else "".join(to_dict(s)["text"] + CHUNK_SEPARATOR for s in sources)
         system = getattr(rag, "system_prompt", DEFAULT_SYSTEM)
-        return {"namespace": body.namespace, "chunks": [_source(s) for s in sources], "context": context,
-                "system": system, "retrieve_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+        return {
+            "namespace": body.namespace,
+            "chunks": [_source(s) for s in sources],
+            "context": context,
+            "system": system,
+            "retrieve_ms": round((time.perf_counter() - t0) * 1e3, 2),
+        }
 
     @router.get("/rag_info")
     async def rag_info():
         rag = rt.rag
-        return {"enabled": rag is not None, "system": getattr(rag, "system_prompt", DEFAULT_SYSTEM),
-                "reuse_policy": rt.settings.reuse_policy}
+        return {
+            "enabled": rag is not None,
+            "system": getattr(rag, "system_prompt", DEFAULT_SYSTEM),
+            "reuse_policy": rt.settings.reuse_policy,
+        }
 
     @router.post("/ingest")
     async def ingest(request: HttpRequest):
@@ -141,14 +160,18 @@ def _final(job: Job, prepared: Any, sources: list[dict[str, Any]]) -> dict[str, 
         "answer": job.text,
         "sources": sources,
         "finish_reason": job.finish_reason,
-        "usage": {"prompt_tokens": r.prompt_len, "completion_tokens": len(r.output_ids),
-                  "cached_tokens": r.cached_tokens},
+        "usage": {
+            "prompt_tokens": r.prompt_len,
+            "completion_tokens": len(r.output_ids),
+            "cached_tokens": r.cached_tokens,
+        },
         "timing": timing,
     }
 
 
-async def _stream_query(rt: Runtime, job: Job, prepared: Any, sources: list[dict[str, Any]],
-                        request: HttpRequest) -> AsyncIterator[bytes]:
+async def _stream_query(
+    rt: Runtime, job: Job, prepared: Any, sources: list[dict[str, Any]], request: HttpRequest
+) -> AsyncIterator[bytes]:
     """SSE: `{"type": "sources"}`, then `{"type": "token", "text": delta}`..., then `{"type": "done", ...}`."""
     yield sse({"type": "sources", "id": job.rid, "sources": sources})
     async for ev in rt.events(job, request):

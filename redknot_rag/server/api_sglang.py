@@ -114,13 +114,17 @@ async def build_inputs(rt: Runtime, body: GenerateRequest) -> tuple[list[GenInpu
             raise ApiError(400, f"n must be <= 16, got {n}")
         for j in range(n):
             pj = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
-            inputs.append(GenInput(
-                list(ids_i), replace(pj, n=1), return_logprob=want_lp,
-                logprob_start_len=(start if start is not None else (0 if want_lp else -1)) if want_lp else -1,
-                top_logprobs_num=top if want_lp else 0,
-                stop_regex=tuple([stop_regex] if isinstance(stop_regex, str) else (stop_regex or ())),
-                rid=(f"{rid}-{j}" if n > 1 else rid) if rid else None,
-            ))
+            inputs.append(
+                GenInput(
+                    list(ids_i),
+                    replace(pj, n=1),
+                    return_logprob=want_lp,
+                    logprob_start_len=(start if start is not None else (0 if want_lp else -1)) if want_lp else -1,
+                    top_logprobs_num=top if want_lp else 0,
+                    stop_regex=tuple([stop_regex] if isinstance(stop_regex, str) else (stop_regex or ())),
+                    rid=(f"{rid}-{j}" if n > 1 else rid) if rid else None,
+                )
+            )
     return inputs, is_batch or len(inputs) > 1
 
 
@@ -136,14 +140,18 @@ def make_router(rt: Runtime) -> APIRouter:
         jobs = await rt.start(inputs)
         if body.stream:
             return StreamingResponse(
-                _stream(rt, jobs, request, with_text, t0, is_batch), media_type="text/event-stream",
+                _stream(rt, jobs, request, with_text, t0, is_batch),
+                media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
         await rt.wait_all(jobs, request)
         rt.raise_if_failed(jobs)
         outs = [
-            {"text": j.text, "output_ids": list(j.req.output_ids),
-             "meta_info": meta_info(rt, j, with_text, t0, inp.return_logprob)}
+            {
+                "text": j.text,
+                "output_ids": list(j.req.output_ids),
+                "meta_info": meta_info(rt, j, with_text, t0, inp.return_logprob),
+            }
             for j, inp in zip(jobs, inputs)
         ]
         return JSONResponse(outs if is_batch else outs[0])
@@ -221,7 +229,8 @@ async def _stream(
             yield sse(error_body(500, f"request {job.rid} failed: {job.error}"))
             continue
         chunk: dict[str, Any] = {
-            "text": job.text, "output_ids": list(job.req.output_ids),
+            "text": job.text,
+            "output_ids": list(job.req.output_ids),
             "meta_info": meta_info(rt, job, with_text, t0, ev.finished and job.req.return_logprob),
         }
         if is_batch:

@@ -60,11 +60,16 @@ class AccessLog:
                 route = "unknown"
             self.rt.metrics.count_http(route, status[0])
             if self.rt.settings.log_requests and path not in ("/metrics", "/health"):
-                log.info("http", extra={
-                    "method": scope.get("method"), "path": path, "status": status[0],
-                    "ms": round((time.perf_counter() - t0) * 1e3, 1),
-                    "client": (scope.get("client") or ("?",))[0],
-                })
+                log.info(
+                    "http",
+                    extra={
+                        "method": scope.get("method"),
+                        "path": path,
+                        "status": status[0],
+                        "ms": round((time.perf_counter() - t0) * 1e3, 1),
+                        "client": (scope.get("client") or ("?",))[0],
+                    },
+                )
 
 
 _KNOWN_PATHS: set[str] = set()

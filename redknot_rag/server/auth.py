@@ -28,8 +28,7 @@ def check_key(request: Request, api_key: str | None, admin_key: str | None, admi
         return
     token = _bearer(request)
     if token is None:
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                       {"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
     if admin_key is not None and _same(token, admin_key):
         return  # the admin key opens every route
     if need_admin is not None:

@@ -25,16 +25,24 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--api-key", default=None, help="Bearer key for the API (default: open)")
     p.add_argument("--admin-key", default=None, help="Bearer key for /ingest and DELETE (default: --api-key)")
     p.add_argument("--max-running-requests", type=int, default=64)
-    p.add_argument("--max-queued-requests", type=int, default=256,
-                   help="engine queue length; beyond it requests get 429")
+    p.add_argument(
+        "--max-queued-requests", type=int, default=256, help="engine queue length; beyond it requests get 429"
+    )
     p.add_argument("--reuse-policy", default="redknot", help="default KV reuse policy of /query")
-    p.add_argument("--redis-url", default=os.environ.get("REDKNOT_REDIS_URL"),
-                   help="shared Redis cold tier for chunk KV (env REDKNOT_REDIS_URL)")
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDKNOT_REDIS_URL"),
+        help="shared Redis cold tier for chunk KV (env REDKNOT_REDIS_URL)",
+    )
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="larger max_new_tokens get 400")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds to let in-flight requests finish on SIGTERM before cancelling them")
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let in-flight requests finish on SIGTERM before cancelling them",
+    )
     p.add_argument("--log-level", default="info")
     add_engine_args(p)
     p.set_defaults(func=_cmd_serve)
@@ -42,10 +50,17 @@ def register_cli(subparsers: Any) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
-        host=args.host, port=args.port, api_key=args.api_key, admin_key=args.admin_key, data_dir=args.data_dir,
-        reuse_policy=args.reuse_policy, max_request_bytes=args.max_request_bytes,
-        max_new_tokens_limit=args.max_new_tokens_limit, served_model_name=args.served_model_name,
-        graceful_timeout_s=args.graceful_timeout, redis_url=args.redis_url,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+        data_dir=args.data_dir,
+        reuse_policy=args.reuse_policy,
+        max_request_bytes=args.max_request_bytes,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        served_model_name=args.served_model_name,
+        graceful_timeout_s=args.graceful_timeout,
+        redis_url=args.redis_url,
     )
 
 
@@ -60,15 +75,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     setup_json_logging(args.log_level)
     settings = settings_from_args(args)
-    config = dataclasses.replace(engine_config_from_args(args), max_running_requests=args.max_running_requests,
-                                 max_queued_requests=args.max_queued_requests)
+    config = dataclasses.replace(
+        engine_config_from_args(args),
+        max_running_requests=args.max_running_requests,
+        max_queued_requests=args.max_queued_requests,
+    )
     engine = Engine(config)
     rag = make_rag(engine, settings)
     app = create_app(Runtime(engine, settings, rag))
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=int(settings.graceful_timeout_s), timeout_keep_alive=30,
-    ))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+            timeout_keep_alive=30,
+        )
+    )
     log.info("listening", extra={"host": settings.host, "port": settings.port, "engine": engine.info()})
     server.run()
     return 0

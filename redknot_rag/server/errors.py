@@ -10,9 +10,15 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 _TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
-    500: "internal_error", 503: "service_unavailable",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
 }
 
 

@@ -112,8 +112,15 @@ class Metrics:
             self.rejected.inc(reason=reason)
 
     def observe_request(
-        self, *, prompt_tokens: int, output_tokens: int, cached_tokens: int, finish: str,
-        ttft: float | None, token_times: list[float], e2e: float | None,
+        self,
+        *,
+        prompt_tokens: int,
+        output_tokens: int,
+        cached_tokens: int,
+        finish: str,
+        ttft: float | None,
+        token_times: list[float],
+        e2e: float | None,
     ) -> None:
         with self._lock:
             self.requests.inc(finish_reason=finish)
@@ -130,8 +137,17 @@ class Metrics:
     def render(self) -> str:
         with self._lock:
             lines: list[str] = []
-            for series in (self.http_requests, self.requests, self.prompt_tokens, self.generation_tokens,
-                           self.cached_tokens, self.rejected, self.ttft, self.itl, self.e2e):
+            for series in (
+                self.http_requests,
+                self.requests,
+                self.prompt_tokens,
+                self.generation_tokens,
+                self.cached_tokens,
+                self.rejected,
+                self.ttft,
+                self.itl,
+                self.e2e,
+            ):
                 lines += series.render()
         for g in self.gauges:
             lines += g.render()

@@ -123,7 +123,8 @@ class Runtime:
         m.add_gauge("redknot_kv_pool_pages", "KV pool size in (layer, head) pages.", lambda: e.pool.num_pages)
         m.add_gauge("redknot_kv_pool_free_pages", "Free KV pool pages.", lambda: e.allocator.num_free)
         m.add_gauge(
-            "redknot_kv_pool_usage", "Share of KV pool pages in use.",
+            "redknot_kv_pool_usage",
+            "Share of KV pool pages in use.",
             lambda: 1.0 - e.allocator.num_free / max(e.pool.num_pages, 1),
         )
 
@@ -168,8 +169,11 @@ class Runtime:
             eos = tuple(p.stop_token_ids) + tuple(self.engine.model_config.eos_token_ids)
             processor = RegexProcessor(pattern, TokenTexts.of(self.tokenizer), eos, p.is_greedy)
         stop_regex = [compile_regex(s) for s in inp.stop_regex]
-        kw = dict(return_logprob=inp.return_logprob, logprob_start_len=inp.logprob_start_len,
-                  top_logprobs_num=inp.top_logprobs_num)
+        kw = dict(
+            return_logprob=inp.return_logprob,
+            logprob_start_len=inp.logprob_start_len,
+            top_logprobs_num=inp.top_logprobs_num,
+        )
         req: Request | None = None
         if self.rag is not None and inp.allow_reuse:
             req = self.rag.build_request(inp.prompt_ids, p, **kw)
@@ -206,7 +210,7 @@ class Runtime:
         except EngineOverloadedError as e:
             for j in submitted:
                 self.engine.abort(j.rid)
-            for j in jobs[len(submitted):]:
+            for j in jobs[len(submitted) :]:
                 await self.run_blocking(self.discard, j.req)
             self.metrics.count_rejected("queue_full")
             raise ApiError(429, f"server overloaded: {e}; retry later", {"Retry-After": "1"}) from e
@@ -285,7 +289,7 @@ class Runtime:
             m = rx.search(text)
             if m is not None:
                 cut = text[: m.start()]
-                delta = cut[len(job.text):]
+                delta = cut[len(job.text) :]
                 job.text = cut
                 job.finish_reason = {"type": "stop", "matched": rx.pattern}
                 self.engine.abort(job.rid)
@@ -293,8 +297,9 @@ class Runtime:
         job.text = text
         return ev
 
-    async def merged(self, jobs: list[Job], http: HttpRequest | None = None
-                     ) -> AsyncIterator[tuple[int, Job, TokenEvent]]:
+    async def merged(
+        self, jobs: list[Job], http: HttpRequest | None = None
+    ) -> AsyncIterator[tuple[int, Job, TokenEvent]]:
         """(index, job, event) across jobs as they come; only events with text or the final one."""
         q: asyncio.Queue[tuple[int, Job, TokenEvent] | None] = asyncio.Queue()
 
@@ -337,15 +342,27 @@ class Runtime:
         r = job.req
         e2e = (r.finish_time or time.perf_counter()) - r.arrival_time
         self.metrics.observe_request(
-            prompt_tokens=r.prompt_len, output_tokens=len(r.output_ids), cached_tokens=r.cached_tokens,
-            finish=finish_reason_label(job.finish_reason), ttft=r.ttft, token_times=list(r.token_times), e2e=e2e,
+            prompt_tokens=r.prompt_len,
+            output_tokens=len(r.output_ids),
+            cached_tokens=r.cached_tokens,
+            finish=finish_reason_label(job.finish_reason),
+            ttft=r.ttft,
+            token_times=list(r.token_times),
+            e2e=e2e,
         )
-        log.info("request finished", extra={
-            "rid": r.rid, "prompt_tokens": r.prompt_len, "completion_tokens": len(r.output_ids),
-            "cached_tokens": r.cached_tokens, "finish": finish_reason_label(job.finish_reason),
-            "ttft_ms": None if r.ttft is None else round(r.ttft * 1e3, 1), "e2e_ms": round(e2e * 1e3, 1),
-            **({"error": job.error} if job.error else {}),
-        })
+        log.info(
+            "request finished",
+            extra={
+                "rid": r.rid,
+                "prompt_tokens": r.prompt_len,
+                "completion_tokens": len(r.output_ids),
+                "cached_tokens": r.cached_tokens,
+                "finish": finish_reason_label(job.finish_reason),
+                "ttft_ms": None if r.ttft is None else round(r.ttft * 1e3, 1),
+                "e2e_ms": round(e2e * 1e3, 1),
+                **({"error": job.error} if job.error else {}),
+            },
+        )
 
     def raise_if_failed(self, jobs: list[Job]) -> None:
         for j in jobs:
