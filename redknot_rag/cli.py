@@ -14,7 +14,6 @@ _COMMAND_MODULES = (
     "redknot_rag.server",
     "redknot_rag.heads",
     "redknot_rag.evaluation",
-    "redknot_rag.rag",
     "redknot_rag.demo",
 )
 

@@ -241,17 +241,20 @@ class Engine:
         req.events.put(TokenEvent(None, "", finished=True, finish_reason=reason, error=error))
         req.done.set()
 
-    def step(self) -> StepStats:
-        """Run one forward over a mixed batch (all decodes + prefill chunks up to the token budget)."""
+    def step(self, only: set[str] | None = None) -> StepStats:
+        """Run one forward over a mixed batch (all decodes + prefill chunks up to the token budget).
+
+        `only` restricts the step to those request ids (a benchmark measuring one request's latency).
+        """
         t0 = time.perf_counter()
         self._admit()
         for r in [r for r in self._running if r.aborted]:
             self._drop(r, {"type": "abort"})
-        decodes = [r for r in self._running if r.is_prefill_done]
+        decodes = [r for r in self._running if r.is_prefill_done and (only is None or r.rid in only)]
         budget = max(self.config.max_prefill_tokens - len(decodes), 1)
         plan: list[tuple[Request, int]] = [(r, 1) for r in decodes]
         for r in self._running:
-            if r.is_prefill_done or budget <= 0:
+            if r.is_prefill_done or budget <= 0 or (only is not None and r.rid not in only):
                 continue
             take = min(r.prompt_len - r.num_computed, budget)
             plan.append((r, take))
@@ -350,6 +353,8 @@ class Engine:
     def _emit(self, req: Request, logits: torch.Tensor, now: float) -> None:
         """Sample the next token of `req` from its logits `[vocab]` and check stop conditions."""
         p = req.params
+        if req.keep_first_logits and req.first_logits is None:
+            req.first_logits = logits.clone()
         logits = apply_penalties(logits, p, req.output_ids)
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
         if len(req.output_ids) < p.min_new_tokens and stop_ids:

@@ -117,8 +117,10 @@ class KVSegment:
 
     def slots(self, page_size: int) -> torch.Tensor:
         """Pool slot of every token: `[num_layers, num_kv_heads, num_tokens]` int64."""
-        t = torch.arange(self.num_tokens)
-        return self.pages[:, :, t // page_size] * page_size + t % page_size
+        nl, nh, npages = self.pages.shape
+        offsets = torch.arange(page_size, dtype=self.pages.dtype)
+        slots = self.pages[:, :, :, None] * page_size + offsets  # [L, Hkv, P, page_size], no gather
+        return slots.view(nl, nh, npages * page_size)[:, :, : self.num_tokens]
 
 
 @dataclass

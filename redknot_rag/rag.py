@@ -129,6 +129,7 @@ class RagService:
 
             cold = RedisTier(redis.Redis.from_url(redis_url), self.fingerprint)
         self.store = ChunkKVStore(self.data_dir / "kv", self.fingerprint, store_memory_bytes, device="cpu", cold=cold)
+        self.retriever.embedder.embed(["warm-up"])  # load the embedder now, not on the first query
         self.prefiller: ChunkPrefiller = engine.call(lambda: ChunkPrefiller(engine, self.anchor_ids))
         self.cache = SegmentCache(engine.pool, engine.allocator, max_pages=engine.pool.num_pages // 2)
         self._lock = threading.Lock()

@@ -75,6 +75,8 @@ class Request:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     aborted: bool = False
+    keep_first_logits: bool = False  # fidelity harness: keep the first sampled position's logits
+    first_logits: torch.Tensor | None = None  # [vocab] float32
     generator: torch.Generator | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
