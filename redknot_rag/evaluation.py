@@ -79,7 +79,13 @@ def build_cases(rag, n: int, seed: int, num_chunks: int = 6, chunk_tokens: int =
 
 
 def run_eval(
-    rag, policies=DEFAULT_POLICIES, n: int = 100, seed: int = 0, max_new_tokens: int = 32, progress: bool = True
+    rag,
+    policies=DEFAULT_POLICIES,
+    n: int = 100,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    on_case=None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -90,6 +96,7 @@ def run_eval(
     cases = build_cases(rag, n, seed)
     stats = {p: PolicyStats() for p in policies}
     params = SamplingParams(max_new_tokens=max_new_tokens)
+    done = 0
     for case, chunks in tqdm(cases, desc="eval", disable=not progress):
         fresh = [c for c in chunks if not rag.store.contains(chunk_key(c))]
         if fresh:  # ingestion: chunk KV computed once, stored per head
@@ -125,7 +132,13 @@ def run_eval(
             s.kl += float((ref_lp.exp() * (ref_lp - r.first_logits.log_softmax(-1))).sum())
             k = min(32, len(ref.output_ids))
             s.agree += sum(a == b for a, b in zip(ref.output_ids[:k], r.output_ids[:k])) / max(k, 1)
-    n_eval = len(cases)
+        done += 1
+        if on_case is not None:
+            on_case(_summary(e, stats, done, seed, max_new_tokens))
+    return _summary(e, stats, done, seed, max_new_tokens)
+
+
+def _summary(e, stats: dict[str, PolicyStats], n_eval: int, seed: int, max_new_tokens: int) -> dict:
     return {
         "cases": n_eval,
         "seed": seed,
@@ -187,10 +200,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     args.data_dir = args.data_dir or tempfile.mkdtemp(prefix="redknot-eval-")
     rag = open_service(args)
-    res = run_eval(rag, tuple(args.policies.split(",")), n=args.cases, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results_cpu.json").write_text(json.dumps(res, indent=1))
+
+    def save(partial: dict) -> None:  # after every case, so an interrupted run still reports
+        (out / "results_cpu.json").write_text(json.dumps(partial, indent=1))
+
+    res = run_eval(rag, tuple(args.policies.split(",")), n=args.cases, seed=args.seed, on_case=save)
+    save(res)
     plot_tradeoff(res, out / "tradeoff_cpu.png")
     table = format_table(res)
     (out / "table_cpu.md").write_text(table + "\n")

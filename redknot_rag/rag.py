@@ -117,6 +117,9 @@ class RagService:
         tok = engine.tokenizer
         self.format = ChatFormat.from_tokenizer(tok, system_prompt)
         self.anchor_ids = encode(tok, self.format.prefix)
+        a, b = encode(tok, "a"), encode(tok, "b")
+        mid = encode(tok, "a" + CHUNK_SEPARATOR + "b")
+        self._sep_ids = mid[len(a) : len(mid) - len(b)]
         self.db = DocDB(self.data_dir / "docs.sqlite")
         self.retriever = Retriever(self.db, self.data_dir / "index", embedder=embedder)
         self.chunker = Chunker(tok, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
@@ -138,14 +141,16 @@ class RagService:
 
     # ---- tokens ---------------------------------------------------------------------------
     def chunk_token_ids(self, text: str) -> list[int]:
-        return encode(self.engine.tokenizer, text + CHUNK_SEPARATOR)
+        """A chunk's tokens exactly as they appear inside a prompt: its stripped text, then the separator
+        tokenized mid-text (BPE merges a trailing "\n\n" differently at the end of a string)."""
+        return encode(self.engine.tokenizer, text.strip()) + self._sep_ids
 
     def question_ids(self, question: str) -> list[int]:
         return encode(self.engine.tokenizer, QUESTION_TEMPLATE.format(question=question) + self.format.suffix)
 
     def format_context(self, sources: Sequence[Source]) -> str:
         """Chunk texts exactly as prompts carry them (what automatic reuse recognizes)."""
-        return "".join(s.text + CHUNK_SEPARATOR for s in sources)
+        return "".join(s.text.strip() + CHUNK_SEPARATOR for s in sources)
 
     def _index_chunk(self, ids: list[int]) -> None:
         if len(ids) >= _MATCH_BLOCK:

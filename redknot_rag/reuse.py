@@ -252,10 +252,10 @@ class RedKnotPolicy(_SelectivePolicy):
             )
         finally:
             kv.truncate(ctx_len, engine.allocator)
-        glob = ~self._local(engine)  # [L, Hkv]
-        attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [L, Hkv, T]
+        attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [L, Hkv, T] on the pool's device
+        glob = (~self._local(engine)).to(attn.device)  # [L, Hkv]
         attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-9)
-        score = (attn * glob[:, :, None]).sum((0, 1))  # [T]
+        score = (attn * glob[:, :, None]).sum((0, 1)).cpu()  # [T]; token indices live on the host
         score[: len(inp.anchor_ids)] = -1  # the anchor is exact already
         top = score.topk(min(n, ctx_len - len(inp.anchor_ids))).indices
         return torch.cat([top, *first])

@@ -1,0 +1,132 @@
+"""RAG service on the default model: ingest with chunk KV, query with reuse, re-ingest, delete, bad input,
+and crash safety of ingestion under SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from redknot_rag.chunkkv import chunk_key
+from redknot_rag.rag import RagService
+from redknot_rag.retrieval.docdb import UnknownNamespaceError
+from redknot_rag.retrieval.parser import IngestError
+from redknot_rag.sampling import SamplingParams
+
+DOCS = {
+    "lighthouse.md": "# Varn Island\n\nThe lighthouse on Varn Island was built in 1887. Its lamp burns whale oil.\n",
+    "archive.txt": "The access code for the Dorbrecht archive is 4578. Visitors must sign the ledger first.\n",
+    "ferry.txt": "The Mirdell ferry departs from pier 7 every morning at six, except on Sundays.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def rag(engine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rag")
+    docs = root / "docs"
+    docs.mkdir()
+    for name, text in DOCS.items():
+        (docs / name).write_text(text)
+    svc = RagService(engine, root / "data", "naive")
+    svc.docs_dir = docs
+    s = svc.ingest_paths([docs], "t1")
+    assert s.documents == 3 and s.chunks == 3 and s.kv_chunks == 3 and s.kv_bytes > 0
+    return svc
+
+
+def test_query_reuses_stored_kv_and_cites_sources(rag):
+    res = rag.query("What is the access code for the Dorbrecht archive?", top_k=2, namespace="t1",
+                    params=SamplingParams(max_new_tokens=16))
+    assert any(s.doc_id.endswith("archive.txt") for s in res.sources)
+    assert res.usage["cached_tokens"] > 0
+    assert {"retrieve_ms", "kv_load_ms", "recompute_ms", "question_prefill_ms", "ttft_ms"} <= set(res.timing)
+    assert rag.engine.allocator.num_free + rag.cache.num_pages + 2 * 90 >= rag.engine.allocator.num_pages - 90
+
+
+def test_reingest_unchanged_is_noop_and_changed_replaces_kv(rag):
+    s = rag.ingest_paths([rag.docs_dir], "t1")
+    assert s.changed_documents == 0 and s.chunks == 0 and s.kv_chunks == 0
+    path = rag.docs_dir / "ferry.txt"
+    old_key = chunk_key(rag.chunk_token_ids(rag.db.chunks_for_doc("t1", _doc_id(rag, "ferry"))[0].text))
+    path.write_text("The Mirdell ferry now departs from pier 9, at seven.\n")
+    s = rag.ingest_paths([rag.docs_dir], "t1")
+    assert s.changed_documents == 1 and s.removed_chunks == 1 and s.kv_chunks == 1
+    assert not rag.store.contains(old_key)
+    rows = rag.db.chunks_for_doc("t1", _doc_id(rag, "ferry"))
+    assert "pier 9" in rows[0].text and rag.store.contains(chunk_key(rag.chunk_token_ids(rows[0].text)))
+
+
+def _doc_id(rag, stem: str) -> str:
+    return next(d["doc_id"] for d in rag.list_documents("t1") if stem in d["doc_id"])
+
+
+def test_delete_and_namespace_isolation(rag):
+    rag.ingest_texts([{"id": "x", "text": "Namespace two holds only this sentence about owls."}], "t2")
+    assert [d["doc_id"] for d in rag.list_documents("t2")] == ["x"]
+    assert all("owls" not in s.text for s in rag.retrieve("owls", top_k=3, namespace="t1"))
+    assert rag.delete_document("t2", "x") and not rag.delete_document("t2", "x")
+    with pytest.raises(UnknownNamespaceError):
+        rag.retrieve("anything", namespace="nope")
+
+
+def test_bad_input(rag, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe broken")
+    for name in ("empty.txt", "bin.txt", "bad.txt"):
+        with pytest.raises(IngestError):
+            rag.ingest_paths([tmp_path / name], "t1")
+    with pytest.raises((IngestError, FileNotFoundError)):
+        rag.ingest_paths([tmp_path / "missing.txt"], "t1")
+    with pytest.raises(ValueError):
+        rag.ingest_texts([{"text": ""}], "t1")
+    with pytest.raises(ValueError):
+        rag.retrieve("", namespace="t1")
+    assert len(rag.list_documents("t1")) == 3  # nothing lost
+
+
+def test_automatic_reuse_from_prompt_text(rag):
+    sources = rag.retrieve("Dorbrecht archive code", top_k=2, namespace="t1")
+    text = rag.format.prefix + rag.format_context(sources) + "Question: What is the code?" + rag.format.suffix
+    ids = rag.engine.tokenizer.encode(text, add_special_tokens=False)
+    req = rag.build_request(ids, SamplingParams(max_new_tokens=4))
+    assert req.cached_tokens == sum(len(rag.chunk_token_ids(s.text)) for s in sources)
+    rag.discard(req)
+
+
+@pytest.mark.slow
+def test_ingest_survives_sigkill(tmp_path):
+    """Kill `redknot ingest` at random points; the store opens cleanly, keeps every committed chunk, and
+    the next ingest completes the rest."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = random.Random(0)
+    words = "alpha beta gamma delta copper salt river lamp tower ledger archive pier".split()
+    for i in range(12):
+        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)) + f" Doc {i}.\n")
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "redknot_rag.cli", "ingest", str(docs), "--data-dir", str(data), "--quiet",
+           "--chunk-tokens", "128"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for delay in (9.0, 14.0):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay + rng.random() * 3)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from redknot_rag.retrieval.docdb import DocDB
+
+    db = DocDB(data / "docs.sqlite")
+    assert len(db.list_documents("default")) == 12
+    assert db.chunks_missing_kv("default") == []
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["documents"] == 12
+    assert not list((data / "kv").rglob("tmp/*"))
