@@ -76,6 +76,11 @@ def is_contiguous_layout(batch: ForwardBatch, page_size: int) -> bool:
                 return False
         if s.q_len and (s.new_slots.shape[-1] != s.q_len):
             return False
+        if kv.cow_pages:  # recomputed tokens sit in copy-on-write pages: page runs are broken
+            return False
+        q_pos = batch.positions[s.q_start : s.q_start + s.q_len]
+        if not torch.equal(q_pos, torch.arange(t - s.q_len, t)):  # recompute: queries inside the context
+            return False
     return True
 
 

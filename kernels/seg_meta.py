@@ -56,34 +56,47 @@ class SegPagedPlan:
 
 
 def build_plan(batch: ForwardBatch, num_layers: int, num_kv_heads: int, device: torch.device) -> SegPagedPlan:
-    """Gather every sequence's (slots, positions, visibility) into per-layer CSR key lists."""
+    """Gather every sequence's (slots, positions, visibility) into per-layer CSR key lists.
+
+    The slot tables go up as they are (one host→device copy per table, no host-side expansion); the
+    position broadcast, concatenation, counting and compaction run on `device`. A 32K-token sequence
+    of an 8-kv-head 32-layer model lists 8.4M keys per plan: doing that on the host took 0.3-1.3 s.
+    """
     nl, hkv = num_layers, num_kv_heads
-    slots, pos, vis = [], [], []
+    has_vis = any(s.kv.visible is not None for s in batch.seqs)
+    slots, pos, vis, counts = [], [], [], []
+    max_pos = int(batch.positions.max()) if batch.seqs else 0
     for s in batch.seqs:
         t = s.kv.num_tokens
-        slots.append(s.kv.slots[:, :, :t].reshape(nl, hkv * t))  # [L, Hkv*T]
-        pos.append(s.kv.positions[:t].view(1, 1, t).expand(nl, hkv, t).reshape(nl, hkv * t))
+        kv_pos = s.kv.positions[:t]
+        max_pos = max(max_pos, int(kv_pos.max()) if t else 0)
+        slots.append(s.kv.slots[:, :, :t].to(device, non_blocking=True).reshape(nl, hkv * t))  # [L, Hkv*T]
+        pos.append(kv_pos.to(device, non_blocking=True).view(1, t).expand(hkv, t).reshape(1, hkv * t))
         if s.kv.visible is None:
-            vis.append(torch.ones(nl, hkv * t, dtype=torch.bool))
+            v = torch.ones(nl, hkv, t, dtype=torch.bool, device=device) if has_vis else None
+            counts.append(torch.full((nl, hkv), t, dtype=torch.int64, device=device))
         else:
-            vis.append(s.kv.visible[:, :, :t].reshape(nl, hkv * t))
-    x_slots = torch.cat(slots, dim=1)  # [L, M], M = sum over seqs of Hkv*T, order (seq, head, token)
-    x_pos = torch.cat(pos, dim=1)
-    x_vis = torch.cat(vis, dim=1)
-    counts = torch.cat(
-        [v.view(nl, hkv, -1).sum(-1) for v in vis], dim=1
-    )  # [L, R] visible keys per (layer, row)
-    indptr = torch.zeros(nl, counts.shape[1] + 1, dtype=torch.int64)
-    indptr[:, 1:] = counts.cumsum(1)
-    nnz_cap = max(1, int(indptr[:, -1].max()))
-    if bool(x_vis.all()):
+            v = s.kv.visible[:, :, :t].to(device, non_blocking=True)
+            counts.append(v.sum(-1))  # [L, Hkv] visible keys per (layer, row)
+        if v is not None:
+            vis.append(v.reshape(nl, hkv * t))
+    # [L, M], M = sum over seqs of Hkv*T, order (seq, head, token)
+    x_slots = slots[0] if len(slots) == 1 else torch.cat(slots, dim=1)
+    x_pos = (pos[0] if len(pos) == 1 else torch.cat(pos, dim=1)).expand(nl, -1)
+    count = torch.cat(counts, dim=1)  # [L, R]
+    indptr = torch.zeros(nl, count.shape[1] + 1, dtype=torch.int64, device=device)
+    indptr[:, 1:] = count.cumsum(1)
+    nnz_cap, max_kv_len = (int(x) for x in torch.stack([indptr[:, -1].max(), count.max()]).tolist())
+    nnz_cap = max(1, nnz_cap)
+    x_vis = (vis[0] if len(vis) == 1 else torch.cat(vis, dim=1)) if has_vis else None
+    if x_vis is None or nnz_cap == x_slots.shape[1] and bool(x_vis.all()):
         kv_slots, kv_pos = x_slots, x_pos
     else:
         # compact each layer's visible keys to the front, order kept: dest = l * nnz_cap + rank
         rank = x_vis.long().cumsum(1) - 1  # [L, M]
-        dest = (rank + torch.arange(nl)[:, None] * nnz_cap)[x_vis]
-        kv_slots = torch.zeros(nl * nnz_cap, dtype=torch.int64)
-        kv_pos = torch.zeros(nl * nnz_cap, dtype=torch.int64)
+        dest = (rank + torch.arange(nl, device=device)[:, None] * nnz_cap)[x_vis]
+        kv_slots = torch.zeros(nl * nnz_cap, dtype=torch.int64, device=device)
+        kv_pos = torch.zeros(nl * nnz_cap, dtype=torch.int64, device=device)
         kv_slots[dest] = x_slots[x_vis]
         kv_pos[dest] = x_pos[x_vis]
         kv_slots, kv_pos = kv_slots.view(nl, nnz_cap), kv_pos.view(nl, nnz_cap)
@@ -92,7 +105,7 @@ def build_plan(batch: ForwardBatch, num_layers: int, num_kv_heads: int, device: 
     nseq = len(batch.seqs)
 
     def up(x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.int32).to(device, non_blocking=True).contiguous()
+        return x.to(device, non_blocking=True).to(torch.int32).contiguous()
 
     return SegPagedPlan(
         q_pos=up(batch.positions),
@@ -104,7 +117,7 @@ def build_plan(batch: ForwardBatch, num_layers: int, num_kv_heads: int, device: 
         kv_pos=up(kv_pos),
         new_slots=up(batch.new_slots()),
         max_q_len=int(q_len.max()) if nseq else 0,
-        max_kv_len=int(counts.max()) if counts.numel() else 0,
+        max_kv_len=max_kv_len,
         total_kv=nnz_cap,
-        max_pos=max(int(x_pos.max()) if x_pos.numel() else 0, int(batch.positions.max()) if nseq else 0),
+        max_pos=max_pos,
     )
