@@ -53,6 +53,18 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     }[name]
 
 
+def _auto_backend(device: torch.device) -> str:
+    """flashinfer on CUDA when installed (it falls back to Triton per batch where it can't), else triton
+    on CUDA, else the torch reference."""
+    if device.type != "cuda":
+        return "torch"
+    import importlib.util
+
+    if importlib.util.find_spec("flashinfer") is not None:
+        return "flashinfer"
+    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+
+
 @dataclass
 class StepStats:
     num_decode: int = 0
@@ -76,7 +88,7 @@ class Engine:
         self.allocator = PageAllocator(self.pool.num_pages)
         backend = cfg.attention_backend
         if backend == "auto":
-            backend = "torch"
+            backend = _auto_backend(self.device)
         self.backend: AttentionBackend = create_backend(backend, self.model_config, self.pool, self.rotary)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
