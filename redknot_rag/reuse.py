@@ -208,8 +208,16 @@ class RedKnotPolicy(_SelectivePolicy):
 
     name = "redknot"
 
-    def __init__(self, profile=None, ratio: float = 0.1, head_tokens: int = 4, window: int | None = None) -> None:
+    def __init__(
+        self,
+        profile=None,
+        ratio: float = 0.1,
+        head_tokens: int = 4,
+        window: int | None = None,
+        use_local_windows: bool = False,
+    ) -> None:
         self.profile = profile
+        self.use_local_windows = use_local_windows
         self.ratio = ratio
         self.head_tokens = head_tokens
         self.window = window if window is not None else (profile.window if profile is not None else 64)
@@ -222,7 +230,7 @@ class RedKnotPolicy(_SelectivePolicy):
 
     def visibility(self, engine, inp: ReuseInput) -> list[torch.Tensor | None] | None:
         local = self._local(engine)
-        if not local.any():
+        if not self.use_local_windows or not local.any():
             return None
         end = len(inp.context_ids)
         out: list[torch.Tensor | None] = []
@@ -272,9 +280,21 @@ def make_policy(name: str, engine=None) -> ReusePolicy:
         return EpicPolicy(int(arg) if arg else 16)
     if base == "cacheblend":
         return CacheBlendPolicy(float(arg) if arg else 0.15)
-    if base == "redknot":
+    if base in ("redknot", "redknot-local", "redknot-dense"):
+        # redknot[:ratio[:head_tokens[:window]]]: recompute chosen by global heads' question attention.
+        # "redknot-local" also restricts local heads to sink + window; "redknot-dense" ignores the profile.
         from redknot_rag.heads import load_profile_for
 
-        profile = load_profile_for(engine) if engine is not None else None
-        return RedKnotPolicy(profile, ratio=float(arg) if arg else 0.1)
-    raise ValueError(f"unknown reuse policy {name!r}; known: full, naive, epic[:k], cacheblend[:r], redknot[:r]")
+        parts = [p for p in arg.split(":") if p]
+        profile = load_profile_for(engine) if engine is not None and base != "redknot-dense" else None
+        return RedKnotPolicy(
+            profile,
+            ratio=float(parts[0]) if parts else 0.1,
+            head_tokens=int(parts[1]) if len(parts) > 1 else 4,
+            window=int(parts[2]) if len(parts) > 2 else None,
+            use_local_windows=base == "redknot-local",
+        )
+    raise ValueError(
+        f"unknown reuse policy {name!r}; known: full, naive, epic[:k], cacheblend[:r], redknot[:r[:k[:w]]], "
+        "redknot-local[:r[:k[:w]]], redknot-dense[:r[:k]]"
+    )
