@@ -333,7 +333,15 @@ class Engine:
             slices,
             torch.tensor(logit_rows, dtype=torch.int64),
         )
-        logits = self.model.forward(batch, self.backend).cpu()  # [M, vocab] float32
+        out = self.model.forward(batch, self.backend)  # [M, vocab] float32, on the model's device
+        # Greedy requests without logprobs/penalties/constraints only need the argmax: skip moving
+        # [M, vocab] logits to the host (at batch 64 x 128K vocab that dominated the decode step).
+        needs_logits = any(
+            (not self._is_fast(req)) or any(t >= 0 for t in targets)
+            for (req, _), (_, _, targets, _) in zip(plan, wants)
+        )
+        greedy = out.argmax(-1).tolist() if out.shape[0] else []
+        logits = out.cpu() if needs_logits else None
         now = time.perf_counter()
         for (req, n), (_, lrows, targets, completes) in zip(plan, wants):
             was_prefill = not req.is_prefill_done
@@ -344,6 +352,7 @@ class Engine:
                         req.input_top_logprobs.append([])
                 for li, tgt in zip(lrows, targets):
                     if tgt >= 0:
+                        assert logits is not None
                         lp = logits[li].log_softmax(-1)
                         req.input_token_logprobs.append((float(lp[tgt]), tgt))
                         if req.top_logprobs_num > 0:
@@ -355,20 +364,43 @@ class Engine:
                     continue
                 if was_prefill:
                     req.status = RequestStatus.DECODE
-                self._emit(req, logits[lrows[-1]], now)
+                if logits is None:
+                    self._emit(req, None, now, token=greedy[lrows[-1]])
+                else:
+                    self._emit(req, logits[lrows[-1]], now)
 
     @staticmethod
     def _topk(lp: torch.Tensor, k: int) -> list[tuple[float, int]]:
         v, i = lp.topk(k)
         return [(float(a), int(b)) for a, b in zip(v, i)]
 
-    def _emit(self, req: Request, logits: torch.Tensor, now: float) -> None:
-        """Sample the next token of `req` from its logits `[vocab]` and check stop conditions."""
+    @staticmethod
+    def _is_fast(req: Request) -> bool:
+        """Whether the next token is plain argmax (no logprobs, penalties, constraints, min length)."""
         p = req.params
+        return (
+            p.is_greedy
+            and not req.return_logprob
+            and not req.keep_first_logits
+            and getattr(req, "logits_processor", None) is None
+            and p.frequency_penalty == 0
+            and p.presence_penalty == 0
+            and p.repetition_penalty == 1
+            and len(req.output_ids) >= p.min_new_tokens
+        )
+
+    def _emit(self, req: Request, logits: torch.Tensor | None, now: float, token: int | None = None) -> None:
+        """Sample the next token of `req` from its logits `[vocab]` (or take the precomputed greedy
+        `token` on the fast path) and check stop conditions."""
+        p = req.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
+        if logits is None:
+            assert token is not None
+            self._accept(req, token, None, stop_ids, now)
+            return
         if req.keep_first_logits and req.first_logits is None:
             req.first_logits = logits.clone()
         logits = apply_penalties(logits, p, req.output_ids)
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
         if len(req.output_ids) < p.min_new_tokens and stop_ids:
             logits = logits.clone()
             logits[list(stop_ids)] = float("-inf")
@@ -381,6 +413,11 @@ class Engine:
             req.output_token_logprobs.append((float(lp[tok]), tok))
             if req.top_logprobs_num > 0:
                 req.output_top_logprobs.append(self._topk(lp, req.top_logprobs_num))
+        self._accept(req, tok, float(lp[tok]), stop_ids, now)
+
+    def _accept(self, req: Request, tok: int, logprob: float | None, stop_ids: set[int], now: float) -> None:
+        """Append a sampled token, update the streamed text and finish on stop/length."""
+        p = req.params
         req.output_ids.append(tok)
         if req.first_token_time is None:
             req.first_token_time = now
@@ -414,7 +451,7 @@ class Engine:
             visible = req.output_text
         delta = visible[len(req.output_text) :] if visible.startswith(req.output_text) else ""
         req.output_text = visible
-        req.events.put(TokenEvent(tok, delta, float(lp[tok])))
+        req.events.put(TokenEvent(tok, delta, logprob))
         if reason is not None:
             self._drop(req, reason)
 
