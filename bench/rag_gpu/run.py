@@ -211,6 +211,7 @@ def policies(engine: Any, window: int) -> list[tuple[str, Any]]:
         ("naive", NaivePolicy()),
         ("epic:16", EpicPolicy(16)),
         ("redknot (no profile, all global)", RedKnotPolicy(profile=None, ratio=0.1)),
+        ("redknot r=0.02 (no profile)", RedKnotPolicy(profile=None, ratio=0.02, head_tokens=2)),
         ("redknot (synthetic 25% global)",
          RedKnotPolicy(synthetic_profile(mc.num_layers, mc.num_kv_heads, window), ratio=0.1)),
     ]  # fmt: skip
