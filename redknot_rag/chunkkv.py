@@ -96,7 +96,10 @@ class ChunkPrefiller:
         """One batched forward over `[anchor][chunk_i]` for each chunk → K/V `[L, Hkv, T_i, D]` each."""
         e = self.engine
         a = len(self.anchor.ids)
-        kvs, slices, ids, pos = [], [], [], []
+        kvs: list[SeqKV] = []
+        slices: list[SeqSlice] = []
+        ids: list[int] = []
+        pos: list[torch.Tensor] = []
         try:
             for c in chunks:
                 kv = self._new_kv()

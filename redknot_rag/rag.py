@@ -228,7 +228,9 @@ class RagService:
         total_tokens = sum(r.num_tokens for r in rows)
         tokens = 0
         while i < len(rows):
-            batch, ids, n = [], [], 0
+            batch: list = []
+            ids: list[list[int]] = []
+            n = 0
             while i < len(rows) and (not batch or n + rows[i].num_tokens <= batch_tokens):
                 cids = self.chunk_token_ids(rows[i].text)
                 batch.append(rows[i])

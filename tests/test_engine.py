@@ -43,7 +43,7 @@ def test_greedy_64_tokens_match_transformers(engine, hf_default):
     req = engine.generate([ids], SamplingParams(max_new_tokens=64, ignore_eos=True))[0]
     with torch.no_grad():
         out = hf_default.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)
-    assert req.output_ids == out[0, len(ids):].tolist()
+    assert req.output_ids == out[0, len(ids) :].tolist()
     assert len(req.output_ids) == 64
 
 
@@ -61,8 +61,9 @@ def test_chunked_prefill_matches_whole(engine, loaded_default):
     from redknot_rag.config import EngineConfig
     from redknot_rag.engine import Engine
 
-    small = Engine(EngineConfig(device="cpu", dtype="float32", cpu_kv_gib=0.1, max_prefill_tokens=37),
-                   loaded=loaded_default)
+    small = Engine(
+        EngineConfig(device="cpu", dtype="float32", cpu_kv_gib=0.1, max_prefill_tokens=37), loaded=loaded_default
+    )
     rng = random.Random(2)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (150, 90, 3)]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -106,8 +107,9 @@ def test_allocator_refcounts():
 
 def test_input_logprobs_match_transformers(engine, hf_default):
     ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
-    req = engine.generate([ids], SamplingParams(max_new_tokens=0), return_logprob=True, logprob_start_len=0,
-                          top_logprobs_num=2)[0]
+    req = engine.generate(
+        [ids], SamplingParams(max_new_tokens=0), return_logprob=True, logprob_start_len=0, top_logprobs_num=2
+    )[0]
     with torch.no_grad():
         lp = hf_default(torch.tensor([ids])).logits[0].log_softmax(-1)
     ref = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
@@ -123,8 +125,9 @@ def test_sampling_seed_stop_and_topk(engine):
     a, b = engine.generate([ids, ids], [p, p])
     assert a.output_ids == b.output_ids
     greedy = engine.generate([ids], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
-    top1 = engine.generate([ids], SamplingParams(max_new_tokens=16, temperature=1.0, top_k=1, seed=3,
-                                                  ignore_eos=True))[0]
+    top1 = engine.generate([ids], SamplingParams(max_new_tokens=16, temperature=1.0, top_k=1, seed=3, ignore_eos=True))[
+        0
+    ]
     assert greedy.output_ids == top1.output_ids
     word = greedy.output_text.split()[2]
     stopped = engine.generate([ids], SamplingParams(max_new_tokens=16, stop=(word,), ignore_eos=True))[0]

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from redknot_rag.retrieval.docdb import UnknownNamespaceError
+from redknot_rag.retrieval.parser import IngestError
 
 from redknot_rag.chunkkv import chunk_key
 from redknot_rag.rag import RagService
-from redknot_rag.retrieval.docdb import UnknownNamespaceError
-from redknot_rag.retrieval.parser import IngestError
 from redknot_rag.sampling import SamplingParams
 
 DOCS = {
@@ -42,8 +41,12 @@ def rag(engine, tmp_path_factory):
 
 
 def test_query_reuses_stored_kv_and_cites_sources(rag):
-    res = rag.query("What is the access code for the Dorbrecht archive?", top_k=2, namespace="t1",
-                    params=SamplingParams(max_new_tokens=16))
+    res = rag.query(
+        "What is the access code for the Dorbrecht archive?",
+        top_k=2,
+        namespace="t1",
+        params=SamplingParams(max_new_tokens=16),
+    )
     assert any(s.doc_id.endswith("archive.txt") for s in res.sources)
     assert res.usage["cached_tokens"] > 0
     assert {"retrieve_ms", "kv_load_ms", "recompute_ms", "question_prefill_ms", "ttft_ms"} <= set(res.timing)
@@ -112,8 +115,18 @@ def test_ingest_survives_sigkill(tmp_path):
     for i in range(12):
         (docs / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)) + f" Doc {i}.\n")
     data = tmp_path / "data"
-    cmd = [sys.executable, "-m", "redknot_rag.cli", "ingest", str(docs), "--data-dir", str(data), "--quiet",
-           "--chunk-tokens", "128"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "redknot_rag.cli",
+        "ingest",
+        str(docs),
+        "--data-dir",
+        str(data),
+        "--quiet",
+        "--chunk-tokens",
+        "128",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for delay in (9.0, 14.0):
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,6 +140,6 @@ def test_ingest_survives_sigkill(tmp_path):
     db = DocDB(data / "docs.sqlite")
     assert len(db.list_documents("default")) == 12
     assert db.chunks_missing_kv("default") == []
-    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    summary = json.loads(out.stdout[out.stdout.index("{") :])
     assert summary["documents"] == 12
     assert not list((data / "kv").rglob("tmp/*"))

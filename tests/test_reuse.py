@@ -28,7 +28,9 @@ def setup(engine):
     pf = ChunkPrefiller(engine, anchor)
     chunks = [encode(tok, t) for t in TEXTS]
     segs = [write_segment(engine.pool, engine.allocator, k, v) for k, v in pf.prefill(chunks)]
-    q = encode(tok, "Question: What is the access code for the Dorbrecht archive?" + ChatFormat.from_tokenizer(tok).suffix)
+    q = encode(
+        tok, "Question: What is the access code for the Dorbrecht archive?" + ChatFormat.from_tokenizer(tok).suffix
+    )
     yield engine, pf, anchor, chunks, segs, q
     for s in segs:
         engine.allocator.decref(s.pages.numpy())
@@ -61,7 +63,7 @@ def test_relocation_is_exact(setup, offset):
         pos_q = torch.arange(offset + a + len(c), offset + a + len(c) + len(q))
         got = _forward(engine, reused, q, pos_q)
         ids = anchor + c + q
-        ref = _forward(engine, direct, ids, torch.arange(offset, offset + len(ids)))[-len(q):]
+        ref = _forward(engine, direct, ids, torch.arange(offset, offset + len(ids)))[-len(q) :]
         diff = (got - ref).abs().max().item()
         print(f"offset {offset}: max |logit diff| {diff:.2e}")
         assert diff < 1e-4
@@ -71,8 +73,13 @@ def test_relocation_is_exact(setup, offset):
 
 
 def _snapshot(engine, segs):
-    return [(engine.pool.k_slots[s.slots(engine.config.page_size)].clone(),
-             engine.pool.v_slots[s.slots(engine.config.page_size)].clone()) for s in segs]
+    return [
+        (
+            engine.pool.k_slots[s.slots(engine.config.page_size)].clone(),
+            engine.pool.v_slots[s.slots(engine.config.page_size)].clone(),
+        )
+        for s in segs
+    ]
 
 
 def _first_logits(engine, prompt, asm):
@@ -98,8 +105,14 @@ def test_policies_never_write_shared_pages_and_full_recompute_is_exact(setup, po
     after = _snapshot(engine, segs + [pf.anchor.segment])
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(before, after))
     assert req.cached_tokens == asm.reused_tokens
-    kl = (full.first_logits.log_softmax(-1).exp() * (full.first_logits.log_softmax(-1)
-                                                        - req.first_logits.log_softmax(-1))).sum().item()
+    kl = (
+        (
+            full.first_logits.log_softmax(-1).exp()
+            * (full.first_logits.log_softmax(-1) - req.first_logits.log_softmax(-1))
+        )
+        .sum()
+        .item()
+    )
     print(f"{policy}: reused {asm.reused_tokens}, recomputed {asm.recomputed_tokens}, first-token KL {kl:.4f}")
     if policy == "epic:100000":  # everything recomputed in place: must equal full prefill
         assert asm.reused_tokens == 0
