@@ -188,8 +188,11 @@ class Engine:
             self._wakeup.notify()
         return fut.result()
 
-    def _run_tasks(self) -> None:
-        while self._tasks:
+    def _run_tasks(self, max_tasks: int | None = None) -> None:
+        """Run queued `call` tasks; at most `max_tasks` so that steps of running requests interleave."""
+        done = 0
+        while self._tasks and (max_tasks is None or done < max_tasks):
+            done += 1
             with self._lock:
                 fn, fut = self._tasks.popleft()
             if fut.set_running_or_notify_cancel():
@@ -486,7 +489,7 @@ class Engine:
             if self._stop:
                 break
             try:
-                self._run_tasks()
+                self._run_tasks(max_tasks=1)  # one RAG assembly per step: decodes keep flowing
                 self.step()
             except Exception:  # never let the loop die
                 log.exception("engine step failed")
@@ -507,6 +510,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        with self._lock:  # nobody will run these now: fail them instead of leaving callers blocked
+            while self._tasks:
+                _, fut = self._tasks.popleft()
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(RuntimeError("engine shut down"))
 
     def info(self) -> dict:
         mc = self.model_config
