@@ -71,19 +71,10 @@ class ChunkPrefiller:
         self.engine = engine
         self.anchor = AnchorKV(anchor_ids, self._prefill_anchor(anchor_ids))
 
-    def _new_kv(self) -> SeqKV:
-        mc = self.engine.model_config
-        return SeqKV(mc.num_layers, mc.num_kv_heads, self.engine.config.page_size)
-
     def _prefill_anchor(self, ids: list[int]) -> KVSegment:
         e = self.engine
-        kv = self._new_kv()
-        pos = torch.arange(len(ids))
-        slots = kv.append(pos, e.allocator)
-        e.model.forward(
-            ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)], torch.zeros(0, dtype=torch.int64)),
-            e.backend,
-        )
+        kv = e.new_seq_kv()
+        e.append_forward(kv, ids, torch.arange(len(ids)))
         k, v = read_tokens(e.pool, kv, 0, len(ids))
         kv.release(e.allocator)
         return write_segment(e.pool, e.allocator, k, v)
@@ -102,7 +93,7 @@ class ChunkPrefiller:
         pos: list[torch.Tensor] = []
         try:
             for c in chunks:
-                kv = self._new_kv()
+                kv = e.new_seq_kv()
                 kvs.append(kv)
                 self.attach_anchor(kv)
                 p = torch.arange(a, a + len(c))

@@ -118,6 +118,29 @@ class Engine:
     def max_context(self) -> int:
         return self.model_config.max_position
 
+    # ---- KV helpers for work outside `step` (ingestion, reuse, profiling) ---------------------
+    def new_seq_kv(self) -> SeqKV:
+        mc = self.model_config
+        return SeqKV(mc.num_layers, mc.num_kv_heads, self.config.page_size)
+
+    def append_forward(
+        self,
+        kv: SeqKV,
+        ids: list[int],
+        positions: torch.Tensor,
+        backend: AttentionBackend | None = None,
+        logits: bool = False,
+        num_layers: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `ids` at `positions` `[n]` to `kv` (private slots) and run them through the model.
+
+        Returns (logits `[n, vocab]` if `logits` else an empty tensor, new slots `[L, Hkv, n]`).
+        """
+        slots = kv.append(positions, self.allocator)
+        rows = torch.arange(len(ids)) if logits else torch.zeros(0, dtype=torch.int64)
+        batch = ForwardBatch(torch.tensor(ids), positions, [SeqSlice(kv, 0, len(ids), slots)], rows)
+        return self.model.forward(batch, backend or self.backend, num_layers=num_layers), slots
+
     # ---- request intake -------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None, **kw) -> Request:
         """Validate and build a Request (raises InvalidRequestError with a clear message)."""
@@ -231,13 +254,12 @@ class Engine:
         return sum(len(r.kv.private_pages) * self.model_config.num_kv_blocks for r in self._running if r.kv)
 
     def _start(self, req: Request) -> None:
-        mc = self.model_config
         if req.prebuilt_kv is not None:
             req.kv, req.prebuilt_kv = req.prebuilt_kv, None
             req.num_computed = req.prebuilt_len
             req.status = RequestStatus.PREFILL
             return
-        req.kv = SeqKV(mc.num_layers, mc.num_kv_heads, self.config.page_size)
+        req.kv = self.new_seq_kv()
         start = 0
         for p in req.prefix:
             req.kv.attach(p.segment, p.positions, self.allocator, p.visible)

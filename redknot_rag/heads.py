@@ -115,37 +115,16 @@ def profile_heads(
         outs = []
         for mode in ("full", "naive"):
             if mode == "full":
-                kv = relocate_empty(engine)
+                kv = engine.new_seq_kv()
                 pf.attach_anchor(kv)
-                pos = torch.arange(len(anchor), len(ctx))
-                slots = kv.append(pos, engine.allocator)
-                from redknot_rag.batch import ForwardBatch, SeqSlice
-
-                engine.model.forward(
-                    ForwardBatch(
-                        torch.tensor(ctx[len(anchor) :]),
-                        pos,
-                        [SeqSlice(kv, 0, len(pos), slots)],
-                        torch.zeros(0, dtype=torch.int64),
-                    ),
-                    engine.backend,
-                )
+                engine.append_forward(kv, ctx[len(anchor) :], torch.arange(len(anchor), len(ctx)))
                 segs = []
             else:
                 kvs = pf.prefill(chunks)
                 segs = [write_segment(engine.pool, engine.allocator, k, v) for k, v in kvs]
                 kv = relocate(engine, ReuseInput(anchor, pf.anchor.segment, chunks, segs, q))
             try:
-                pos = torch.arange(len(ctx), len(ctx) + len(q))
-                slots = kv.append(pos, engine.allocator)
-                from redknot_rag.batch import ForwardBatch, SeqSlice
-
-                engine.model.forward(
-                    ForwardBatch(
-                        torch.tensor(q), pos, [SeqSlice(kv, 0, len(q), slots)], torch.zeros(0, dtype=torch.int64)
-                    ),
-                    probe,
-                )
+                engine.append_forward(kv, q, torch.arange(len(ctx), len(ctx) + len(q)), backend=probe)
                 outs.append([o.clone() for o in probe.outputs])
                 if mode == "full":
                     t = kv.num_tokens
@@ -182,13 +161,6 @@ def profile_heads(
         retrieval=ret.tolist(),
         calibration={"cases": n, "seed": seed, "chunks_per_case": 6, "data": "planted facts in pydoc_data topics"},
     )
-
-
-def relocate_empty(engine):
-    from redknot_rag.kvcache import SeqKV
-
-    mc = engine.model_config
-    return SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
 
 
 def plot_profile(prof: HeadProfile, path: Path) -> None:

@@ -296,9 +296,7 @@ class RagService:
         key = chunk_key(ids)
 
         def load():
-            t = time.perf_counter()
             got = self.store.get(key)
-            timing["kv_load_ms"] += (time.perf_counter() - t) * 1e3
             if got is not None:
                 return got.k, got.v
             t = time.perf_counter()

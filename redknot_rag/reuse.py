@@ -65,14 +65,9 @@ class ReusePolicy(ABC):
     def assemble(self, engine, inp: ReuseInput) -> Assembled: ...
 
 
-def _new_kv(engine) -> SeqKV:
-    mc = engine.model_config
-    return SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
-
-
 def relocate(engine, inp: ReuseInput, visible: list[torch.Tensor | None] | None = None) -> SeqKV:
     """Attach anchor and chunk segments at their assembled positions (no copy of shared pages)."""
-    kv = _new_kv(engine)
+    kv = engine.new_seq_kv()
     kv.attach(inp.anchor, torch.arange(len(inp.anchor_ids)), engine.allocator)
     for i, ((s, e), seg) in enumerate(zip(inp.chunk_spans(), inp.chunks)):
         kv.attach(seg, torch.arange(s, e), engine.allocator, None if visible is None else visible[i])
@@ -158,15 +153,11 @@ def kv_deviation(engine, inp: ReuseInput, kv: SeqKV, layer: int) -> torch.Tensor
     at `layer` (first `layer + 1` layers run over all chunk tokens): `[L?]` → `[Hkv, T_ctx]` float32."""
     a = len(inp.anchor_ids)
     ctx = inp.context_ids
-    scratch = _new_kv(engine)
+    scratch = engine.new_seq_kv()
     try:
         scratch.attach(inp.anchor, torch.arange(a), engine.allocator)
         pos = torch.arange(a, len(ctx))
-        slots = scratch.append(pos, engine.allocator)
-        batch = ForwardBatch(
-            torch.tensor(ctx[a:]), pos, [SeqSlice(scratch, 0, len(ctx) - a, slots)], torch.zeros(0, dtype=torch.int64)
-        )
-        engine.model.forward(batch, engine.backend, num_layers=layer + 1)
+        _, slots = engine.append_forward(scratch, ctx[a:], pos, num_layers=layer + 1)
         pool = engine.pool
         new = slots[layer]  # [Hkv, n]
         old = kv.slots[layer, :, a : len(ctx)]
@@ -252,12 +243,8 @@ class RedKnotPolicy(_SelectivePolicy):
         q = inp.question_ids
         probe = ProbeBackend(engine.model_config, engine.pool, engine.rotary)
         pos = torch.arange(ctx_len, ctx_len + len(q))
-        slots = kv.append(pos, engine.allocator)
         try:
-            engine.model.forward(
-                ForwardBatch(torch.tensor(q), pos, [SeqSlice(kv, 0, len(q), slots)], torch.zeros(0, dtype=torch.int64)),
-                probe,
-            )
+            engine.append_forward(kv, q, pos, backend=probe)
         finally:
             kv.truncate(ctx_len, engine.allocator)
         attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [L, Hkv, T] on the pool's device

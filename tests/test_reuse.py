@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redknot_rag.batch import ForwardBatch, SeqSlice
 from redknot_rag.chat import ChatFormat, encode
 from redknot_rag.chunkkv import ChunkPrefiller, write_segment
-from redknot_rag.kvcache import SeqKV
 from redknot_rag.reuse import ReuseInput, make_policy, relocate
 from redknot_rag.sampling import SamplingParams
 
@@ -39,14 +37,11 @@ def setup(engine):
 
 
 def _forward(engine, kv, ids, pos):
-    slots = kv.append(pos, engine.allocator)
-    b = ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)], torch.arange(len(ids)))
-    return engine.model.forward(b, engine.backend)
+    return engine.append_forward(kv, ids, pos, logits=True)[0]
 
 
 def _new(engine):
-    mc = engine.model_config
-    return SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
+    return engine.new_seq_kv()
 
 
 @pytest.mark.parametrize("offset", [0, 700])
