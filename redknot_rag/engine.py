@@ -415,6 +415,16 @@ class Engine:
         )
 
     def _emit(self, req: Request, logits: torch.Tensor | None, now: float, token: int | None = None) -> None:
+        """`_sample_next`, isolated: a sampler or logits-processor error fails `req` alone, with its own
+        error event, and the other requests of the batch go on."""
+        try:
+            self._sample_next(req, logits, now, token)
+        except Exception as e:
+            log.exception("request failed while sampling", extra={"rid": req.rid})
+            if not req.is_finished:
+                self._drop(req, {"type": "abort"}, error=f"{type(e).__name__}: {e}")
+
+    def _sample_next(self, req: Request, logits: torch.Tensor | None, now: float, token: int | None = None) -> None:
         """Sample the next token of `req` from its logits `[vocab]` (or take the precomputed greedy
         `token` on the fast path) and check stop conditions."""
         p = req.params

@@ -8,6 +8,7 @@ token's position in the assembled context, so relocation itself is exact.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -256,23 +257,48 @@ class RedKnotPolicy(_SelectivePolicy):
         return torch.cat([top, *first])
 
 
+def _policy_args(name: str, arg: str, kinds: str) -> list[float | int]:
+    """`arg` ("0.1:4:32") parsed by `kinds` ("fii": float in [0, 1], int >= 0, int >= 1); ValueError otherwise."""
+    parts = arg.split(":") if arg else []
+    if len(parts) > len(kinds):
+        raise ValueError(f"reuse policy {name!r} takes at most {len(kinds)} parameter(s)")
+    out: list[float | int] = []
+    for part, kind in zip(parts, kinds):
+        try:
+            v: float | int = float(part) if kind == "f" else int(part)
+        except ValueError:
+            raise ValueError(f"reuse policy {name!r}: {part!r} is not a number") from None
+        ok = (math.isfinite(v) and 0 <= v <= 1) if kind == "f" else v >= (0 if kind == "i" else 1)
+        if not ok:
+            want = {"f": "a ratio in [0, 1]", "i": "an integer >= 0", "j": "an integer >= 1"}[kind]
+            raise ValueError(f"reuse policy {name!r}: {part!r} must be {want}")
+        out.append(v)
+    return out
+
+
 def make_policy(name: str, engine=None) -> ReusePolicy:
-    """Policies by name, with parameters: "epic", "epic:64", "cacheblend:0.2", "redknot:0.15"."""
+    """Policies by name, with parameters: "epic", "epic:64", "cacheblend:0.2", "redknot:0.15".
+
+    Raises ValueError for an unknown name or a parameter out of range (the server answers 400)."""
     base, _, arg = name.partition(":")
+    if base in ("full", "naive") and arg:
+        raise ValueError(f"reuse policy {base!r} takes no parameters")
     if base == "full":
         return FullPolicy()
     if base == "naive":
         return NaivePolicy()
     if base == "epic":
-        return EpicPolicy(int(arg) if arg else 16)
+        k = _policy_args(name, arg, "i")
+        return EpicPolicy(int(k[0]) if k else 16)
     if base == "cacheblend":
-        return CacheBlendPolicy(float(arg) if arg else 0.15)
+        r = _policy_args(name, arg, "f")
+        return CacheBlendPolicy(float(r[0]) if r else 0.15)
     if base in ("redknot", "redknot-local", "redknot-dense"):
         # redknot[:ratio[:head_tokens[:window]]]: recompute chosen by global heads' question attention.
         # "redknot-local" also restricts local heads to sink + window; "redknot-dense" ignores the profile.
         from redknot_rag.heads import load_profile_for
 
-        parts = [p for p in arg.split(":") if p]
+        parts = _policy_args(name, arg, "fij")
         profile = load_profile_for(engine) if engine is not None and base != "redknot-dense" else None
         return RedKnotPolicy(
             profile,

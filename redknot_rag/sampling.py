@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+SEED_MAX = (1 << 63) - 1  # torch.Generator.manual_seed takes 64 bits; sample k of n uses seed + k
 
 
 class InvalidRequestError(ValueError):
@@ -35,7 +38,17 @@ class SamplingParams:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def validate(self, max_new_tokens_limit: int = 1 << 20) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        """Raise InvalidRequestError unless every field is servable. After this, the sampler cannot see a
+        NaN/inf parameter (which would poison `softmax` for the whole batch) or an unseedable seed."""
+        for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InvalidRequestError(f"{name} must be a finite number, got {v!r}")
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise InvalidRequestError(f"{name} must be an integer, got {v!r}")
+        if self.max_new_tokens < 0:
             raise InvalidRequestError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens}")
         if self.max_new_tokens > max_new_tokens_limit:
             raise InvalidRequestError(f"max_new_tokens {self.max_new_tokens} exceeds the limit {max_new_tokens_limit}")
@@ -53,6 +66,12 @@ class SamplingParams:
             raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {self.n}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX - self.n
+        ):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2**63 - n], got {self.seed!r}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be non-negative integers")
 
     @property
     def is_greedy(self) -> bool:
