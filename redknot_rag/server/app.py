@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from redknot_rag.engine import EngineOverloadedError
 from redknot_rag.retrieval.docdb import UnknownNamespaceError
 from redknot_rag.sampling import InvalidRequestError
-from redknot_rag.server import api_openai, api_rag, api_sglang
+from redknot_rag.server import api_openai, api_rag, api_sglang, api_ui
 from redknot_rag.server.auth import check_key
 from redknot_rag.server.errors import ApiError, describe_validation_errors, error_response
 from redknot_rag.server.runtime import Runtime
@@ -116,6 +116,7 @@ def create_app(rt: Runtime) -> FastAPI:
     app.include_router(api_openai.make_router(rt), dependencies=guarded)
     # /ingest and DELETE /documents call `admin_key` themselves (the admin key also opens user routes)
     app.include_router(api_rag.make_router(rt, admin_key), dependencies=guarded)
+    app.include_router(api_ui.make_router(rt, user_key))  # the page is public; its data routes check the key
     _KNOWN_PATHS.update(getattr(r, "path", "") for r in app.routes)
     _add_error_handlers(app)
     app.add_middleware(AccessLog, rt=rt)
