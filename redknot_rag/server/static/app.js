@@ -230,7 +230,10 @@ async function ask(ev) {
     complete = await readSSE(resp, (e) => onQueryEvent(run, e));
     if (!complete && !run.final && !run.stopped) throw new HttpError(0, "the answer stream ended early (server closed the connection)");
   } catch (e) {
-    if (!(e.name === "AbortError" && run.stopped)) showError(e);
+    if (!(e.name === "AbortError" && run.stopped)) {
+      showError(e);
+      $("ask-status").textContent = "Failed: see the message at the top of the page.";
+    }
   } finally {
     run.done = true;
     if (run.stopped) $("ask-status").textContent = "Stopped: the request was cancelled on the server.";
@@ -260,7 +263,7 @@ function onQueryEvent(run, e) {
       : `Done (${fr || "finished"}): ${u.completion_tokens ?? "?"} tokens; prompt ${u.prompt_tokens ?? "?"} tokens, ${u.cached_tokens ?? 0} reused from stored KV` +
         (ttft !== undefined ? `; TTFT ${fmtMs(ttft)}` : "");
     renderBars([{ label: policyLabel(run.request), timing: e.timing || {} }]);
-    renderStrip(e);
+    renderStrip(e, policyLabel(run.request));
   }
 }
 
@@ -391,14 +394,15 @@ function reuseStats(final) {
   return null;
 }
 
-function renderStrip(final) {
+/** Draw which context tokens the reuse policy recomputed (from the final /query answer's reuse stats). */
+function renderStrip(final, policy) {
   const st = reuseStats(final);
   $("strip-card").hidden = false;
   const canvas = $("strip");
   if (!st) {
     canvas.hidden = true;
     $("strip-text").textContent = "This server's /query answer does not report which context tokens were recomputed" +
-      (policyLabel(current.request) === "full" ? " (the full policy recomputes everything)." : ".");
+      (policy === "full" ? " (the full policy recomputes everything)." : ".");
     return;
   }
   const n = st.context_len, pos = st.recomputed_positions;
@@ -580,5 +584,5 @@ function start() {
   loadInfo();
 }
 
-window.RedKnotUI = { findSpan, promptOrder, splitTiming };
+window.RedKnotUI = { findSpan, promptOrder, splitTiming, renderStrip };
 document.addEventListener("DOMContentLoaded", start);
