@@ -11,6 +11,10 @@ import torch
 
 from redknot_rag.store import (
     BlockKey,
+    BlockMeta,
+    ChunkMeta,
+    Codec,
+    HeadClass,
     BlockTier,
     ChunkKVStore,
     ColdTier,
@@ -21,6 +25,7 @@ from redknot_rag.store import (
     hash_token_ids,
 )
 from redknot_rag.store.blockfile import read_header
+from redknot_rag.store.codec import decode_block, encode_block
 from redknot_rag.store.disk import key_hash
 
 L, H, T, D = 3, 4, 7, 16
@@ -254,14 +259,17 @@ def test_tiers_follow_protocols(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path, fp())
     assert isinstance(mem, BlockTier) and isinstance(disk, ColdTier)
     k, v = kv(8)
-    disk.put_chunk("c", k, v)
+    full = BlockMeta(0, T, Codec.RAW, HeadClass.UNCLASSIFIED)
+    meta = ChunkMeta("c", L, H, T, D, "float32", (full,) * (L * H))
+    payloads = [encode_block(k[l, h], v[l, h], Codec.RAW) for l in range(L) for h in range(H)]
+    assert disk.put_chunk(meta, payloads) == []
+    got = disk.get_payloads("c", [(1, 1), (2, 3)])
+    assert got is not None and got[0] == meta
+    kk, vv = decode_block(got[1][(1, 1)], full, D, torch.float32)
+    assert torch.equal(kk, k[1, 1]) and torch.equal(vv, v[1, 1])
+    with pytest.raises(ValueError):  # a payload that does not match its meta is refused
+        disk.put_chunk(meta, payloads[:-1] + [b"short"])
     new = KVBlock(torch.ones(T, D), torch.zeros(T, D))
-    disk.put(BlockKey("c", 1, 1), new)  # read-modify-write of one block, atomic
-    got = disk.get(BlockKey("c", 1, 1))
-    assert got is not None and torch.equal(got.k, new.k) and torch.equal(got.v, new.v)
-    kept = disk.get(BlockKey("c", 0, 1))
-    assert kept is not None and torch.equal(kept.k, k[0, 1])
-    assert disk.contains(BlockKey("c", 2, 3)) and not disk.contains(BlockKey("c", 3, 0))
     mem.put(BlockKey("c", 0, 0), new)
     assert mem.contains(BlockKey("c", 0, 0)) and mem.delete(BlockKey("c", 0, 0)) and mem.nbytes == 0
 

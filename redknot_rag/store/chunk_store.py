@@ -1,33 +1,49 @@
-"""ChunkKVStore: stored chunk KV, head-decomposed, over a memory tier and a durable cold tier.
+"""ChunkKVStore: stored chunk KV, head-decomposed, over host memory -> disk -> Redis.
 
 Invariants:
 - Every block the store returns was written under this store's fingerprint and passed its
-  checksum; a mismatch or a corrupt block is a miss (the bad file is quarantined), never a reuse.
-- The memory tier caches the cold tier: memory ⊆ cold. A chunk is stored iff the cold tier holds
-  it; evicting from memory never loses a chunk, evicting or deleting from cold drops it from memory.
-- Placement decisions are per (chunk, layer, head) block, so head-aware policies can keep only
-  some heads hot.
+  checksum; a mismatch or a corrupt block is a miss (the bad copy is dropped), never a reuse.
+- A chunk is stored iff some cold tier (disk, Redis) holds it. Host memory caches blocks of
+  stored chunks (write-through on `put`), so evicting from host never loses a block; a chunk disk
+  evicts is demoted to Redis (when there is one), and only the coldest tier's eviction drops it.
+- A block read from a colder tier is promoted (into host memory; a chunk read from Redis is also
+  copied to disk). Host memory holds exactly what the cold tiers decode to, so a block is the same
+  bits from every tier.
+- Placement is per (chunk, layer, kv_head) block. A local head's block holds only the chunk's tail
+  window (`StoreConfig.heads`); `get` (whole-token tensors) treats such a block as a miss,
+  `get_blocks` returns it with its token range.
+- Tier errors (Redis down) degrade to misses and a log line, never to an exception for a reader.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from redknot_rag.store.blockfile import CorruptChunkError
+from redknot_rag.store.codec import BlockMeta, ChunkMeta, Codec, HeadClass, decode_block, encode_block
+from redknot_rag.store.config import HeadCompression, StoreConfig
 from redknot_rag.store.disk import DiskTier
-from redknot_rag.store.fingerprint import KVFingerprint, dtype_name
-from redknot_rag.store.tiers import BlockKey, ChunkShape, ColdTier, KVBlock, MemoryTier
+from redknot_rag.store.fingerprint import KVFingerprint, dtype_from_name
+from redknot_rag.store.prefetch import Prefetch, Prefetcher
+from redknot_rag.store.stats import Counters, StoreStats, TierStats, save_stats
+from redknot_rag.store.tiers import BlockKey, ChunkShape, ColdTier, KVBlock, MemoryTier, TierUnavailableError
 
 log = logging.getLogger(__name__)
 
-_SHAPE_CACHE = 1 << 16
+_META_CACHE = 1 << 16
+_STATS_EVERY_S = 10.0
+_DEFAULT = object()  # put(heads=...) not given: use the config's
+
+Block = tuple[int, int]  # (layer, kv_head)
 
 
 @dataclass(frozen=True)
@@ -41,75 +57,155 @@ class ChunkKV:
     heads: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class StoreStats:
-    memory_bytes: int
-    memory_blocks: int
-    cold_bytes: int
-    cold_chunks: int
-    hits: int  # get() calls answered
-    misses: int  # get() calls that returned None (absent, other fingerprint, corrupt)
-    memory_block_hits: int
-    cold_block_reads: int
-    corrupt: int
-    memory_evictions: int  # blocks
-    cold_evictions: int  # chunks
-
-
 class ChunkKVStore:
-    """Chunk KV store: `put` K, V `[L, H, T, D]`; `get` any subset of (layer, head) blocks.
+    """Chunk KV store: `put` K, V `[L, H, T, D]`; read any subset of (layer, head) blocks.
 
-    `device` is where the memory tier keeps blocks and where `get` returns them ("cpu" is pinned
-    when CUDA is present). `cold` replaces the default `DiskTier(root, ...)` (e.g. a RedisTier).
+    `memory_budget_bytes` / `disk_budget_bytes` override `config.host_bytes` / `config.disk_bytes`.
+    `device` is where the host tier keeps blocks ("cpu" is pinned when CUDA is present). `cold`
+    replaces the default `DiskTier(root, ...)` as the first cold tier (e.g. a RedisTier only);
+    `redis` (or `config.redis_url`) adds a shared Redis tier below disk.
     """
 
     def __init__(
         self,
         root: Path | str,
         fingerprint: KVFingerprint,
-        memory_budget_bytes: int,
+        memory_budget_bytes: int | None = None,
         disk_budget_bytes: int | None = None,
         device: torch.device | str = "cpu",
         cold: ColdTier | None = None,
+        *,
+        config: StoreConfig | None = None,
+        redis: ColdTier | None = None,
     ) -> None:
+        cfg = config or StoreConfig()
+        if memory_budget_bytes is not None:
+            cfg = dataclasses.replace(cfg, host_bytes=memory_budget_bytes)
+        if disk_budget_bytes is not None:
+            cfg = dataclasses.replace(cfg, disk_bytes=disk_budget_bytes)
+        self.config = cfg
         self.fingerprint = fingerprint
-        self.dtype = fingerprint.torch_dtype
+        self.dtype = dtype_from_name(cfg.dtype or fingerprint.dtype)  # storage dtype
+        self.out_dtype = fingerprint.torch_dtype  # what `get` returns: the producer's dtype
+        self.codec = cfg.codec
         self.device = torch.device(device)
-        self.memory = MemoryTier(memory_budget_bytes, self.device)
-        self.cold: ColdTier = cold if cold is not None else DiskTier(Path(root), fingerprint, disk_budget_bytes)
-        self._lock = threading.Lock()
-        self._shapes: OrderedDict[str, ChunkShape] = OrderedDict()  # recently used chunks, bounded
-        self._counts = dict(hits=0, misses=0, memory_block_hits=0, cold_block_reads=0, corrupt=0)
+        self.memory = MemoryTier(cfg.host_bytes, self.device)
+        if redis is None and cfg.redis_url:
+            from redknot_rag.store.redis_tier import RedisTier
 
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
+            redis = RedisTier.from_url(cfg.redis_url, fingerprint)
+        below: list[ColdTier] = [redis] if redis is not None and redis is not cold else []
+        first: ColdTier = (
+            cold
+            if cold is not None
+            else DiskTier(Path(root), fingerprint, cfg.disk_bytes, demote=self._demote if below else None)
+        )
+        self.tiers: list[ColdTier] = [first, *below]
+        self.cold = first
+        self._lock = threading.Lock()
+        self._metas: OrderedDict[str, ChunkMeta] = OrderedDict()  # recently used chunks, bounded
+        self._counts = Counters()
+        self._prefetcher: Prefetcher | None = None
+        self._stats_saved_at = time.monotonic()
+        self._stats_path = first.ns / "stats.json" if isinstance(first, DiskTier) else None
 
     # -- write ------------------------------------------------------------------------------
 
-    def put(self, chunk_key: str, k: torch.Tensor, v: torch.Tensor, *, keep_in_memory: bool = True) -> None:
+    def put(
+        self,
+        chunk_key: str,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        keep_in_memory: bool = True,
+        heads: HeadCompression | None | object = _DEFAULT,
+    ) -> None:
         """Commit a chunk: K, V `[L, H, T, D]` in the fingerprint's dtype (K pre-RoPE).
 
-        Durable when this returns. `keep_in_memory=False` (bulk ingest) leaves the memory tier as is.
+        Stored in the storage dtype and cold codec; `heads` (default: the config's) keeps only the
+        tail window of local heads. Durable when this returns (unless the only cold tier is an
+        unreachable Redis: then a log line, and the chunk is a miss later). `keep_in_memory=False`
+        (bulk ingest) leaves the host tier as is.
         """
         if k.shape != v.shape or k.dim() != 4 or k.numel() == 0:
             raise ValueError(f"K, V must be equal non-empty [L, H, T, D], got {tuple(k.shape)}, {tuple(v.shape)}")
-        if k.dtype != self.dtype or v.dtype != self.dtype:
+        if k.dtype != self.out_dtype or v.dtype != self.out_dtype:
             raise ValueError(f"store fingerprint is {self.fingerprint.dtype}, got K {k.dtype}, V {v.dtype}")
+        hc = self.config.heads if heads is _DEFAULT else heads
         L, H, T, D = k.shape
+        if hc is not None:
+            assert isinstance(hc, HeadCompression)
+            if (hc.num_layers, hc.num_kv_heads) != (L, H):
+                raise ValueError(f"head classes are {hc.num_layers}x{hc.num_kv_heads}, the chunk has {L}x{H} heads")
+        k, v = k.detach().cpu(), v.detach().cpu()
+        metas: list[BlockMeta] = []
+        payloads: list[bytes] = []
+        blocks: list[KVBlock] = []
+        for layer in range(L):
+            for head in range(H):
+                start, n = hc.token_range(layer, head, T) if isinstance(hc, HeadCompression) else (0, T)
+                cls = hc.head_class(layer, head) if isinstance(hc, HeadCompression) else HeadClass.UNCLASSIFIED
+                bm = BlockMeta(start, n, self.codec, cls)
+                kb, vb = k[layer, head, start:], v[layer, head, start:]  # [n, D]
+                if self.codec == Codec.RAW:
+                    kb, vb = kb.to(self.dtype).contiguous(), vb.to(self.dtype).contiguous()
+                    payload = encode_block(kb, vb, Codec.RAW)
+                else:  # quantize from the producer's precision; host keeps what the cold tiers decode to
+                    payload = encode_block(kb, vb, self.codec)
+                    kb, vb = decode_block(payload, bm, D, self.dtype)
+                metas.append(bm)
+                payloads.append(payload)
+                blocks.append(KVBlock(kb, vb, start, cls))
+                self._counts.add(f"stored.{cls.label}", len(payload))
+        meta = ChunkMeta(chunk_key, L, H, T, D, _dtype_str(self.dtype), tuple(metas))
         self._drop_memory(chunk_key)  # the old blocks (if any) are superseded
-        for evicted in self.cold.put_chunk(chunk_key, k.detach().cpu(), v.detach().cpu()):
-            self._drop_memory(evicted)
+        if not self._write(0, meta, payloads):
+            return
+        if self.config.redis_write_through:
+            for i in range(1, len(self.tiers)):
+                self._write(i, meta, payloads)
+        self._remember(meta)
         if keep_in_memory:
-            self._remember(chunk_key, ChunkShape(L, H, T, D, dtype_name(k.dtype)))
-            for layer in range(L):
-                for head in range(H):
-                    self.memory.put(BlockKey(chunk_key, layer, head), KVBlock(k[layer, head], v[layer, head]))
+            for (layer, head), blk in zip(meta.every_block(), blocks, strict=True):
+                self.memory.put(BlockKey(chunk_key, layer, head), blk)
+        self._maybe_save_stats()
+
+    def _write(self, i: int, meta: ChunkMeta, payloads: Sequence[bytes]) -> bool:
+        """put_chunk into tier i; False (and a log line) if the tier is unreachable."""
+        try:
+            evicted = self.tiers[i].put_chunk(meta, payloads)
+        except TierUnavailableError as e:
+            self._counts.add("tier_errors")
+            log.warning("KV chunk %r not written to the %s tier: %s", meta.chunk_key, self.tiers[i].name, e)
+            return False
+        if i + 1 == len(self.tiers):  # the coldest tier dropped these: they are gone
+            for key in evicted:
+                self._drop_memory(key)
+            self._counts.add("dropped", len(evicted))
+        return True
+
+    def _demote(self, meta: ChunkMeta, payloads: list[bytes]) -> None:
+        """Disk evicted a chunk: move it to the tiers below unless they hold it (write-through)."""
+        for i in range(1, len(self.tiers)):
+            try:
+                if self.tiers[i].contains_chunk(meta.chunk_key):
+                    continue
+            except TierUnavailableError:
+                self._counts.add("tier_errors")
+                continue
+            if self._write(i, meta, payloads):
+                self._counts.add("demotions")
 
     def delete(self, chunk_key: str) -> bool:
-        """Remove a chunk from every tier; True if the cold tier held it."""
+        """Remove a chunk from every tier; True if a cold tier held it."""
         self._drop_memory(chunk_key)
-        return self.cold.delete_chunk(chunk_key)
+        existed = False
+        for tier in self.tiers:
+            try:
+                existed |= tier.delete_chunk(chunk_key)
+            except TierUnavailableError:
+                self._counts.add("tier_errors")
+        return existed
 
     def evict(
         self,
@@ -118,10 +214,10 @@ class ChunkKVStore:
         heads: Sequence[int] | None = None,
         target_bytes: int | None = None,
     ) -> int:
-        """Drop blocks from the memory tier only (they stay in the cold tier); returns bytes freed.
+        """Drop blocks from the host tier only (they stay in the cold tiers); returns bytes freed.
 
         With `chunk_key`: that chunk's blocks (optionally one layer / some heads). With
-        `target_bytes`: LRU blocks until the memory tier holds at most that many bytes.
+        `target_bytes`: LRU blocks until the host tier holds at most that many bytes.
         Neither: everything.
         """
         if chunk_key is None and target_bytes is None:
@@ -135,105 +231,274 @@ class ChunkKVStore:
             ]
         return self.memory.evict(keys, target_bytes)
 
-    def _remember(self, chunk_key: str, shape: ChunkShape) -> None:
+    def _remember(self, meta: ChunkMeta) -> None:
         with self._lock:
-            self._shapes[chunk_key] = shape
-            self._shapes.move_to_end(chunk_key)
-            while len(self._shapes) > _SHAPE_CACHE:
-                self._shapes.popitem(last=False)
+            self._metas[meta.chunk_key] = meta
+            self._metas.move_to_end(meta.chunk_key)
+            while len(self._metas) > _META_CACHE:
+                self._metas.popitem(last=False)
 
     def _drop_memory(self, chunk_key: str) -> None:
         self.memory.delete_chunk(chunk_key)
         with self._lock:
-            self._shapes.pop(chunk_key, None)
+            self._metas.pop(chunk_key, None)
 
     # -- read -------------------------------------------------------------------------------
 
     def contains(self, chunk_key: str) -> bool:
-        """Whether a chunk is committed under this fingerprint (cheap: no checksum pass)."""
-        return self.cold.contains_chunk(chunk_key)
+        """Whether a chunk is committed under this fingerprint in some cold tier (no checksum pass)."""
+        for tier in self.tiers:
+            try:
+                if tier.contains_chunk(chunk_key):
+                    return True
+            except TierUnavailableError:
+                self._counts.add("tier_errors")
+        return False
 
     def keys(self) -> Iterator[str]:
-        return self.cold.chunk_keys()
+        """Keys of the stored chunks (each once), coldest tiers last."""
+        seen: set[str] = set()
+        for tier in self.tiers:
+            try:
+                for key in tier.chunk_keys():
+                    if key not in seen:
+                        seen.add(key)
+                        yield key
+            except TierUnavailableError:
+                self._counts.add("tier_errors")
+
+    def meta(self, chunk_key: str) -> ChunkMeta | None:
+        """Geometry and per-block metadata of a stored chunk (None if no tier has it)."""
+        with self._lock:
+            meta = self._metas.get(chunk_key)
+        if meta is not None:
+            return meta
+        for tier in self.tiers:
+            try:
+                meta = tier.meta(chunk_key)
+            except CorruptChunkError as e:
+                self._corrupt(chunk_key, tier, e)
+                continue
+            except TierUnavailableError:
+                self._counts.add("tier_errors")
+                continue
+            if meta is not None:
+                self._remember(meta)
+                return meta
+        return None
 
     def shape(self, chunk_key: str) -> ChunkShape | None:
-        with self._lock:
-            shape = self._shapes.get(chunk_key)
-        if shape is not None:
-            return shape
-        try:
-            return self.cold.shape(chunk_key)
-        except CorruptChunkError as e:
-            self._corrupt(chunk_key, e)
-            return None
+        meta = self.meta(chunk_key)
+        return None if meta is None else meta.shape
+
+    def get_blocks(
+        self, chunk_key: str, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None
+    ) -> dict[Block, KVBlock] | None:
+        """Blocks `layers` × `heads` (all if None): {(layer, head): KVBlock}, K, V `[n, D]` in the
+        storage dtype on the host tier's device, with each block's token range (a local head's
+        block holds only the tail window). None on a miss (absent, other fingerprint, corrupt, or a
+        block no tier can serve): the caller recomputes.
+
+        This is what a pool tier above the store (GPU segment cache) calls on its miss.
+        """
+        got = self._read(chunk_key, layers, heads)
+        self._counts.add("hits" if got is not None else "misses")
+        self._maybe_save_stats()
+        return None if got is None else got[1]
 
     def get(self, chunk_key: str, layer: int | None = None, heads: Sequence[int] | None = None) -> ChunkKV | None:
-        """Blocks of `layer` (all if None) × `heads` (all if None) as `[L', H', T, D]` on `device`.
-
-        Memory-tier blocks are served from memory; the rest are read from the cold tier (only
-        their bytes) and promoted. None on miss: absent, other fingerprint, or corrupt.
+        """Blocks of `layer` (all if None) × `heads` (all if None) as `[L', H', T, D]` on `device`,
+        in the fingerprint's dtype. None on miss, and when a requested block holds only a window.
         """
-        shape = self.shape(chunk_key)
-        if shape is None:
-            self._count("misses")
+        got = self._read(chunk_key, None if layer is None else [layer], heads)
+        if got is None:
+            self._counts.add("misses")
             return None
-        layers = tuple(range(shape.num_layers)) if layer is None else (layer,)
-        hs = tuple(range(shape.num_kv_heads)) if heads is None else tuple(heads)
-        for li in layers:
-            if not 0 <= li < shape.num_layers:
-                raise IndexError(f"layer {li} outside [0, {shape.num_layers})")
+        meta, blocks = got
+        T, D = meta.num_tokens, meta.head_dim
+        if any(b.token_start != 0 or b.num_tokens != T for b in blocks.values()):
+            self._counts.add("partial_misses")
+            self._counts.add("misses")
+            return None
+        want = list(blocks)  # layer-major, in request order
+        layers = tuple(dict.fromkeys(b[0] for b in want))
+        hs = tuple(dict.fromkeys(b[1] for b in want))
+        k = torch.stack([blocks[b].k.to(self.device, self.out_dtype) for b in want]).view(len(layers), len(hs), T, D)
+        v = torch.stack([blocks[b].v.to(self.device, self.out_dtype) for b in want]).view(len(layers), len(hs), T, D)
+        self._counts.add("hits")
+        self._maybe_save_stats()
+        return ChunkKV(k, v, T, layers, hs)
+
+    def get_block(self, chunk_key: str, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K, V `[T, D]` of one (layer, kv_head) block; reads only that block on a host miss."""
+        got = self.get(chunk_key, layer, [head])
+        return None if got is None else (got.k[0, 0], got.v[0, 0])
+
+    def prefetch(
+        self,
+        chunk_keys: Sequence[str],
+        layers: Sequence[int] | None = None,
+        heads: Callable[[str, int], Sequence[int] | None] | None = None,
+    ) -> Prefetch:
+        """Start loading blocks on a background thread, layer-major: all chunks' layer 0, then layer 1...
+
+        `heads(chunk_key, layer)` picks the heads to load (None: all), so a layer never waits for a
+        block it does not read. Returns a handle with one future per (chunk, layer) resolving to
+        `get_blocks`' answer for that layer. Loaded blocks also land in the host tier.
+        """
+        if self._prefetcher is None:
+            with self._lock:
+                if self._prefetcher is None:
+                    self._prefetcher = Prefetcher(self)
+        return self._prefetcher.submit(chunk_keys, layers, heads)
+
+    def _read(
+        self, chunk_key: str, layers: Sequence[int] | None, heads: Sequence[int] | None
+    ) -> tuple[ChunkMeta, dict[Block, KVBlock]] | None:
+        """Host tier first, then each cold tier for what is still missing; promotes what it reads."""
+        meta = self.meta(chunk_key)
+        if meta is None:
+            return None
+        ls = tuple(range(meta.num_layers)) if layers is None else tuple(layers)
+        hs = tuple(range(meta.num_kv_heads)) if heads is None else tuple(heads)
+        for li in ls:
+            if not 0 <= li < meta.num_layers:
+                raise IndexError(f"layer {li} outside [0, {meta.num_layers})")
         for h in hs:
-            if not 0 <= h < shape.num_kv_heads:
-                raise IndexError(f"kv head {h} outside [0, {shape.num_kv_heads})")
-        want = [(li, h) for li in layers for h in hs]
-        blocks: dict[tuple[int, int], KVBlock] = {}
+            if not 0 <= h < meta.num_kv_heads:
+                raise IndexError(f"kv head {h} outside [0, {meta.num_kv_heads})")
+        want = [(li, h) for li in ls for h in hs]
+        self._counts.add("block_lookups", len(want))
+        for b in want:
+            self._counts.add(f"lookups.{meta.block(*b).head_class.label}")
+        blocks: dict[Block, KVBlock] = {}
         for b in want:
             got = self.memory.get(BlockKey(chunk_key, *b))
             if got is not None:
                 blocks[b] = got
-        self._count("memory_block_hits", len(blocks))
+                self._counts.add(f"hits.host.{got.head_class.label}")
         missing = [b for b in want if b not in blocks]
-        if missing:
+        for i, tier in enumerate(self.tiers):
+            if not missing:
+                break
             try:
-                read = self.cold.get_blocks(chunk_key, missing)
+                found = tier.get_payloads(chunk_key, missing)
             except CorruptChunkError as e:
-                self._corrupt(chunk_key, e)
-                self._count("misses")
-                return None
-            if read is None:
-                self._drop_memory(chunk_key)
-                self._count("misses")
-                return None
-            self._count("cold_block_reads", len(read))
-            self._remember(chunk_key, shape)
-            for b, blk in read.items():
-                self.memory.put(BlockKey(chunk_key, *b), blk)
-                blocks[b] = blk
-        T, D = shape.num_tokens, shape.head_dim
-        k = torch.stack([blocks[b].k.to(self.device) for b in want]).view(len(layers), len(hs), T, D)
-        v = torch.stack([blocks[b].v.to(self.device) for b in want]).view(len(layers), len(hs), T, D)
-        self._count("hits")
-        return ChunkKV(k, v, T, layers, hs)
+                self._corrupt(chunk_key, tier, e)
+                continue
+            except TierUnavailableError:
+                self._counts.add("tier_errors")
+                continue
+            if found is None:
+                continue
+            tmeta, payloads = found
+            if (tmeta.num_layers, tmeta.num_kv_heads, tmeta.num_tokens, tmeta.head_dim) != (
+                meta.num_layers,
+                meta.num_kv_heads,
+                meta.num_tokens,
+                meta.head_dim,
+            ):
+                log.error("KV chunk %r has another geometry in the %s tier; not used", chunk_key, tier.name)
+                continue
+            for b, payload in payloads.items():
+                bm = tmeta.block(*b)
+                k, v = decode_block(payload, bm, tmeta.head_dim, tmeta.torch_dtype)
+                blk = KVBlock(k.to(self.dtype), v.to(self.dtype), bm.token_start, bm.head_class)
+                self.memory.put(BlockKey(chunk_key, *b), blk)  # promotion into host memory
+                blocks[b] = self.memory.get(BlockKey(chunk_key, *b)) or blk
+                self._counts.add(f"hits.{tier.name}.{bm.head_class.label}")
+            self._counts.add("promotions", len(payloads))
+            if i > 0 and payloads and self.config.promote_to_disk:
+                self._promote_chunk(chunk_key, i)
+            missing = [b for b in want if b not in blocks]
+        if missing:
+            self._counts.add("block_misses", len(missing))
+            return None
+        return meta, {b: blocks[b] for b in want}
 
-    def get_block(self, chunk_key: str, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """K, V `[T, D]` of one (layer, kv_head) block; reads only that block on a memory miss."""
-        got = self.get(chunk_key, layer, [head])
-        return None if got is None else (got.k[0, 0], got.v[0, 0])
+    def _promote_chunk(self, chunk_key: str, i: int) -> None:
+        """Copy a whole chunk from tier i into the tiers above it (Redis -> disk)."""
+        try:
+            meta = self.tiers[i].meta(chunk_key)
+            if meta is None:
+                return
+            found = self.tiers[i].get_payloads(chunk_key, meta.every_block())
+        except (CorruptChunkError, TierUnavailableError):
+            return
+        if found is None or len(found[1]) != len(meta.blocks):
+            return  # Redis evicted part of it: nothing whole to copy
+        payloads = [found[1][b] for b in meta.every_block()]
+        for j in range(i):
+            if self._write(j, found[0], payloads):
+                self._counts.add("promotions")
 
-    def _corrupt(self, chunk_key: str, err: Exception) -> None:
-        log.error("KV chunk %r is corrupt and was dropped: %s", chunk_key, err)
+    def _corrupt(self, chunk_key: str, tier: ColdTier, err: Exception) -> None:
+        log.error("KV chunk %r failed validation in the %s tier and was dropped: %s", chunk_key, tier.name, err)
         self._drop_memory(chunk_key)
-        self._count("corrupt")
+        self._counts.add("corrupt")
+
+    # -- stats ------------------------------------------------------------------------------
 
     def stats(self) -> StoreStats:
-        with self._lock:
-            c = dict(self._counts)
-        return StoreStats(
-            memory_bytes=self.memory.nbytes,
-            memory_blocks=len(self.memory),
-            cold_bytes=self.cold.nbytes,
-            cold_chunks=self.cold.num_chunks,
-            memory_evictions=self.memory.num_evictions,
-            cold_evictions=getattr(self.cold, "num_evictions", 0),
-            **c,
+        c = self._counts.snapshot()
+        host = TierStats(
+            "host", self.memory.nbytes, self.memory.budget_bytes, len(self.memory), _hits(c, "host"),
+            self.memory.num_evictions,
         )
+        cold = [
+            TierStats(
+                t.name,
+                t.nbytes,
+                getattr(t, "budget_bytes", None),
+                t.num_chunks,
+                _hits(c, t.name),
+                getattr(t, "num_evictions", 0),
+            )
+            for t in self.tiers
+        ]
+        classes = [h.label for h in HeadClass]
+        return StoreStats(
+            tiers=(host, *cold),
+            hits=c["hits"],
+            misses=c["misses"],
+            block_lookups=c["block_lookups"],
+            block_misses=c["block_misses"],
+            corrupt=c["corrupt"],
+            tier_errors=c["tier_errors"],
+            partial_misses=c["partial_misses"],
+            promotions=c["promotions"],
+            demotions=c["demotions"],
+            dropped=c["dropped"],
+            class_stored_bytes={h: c[f"stored.{h}"] for h in classes if c[f"stored.{h}"]},
+            class_block_lookups={h: c[f"lookups.{h}"] for h in classes if c[f"lookups.{h}"]},
+            class_block_hits={
+                k.removeprefix("hits."): n for k, n in sorted(c.items()) if k.startswith("hits.") and n
+            },
+        )
+
+    def _maybe_save_stats(self, force: bool = False) -> None:
+        """Persist counters next to the disk tier (for `redknot store stats`), at most every 10 s."""
+        now = time.monotonic()
+        if self._stats_path is None or (not force and now - self._stats_saved_at < _STATS_EVERY_S):
+            return
+        self._stats_saved_at = now
+        try:
+            save_stats(self._stats_path, self.stats())
+        except OSError as e:
+            log.warning("could not save KV store stats: %s", e)
+
+    def close(self) -> None:
+        """Stop the prefetch thread and persist the counters."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown()
+            self._prefetcher = None
+        self._maybe_save_stats(force=True)
+
+
+def _hits(c: dict[str, int], tier: str) -> int:
+    prefix = f"hits.{tier}."
+    return sum(n for k, n in c.items() if k.startswith(prefix))
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,6 +1,6 @@
 """Disk tier: one block file per chunk under a fingerprint namespace.
 
-    root/v1-<fingerprint digest[:32]>/
+    root/v2-<fingerprint digest[:32]>/
         fingerprint.json      the fingerprint fields, for humans
         chunks/ab/<sha256(chunk_key)>.rkv
         tmp/                  in-flight writes: <keyhash>.<host>.<pid>.<rand>.tmp
@@ -11,6 +11,9 @@ fsynced temp file from tmp/ (same filesystem), followed by an fsync of its direc
 visible chunk file is complete, and a SIGKILL at any point leaves at most a stale temp file,
 which the next open removes. Concurrent writers of one chunk each write their own temp file;
 the last rename wins, and the content is identical under one fingerprint.
+
+Eviction is LRU over whole chunk files under `budget_bytes`; an evicted chunk is handed to
+`demote` (the next tier down) before its file is removed, so it is moved, not lost.
 """
 
 from __future__ import annotations
@@ -23,21 +26,19 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-import torch
 
 from redknot_rag.store.blockfile import (
     ChunkHeader,
     CorruptChunkError,
     FingerprintMismatchError,
     encode_chunk,
-    read_blocks,
     read_header,
+    read_payloads,
 )
-from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint, dtype_from_name, sha256_hex
-from redknot_rag.store.tiers import BlockKey, ChunkShape, KVBlock
+from redknot_rag.store.codec import ChunkMeta, Payload
+from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,39 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+Demote = Callable[[ChunkMeta, list[Payload]], None]
+
+
+def old_format_dirs(root: Path) -> list[Path]:
+    """Namespaces under `root` written by another format version (this build never reads them)."""
+    if not Path(root).is_dir():
+        return []
+    return sorted(
+        p
+        for p in Path(root).iterdir()
+        if p.is_dir() and p.name[:1] == "v" and p.name.split("-")[0] != f"v{FORMAT_VERSION}" and "-" in p.name
+    )
+
+
 class DiskTier:
     """Durable chunk files with per-block reads; LRU over whole chunks under `budget_bytes`."""
 
-    def __init__(self, root: Path, fingerprint: KVFingerprint, budget_bytes: int | None = None) -> None:
+    name = "disk"
+
+    def __init__(
+        self, root: Path, fingerprint: KVFingerprint, budget_bytes: int | None = None, demote: Demote | None = None
+    ) -> None:
         self.digest = fingerprint.digest()
         self.budget_bytes = budget_bytes
+        self.demote = demote
+        for old in old_format_dirs(Path(root)):
+            log.warning(
+                "KV store %s holds chunk files of an older format (%s); this build reads only format v%d, "
+                "so those chunks are misses: re-ingest to rewrite them, then delete that directory",
+                root,
+                old.name.split("-")[0],
+                FORMAT_VERSION,
+            )
         self.ns = Path(root) / f"v{FORMAT_VERSION}-{self.digest[:32]}"
         self.chunks_dir, self.tmp_dir, self.quarantine_dir = (self.ns / d for d in ("chunks", "tmp", "quarantine"))
         for d in (self.chunks_dir, self.tmp_dir, self.quarantine_dir):
@@ -153,14 +181,14 @@ class DiskTier:
 
     # -- chunks -----------------------------------------------------------------------------
 
-    def put_chunk(self, chunk_key: str, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-        """Atomically write K, V `[L, H, T, D]` (CPU). Returns chunk keys evicted for the budget."""
-        kh = key_hash(chunk_key)
+    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload]) -> list[str]:
+        """Atomically write a chunk's encoded blocks (table order). Returns chunk keys evicted for the budget."""
+        kh = key_hash(meta.chunk_key)
         tmp = self.tmp_dir / f"{kh}.{self._host}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         final = self._path(kh)
         try:
             with open(tmp, "xb") as f:
-                for part in encode_chunk(chunk_key, self.digest, k, v):
+                for part in encode_chunk(meta, self.digest, payloads):
                     f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
@@ -190,8 +218,7 @@ class DiskTier:
                 victim = next((kh for kh in self._index if kh != keep), None)
                 if victim is None:
                     break
-                hdr = self._headers.get(victim)
-            name = hdr[1].chunk_key if hdr else self._read_key(victim)  # memory must drop it too
+            name = self._demote(victim)
             self._path(victim).unlink(missing_ok=True)
             with self._lock:
                 self._forget(victim)
@@ -200,15 +227,26 @@ class DiskTier:
                 evicted.append(name)
         return evicted
 
-    def _read_key(self, kh: str) -> str | None:
+    def _demote(self, kh: str) -> str | None:
+        """Hand an evicted chunk to `demote` (if any); returns its key (None if unreadable)."""
         try:
             got = self._header(kh)
         except (CorruptChunkError, FingerprintMismatchError):
             return None
         if got is None:
             return None
-        os.close(got[0])
-        return got[1].chunk_key
+        fd, hdr = got
+        try:
+            if self.demote is None:
+                return hdr.chunk_key
+            raw = read_payloads(fd, hdr, range(hdr.num_blocks))
+        except CorruptChunkError as e:
+            log.warning("evicted KV chunk %s is corrupt, dropped instead of demoted: %s", kh, e)
+            return hdr.chunk_key
+        finally:
+            os.close(fd)
+        self.demote(hdr.meta, [raw[b] for b in range(hdr.num_blocks)])
+        return hdr.chunk_key
 
     def _header(self, kh: str) -> tuple[int, ChunkHeader] | None:
         """(open fd, verified header), caller closes the fd; None if absent. Raises on a bad file.
@@ -255,16 +293,17 @@ class DiskTier:
             raise CorruptChunkError(f"file for {chunk_key!r} holds chunk {got[1].chunk_key!r}")
         return got
 
-    def shape(self, chunk_key: str) -> ChunkShape | None:
+    def meta(self, chunk_key: str) -> ChunkMeta | None:
         got = self._open(chunk_key)
         if got is None:
             return None
         os.close(got[0])
-        h = got[1]
-        return ChunkShape(h.num_layers, h.num_kv_heads, h.num_tokens, h.head_dim, h.dtype)
+        return got[1].meta
 
-    def get_blocks(self, chunk_key: str, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], KVBlock] | None:
-        """Read blocks (layer, head) of one chunk, each `[T, D]` K and V on CPU, crc-verified.
+    def get_payloads(
+        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
+    ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None:
+        """Crc-verified payloads of blocks (layer, head) of one chunk.
 
         Reads the header and exactly the requested blocks' bytes. Raises CorruptChunkError (and
         quarantines the file) if any requested block fails its checksum.
@@ -275,8 +314,8 @@ class DiskTier:
         fd, hdr = got
         kh = key_hash(chunk_key)
         try:
-            idx = {hdr.block_index(l, h): (l, h) for l, h in blocks}
-            raw = read_blocks(fd, hdr, list(idx))
+            idx = {hdr.block_index(layer, head): (layer, head) for layer, head in blocks}
+            raw = read_payloads(fd, hdr, list(idx))
         except CorruptChunkError as e:
             self._quarantine(kh, str(e))
             raise
@@ -285,7 +324,7 @@ class DiskTier:
         with self._lock:
             if kh in self._index:
                 self._index.move_to_end(kh)
-        return {idx[b]: KVBlock(kv[0], kv[1]) for b, kv in raw.items()}
+        return hdr.meta, {idx[b]: p for b, p in raw.items()}
 
     def contains_chunk(self, chunk_key: str) -> bool:
         kh = key_hash(chunk_key)
@@ -330,34 +369,3 @@ class DiskTier:
     @property
     def num_chunks(self) -> int:
         return len(self._index)
-
-    # -- BlockTier --------------------------------------------------------------------------
-
-    def get(self, key: BlockKey) -> KVBlock | None:
-        got = self.get_blocks(key.chunk_key, [(key.layer, key.head)])
-        return None if got is None else got[(key.layer, key.head)]
-
-    def put(self, key: BlockKey, block: KVBlock) -> None:
-        """Replace one block of a stored chunk (read-modify-write of the whole file, atomic)."""
-        shape = self.shape(key.chunk_key)
-        if shape is None:
-            raise KeyError(f"disk tier stores whole chunks; {key.chunk_key!r} is not stored (use put_chunk)")
-        every = [(l, h) for l in range(shape.num_layers) for h in range(shape.num_kv_heads)]
-        got = self.get_blocks(key.chunk_key, every)
-        if got is None:
-            raise KeyError(key.chunk_key)
-        got[(key.layer, key.head)] = block
-        dtype = dtype_from_name(shape.dtype)
-        k = torch.stack([got[b].k.cpu().to(dtype) for b in every]).view(
-            shape.num_layers, shape.num_kv_heads, shape.num_tokens, -1
-        )
-        v = torch.stack([got[b].v.cpu().to(dtype) for b in every]).view_as(k)
-        self.put_chunk(key.chunk_key, k, v)
-
-    def contains(self, key: BlockKey) -> bool:
-        shape = self.shape(key.chunk_key)
-        return shape is not None and 0 <= key.layer < shape.num_layers and 0 <= key.head < shape.num_kv_heads
-
-    def delete(self, key: BlockKey) -> bool:
-        """A chunk file holds every block or none: deleting a block deletes its chunk."""
-        return self.delete_chunk(key.chunk_key)

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-FORMAT_VERSION = 1  # bump on any change to the block file layout or to what a block means
+FORMAT_VERSION = 2  # bump on any change to the block file layout or to what a block means
+# v1: every block dense, fingerprint dtype only. v2: per-block token range, codec and head class.
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -56,7 +57,8 @@ class KVFingerprint:
     """Everything a chunk's KV depends on besides the chunk's own tokens.
 
     Each `*_hash` is an opaque hex string computed by whoever owns that artifact (loader: weights,
-    tokenizer; engine: anchor prefix token ids; heads: profile). `dtype` is the stored KV dtype name.
+    tokenizer; engine: anchor prefix token ids; heads: profile). `dtype` is the dtype the KV was
+    computed in (the producer's); the storage dtype and codec are recorded per chunk and per block.
     """
 
     weights_hash: str

@@ -1,143 +1,235 @@
-"""Redis cold tier: blocks shared by several replicas. Needs the `redis` package.
+"""Redis tier: encoded blocks shared by several replicas. Needs the `redis` package.
 
-Keys, under `<prefix>:<fingerprint digest[:32]>:<sha256(chunk_key)>`:
-    `:m`        chunk meta, JSON {chunk_key, num_layers, num_kv_heads, num_tokens, head_dim, dtype}
-    `:b:<l>:<h>` block value: crc32 u32 (little-endian) + K bytes + V bytes (`[T, D]` each)
+Keys, under `<prefix>:v<format>:<fingerprint digest[:32]>:<sha256(chunk_key)>`:
+    `:m`         chunk meta, JSON {chunk_key, num_layers, num_kv_heads, num_tokens, head_dim, dtype,
+                 blocks: [[token_start, num_tokens, codec, head_class], ...] (row b = layer·H + head)}
+    `:b:<l>:<h>` block value: crc32 u32 (little-endian) + the codec's payload (codec.py)
 A chunk is written in one MULTI/EXEC (blocks, then meta), so readers see all of it or none.
-Budget and eviction belong to Redis (`maxmemory` + `allkeys-lru`): a block Redis evicted makes
-its chunk a miss. Keys are namespaced by fingerprint, so another fingerprint never reads them.
+Budget and eviction belong to Redis (`maxmemory` + `allkeys-lru`): a block Redis evicted is a
+miss for that block. Keys are namespaced by format version and fingerprint, so another
+fingerprint (or an older format) never reads them.
+
+Invariant: Redis is never on the critical path for correctness. Any connection or server error
+raises `TierUnavailableError` (the store turns it into a miss and a log line), and after one the
+tier reports itself unavailable for `retry_after_s` without touching the network.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
-import zlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
-import torch
-
-from redknot_rag.store.blockfile import CorruptChunkError
+from redknot_rag.store.blockfile import CorruptChunkError, block_crc
+from redknot_rag.store.codec import BlockMeta, ChunkMeta, Codec, HeadClass, Payload
 from redknot_rag.store.disk import key_hash
-from redknot_rag.store.fingerprint import KVFingerprint, dtype_from_name, dtype_name
-from redknot_rag.store.tiers import BlockKey, ChunkShape, KVBlock
+from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint
+from redknot_rag.store.tiers import TierUnavailableError
+
+log = logging.getLogger(__name__)
 
 _CRC = struct.Struct("<I")
+_T = TypeVar("_T")
+
+
+def _meta_json(meta: ChunkMeta) -> str:
+    return json.dumps(
+        dict(
+            chunk_key=meta.chunk_key,
+            num_layers=meta.num_layers,
+            num_kv_heads=meta.num_kv_heads,
+            num_tokens=meta.num_tokens,
+            head_dim=meta.head_dim,
+            dtype=meta.dtype,
+            blocks=[[b.token_start, b.num_tokens, int(b.codec), int(b.head_class)] for b in meta.blocks],
+        )
+    )
+
+
+def _meta_from_json(raw: bytes, chunk_key: str) -> ChunkMeta:
+    try:
+        m = json.loads(raw)
+        meta = ChunkMeta(
+            m["chunk_key"],
+            m["num_layers"],
+            m["num_kv_heads"],
+            m["num_tokens"],
+            m["head_dim"],
+            m["dtype"],
+            tuple(BlockMeta(s, n, Codec(c), HeadClass(h)) for s, n, c, h in m["blocks"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptChunkError(f"redis meta for {chunk_key!r} is malformed: {e}") from e
+    if meta.chunk_key != chunk_key:
+        raise CorruptChunkError(f"redis meta for {chunk_key!r} names {meta.chunk_key!r}")
+    return meta
 
 
 class RedisTier:
     """ColdTier over a `redis.Redis` client (binary responses, i.e. decode_responses=False)."""
 
-    def __init__(self, client: Any, fingerprint: KVFingerprint, prefix: str = "rkv") -> None:
+    name = "redis"
+
+    def __init__(
+        self, client: Any, fingerprint: KVFingerprint, prefix: str = "rkv", retry_after_s: float = 5.0
+    ) -> None:
         self.client = client
-        self.base = f"{prefix}:{fingerprint.digest()[:32]}"
-        self.num_evictions = 0
+        self.base = f"{prefix}:v{FORMAT_VERSION}:{fingerprint.digest()[:32]}"
+        self.retry_after_s = retry_after_s
+        self.num_evictions = 0  # Redis evicts on its own; not observable per client
+        self.num_errors = 0
+        self._down_until = 0.0
+        self._nbytes, self._nbytes_at = 0, -1e9
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, fingerprint: KVFingerprint, timeout_s: float = 2.0, **kw: Any) -> RedisTier:
+        """A tier over `redis.Redis.from_url(url)` with socket timeouts, so a hung server is a miss."""
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client, fingerprint, **kw)
 
     def _key(self, chunk_key: str, suffix: str) -> str:
         return f"{self.base}:{key_hash(chunk_key)}:{suffix}"
 
-    def put_chunk(self, chunk_key: str, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-        """K, V `[L, H, T, D]` on CPU, written atomically. Redis does budget eviction itself."""
-        L, H, T, D = k.shape
-        pipe = self.client.pipeline(transaction=True)
-        for layer in range(L):
-            for head in range(H):
-                payload = (
-                    k[layer, head].contiguous().view(torch.uint8).numpy().tobytes()
-                    + v[layer, head].contiguous().view(torch.uint8).numpy().tobytes()
+    @property
+    def is_available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """Run one client operation; any failure becomes TierUnavailableError.
+
+        Connection-level failures (refused, reset, timeout) also mark the tier unavailable for
+        `retry_after_s`; a server error reply (e.g. OOM under `maxmemory` with noeviction) fails
+        only this call.
+        """
+        if not self.is_available:
+            raise TierUnavailableError("redis tier marked unavailable after a recent error")
+        try:
+            return fn()
+        except CorruptChunkError:
+            raise
+        except Exception as e:  # redis.RedisError, OSError, socket timeouts: all mean "not now"
+            import redis
+
+            down = isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError))
+            with self._lock:
+                first = self.is_available
+                if down:
+                    self._down_until = time.monotonic() + self.retry_after_s
+                self.num_errors += 1
+            if first:
+                log.warning(
+                    "redis KV tier %s (%s: %s); treating it as a miss%s",
+                    "unavailable" if down else "refused a command",
+                    type(e).__name__,
+                    e,
+                    f" for {self.retry_after_s:.0f} s" if down else "",
                 )
-                pipe.set(self._key(chunk_key, f"b:{layer}:{head}"), _CRC.pack(zlib.crc32(payload)) + payload)
-        meta = dict(
-            chunk_key=chunk_key,
-            num_layers=L,
-            num_kv_heads=H,
-            num_tokens=T,
-            head_dim=D,
-            dtype=dtype_name(k.dtype),
-        )
-        pipe.set(self._key(chunk_key, "m"), json.dumps(meta))
-        pipe.execute()
+            raise TierUnavailableError(str(e)) from e
+
+    # -- ColdTier ---------------------------------------------------------------------------
+
+    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload]) -> list[str]:
+        """Every block plus the meta, in one MULTI/EXEC. Redis does budget eviction itself."""
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            for (layer, head), p in zip(meta.every_block(), payloads, strict=True):
+                pipe.set(self._key(meta.chunk_key, f"b:{layer}:{head}"), _CRC.pack(block_crc(p)) + bytes(p))
+            pipe.set(self._key(meta.chunk_key, "m"), _meta_json(meta))
+            pipe.execute()
+
+        self._call(write)
         return []
 
-    def shape(self, chunk_key: str) -> ChunkShape | None:
-        raw = self.client.get(self._key(chunk_key, "m"))
-        if raw is None:
-            return None
-        m = json.loads(raw)
-        if m["chunk_key"] != chunk_key:
-            raise CorruptChunkError(f"redis meta for {chunk_key!r} names {m['chunk_key']!r}")
-        return ChunkShape(m["num_layers"], m["num_kv_heads"], m["num_tokens"], m["head_dim"], m["dtype"])
+    def meta(self, chunk_key: str) -> ChunkMeta | None:
+        raw = self._call(lambda: self.client.get(self._key(chunk_key, "m")))
+        return None if raw is None else _meta_from_json(raw, chunk_key)
 
-    def get_blocks(self, chunk_key: str, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], KVBlock] | None:
-        shape = self.shape(chunk_key)
-        if shape is None:
+    def get_payloads(
+        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
+    ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None:
+        """Meta and the crc-verified payloads of the requested blocks Redis still holds (one MGET)."""
+        keys = [self._key(chunk_key, "m")] + [self._key(chunk_key, f"b:{layer}:{head}") for layer, head in blocks]
+        values = self._call(lambda: self.client.mget(keys))
+        if values[0] is None:
             return None
-        dtype, T, D = dtype_from_name(shape.dtype), shape.num_tokens, shape.head_dim
-        values = self.client.mget([self._key(chunk_key, f"b:{l}:{h}") for l, h in blocks])
-        out: dict[tuple[int, int], KVBlock] = {}
-        for b, raw in zip(blocks, values, strict=True):
+        meta = _meta_from_json(values[0], chunk_key)
+        out: dict[tuple[int, int], Payload] = {}
+        for b, raw in zip(blocks, values[1:], strict=True):
             if raw is None:
-                return None  # Redis evicted part of the chunk: a miss
+                continue  # Redis evicted this block: a miss for it
             (crc,) = _CRC.unpack_from(raw)
-            payload = bytearray(raw[_CRC.size :])
-            if zlib.crc32(payload) != crc or len(payload) != 2 * T * D * dtype.itemsize:
-                self.delete_chunk(chunk_key)
+            payload = bytearray(memoryview(raw)[_CRC.size :])
+            if block_crc(payload) != crc or len(payload) != meta.payload_nbytes(*b):
+                self._drop_quietly(chunk_key, meta)
                 raise CorruptChunkError(f"chunk {chunk_key!r}: redis block {b} failed its checksum")
-            kv = torch.frombuffer(payload, dtype=dtype).view(2, T, D)  # K then V
-            out[b] = KVBlock(kv[0], kv[1])
-        return out
+            out[b] = payload
+        return meta, out
+
+    def _drop_quietly(self, chunk_key: str, meta: ChunkMeta | None) -> None:
+        try:
+            self._delete(chunk_key, meta)
+        except TierUnavailableError:
+            pass
+
+    def _delete(self, chunk_key: str, meta: ChunkMeta | None) -> bool:
+        keys = [self._key(chunk_key, "m")]
+        if meta is not None:
+            keys += [self._key(chunk_key, f"b:{layer}:{head}") for layer, head in meta.every_block()]
+        return bool(self._call(lambda: self.client.delete(*keys)))
 
     def contains_chunk(self, chunk_key: str) -> bool:
-        return bool(self.client.exists(self._key(chunk_key, "m")))
+        return bool(self._call(lambda: self.client.exists(self._key(chunk_key, "m"))))
 
     def delete_chunk(self, chunk_key: str) -> bool:
         try:
-            shape = self.shape(chunk_key)
+            meta = self.meta(chunk_key)
         except CorruptChunkError:
-            shape = None
-        keys = [self._key(chunk_key, "m")]
-        if shape is not None:
-            keys += [
-                self._key(chunk_key, f"b:{l}:{h}") for l in range(shape.num_layers) for h in range(shape.num_kv_heads)
-            ]
-        return bool(self.client.delete(*keys))
+            meta = None
+        return self._delete(chunk_key, meta)
 
     def chunk_keys(self) -> Iterator[str]:
-        for key in self.client.scan_iter(match=f"{self.base}:*:m"):
-            raw = self.client.get(key)
+        keys = self._call(lambda: list(self.client.scan_iter(match=f"{self.base}:*:m")))
+        for key in keys:
+            raw = self._call(lambda key=key: self.client.get(key))
             if raw is not None:
                 yield json.loads(raw)["chunk_key"]
 
+    def stored_nbytes(self) -> int:
+        """Bytes of this namespace's values (one SCAN + STRLEN pass: for `redknot store stats`, not hot paths)."""
+
+        def total() -> int:
+            keys = list(self.client.scan_iter(match=f"{self.base}:*"))
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.strlen(key)
+            return int(sum(pipe.execute())) if keys else 0
+
+        return self._call(total)
+
     @property
     def nbytes(self) -> int:
-        """Not tracked: Redis owns the budget (`INFO memory`)."""
-        return 0
+        """Memory the Redis server uses (all tenants; INFO, cached 5 s); 0 when unknown. Redis owns the budget."""
+        now = time.monotonic()
+        if now - self._nbytes_at > 5.0:
+            self._nbytes_at = now
+            try:
+                self._nbytes = int(self._call(lambda: self.client.info("memory"))["used_memory"])
+            except (TierUnavailableError, KeyError, TypeError, ValueError):
+                self._nbytes = 0
+        return self._nbytes
 
     @property
     def num_chunks(self) -> int:
-        return sum(1 for _ in self.client.scan_iter(match=f"{self.base}:*:m"))
+        try:
+            return sum(1 for _ in self._call(lambda: list(self.client.scan_iter(match=f"{self.base}:*:m"))))
+        except TierUnavailableError:
+            return 0
 
-    # -- BlockTier --------------------------------------------------------------------------
-
-    def get(self, key: BlockKey) -> KVBlock | None:
-        got = self.get_blocks(key.chunk_key, [(key.layer, key.head)])
-        return None if got is None else got[(key.layer, key.head)]
-
-    def put(self, key: BlockKey, block: KVBlock) -> None:
-        """Replace one block of a stored chunk (blocks are separate keys here, so no rewrite)."""
-        shape = self.shape(key.chunk_key)
-        if shape is None:
-            raise KeyError(f"{key.chunk_key!r} is not stored (use put_chunk)")
-        payload = (
-            block.k.cpu().contiguous().view(torch.uint8).numpy().tobytes()
-            + block.v.cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        )
-        self.client.set(self._key(key.chunk_key, f"b:{key.layer}:{key.head}"), _CRC.pack(zlib.crc32(payload)) + payload)
-
-    def contains(self, key: BlockKey) -> bool:
-        return bool(self.client.exists(self._key(key.chunk_key, f"b:{key.layer}:{key.head}")))
-
-    def delete(self, key: BlockKey) -> bool:
-        """Dropping one block makes its chunk a miss until rewritten, as a Redis eviction would."""
-        return bool(self.client.delete(self._key(key.chunk_key, f"b:{key.layer}:{key.head}")))

@@ -1,7 +1,10 @@
-"""Block-granular tier interface and the in-memory tier.
+"""Block-granular tier interfaces and the host-memory tier.
 
-The unit every tier stores is one (chunk, layer, kv_head) block: K and V, `[T, D]` each, K pre-RoPE.
-Cold tiers (disk, Redis) additionally accept whole chunks atomically (`ColdTier`).
+The unit every tier stores is one (chunk, layer, kv_head) block: K and V `[n, D]` each, K pre-RoPE,
+holding the chunk's tokens `[token_start, token_start + n)` (n < T only for compressed local heads).
+The host tier holds decoded tensors (`KVBlock`); cold tiers (disk, Redis) hold encoded, checksummed
+payloads (`codec.py`) addressed by the same (chunk_key, layer, head), and accept whole chunks
+atomically (`ColdTier`). A pool tier on a GPU sits on top through `ChunkKVStore.get_blocks`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from redknot_rag.store.codec import ChunkMeta, ChunkShape, HeadClass, Payload
+
+__all__ = ["BlockKey", "BlockTier", "ChunkShape", "ColdTier", "KVBlock", "MemoryTier", "TierUnavailableError"]
+
+
+class TierUnavailableError(ConnectionError):
+    """A shared tier (Redis) cannot be reached. The store turns it into a miss and a log line."""
+
 
 @dataclass(frozen=True, slots=True)
 class BlockKey:
@@ -24,23 +35,23 @@ class BlockKey:
 
 @dataclass(frozen=True)
 class KVBlock:
-    """K and V of one (layer, kv_head) of one chunk: `[T, D]` each, same dtype and device."""
+    """K and V of one (layer, kv_head) of one chunk: `[n, D]` each, same dtype and device.
+
+    Holds the chunk's tokens `[token_start, token_start + n)`.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
+    token_start: int = 0
+    head_class: HeadClass = HeadClass.UNCLASSIFIED
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k.shape[0]
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-
-@dataclass(frozen=True)
-class ChunkShape:
-    num_layers: int
-    num_kv_heads: int
-    num_tokens: int
-    head_dim: int
-    dtype: str
 
 
 @runtime_checkable
@@ -54,21 +65,24 @@ class BlockTier(Protocol):
 
 
 @runtime_checkable
-class ColdTier(BlockTier, Protocol):
-    """A durable tier: holds a chunk with every block or not at all (after a crash too).
+class ColdTier(Protocol):
+    """A tier of encoded blocks below host memory (disk, Redis).
 
-    `get_blocks` raises `CorruptChunkError` (after dropping the chunk) when a block fails its
-    checksum, and returns None when the chunk is absent or bound to another fingerprint.
+    `put_chunk` stores every block of a chunk or none (after a crash too) and returns the chunk
+    keys it evicted for its budget. `get_payloads` returns the chunk's meta and the crc-verified
+    payloads of the requested blocks it holds (a tier whose own LRU dropped single blocks may
+    return fewer), None when it lacks the chunk or it is bound to another fingerprint, and raises
+    `CorruptChunkError` (after dropping the chunk) when a requested block fails its checksum, or
+    `TierUnavailableError` when it cannot be reached.
     """
 
-    def put_chunk(self, chunk_key: str, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-        """Store K, V `[L, H, T, D]` (CPU) atomically; returns chunk keys evicted for budget."""
-        ...
+    name: str
 
-    def shape(self, chunk_key: str) -> ChunkShape | None: ...
-    def get_blocks(
+    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload]) -> list[str]: ...
+    def meta(self, chunk_key: str) -> ChunkMeta | None: ...
+    def get_payloads(
         self, chunk_key: str, blocks: Sequence[tuple[int, int]]
-    ) -> dict[tuple[int, int], KVBlock] | None: ...
+    ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None: ...
     def contains_chunk(self, chunk_key: str) -> bool: ...
     def delete_chunk(self, chunk_key: str) -> bool: ...
     def chunk_keys(self) -> Iterator[str]: ...
@@ -79,7 +93,7 @@ class ColdTier(BlockTier, Protocol):
 
 
 class MemoryTier:
-    """LRU of blocks under a byte budget, tensors on `device` (pinned when on CPU with CUDA present).
+    """Host tier: LRU of blocks under a byte budget, on `device` (pinned when on CPU with CUDA present).
 
     Invariants: `nbytes` = sum of held blocks' bytes <= `budget_bytes`; every held tensor owns its
     storage (copied in), so evicting a block frees exactly its bytes.
@@ -115,7 +129,7 @@ class MemoryTier:
         if block.nbytes > self.budget_bytes:
             self.delete(key)
             return
-        placed = KVBlock(self._place(block.k), self._place(block.v))
+        placed = KVBlock(self._place(block.k), self._place(block.v), block.token_start, block.head_class)
         with self._lock:
             self._drop(key)
             while self.nbytes + placed.nbytes > self.budget_bytes:
