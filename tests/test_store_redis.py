@@ -1,16 +1,25 @@
-"""RedisTier as the cold tier, against fakeredis (skipped when redis/fakeredis are absent)."""
+"""The Redis tier: unit tests against fakeredis, and a real `redis-server` (started here) for
+sharing between replicas and for losing Redis mid-read."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 fakeredis = pytest.importorskip("fakeredis")
-pytest.importorskip("redis")
+redis = pytest.importorskip("redis")
 
-from redknot_rag.store import BlockKey, ChunkKVStore, ColdTier, KVFingerprint  # noqa: E402
+from redknot_rag.store import ChunkKVStore, ColdTier, KVFingerprint, StoreConfig  # noqa: E402
 from redknot_rag.store.redis_tier import RedisTier  # noqa: E402
 
 
@@ -18,9 +27,9 @@ def fp(weights: str = "w") -> KVFingerprint:
     return KVFingerprint(weights, "t", "a", "bfloat16")
 
 
-def kv(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kv(seed: int, shape: tuple[int, ...] = (2, 3, 5, 8)) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, 5, 8, generator=g).bfloat16(), torch.randn(2, 3, 5, 8, generator=g).bfloat16()
+    return torch.randn(*shape, generator=g).bfloat16(), torch.randn(*shape, generator=g).bfloat16()
 
 
 def test_redis_cold_tier(tmp_path: Path) -> None:
@@ -48,3 +57,120 @@ def test_redis_cold_tier(tmp_path: Path) -> None:
     assert store.get("c", layer=1) is None and store.stats().corrupt == 1 and not store.contains("c")
     store.put("d", *kv(1))
     assert store.delete("d") and not store.contains("d") and client.dbsize() == 0
+
+
+# -- a real redis-server ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not installed (.ci/setup installs it: apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp), "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return proc, url
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"redis-server on port {port} did not start") from None
+            time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], tuple[subprocess.Popen[bytes], str]]]:
+    """Starts private `redis-server`s on free ports (stopped after the test): call it for one."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[subprocess.Popen[bytes], str]:
+        proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
+        procs.append(proc)
+        return proc, url
+
+    yield start
+    for p in procs:
+        _stop(p)
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """REDKNOT_TEST_REDIS_URL if set (a server the test may write to), else a private one."""
+    return os.environ.get("REDKNOT_TEST_REDIS_URL") or redis_server()[1]
+
+
+def test_real_redis_shared_between_replicas(tmp_path: Path, redis_url: str) -> None:
+    cfg = StoreConfig(redis_url=redis_url, cold_codec="int8")
+    a = ChunkKVStore(tmp_path / "a", fp("real"), 1 << 20, config=cfg)
+    b = ChunkKVStore(tmp_path / "b", fp("real"), 1 << 20, config=cfg)
+    k, v = kv(2, shape=(4, 3, 64, 32))
+    a.put("shared", k, v)
+    first = a.get("shared")
+    got = b.get("shared")  # replica b reads a's chunk through Redis, then from its own disk
+    assert first is not None and got is not None
+    assert torch.equal(got.k, first.k) and torch.equal(got.v, first.v)  # same bits on every replica
+    assert b.stats().tier("redis").block_hits == 4 * 3 and b.cold.contains_chunk("shared")
+    assert (got.k.float() - k.float()).abs().max() < 0.05 * k.float().abs().max()
+    assert a.delete("shared") and not b.tiers[1].contains_chunk("shared")
+
+
+def test_killed_redis_mid_read_degrades_to_a_miss(
+    tmp_path: Path, redis_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    proc, url = redis_server()
+    tier = RedisTier.from_url(url, fp(), timeout_s=1.0)
+    store = ChunkKVStore(tmp_path, fp(), 0, cold=tier)  # Redis is the only tier: every read goes there
+    data = {f"c{i}": kv(10 + i, shape=(4, 3, 16, 8)) for i in range(3)}
+    for key, (k, v) in data.items():
+        store.put(key, k, v)
+    gate = threading.Event()
+
+    def hold_layer_2(chunk_key: str, layer: int) -> None:
+        if layer == 2:
+            assert gate.wait(10)
+        return None
+
+    pf = store.prefetch(list(data), heads=hold_layer_2)
+    for layer in (0, 1):
+        got = pf.wait_layer(layer, timeout=10)
+        for key, (k, _) in data.items():
+            blocks = got[key]
+            assert blocks is not None and torch.equal(blocks[1].k, k[layer, 1])
+    proc.kill()  # Redis dies in the middle of the query's reads
+    proc.wait()
+    with caplog.at_level(logging.WARNING):
+        gate.set()
+        for layer in (2, 3):
+            assert pf.wait_layer(layer, timeout=10) == {key: None for key in data}  # misses, no exception
+        assert store.get("c0") is None and not store.contains("c0")
+        # the caller's recompute path: storing again must not raise either
+        store.put("c0", *data["c0"])
+    assert "redis KV tier unavailable" in caplog.text
+    st = store.stats()
+    assert st.tier_errors >= 1 and st.misses >= 1 and st.block_misses > 0
+    store.close()

@@ -1,0 +1,292 @@
+"""Store v2: storage dtype, head-aware compression, int8 cold codec, tier chain, prefetch, stats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from redknot_rag.store import (
+    BlockKey,
+    ChunkKVStore,
+    Codec,
+    HeadClass,
+    HeadCompression,
+    KVFingerprint,
+    StoreConfig,
+    hash_token_ids,
+)
+from redknot_rag.store.blockfile import read_header
+from redknot_rag.store.disk import DiskTier, key_hash
+
+fakeredis = pytest.importorskip("fakeredis")
+
+from redknot_rag.store.redis_tier import RedisTier  # noqa: E402
+
+L, H, T, D = 3, 4, 10, 16
+WINDOW = 4
+# layer-major [L, H]: 0 = local (tail window only), 1 = global
+CLASSES = [[1, 0, 1, 0], [0, 0, 1, 1], [1, 1, 1, 0]]
+NUM_LOCAL = sum(row.count(0) for row in CLASSES)  # 5
+
+
+def fp(dtype: str = "float32") -> KVFingerprint:
+    return KVFingerprint("w", "t", hash_token_ids([1, 2]), dtype, "")
+
+
+def kv(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(L, H, T, D, generator=g)
+    k[:, :, :, 3] *= 20  # an outlier channel, as real K has
+    return k.to(dtype), torch.randn(L, H, T, D, generator=g).to(dtype)
+
+
+def disk_of(store: ChunkKVStore) -> DiskTier:
+    assert isinstance(store.cold, DiskTier)
+    return store.cold
+
+
+def file_size(store: ChunkKVStore, key: str) -> int:
+    return disk_of(store)._path(key_hash(key)).stat().st_size
+
+
+def test_storage_dtype_bf16_from_fp32_producer(tmp_path: Path) -> None:
+    k, v = kv(0)
+    dense = ChunkKVStore(tmp_path / "a", fp(), 1 << 20)
+    dense.put("c", k, v)
+    store = ChunkKVStore(tmp_path / "b", fp(), 1 << 20, config=StoreConfig(dtype="bfloat16"))
+    store.put("c", k, v)
+    for s in (store, ChunkKVStore(tmp_path / "b", fp(), 0, config=StoreConfig(dtype="bfloat16"))):  # host, disk
+        got = s.get("c")
+        assert got is not None and got.k.dtype == torch.float32  # `get` returns the producer's dtype
+        assert torch.equal(got.k, k.bfloat16().float()) and torch.equal(got.v, v.bfloat16().float())
+    blocks = store.get_blocks("c", [1], [2])
+    assert blocks is not None and blocks[(1, 2)].k.dtype == torch.bfloat16  # get_blocks: storage dtype
+    assert file_size(store, "c") < 0.52 * file_size(dense, "c")
+
+
+def test_head_aware_compression_stores_tail_window_of_local_heads(tmp_path: Path) -> None:
+    k, v = kv(1)
+    heads = HeadCompression.from_mask(torch.tensor(CLASSES), WINDOW)
+    cfg = StoreConfig(heads=heads)
+    store = ChunkKVStore(tmp_path, fp(), 1 << 20, config=cfg)
+    store.put("c", k, v)
+    for s in (store, ChunkKVStore(tmp_path, fp(), 0, config=cfg)):  # from host, from disk
+        blocks = s.get_blocks("c")
+        assert blocks is not None and len(blocks) == L * H
+        for (layer, head), b in blocks.items():
+            local = CLASSES[layer][head] == 0
+            start = T - WINDOW if local else 0
+            assert b.head_class == (HeadClass.LOCAL if local else HeadClass.GLOBAL)
+            assert (b.token_start, b.num_tokens) == (start, T - start)
+            assert torch.equal(b.k, k[layer, head, start:]) and torch.equal(b.v, v[layer, head, start:])
+        assert s.get("c") is None  # whole-token tensors cannot be served from a window: a miss, never zeros
+        got = s.get("c", layer=1, heads=[2, 3])  # global heads only: served whole
+        assert got is not None and torch.equal(got.k, k[1:2, 2:4])
+    st = store.stats()
+    assert st.partial_misses == 1 and st.class_stored_bytes["local"] == NUM_LOCAL * 2 * WINDOW * D * 4
+    assert st.class_stored_bytes["global"] == (L * H - NUM_LOCAL) * 2 * T * D * 4
+    meta = store.meta("c")
+    assert meta is not None and meta.block(0, 1).num_tokens == WINDOW
+    # a chunk shorter than the window keeps every token of its local heads
+    short = (k[:, :, :3].contiguous(), v[:, :, :3].contiguous())
+    store.put("short", *short)
+    got = store.get("short")
+    assert got is not None and torch.equal(got.k, short[0])
+    with pytest.raises(ValueError, match="head classes"):
+        store.put("bad", *kv(2), heads=HeadCompression.from_mask([[0, 1]], WINDOW))
+
+
+def test_int8_cold_codec_within_stated_error_and_same_bits_from_every_tier(tmp_path: Path) -> None:
+    k, v = kv(3)
+    cfg = StoreConfig(dtype="bfloat16", cold_codec="int8")
+    store = ChunkKVStore(tmp_path, fp(), 1 << 20, config=cfg)
+    store.put("c", k, v)
+    hot = store.get_blocks("c")
+    cold = ChunkKVStore(tmp_path, fp(), 1 << 20, config=cfg).get_blocks("c")
+    assert hot is not None and cold is not None
+    for b in hot:  # host memory holds what the cold tier decodes to
+        assert torch.equal(hot[b].k, cold[b].k) and torch.equal(hot[b].v, cold[b].v)
+    eps = 2.0**-8  # bf16 rounding of the dequantized value
+    for (layer, head), blk in cold.items():
+        kx, vx = k[layer, head], v[layer, head]
+        k_scale = kx.abs().amax(dim=0, keepdim=True) / 127  # per channel
+        v_scale = vx.abs().amax(dim=1, keepdim=True) / 127  # per token
+        kd, vd = blk.k.float(), blk.v.float()
+        assert ((kd - kx).abs() <= k_scale / 2 * 1.0001 + kd.abs() * eps).all()
+        assert ((vd - vx).abs() <= v_scale / 2 * 1.0001 + vd.abs() * eps).all()
+    raw = ChunkKVStore(tmp_path / "raw", fp(), 0, config=StoreConfig(dtype="bfloat16"))
+    raw.put("c", k, v)
+    assert file_size(store, "c") < file_size(raw, "c")
+    hdr_fd = os.open(disk_of(store)._path(key_hash("c")), os.O_RDONLY)
+    try:
+        assert all(b.codec == Codec.INT8 for b in read_header(hdr_fd).meta.blocks)
+    finally:
+        os.close(hdr_fd)
+
+
+def chain(tmp_path: Path, client, *, disk_bytes: int | None, write_through: bool, host: int = 1 << 20, **kw):
+    cfg = StoreConfig(disk_bytes=disk_bytes, redis_write_through=write_through, **kw)
+    return ChunkKVStore(tmp_path, fp(), host, config=cfg, redis=RedisTier(client, fp()))
+
+
+def test_demotion_and_promotion_bit_exact(tmp_path: Path) -> None:
+    client = fakeredis.FakeRedis()
+    data = {f"c{i}": kv(10 + i) for i in range(3)}
+    probe = ChunkKVStore(tmp_path / "probe", fp(), 0)
+    probe.put("c0", *data["c0"])
+    size = probe.stats().cold_bytes
+    store = chain(tmp_path / "s", client, disk_bytes=2 * size, write_through=False, host=L * H * 2 * T * D * 4)
+    for key, (k, v) in data.items():
+        store.put(key, k, v)
+    st = store.stats()
+    assert st.demotions == 1 and st.dropped == 0  # disk evicted c0 into Redis: moved, not lost
+    assert not disk_of(store).contains_chunk("c0") and store.tiers[1].contains_chunk("c0")
+    assert st.tier("host").items == L * H  # host holds one chunk: c2; c0, c1 were evicted from it
+    assert store.contains("c0") and sorted(store.keys()) == ["c0", "c1", "c2"]
+    got = store.get("c0")  # host miss, disk miss -> Redis, promoted into host and onto disk
+    assert got is not None and torch.equal(got.k, data["c0"][0]) and torch.equal(got.v, data["c0"][1])
+    st = store.stats()
+    assert st.tier("redis").block_hits == L * H and disk_of(store).contains_chunk("c0")
+    assert store.memory.contains(BlockKey("c0", 2, 3))
+    store.evict()
+    again = store.get("c0")  # now from disk
+    assert again is not None and torch.equal(again.k, data["c0"][0])
+    assert store.stats().tier("disk").block_hits == L * H
+    for key, (k, v) in data.items():  # every chunk survives every move bit for bit
+        got = store.get(key)
+        assert got is not None and torch.equal(got.k, k) and torch.equal(got.v, v), key
+    assert store.stats().tier("disk").nbytes <= 2 * size
+
+
+def test_int8_and_windows_survive_demotion_bit_exact(tmp_path: Path) -> None:
+    client = fakeredis.FakeRedis()
+    heads = HeadCompression.from_mask(CLASSES, WINDOW)
+    kw = dict(dtype="bfloat16", cold_codec="int8", heads=heads)
+    store = chain(tmp_path, client, disk_bytes=1, write_through=False, **kw)  # disk keeps only the newest
+    store.put("a", *kv(20))
+    first = store.get_blocks("a")
+    store.put("b", *kv(21))  # evicts a to Redis
+    store.evict()
+    assert not disk_of(store).contains_chunk("a")
+    moved = store.get_blocks("a")
+    assert first is not None and moved is not None
+    for b in first:
+        assert torch.equal(first[b].k, moved[b].k) and torch.equal(first[b].v, moved[b].v)
+        assert first[b].token_start == moved[b].token_start
+
+
+def test_write_through_shares_chunks_between_replicas(tmp_path: Path) -> None:
+    client = fakeredis.FakeRedis()
+    a = chain(tmp_path / "a", client, disk_bytes=None, write_through=True)
+    b = chain(tmp_path / "b", client, disk_bytes=None, write_through=True)
+    k, v = kv(30)
+    a.put("c", k, v)
+    assert b.contains("c")
+    got = b.get("c")  # replica b never computed it
+    assert got is not None and torch.equal(got.k, k) and disk_of(b).contains_chunk("c")
+
+
+def corrupt_block(path: Path, layer: int, head: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        hdr = read_header(fd)
+        off = hdr.offsets[hdr.block_index(layer, head)] + 7
+        os.pwrite(fd, bytes([os.pread(fd, 1, off)[0] ^ 0x10]), off)
+    finally:
+        os.close(fd)
+
+
+def test_corrupt_disk_block_falls_through_to_redis_never_used(tmp_path: Path) -> None:
+    client = fakeredis.FakeRedis()
+    store = chain(tmp_path, client, disk_bytes=None, write_through=True, host=0)
+    k, v = kv(40)
+    store.put("c", k, v)
+    corrupt_block(disk_of(store)._path(key_hash("c")), 1, 2)
+    got = store.get("c")  # the flipped byte is detected; the good copy comes from Redis
+    assert got is not None and torch.equal(got.k, k) and torch.equal(got.v, v)
+    st = store.stats()
+    assert st.corrupt == 1 and (disk_of(store).quarantine_dir / f"{key_hash('c')}.rkv").exists()
+    assert disk_of(store).contains_chunk("c")  # ...and promoted back onto disk, whole
+    assert torch.equal(ChunkKVStore(tmp_path, fp(), 0).get("c").k, k)  # type: ignore[union-attr]
+
+
+def test_prefetch_layer_by_layer(tmp_path: Path) -> None:
+    data = {f"c{i}": kv(50 + i) for i in range(3)}
+    heads = HeadCompression.from_mask(CLASSES, WINDOW)
+    store = ChunkKVStore(tmp_path, fp(), 1 << 20, config=StoreConfig(heads=heads))
+    for key, (k, v) in data.items():
+        store.put(key, k, v, keep_in_memory=False)
+    order: list[tuple[str, int]] = []
+    gate = threading.Event()
+    real = store.get_blocks
+
+    def traced(chunk_key, layers=None, heads=None):
+        order.append((chunk_key, layers[0]))
+        if layers[0] == 2:
+            assert gate.wait(10)  # layer 2 is held back until the test has used layers 0 and 1
+        return real(chunk_key, layers, heads)
+
+    store.get_blocks = traced  # type: ignore[method-assign]
+
+    def only_global(chunk_key: str, layer: int) -> list[int]:  # a non-last chunk: local heads not read
+        return [h for h in range(H) if CLASSES[layer][h] == 1]
+
+    pf = store.prefetch(["c0", "c1", "c2", "missing"], heads=only_global)
+    assert pf.layers == (0, 1, 2)
+    for layer in (0, 1):
+        got = pf.wait_layer(layer, timeout=10)
+        assert got["missing"] is None
+        for key in ("c0", "c1", "c2"):
+            blocks = got[key]
+            assert blocks is not None and sorted(blocks) == only_global(key, layer)
+            for h, b in blocks.items():
+                assert torch.equal(b.k, data[key][0][layer, h]) and b.token_start == 0
+    assert not pf.future("c0", 2).done()  # layer 2 did not block layers 0 and 1
+    gate.set()
+    assert pf.wait_layer(2, timeout=10)["c2"] is not None and pf.done()
+    assert order == [(key, layer) for layer in range(3) for key in ("c0", "c1", "c2", "missing")]
+    store.close()
+
+
+def test_old_format_is_refused_with_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = ChunkKVStore(tmp_path, fp(), 0)
+    store.put("c", *kv(60))
+    path = disk_of(store)._path(key_hash("c"))
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 8, 1)  # a v1 header
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR):
+        assert ChunkKVStore(tmp_path, fp(), 0).get("c") is None
+    assert "format v1" in caplog.text and "re-ingest" in caplog.text
+    (tmp_path / "v1-0123456789abcdef").mkdir()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ChunkKVStore(tmp_path, fp(), 0)
+    assert "older format (v1)" in caplog.text
+
+
+def test_stats_dict_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from redknot_rag.store.cli import main as store_main
+
+    heads = HeadCompression.from_mask(CLASSES, WINDOW)
+    store = ChunkKVStore(tmp_path / "kv", fp(), 1 << 20, config=StoreConfig(heads=heads))
+    store.put("c", *kv(70))
+    assert store.get_blocks("c", [0]) is not None and store.get_blocks("nope") is None
+    d = store.stats().as_dict()
+    assert d["host_block_hits"] == H and d["hits"] == 1 and d["misses"] == 1
+    assert d["host_hit_rate"] == 1.0 and d["class_local_stored_bytes"] > 0 and "disk_bytes" in d
+    store.close()  # persists the counters for the CLI
+    assert store_main(["stats", "--data-dir", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (ns,) = out["namespaces"]
+    assert ns["chunks"] == 1 and ns["tokens"] == T and ns["disk_bytes"] == d["disk_bytes"]
+    assert ns["by_class"]["local"]["blocks"] == NUM_LOCAL and ns["by_class"]["global"]["blocks"] == L * H - NUM_LOCAL
+    assert ns["by_class"]["local"]["tokens"] == NUM_LOCAL * WINDOW
+    assert ns["counters"]["host_block_hits"] == H
