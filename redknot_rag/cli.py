@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "redknot_rag.heads",
     "redknot_rag.evaluation",
     "redknot_rag.demo",
+    "redknot_rag.store.cli",
 )
 
 

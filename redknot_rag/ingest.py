@@ -16,7 +16,17 @@ def open_service(args: argparse.Namespace, policy: str | None = None):
     from redknot_rag.rag import DEFAULT_POLICY, RagService
 
     engine = Engine(engine_config_from_args(args))
-    return RagService(engine, Path(args.data_dir), policy or DEFAULT_POLICY)
+    kw: dict = {}
+    if hasattr(args, "store_host_bytes"):
+        import inspect
+
+        from redknot_rag.server.cli import store_config_for
+
+        if "store_config" in inspect.signature(RagService).parameters:
+            kw["store_config"] = store_config_for(engine, args)
+        else:
+            print("warning: this RagService takes no store settings yet; --store-* flags ignored", file=sys.stderr)
+    return RagService(engine, Path(args.data_dir), policy or DEFAULT_POLICY, **kw)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -85,6 +95,7 @@ def _cmd_docs(args: argparse.Namespace) -> int:
 
 def register_cli(sub) -> None:
     from redknot_rag.cli import add_engine_args
+    from redknot_rag.store.config import add_store_args
 
     p = sub.add_parser("ingest", help="parse, chunk, embed and index documents; precompute chunk KV")
     p.add_argument("paths", nargs="+", help=".txt .md .html .jsonl files or directories")
@@ -93,6 +104,7 @@ def register_cli(sub) -> None:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--no-kv", action="store_true", help="index only; KV is computed on first use")
     p.add_argument("--quiet", action="store_true")
+    add_store_args(p)
     add_engine_args(p)
     p.set_defaults(func=_cmd_ingest)
     d = sub.add_parser("docs", help="list, show or delete ingested documents")

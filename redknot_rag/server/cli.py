@@ -17,6 +17,7 @@ log = logging.getLogger("redknot.server")
 
 def register_cli(subparsers: Any) -> None:
     from redknot_rag.cli import add_engine_args
+    from redknot_rag.store.config import add_store_args
 
     p = subparsers.add_parser("serve", help="serve the HTTP API (RAG, SGLang native, OpenAI)")
     p.add_argument("--host", default="127.0.0.1")
@@ -44,6 +45,7 @@ def register_cli(subparsers: Any) -> None:
         help="seconds to let in-flight requests finish on SIGTERM before cancelling them",
     )
     p.add_argument("--log-level", default="info")
+    add_store_args(p)
     add_engine_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -81,7 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queued_requests,
     )
     engine = Engine(config)
-    rag = make_rag(engine, settings)
+    rag = make_rag(engine, settings, store_config_for(engine, args))
     app = create_app(Runtime(engine, settings, rag))
     server = uvicorn.Server(
         uvicorn.Config(
@@ -99,7 +101,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_rag(engine: Any, settings: ServerSettings) -> Any:
+def store_config_for(engine: Any, args: argparse.Namespace) -> Any:
+    """The chunk KV store settings from the `--store-*` flags (the head profile only when asked for)."""
+    from redknot_rag.store.config import store_config_from_args
+
+    profile = None
+    if getattr(args, "store_local_heads", "off") == "profile":
+        from redknot_rag.heads import load_profile_for
+
+        profile = load_profile_for(engine)
+    return store_config_from_args(args, profile)
+
+
+def make_rag(engine: Any, settings: ServerSettings, store_config: Any = None) -> Any:
     """The RAG service over `settings.data_dir`, or None without one."""
     if settings.data_dir is None:
         return None
@@ -107,6 +121,11 @@ def make_rag(engine: Any, settings: ServerSettings) -> Any:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     kw: dict[str, Any] = {}
+    if store_config is not None:
+        if "store_config" in inspect.signature(RagService).parameters:
+            kw["store_config"] = store_config
+        else:
+            log.warning("this RagService does not take store settings yet; --store-* flags are ignored")
     if settings.redis_url:
         os.environ["REDKNOT_REDIS_URL"] = settings.redis_url
         if "redis_url" in inspect.signature(RagService).parameters:

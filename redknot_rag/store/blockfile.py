@@ -213,7 +213,9 @@ def read_payloads(fd: int, hdr: ChunkHeader, indices: Sequence[int]) -> dict[int
         for b, buf in zip(run, blocks, strict=True):
             if block_crc(buf) != hdr.crcs[b]:
                 layer, head = divmod(b, hdr.meta.num_kv_heads)
-                raise CorruptChunkError(f"chunk {hdr.chunk_key!r}: checksum mismatch in block (layer {layer}, head {head})")
+                raise CorruptChunkError(
+                    f"chunk {hdr.chunk_key!r}: checksum mismatch in block (layer {layer}, head {head})"
+                )
             out[b] = buf
         i = j
     return out

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from redknot_rag.store.blockfile import CorruptChunkError
-from redknot_rag.store.codec import BlockMeta, ChunkMeta, Codec, HeadClass, decode_block, encode_block
+from redknot_rag.store.codec import BlockMeta, ChunkMeta, Codec, HeadClass, Payload, decode_block, encode_block
 from redknot_rag.store.config import HeadCompression, StoreConfig
 from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.fingerprint import KVFingerprint, dtype_from_name
@@ -139,7 +139,7 @@ class ChunkKVStore:
                 raise ValueError(f"head classes are {hc.num_layers}x{hc.num_kv_heads}, the chunk has {L}x{H} heads")
         k, v = k.detach().cpu(), v.detach().cpu()
         metas: list[BlockMeta] = []
-        payloads: list[bytes] = []
+        payloads: list[Payload] = []
         blocks: list[KVBlock] = []
         for layer in range(L):
             for head in range(H):
@@ -170,7 +170,7 @@ class ChunkKVStore:
                 self.memory.put(BlockKey(chunk_key, layer, head), blk)
         self._maybe_save_stats()
 
-    def _write(self, i: int, meta: ChunkMeta, payloads: Sequence[bytes]) -> bool:
+    def _write(self, i: int, meta: ChunkMeta, payloads: Sequence[Payload]) -> bool:
         """put_chunk into tier i; False (and a log line) if the tier is unreachable."""
         try:
             evicted = self.tiers[i].put_chunk(meta, payloads)
@@ -184,7 +184,7 @@ class ChunkKVStore:
             self._counts.add("dropped", len(evicted))
         return True
 
-    def _demote(self, meta: ChunkMeta, payloads: list[bytes]) -> None:
+    def _demote(self, meta: ChunkMeta, payloads: list[Payload]) -> None:
         """Disk evicted a chunk: move it to the tiers below unless they hold it (write-through)."""
         for i in range(1, len(self.tiers)):
             try:
@@ -442,7 +442,11 @@ class ChunkKVStore:
     def stats(self) -> StoreStats:
         c = self._counts.snapshot()
         host = TierStats(
-            "host", self.memory.nbytes, self.memory.budget_bytes, len(self.memory), _hits(c, "host"),
+            "host",
+            self.memory.nbytes,
+            self.memory.budget_bytes,
+            len(self.memory),
+            _hits(c, "host"),
             self.memory.num_evictions,
         )
         cold = [
@@ -471,9 +475,7 @@ class ChunkKVStore:
             dropped=c["dropped"],
             class_stored_bytes={h: c[f"stored.{h}"] for h in classes if c[f"stored.{h}"]},
             class_block_lookups={h: c[f"lookups.{h}"] for h in classes if c[f"lookups.{h}"]},
-            class_block_hits={
-                k.removeprefix("hits."): n for k, n in sorted(c.items()) if k.startswith("hits.") and n
-            },
+            class_block_hits={k.removeprefix("hits."): n for k, n in sorted(c.items()) if k.startswith("hits.") and n},
         )
 
     def _maybe_save_stats(self, force: bool = False) -> None:

@@ -128,8 +128,10 @@ def _print_human(s: dict[str, Any]) -> None:
         if c:
             tiers = [t for t in ("host", "disk", "redis") if f"{t}_bytes" in c]
             print("    " + "  ".join(f"{t} {c[f'{t}_bytes']:,.0f} B hit {c[f'{t}_hit_rate']:.1%}" for t in tiers))
-            print(f"    block lookups {c['block_lookups']:,.0f}, misses {c['block_misses']:,.0f}, corrupt "
-                  f"{c['corrupt']:,.0f}, tier errors {c['tier_errors']:,.0f}")
+            print(
+                f"    block lookups {c['block_lookups']:,.0f}, misses {c['block_misses']:,.0f}, corrupt "
+                f"{c['corrupt']:,.0f}, tier errors {c['tier_errors']:,.0f}"
+            )
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from redknot_rag.store.blockfile import CorruptChunkError, block_crc
@@ -197,10 +198,12 @@ class RedisTier:
 
     def chunk_keys(self) -> Iterator[str]:
         keys = self._call(lambda: list(self.client.scan_iter(match=f"{self.base}:*:m")))
-        for key in keys:
-            raw = self._call(lambda key=key: self.client.get(key))
-            if raw is not None:
-                yield json.loads(raw)["chunk_key"]
+        for i in range(0, len(keys), 512):  # metas in MGET batches
+            batch = keys[i : i + 512]
+            values: list[bytes | None] = self._call(partial(self.client.mget, batch))
+            for raw in values:
+                if raw is not None:
+                    yield json.loads(raw)["chunk_key"]
 
     def stored_nbytes(self) -> int:
         """Bytes of this namespace's values (one SCAN + STRLEN pass: for `redknot store stats`, not hot paths)."""
@@ -228,8 +231,10 @@ class RedisTier:
 
     @property
     def num_chunks(self) -> int:
+        def count() -> int:
+            return sum(1 for _ in self.client.scan_iter(match=f"{self.base}:*:m"))
+
         try:
-            return sum(1 for _ in self._call(lambda: list(self.client.scan_iter(match=f"{self.base}:*:m"))))
+            return self._call(count)
         except TierUnavailableError:
             return 0
-
