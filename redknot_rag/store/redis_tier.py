@@ -3,7 +3,7 @@
 Keys, under `<prefix>:v<format>:<fingerprint digest[:32]>:<sha256(chunk_key)>`:
     `:m`         chunk meta, JSON {chunk_key, num_layers, num_kv_heads, num_tokens, head_dim, dtype,
                  blocks: [[token_start, num_tokens, codec, head_class], ...] (row b = layer·H + head)}
-    `:b:<l>:<h>` block value: crc32 u32 (little-endian) + the codec's payload (codec.py)
+    `:b:<l>:<h>` block value: CRC-32C u32 (little-endian) + the codec's payload (codec.py)
 A chunk is written in one MULTI/EXEC (blocks, then meta), so readers see all of it or none.
 Budget and eviction belong to Redis (`maxmemory` + `allkeys-lru`): a block Redis evicted is a
 miss for that block. Keys are namespaced by format version and fingerprint, so another

@@ -112,7 +112,11 @@ class MemoryTier:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def _place(self, t: torch.Tensor) -> torch.Tensor:
+    def _place(self, t: torch.Tensor, owned: bool) -> torch.Tensor:
+        """A tensor on this tier's device that owns its storage; `owned` tensors are kept as they are
+        where no pinning or device move is needed (a freshly decoded block: no second copy)."""
+        if owned and t.device == self.device and not self.pin and t.is_contiguous():
+            return t
         out = torch.empty(t.shape, dtype=t.dtype, device=self.device, pin_memory=self.pin)
         # async only host->device from pinned memory: stream order covers every later GPU read
         return out.copy_(t, non_blocking=self.device.type == "cuda" and t.is_pinned())
@@ -124,12 +128,16 @@ class MemoryTier:
                 self._blocks.move_to_end(key)
             return block
 
-    def put(self, key: BlockKey, block: KVBlock) -> None:
-        """Insert (or refresh) a block; evicts LRU blocks to fit. A block above the budget is not kept."""
+    def put(self, key: BlockKey, block: KVBlock, owned: bool = False) -> None:
+        """Insert (or refresh) a block; evicts LRU blocks to fit. A block above the budget is not kept.
+
+        `owned`: the block's tensors are private to the caller and own exactly their bytes (not views
+        into a larger tensor), so the tier may keep them without a copy.
+        """
         if block.nbytes > self.budget_bytes:
             self.delete(key)
             return
-        placed = KVBlock(self._place(block.k), self._place(block.v), block.token_start, block.head_class)
+        placed = KVBlock(self._place(block.k, owned), self._place(block.v, owned), block.token_start, block.head_class)
         with self._lock:
             self._drop(key)
             while self.nbytes + placed.nbytes > self.budget_bytes:
