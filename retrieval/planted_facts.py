@@ -112,7 +112,7 @@ def _place(rng: random.Random, used: set[str]) -> str:
             return name
 
 
-def _plant(rng: random.Random, passage: str, sentence: str) -> str:
+def plant_sentence(rng: random.Random, passage: str, sentence: str) -> str:
     """Insert `sentence` after a prose paragraph (one ending in '.'), else as its own paragraph."""
     paragraphs = passage.split("\n\n")
     prose = [i for i, p in enumerate(paragraphs) if p.rstrip().endswith(".") and not p.startswith(" ")]
@@ -150,10 +150,10 @@ def make_planted_cases(
                 picked.append((topic, text))
         fields = {"place": _place(rng, used), **_values(rng)}
         fact = template.fact.format(**fields)
-        texts = [_plant(rng, picked[0][1], fact)] + [p for _, p in picked[1:]]
+        texts = [plant_sentence(rng, picked[0][1], fact)] + [p for _, p in picked[1:]]
         if is_decoy and num_distractors > 0:
             decoy = template.fact.format(**{**_values(rng), "place": _place(rng, used)})
-            texts[1] = _plant(rng, texts[1], decoy)
+            texts[1] = plant_sentence(rng, texts[1], decoy)
         order = list(range(len(texts)))
         rng.shuffle(order)  # the answer doc's position within the case is random
         docs = []
