@@ -364,7 +364,31 @@ def test_retrieval_quality_planted_facts(tmp_path: Path, smol_tokenizer, embedde
     from redknot_rag.retrieval.evaluation import evaluate_planted
 
     cases = make_planted_cases(60, seed=0, num_distractors=1)
-    report = evaluate_planted(cases, smol_tokenizer, embedder, work_dir=tmp_path)["hybrid"]
-    print(f"planted-fact retrieval: recall@1={report.recall_at[1]:.3f} recall@5={report.recall_at[5]:.3f} "
-          f"({report.num_cases} questions, {report.num_chunks} chunks)")  # fmt: skip
-    assert report.recall_at[5] >= 0.95, report.misses
+    reports = evaluate_planted(
+        cases, smol_tokenizer, embedder, ks=(1, 5), work_dir=tmp_path, modes=("hybrid", "dense", "lexical")
+    )
+    recall = {m: r.recall_at for m, r in reports.items()}
+    print(f"planted-fact retrieval recall@1/5: {recall}")
+    assert reports["hybrid"].recall_at[5] >= 0.95, reports["hybrid"].misses
+    # fusion must not lose to its better input (1 question of 60 of slack at k=1)
+    for k, slack in ((1, 1 / 60), (5, 0.0)):
+        assert recall["hybrid"][k] >= max(recall["dense"][k], recall["lexical"][k]) - slack - 1e-9, recall
+
+
+def test_rrf_fusion_and_stable_pool(tmp_path: Path, embedder) -> None:
+    from redknot_rag.retrieval.retriever import Retriever, rrf_fuse
+
+    fused = rrf_fuse([(1, 0.9), (2, 0.5)], [(2, 12.0), (3, 4.0)], dense_weight=0.25, rrf_k=1.0)
+    assert fused == pytest.approx({1: 0.25 / 2, 2: 0.25 / 3 + 0.75 / 2, 3: 0.75 / 3})
+    db = DocDB(tmp_path / "db.sqlite")
+    retriever = Retriever(db, tmp_path / "index", embedder, num_candidates=20)
+    docs = [d for d in sample_documents(12, seed=2) if len(d.text) < 4000][:6]
+    retriever.ingest("ns", docs, Chunker(WordTokenizer(), chunk_tokens=96, overlap_tokens=8))
+    query = " ".join(docs[2].text.split()[10:20])
+    for mode in ("hybrid", "dense", "lexical"):
+        retriever.mode = mode
+        full = [h.chunk.id for h in retriever.search("ns", query, top_k=20)]
+        # the candidate pool does not depend on top_k: a smaller top_k is a prefix
+        assert all([h.chunk.id for h in retriever.search("ns", query, top_k=k)] == full[:k] for k in (1, 3, 7))
+    with pytest.raises(ValueError, match="candidate pool"):
+        retriever.search("ns", query, top_k=21)

@@ -1,7 +1,10 @@
-"""Retrieval quality on planted-fact QA: recall@1/@5 of the chunk that holds the fact.
+"""Retrieval quality on planted-fact QA: recall@1/5/10 of the chunk that holds the fact, per mode.
 
-Usage: python bench/retrieval/run.py [--cases 120] [--seed 0] [--mode hybrid|dense|lexical]
-Writes bench/retrieval/results.json (one entry per mode run, keyed by mode).
+Usage: python bench/retrieval/run.py [--cases 120] [--seed 0] [--modes hybrid,dense,lexical]
+                                     [--tune-seed 1]
+Writes bench/retrieval/results.json: one entry per mode (keyed by mode) and `fusion_sweep`, the
+hybrid fusion grid measured on a separate case set (`--tune-seed`; 0 cases skips it) with the
+setting `choose_fusion` picks, which retriever.py's RRF_K / DENSE_WEIGHT must equal.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import platform
 import time
 from pathlib import Path
 
+from redknot_rag.retrieval import retriever as retriever_mod
 from redknot_rag.retrieval.embedder import get_embedder
-from redknot_rag.retrieval.evaluation import evaluate_planted
+from redknot_rag.retrieval.evaluation import choose_fusion, evaluate_planted, sweep_planted
 from redknot_rag.retrieval.planted_facts import make_planted_cases
 
 RESULTS = Path(__file__).with_name("results.json")
+GRID = [(k, w) for k in (1.0, 2.0, 5.0, 10.0, 20.0, 60.0) for w in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)]
 
 
 def smollm2_tokenizer():
@@ -37,12 +42,32 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=256)
     ap.add_argument("--overlap-tokens", type=int, default=32)
     ap.add_argument("--modes", default="hybrid,dense,lexical")
+    ap.add_argument("--tune-seed", type=int, default=1, help="case seed of the fusion sweep")
+    ap.add_argument("--tune-cases", type=int, default=120, help="cases in the fusion sweep (0: skip it)")
     args = ap.parse_args()
 
     tokenizer = smollm2_tokenizer()
     embedder = get_embedder()
-    cases = make_planted_cases(args.cases, seed=args.seed, num_distractors=args.distractors)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.tune_cases > 0:
+        tune = make_planted_cases(args.tune_cases, seed=args.tune_seed, num_distractors=args.distractors)
+        single, points = sweep_planted(tune, tokenizer, embedder, GRID, args.chunk_tokens, args.overlap_tokens)
+        best = choose_fusion(points)
+        is_current = (best.rrf_k, best.dense_weight) == (retriever_mod.RRF_K, retriever_mod.DENSE_WEIGHT)
+        results["fusion_sweep"] = {
+            "seed": args.tune_seed,
+            "num_cases": args.tune_cases,
+            "rule": "max mean recall@1/5/10 among settings >= max(dense, lexical) at every k; "
+            "ties: larger dense_weight, then larger rrf_k",
+            "single_modes": {m: {str(k): v for k, v in r.items()} for m, r in single.items()},
+            "chosen": best.to_json(),
+            "matches_retriever_defaults": is_current,
+            "grid": [p.to_json() for p in points],
+        }
+        print(f"fusion sweep (seed {args.tune_seed}): dense {single['dense']} lexical {single['lexical']}")
+        print(f"chosen rrf_k={best.rrf_k} dense_weight={best.dense_weight} {best.recall_at}"
+              f" (retriever defaults {'match' if is_current else 'DIFFER'})", flush=True)  # fmt: skip
+    cases = make_planted_cases(args.cases, seed=args.seed, num_distractors=args.distractors)
     t0 = time.perf_counter()
     reports = evaluate_planted(
         cases,
@@ -61,6 +86,13 @@ def main() -> None:
             "num_distractors": args.distractors,
             "chunk_tokens": args.chunk_tokens,
             "overlap_tokens": args.overlap_tokens,
+            "num_candidates": retriever_mod.NUM_CANDIDATES,
+            "fusion": {
+                "method": "weighted RRF",
+                "rrf_k": retriever_mod.RRF_K,
+                "dense_weight": retriever_mod.DENSE_WEIGHT,
+            },
+            "machine": "CPU: shared 2-core box",
             "tokenizer": "SmolLM2-135M-Instruct (GGUF)",
             "embedder": "all-MiniLM-L6-v2 (CPU)",
             "python": platform.python_version(),
