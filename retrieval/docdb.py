@@ -28,7 +28,10 @@ from redknot_rag.retrieval.parser import Document
 
 KV_MISSING = "missing"
 KV_DONE = "done"
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # also the HTTP schema's pattern
+DOC_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,512}$"  # no control characters; "." and ".." are refused too
+_NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
+_DOC_ID_RE = re.compile(DOC_ID_PATTERN)
 _MAX_SQL_VARS = 500
 _WORD_RE = re.compile(r"\w+")
 _MAX_QUERY_TERMS = 64
@@ -93,10 +96,35 @@ _SCHEMA = (
 
 
 class UnknownNamespaceError(KeyError):
-    """A namespace that was never created (or was deleted) was named."""
+    """A namespace that was never created (or was deleted) was named. The message names only that
+    namespace: it never lists the others or the database path (the server shows it to tenants)."""
+
+    def __init__(self, namespace: str) -> None:
+        super().__init__(f"unknown namespace {namespace!r}")
+        self.namespace = namespace
 
     def __str__(self) -> str:  # KeyError would print repr(message)
         return str(self.args[0]) if self.args else ""
+
+
+def validate_namespace(name: object) -> str:
+    """`name` if it is a valid namespace name (1-64 chars of [A-Za-z0-9_.-], not starting with . or -)."""
+    if not isinstance(name, str) or not _NAMESPACE_RE.match(name):
+        raise ValueError(
+            f"invalid namespace name {name!r}: use 1-64 chars of [A-Za-z0-9_.-], starting with [A-Za-z0-9_]"
+        )
+    return name
+
+
+def validate_doc_id(doc_id: object) -> str:
+    """`doc_id` if it is usable everywhere: 1-512 chars, no control characters, not "." or "..", no
+    surrounding whitespace. Ids may contain "/" (the CLI uses relative paths): the HTTP API takes them
+    percent-encoded in the path or as the `doc_id` query parameter."""
+    if not isinstance(doc_id, str) or not _DOC_ID_RE.match(doc_id):
+        raise ValueError(f"invalid doc_id {doc_id!r}: 1-512 characters, no control characters")
+    if doc_id in (".", "..") or doc_id != doc_id.strip():
+        raise ValueError(f"invalid doc_id {doc_id!r}: not '.' or '..', no leading or trailing whitespace")
+    return doc_id
 
 
 @dataclass(frozen=True)
@@ -192,15 +220,13 @@ class DocDB:
 
     def _require_namespace(self, cur: sqlite3.Cursor | sqlite3.Connection, namespace: str) -> None:
         if cur.execute("SELECT 1 FROM namespaces WHERE name = ?", (namespace,)).fetchone() is None:
-            known = [r[0] for r in cur.execute("SELECT name FROM namespaces ORDER BY name")]
-            raise UnknownNamespaceError(f"unknown namespace {namespace!r} (known: {known}) in {self.path}")
+            raise UnknownNamespaceError(namespace)
 
     # -- namespaces --------------------------------------------------------------------
 
     def create_namespace(self, name: str, exist_ok: bool = True) -> bool:
         """Create a namespace. Returns True if it was new. Names: [A-Za-z0-9_.-], <= 64 chars."""
-        if not _NAMESPACE_RE.match(name):
-            raise ValueError(f"invalid namespace name {name!r}: use 1-64 chars of [A-Za-z0-9_.-]")
+        validate_namespace(name)
         with self._write() as cur:
             cur.execute("INSERT OR IGNORE INTO namespaces(name, created) VALUES (?, ?)", (name, time.time()))
             is_new = cur.rowcount == 1
@@ -223,9 +249,7 @@ class DocDB:
         """Delete a namespace with all its documents. Returns the removed chunk ids."""
         with self._write() as cur:
             self._require_namespace(cur, name)
-            ids = [
-                r[0] for r in cur.execute("SELECT id FROM chunks WHERE namespace = ? ORDER BY id", (name,))
-            ]
+            ids = [r[0] for r in cur.execute("SELECT id FROM chunks WHERE namespace = ? ORDER BY id", (name,))]
             cur.execute("DELETE FROM chunks WHERE namespace = ?", (name,))
             cur.execute("DELETE FROM documents WHERE namespace = ?", (name,))
             cur.execute("DELETE FROM namespaces WHERE name = ?", (name,))
@@ -236,6 +260,7 @@ class DocDB:
     def upsert_document(self, namespace: str, doc: Document, chunks: Sequence[Chunk]) -> UpsertResult:
         """Store `doc` and its chunks. Same content hash as stored: no-op (`is_changed=False`).
         Changed: the old chunks are deleted and their ids returned in `removed_ids`."""
+        validate_doc_id(doc.doc_id)
         for c in chunks:
             if c.doc_id != doc.doc_id:
                 raise ValueError(f"chunk {c.chunk_id} belongs to {c.doc_id!r}, not {doc.doc_id!r}")
@@ -342,9 +367,7 @@ class DocDB:
         with self._lock:
             self._require_namespace(self._conn, namespace)
             return int(
-                self._conn.execute(
-                    "SELECT COUNT(*) FROM chunks WHERE namespace = ?", (namespace,)
-                ).fetchone()[0]
+                self._conn.execute("SELECT COUNT(*) FROM chunks WHERE namespace = ?", (namespace,)).fetchone()[0]
             )
 
     def all_chunk_ids(self, namespace: str) -> list[int]:

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 KEY, ADMIN = "test-key", "admin-key"
+MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the served name of the embedded default model
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 HAS_RAG = importlib.util.find_spec("redknot_rag.rag") is not None
@@ -119,11 +120,12 @@ def sse_events(lines: Iterator[str]) -> list:
 # ---- SGLang native API ----------------------------------------------------------------------
 def test_model_and_server_info(client):
     info = client.get("/get_model_info").json()
-    assert "SmolLM2" in info["model_path"]
+    assert Path(info["model_path"], "config.json").is_file() and "SmolLM2" in info["served_model_name"]
     for path in ("/server_info", "/get_server_info"):
         si = client.get(path).json()
         assert si["engine"]["kv_heads"] >= 1 and si["max_new_tokens_limit"] == 256
-    assert client.post("/flush_cache").status_code == 200
+    assert client.post("/flush_cache").status_code == 403  # admin-only
+    assert client.post("/flush_cache", headers=ADMIN_AUTH).status_code == 200
     assert client.get("/health_generate").json() == {"status": "ok"}
     assert httpx.get(client.base_url.join("/health")).status_code == 200  # no key needed
 
@@ -286,7 +288,9 @@ def test_sgl_stream_and_run_batch(sgl_backend):
     states = qa.run_batch([{"q": "1+1?"}, {"q": "Capital of Italy?"}, {"q": "Color of the sky?"}], num_threads=3)
     assert len(states) == 3 and all(s["a"] for s in states)
     assert sgl_backend.get_server_info()["model_path"]
-    sgl.flush_cache()
+    with pytest.raises(RuntimeError, match="admin key"):
+        sgl.flush_cache()  # admin-only: a user key may not empty the shared cache
+    sgl.flush_cache(sgl.RuntimeEndpoint(sgl_backend.base_url, api_key=ADMIN))
 
 
 # ---- OpenAI API -------------------------------------------------------------------------------
@@ -313,18 +317,18 @@ def test_openai_models_and_completions(oai):
 
 def test_openai_chat(oai):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
-    c = oai.chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+    c = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
                                     top_logprobs=2)
     text = c.choices[0].message.content
     assert text and c.choices[0].finish_reason in ("stop", "length")
     assert len(c.choices[0].logprobs.content) == c.usage.completion_tokens
     assert c.usage.prompt_tokens_details.cached_tokens == 0
-    chunks = list(oai.chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0,
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0,
                                               stream=True, stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
     assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
     js = oai.chat.completions.create(
-        model="any", messages=[{"role": "user", "content": "Describe a cat as JSON."}], max_tokens=40,
+        model=MODEL, messages=[{"role": "user", "content": "Describe a cat as JSON."}], max_tokens=40,
         temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": {
             "type": "object", "properties": {"name": {"type": "string"}, "lives": {"type": "integer"}}}}})
     assert set(json.loads(js.choices[0].message.content)) == {"name", "lives"}
@@ -341,11 +345,11 @@ BAD = [
      "max_new_tokens"),
     ("text and ids", "POST", "/generate", {"text": "hi", "input_ids": [1]}, None, 400, "exactly one"),
     ("negative max_new_tokens", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}},
-     None, 400, "non-negative"),
+     None, 422, "max_new_tokens"),
     ("huge max_new_tokens", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 10**9}},
      None, 400, "exceeds this server's limit"),
     ("bad temperature", "POST", "/generate", {"text": "hi", "sampling_params": {"temperature": -1.0}}, None,
-     400, "temperature"),
+     422, "temperature"),
     ("invalid regex", "POST", "/generate", {"text": "hi", "sampling_params": {"regex": "[a-"}}, None, 400,
      "invalid regex"),
     ("bad json_schema", "POST", "/generate", {"text": "hi", "sampling_params": {"json_schema": "{nope"}}, None,
@@ -364,8 +368,8 @@ BAD = [
     ("chat bad role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, None,
      422, "role"),
     ("chat empty messages", "POST", "/v1/chat/completions", {"messages": []}, None, 422, "messages"),
-    ("completions negative max_tokens", "POST", "/v1/completions", {"prompt": "x", "max_tokens": -5}, None, 400,
-     "non-negative"),
+    ("completions negative max_tokens", "POST", "/v1/completions", {"prompt": "x", "max_tokens": -5}, None, 422,
+     "max_tokens"),
 ]
 
 
@@ -465,7 +469,8 @@ def ingested(client):
 
 @needs_rag
 def test_rag_query_documents_delete(client, ingested):
-    docs = client.get("/documents", params={"namespace": "test"}).json()["documents"]
+    assert client.get("/documents", params={"namespace": "test"}).status_code == 403  # admin-only
+    docs = client.get("/documents", params={"namespace": "test"}, headers=ADMIN_AUTH).json()["documents"]
     assert {d["doc_id"] for d in docs} >= {"lighthouse", "glacier", "bakery"}
     q = client.post("/query", json={"question": "Who built the Varnholt lighthouse?", "namespace": "test",
                                     "top_k": 2, "max_new_tokens": 24}).json()
@@ -499,7 +504,7 @@ def test_chat_prompt_with_three_stored_chunks_reuses_kv(client, oai, ingested):
     assert len(ret["chunks"]) == 3
     question = "Who built the Varnholt lighthouse?"
     msgs = [{"role": "system", "content": ret["system"]}, {"role": "user", "content": ret["context"] + question}]
-    c = oai.chat.completions.create(model="any", messages=msgs, max_tokens=12, temperature=0)
+    c = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
     chunk_tokens = sum(gen(client, ch["text"], max_new_tokens=0)["meta_info"]["prompt_tokens"]
                        for ch in ret["chunks"])
     # cached = stored tokens reused as-is; the default policy recomputes ~10% + 4 tokens per chunk

@@ -2,6 +2,8 @@
 
 Chat requests go through the model's own chat template; a prompt that contains stored chunks
 reuses their KV like any other (`usage.prompt_tokens_details.cached_tokens` reports it).
+`model` must name the served model (or be left out): any other name answers 404. `tools` answers
+400: there is no tool-call parser (use `response_format` with a JSON schema instead).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from starlette.requests import Request as HttpRequest
 
 from redknot_rag.chat import chat_prompt_ids
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
+from redknot_rag.server.auth import Principal, principal_of
 from redknot_rag.server.constrained import any_json_object_regex
-from redknot_rag.server.errors import ApiError, error_body
+from redknot_rag.server.errors import ApiError
 from redknot_rag.server.limits import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAISampling
+from redknot_rag.server.spec import request_body
 
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -74,13 +78,26 @@ def _params(body: _OpenAISampling, max_tokens: int | None, default_max: int) -> 
     return sampling_from_fields(fields)
 
 
-def _expand(prompts: list[list[int]], params: Any, logprobs: int | None) -> list[GenInput]:
-    n = params.n
-    if n > 16:
-        raise ApiError(400, f"n must be <= 16, got {n}")
+def check_model(rt: Runtime, name: str | None) -> None:
+    """404 for a model this server does not serve (OpenAI's `model_not_found`)."""
+    if name is not None and name not in (rt.model_name, rt.model_dir):
+        raise ApiError(404, f"model {name!r} not found; this server serves {rt.model_name!r} (see /v1/models)")
+
+
+def default_max_tokens(rt: Runtime, prompt_len: int) -> int:
+    """New tokens when a chat request gives no max_tokens: proportionate to the context (1/16 of it,
+    512 for 8K), never more than the room left or the server's limit."""
+    ctx = rt.engine.max_context
+    base = rt.settings.default_max_tokens or max(16, ctx // 16)
+    return max(0, min(base, rt.settings.max_new_tokens_limit, ctx - prompt_len - 1))
+
+
+def _expand(
+    prompts: list[list[int]], params: Any, logprobs: int | None, who: Principal, echo: bool = False
+) -> list[GenInput]:
+    """One GenInput per (prompt, sample); `echo` with logprobs also asks for the prompt's logprobs."""
+    n = params.n  # 1..16 (schema)
     want = logprobs is not None
-    if want and not 0 <= logprobs <= 20:  # type: ignore[operator]
-        raise ApiError(400, f"logprobs must be in [0, 20], got {logprobs}")
     out = []
     for ids in prompts:
         for j in range(n):
@@ -90,8 +107,10 @@ def _expand(prompts: list[list[int]], params: Any, logprobs: int | None) -> list
                     list(ids),
                     replace(p, n=1),
                     return_logprob=want,
-                    logprob_start_len=-1,
+                    logprob_start_len=0 if want and echo else -1,
                     top_logprobs_num=logprobs or 0,
+                    namespaces=who.namespaces,
+                    owner=who.name,
                 )
             )
     return out
@@ -116,9 +135,10 @@ def make_router(rt: Runtime) -> APIRouter:
             ],
         }
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: HttpRequest):
         body = await read_model(request, CompletionRequest, rt.settings.max_request_bytes)
+        check_model(rt, body.model)
         if body.suffix:
             raise ApiError(400, "suffix is not supported")
         p = body.prompt
@@ -135,7 +155,7 @@ def make_router(rt: Runtime) -> APIRouter:
         if len(prompts) > rt.settings.max_batch_size:
             raise ApiError(413, f"{len(prompts)} prompts exceed the limit of {rt.settings.max_batch_size}")
         params = _params(body, body.max_tokens, _DEFAULT_MAX_TOKENS)
-        inputs = _expand(prompts, params, body.logprobs)
+        inputs = _expand(prompts, params, body.logprobs, principal_of(request), echo=bool(body.echo))
         echo = [rt.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(params.n)]
         jobs = await rt.start(inputs)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -157,7 +177,9 @@ def make_router(rt: Runtime) -> APIRouter:
                 "logprobs": None,
             }
             if body.logprobs is not None:
-                choice["logprobs"] = _completion_logprobs(rt, job)
+                choice["logprobs"] = _completion_logprobs(rt, job, echo=bool(body.echo))
+                if body.echo:  # the text the offsets index: echoed prompt tokens + completion
+                    choice["text"] = "".join(choice["logprobs"]["tokens"][: job.prompt_tokens]) + job.text
             choices.append(choice)
         return JSONResponse(
             {
@@ -170,11 +192,16 @@ def make_router(rt: Runtime) -> APIRouter:
             }
         )
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: HttpRequest):
         body = await read_model(request, ChatCompletionRequest, rt.settings.max_request_bytes)
+        check_model(rt, body.model)
         if body.tools:
-            raise ApiError(400, "tools / function calling are not supported by this server")
+            raise ApiError(
+                400,
+                "tools / function calling are not supported by this server (no tool-call parser); "
+                "describe the tool in the prompt and constrain the answer with response_format json_schema",
+            )
         messages = []
         for m in body.messages:
             content = (
@@ -186,8 +213,7 @@ def make_router(rt: Runtime) -> APIRouter:
             messages.append({"role": role, "content": content or ""})
         ids = await rt.run_blocking(chat_prompt_ids, rt.tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        default_max = min(rt.settings.max_new_tokens_limit, max(rt.engine.max_context - len(ids) - 1, 0))
-        params = _params(body, max_tokens, default_max)
+        params = _params(body, max_tokens, default_max_tokens(rt, len(ids)))
         rf = body.response_format
         if rf is not None and rf.type != "text" and params.regex is None:
             if rf.type == "json_object":
@@ -199,7 +225,7 @@ def make_router(rt: Runtime) -> APIRouter:
                 params = replace(params, json_schema=json.dumps(schema))
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true")
-        inputs = _expand([ids], params, (body.top_logprobs or 0) if body.logprobs else None)
+        inputs = _expand([ids], params, (body.top_logprobs or 0) if body.logprobs else None, principal_of(request))
         jobs = await rt.start(inputs)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -255,18 +281,30 @@ def _chat_logprobs(rt: Runtime, job: Job) -> list[dict[str, Any]]:
     return out
 
 
-def _completion_logprobs(rt: Runtime, job: Job) -> dict[str, Any]:
+def _completion_logprobs(rt: Runtime, job: Job, echo: bool = False) -> dict[str, Any]:
+    """OpenAI's legacy logprobs. With `echo`, the prompt's tokens come first (the first one has no
+    logprob: None, as OpenAI answers) and `text_offset` indexes the echoed text + completion."""
     r = job.req
-    tokens = [rt.decode_one(t) for _, t in r.output_token_logprobs]
+    rows: list[tuple[float | None, int, dict[str, float] | None]] = []
+    if echo:
+        tops_in = r.input_top_logprobs
+        for k, (lp, t) in enumerate(r.input_token_logprobs):
+            top = {rt.decode_one(i): v for v, i in tops_in[k]} if k < len(tops_in) and tops_in[k] else None
+            rows.append((None if k == 0 else lp, t, None if k == 0 else top))
+    tops_out = r.output_top_logprobs
+    for k, (lp, t) in enumerate(r.output_token_logprobs):
+        top = {rt.decode_one(i): v for v, i in tops_out[k]} if k < len(tops_out) else None
+        rows.append((lp, t, top))
+    tokens = [rt.decode_one(t) for _, t, _ in rows]
     offsets, pos = [], 0
-    for t in tokens:
+    for tok in tokens:
         offsets.append(pos)
-        pos += len(t)
-    tops = [{rt.decode_one(t): v for v, t in row} for row in r.output_top_logprobs] or None
+        pos += len(tok)
+    want_top = r.top_logprobs_num > 0
     return {
         "tokens": tokens,
-        "token_logprobs": [lp for lp, _ in r.output_token_logprobs],
-        "top_logprobs": tops,
+        "token_logprobs": [lp for lp, _, _ in rows],
+        "top_logprobs": [top for _, _, top in rows] if want_top else None,
         "text_offset": offsets,
     }
 
@@ -287,7 +325,7 @@ async def _stream_completion(
             yield sse({**base, "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}]})
     async for i, job, ev in rt.merged(jobs, request):
         if job.error:
-            yield sse(error_body(500, f"request failed: {job.error}"))
+            yield sse(job.error_body())
             continue
         yield sse(
             {
@@ -322,7 +360,7 @@ async def _stream_chat(
         )
     async for i, job, ev in rt.merged(jobs, request):
         if job.error:
-            yield sse(error_body(500, f"request failed: {job.error}"))
+            yield sse(job.error_body())
             continue
         d = {"content": ev.text} if ev.text else {}
         yield sse(

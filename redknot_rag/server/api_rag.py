@@ -1,27 +1,35 @@
 """The RAG routes: `/query` (answer + sources + timing, optionally streamed), `/retrieve` (chunks
 and the exact context text that automatic reuse recognizes), `/ingest`, `/documents`.
 
-Every route names a namespace; namespaces are isolated (an unknown one answers 404).
+Every route names a namespace; namespaces are isolated (an unknown one answers 404, and so does one
+the caller's key is not bound to). /ingest and the /documents routes need the admin key. Questions
+are checked against the model context before any retrieval or KV work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
 from redknot_rag.chat import DEFAULT_SYSTEM
+from redknot_rag.limits import InputLimits
+from redknot_rag.retrieval.docdb import NAMESPACE_PATTERN
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
-from redknot_rag.server.errors import ApiError, error_body
+from redknot_rag.server.auth import principal_of, require_admin
+from redknot_rag.server.errors import ApiError
 from redknot_rag.server.limits import read_model
 from redknot_rag.server.runtime import Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import IngestRequest, QueryRequest, RetrieveRequest
+from redknot_rag.server.spec import request_body
+
+NamespaceParam = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
 
 CHUNK_SEPARATOR = "\n\n"  # used only when the RAG service does not say how it joins chunks
 
@@ -45,14 +53,31 @@ def _rag(rt: Runtime) -> Any:
     return rt.rag
 
 
-def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
+async def check_question(rt: Runtime, rag: Any, question: str) -> None:
+    """413 unless the question, in its prompt frame, leaves room in the model context (before any work)."""
+    if len(question) > rt.settings.max_question_chars:
+        raise ApiError(413, f"question of {len(question)} chars exceeds the limit of {rt.settings.max_question_chars}")
+    fn = getattr(rag, "question_ids", None)
+    ids = await rt.run_blocking(fn, question) if fn is not None else await rt.tokenize(question)
+    frame = len(getattr(rag, "anchor_ids", ()))
+    ctx = rt.engine.max_context
+    if frame + len(ids) + 1 >= ctx:
+        raise ApiError(
+            413, f"question has {len(ids)} tokens; with the prompt frame it does not fit the {ctx}-token context"
+        )
+
+
+def make_router(rt: Runtime) -> APIRouter:
     router = APIRouter()
     limit = rt.settings.max_request_bytes
+    limits = InputLimits(rt.settings.max_document_bytes, rt.settings.max_question_chars)
 
-    @router.post("/query")
+    @router.post("/query", openapi_extra=request_body(QueryRequest))
     async def query(request: HttpRequest):
         rag = _rag(rt)
         body = await read_model(request, QueryRequest, limit)
+        principal_of(request).require_namespace(body.namespace)
+        await check_question(rt, rag, body.question)
         params = sampling_from_fields(
             {
                 "max_new_tokens": body.max_new_tokens,
@@ -62,7 +87,6 @@ def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
                 "seed": body.seed,
             }
         )
-        params.validate()
         rt.check_limits_params(params)
         if rt.draining:
             raise ApiError(503, "server is shutting down")
@@ -84,10 +108,12 @@ def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
         rt.raise_if_failed([job])
         return JSONResponse(_final(job, prepared, sources))
 
-    @router.post("/retrieve")
+    @router.post("/retrieve", openapi_extra=request_body(RetrieveRequest))
     async def retrieve(request: HttpRequest):
         rag = _rag(rt)
         body = await read_model(request, RetrieveRequest, limit)
+        principal_of(request).require_namespace(body.namespace)
+        await check_question(rt, rag, body.question)
         fn = getattr(rag, "retrieve", None)
         if fn is None:
             raise ApiError(501, "this RAG service has no retrieve()")
@@ -113,38 +139,55 @@ def make_router(rt: Runtime, admin: Callable[[HttpRequest], None]) -> APIRouter:
             "reuse_policy": rt.settings.reuse_policy,
         }
 
-    @router.post("/ingest")
+    @router.post("/ingest", openapi_extra=request_body(IngestRequest))
     async def ingest(request: HttpRequest):
-        admin(request)
+        require_admin(principal_of(request))
         rag = _rag(rt)
         body = await read_model(request, IngestRequest, limit)
         if not body.documents and not body.paths:
             raise ApiError(400, "give 'documents' (a list of {doc_id, text}) or 'paths'")
+        for d in body.documents or []:
+            limits.check_text(d.doc_id, d.text)  # TooLargeError → 413
+        paths = [Path(p) for p in body.paths or []]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise ApiError(400, f"paths not found on the server: {', '.join(missing[:5])}")
+        await rt.run_blocking(limits.check_paths, paths)
         out: dict[str, Any] = {"namespace": body.namespace}
         if body.documents:
             docs = [{"doc_id": d.doc_id, "text": d.text, "metadata": d.metadata or {}} for d in body.documents]
             out["documents"] = to_dict(await rt.run_blocking(rag.ingest_texts, docs, body.namespace))
-        if body.paths:
-            paths = [Path(p) for p in body.paths]
-            missing = [str(p) for p in paths if not p.exists()]
-            if missing:
-                raise ApiError(400, f"paths not found on the server: {', '.join(missing[:5])}")
+        if paths:
             out["paths"] = to_dict(await rt.run_blocking(rag.ingest_paths, paths, body.namespace))
         return out
 
     @router.get("/documents")
-    async def list_documents(namespace: str = "default"):
+    async def list_documents(request: HttpRequest, namespace: NamespaceParam = "default"):
+        require_admin(principal_of(request))
         rag = _rag(rt)
         docs = await rt.run_blocking(rag.list_documents, namespace)
         return {"namespace": namespace, "documents": [to_dict(d) for d in docs]}
 
-    @router.delete("/documents/{doc_id}")
-    async def delete_document(doc_id: str, request: HttpRequest, namespace: str = "default"):
-        admin(request)
+    async def delete(request: HttpRequest, namespace: str, doc_id: str) -> dict[str, Any]:
+        require_admin(principal_of(request))
         rag = _rag(rt)
         if not await rt.run_blocking(rag.delete_document, namespace, doc_id):
             raise ApiError(404, f"document {doc_id!r} not found in namespace {namespace!r}")
         return {"namespace": namespace, "doc_id": doc_id, "deleted": True}
+
+    @router.delete("/documents/{doc_id:path}")
+    async def delete_document(request: HttpRequest, doc_id: str, namespace: NamespaceParam = "default"):
+        """Ids may hold "/" (send them as-is or percent-encoded); where a client's URL handling would
+        rewrite an id (dot segments such as "a/../b"), use `DELETE /documents?doc_id=...`."""
+        return await delete(request, namespace, doc_id)
+
+    @router.delete("/documents")
+    async def delete_document_by_query(
+        request: HttpRequest,
+        doc_id: Annotated[str, Query(min_length=1)],
+        namespace: NamespaceParam = "default",
+    ):
+        return await delete(request, namespace, doc_id)
 
     return router
 
@@ -178,7 +221,7 @@ async def _stream_query(
         if ev.text and not ev.finished:
             yield sse({"type": "token", "text": ev.text})
     if job.error:
-        yield sse(error_body(500, f"request failed: {job.error}"))
+        yield sse(job.error_body())
     else:
         yield sse({"type": "done", **_final(job, prepared, sources)})
     yield SSE_DONE

@@ -2,7 +2,9 @@
 
 `/generate` takes text or input_ids, single or batch, SGLang's sampling field names, `n`,
 regex/json_schema constraints and logprob options; it answers `{"text", "output_ids",
-"meta_info"}` (a list for batches or n > 1) or streams SSE with the cumulative text.
+"meta_info"}` (a list for batches or n > 1) or streams SSE with the cumulative text; a streamed
+chunk's `output_token_logprobs` holds the tokens since the previous chunk, and
+`output_token_logprobs_length` the running count (as SGLang streams them).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
-from redknot_rag.server.errors import ApiError, error_body
+from redknot_rag.server.auth import Principal, principal_of, require_admin
+from redknot_rag.server.errors import ApiError
 from redknot_rag.server.limits import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import AbortRequest, GenerateRequest, SglSamplingParams
+from redknot_rag.server.spec import request_body
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -50,28 +54,36 @@ def top_list(rt: Runtime, items: list[list[tuple[float, int]]], with_text: bool)
     return [logprob_list(rt, row, with_text) if row else None for row in items]
 
 
-def meta_info(rt: Runtime, job: Job, with_text: bool, t0: float, logprobs: bool) -> dict[str, Any]:
+def meta_info(
+    rt: Runtime, job: Job, with_text: bool, t0: float, logprobs: bool, since: int = 0, upto: int | None = None
+) -> dict[str, Any]:
+    """SGLang's meta_info. With `logprobs`, output logprobs of tokens [since, upto) (a stream chunk's new
+    tokens) and input logprobs when `since == 0`."""
     r = job.req
+    n = len(r.output_ids) if upto is None else upto
     meta: dict[str, Any] = {
         "id": r.rid,
         "finish_reason": job.finish_reason,
         "prompt_tokens": r.prompt_len,
-        "completion_tokens": len(r.output_ids),
+        "completion_tokens": n,
         "cached_tokens": r.cached_tokens,
         "e2e_latency": round(time.perf_counter() - t0, 6),
     }
     if job.error:
         meta["error"] = job.error
     if logprobs:
-        meta["input_token_logprobs"] = logprob_list(rt, r.input_token_logprobs, with_text)
-        meta["output_token_logprobs"] = logprob_list(rt, r.output_token_logprobs, with_text)
+        if since == 0:
+            meta["input_token_logprobs"] = logprob_list(rt, r.input_token_logprobs, with_text)
+        meta["output_token_logprobs"] = logprob_list(rt, r.output_token_logprobs[since:n], with_text)
+        meta["output_token_logprobs_length"] = n
         if r.top_logprobs_num > 0:
-            meta["input_top_logprobs"] = top_list(rt, r.input_top_logprobs, with_text)
-            meta["output_top_logprobs"] = top_list(rt, r.output_top_logprobs, with_text)
+            if since == 0:
+                meta["input_top_logprobs"] = top_list(rt, r.input_top_logprobs, with_text)
+            meta["output_top_logprobs"] = top_list(rt, r.output_top_logprobs[since:n], with_text)
     return meta
 
 
-async def build_inputs(rt: Runtime, body: GenerateRequest) -> tuple[list[GenInput], bool]:
+async def build_inputs(rt: Runtime, body: GenerateRequest, who: Principal | None = None) -> tuple[list[GenInput], bool]:
     """Expand a /generate body to one GenInput per (prompt, sample). Returns (inputs, is_batch)."""
     if (body.text is None) == (body.input_ids is None):
         raise ApiError(400, "give exactly one of 'text' or 'input_ids'")
@@ -107,11 +119,7 @@ async def build_inputs(rt: Runtime, body: GenerateRequest) -> tuple[list[GenInpu
         start = _per_item(body.logprob_start_len, i, len(prompts), "logprob_start_len")
         top = _per_item(body.top_logprobs_num, i, len(prompts), "top_logprobs_num") or 0
         rid = _per_item(body.rid, i, len(prompts), "rid")
-        if top < 0 or top > 20:
-            raise ApiError(400, f"top_logprobs_num must be in [0, 20], got {top}")
-        n = params.n
-        if n > 16:
-            raise ApiError(400, f"n must be <= 16, got {n}")
+        n = params.n  # 1..16 (schema)
         for j in range(n):
             pj = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
             inputs.append(
@@ -123,6 +131,8 @@ async def build_inputs(rt: Runtime, body: GenerateRequest) -> tuple[list[GenInpu
                     top_logprobs_num=top if want_lp else 0,
                     stop_regex=tuple([stop_regex] if isinstance(stop_regex, str) else (stop_regex or ())),
                     rid=(f"{rid}-{j}" if n > 1 else rid) if rid else None,
+                    namespaces=who.namespaces if who is not None else None,
+                    owner=who.name if who is not None else "",
                 )
             )
     return inputs, is_batch or len(inputs) > 1
@@ -131,10 +141,10 @@ async def build_inputs(rt: Runtime, body: GenerateRequest) -> tuple[list[GenInpu
 def make_router(rt: Runtime) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/generate")
+    @router.post("/generate", openapi_extra=request_body(GenerateRequest))
     async def generate(request: HttpRequest):
         body = await read_model(request, GenerateRequest, rt.settings.max_request_bytes)
-        inputs, is_batch = await build_inputs(rt, body)
+        inputs, is_batch = await build_inputs(rt, body, principal_of(request))
         with_text = bool(body.return_text_in_logprobs)
         t0 = time.perf_counter()
         jobs = await rt.start(inputs)
@@ -158,9 +168,13 @@ def make_router(rt: Runtime) -> APIRouter:
 
     @router.get("/get_model_info")
     async def get_model_info():
+        """`model_path` is a local Hugging Face directory a client can load the tokenizer from (SGLang's
+        frontend does); `served_model_name` is the name /v1 answers to."""
         return {
-            "model_path": rt.model_name,
-            "tokenizer_path": rt.model_name,
+            "model_path": rt.model_dir,
+            "tokenizer_path": rt.model_dir,
+            "served_model_name": rt.model_name,
+            "weights": rt.weights_note,
             "is_generation": True,
             "preferred_sampling_params": None,
             "weight_version": "default",
@@ -173,7 +187,9 @@ def make_router(rt: Runtime) -> APIRouter:
     async def server_info():
         return {
             "version": "redknot-rag",
-            "model_path": rt.model_name,
+            "model_path": rt.model_dir,
+            "served_model_name": rt.model_name,
+            "weights": rt.weights_note,
             "engine": rt.engine.info(),
             "max_running_requests": rt.engine.config.max_running_requests,
             "max_queued_requests": rt.engine.config.max_queued_requests,
@@ -190,16 +206,26 @@ def make_router(rt: Runtime) -> APIRouter:
     router.add_api_route("/get_server_info", server_info, methods=["GET"])
 
     @router.api_route("/flush_cache", methods=["POST", "GET"])
-    async def flush_cache():
+    async def flush_cache(request: HttpRequest):
+        require_admin(principal_of(request))
         flush = getattr(rt.rag, "flush_cache", None)
         if flush is not None:
             await rt.run_blocking(flush)
         return JSONResponse({"message": "Cache flushed."})
 
-    @router.post("/abort_request")
+    @router.post("/abort_request", openapi_extra=request_body(AbortRequest))
     async def abort_request(request: HttpRequest):
+        """Abort a request in flight that this key started (the admin key: any). Another key's request
+        answers the same 404 as an unknown rid."""
         body = await read_model(request, AbortRequest, rt.settings.max_request_bytes)
-        rt.engine.abort(body.rid)
+        who = principal_of(request)
+        prefix = body.rid + "-"  # `rid` with n > 1 names samples rid-0, rid-1, ...
+        hits = [j for r, j in rt.jobs.items() if r == body.rid or (r.startswith(prefix) and r[len(prefix) :].isdigit())]
+        mine = [j for j in hits if who.is_admin or j.owner == who.name]
+        if not mine:
+            raise ApiError(404, f"no request {body.rid!r} in flight")
+        for j in mine:
+            rt.engine.abort(j.rid)
         return {"rid": body.rid, "aborted": True}
 
     @router.get("/health_generate")
@@ -223,16 +249,20 @@ def make_router(rt: Runtime) -> APIRouter:
 async def _stream(
     rt: Runtime, jobs: list[Job], request: HttpRequest, with_text: bool, t0: float, is_batch: bool
 ) -> AsyncIterator[bytes]:
-    """SSE: `data: {"text": cumulative, "meta_info": ..., "index": i}` per step, then `data: [DONE]`."""
-    async for i, job, ev in rt.merged(jobs, request):
+    """SSE: `data: {"text": cumulative, "meta_info": ..., "index": i}` per step, then `data: [DONE]`.
+    A failed request (or one cancelled by shutdown) ends with its error event instead."""
+    sent = [0] * len(jobs)  # output logprobs already sent, per job
+    async for i, job, _ in rt.merged(jobs, request):
         if job.error:
-            yield sse(error_body(500, f"request {job.rid} failed: {job.error}"))
+            yield sse(job.error_body())
             continue
+        n = len(job.req.output_ids)  # logprobs are appended before output_ids (engine thread)
         chunk: dict[str, Any] = {
             "text": job.text,
-            "output_ids": list(job.req.output_ids),
-            "meta_info": meta_info(rt, job, with_text, t0, ev.finished and job.req.return_logprob),
+            "output_ids": list(job.req.output_ids[:n]),
+            "meta_info": meta_info(rt, job, with_text, t0, job.req.return_logprob, since=sent[i], upto=n),
         }
+        sent[i] = n
         if is_batch:
             chunk["index"] = i
         yield sse(chunk)

@@ -17,6 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 from starlette.requests import Request as HttpRequest
 
+from redknot_rag.server.auth import principal_of
 from redknot_rag.server.errors import ApiError
 from redknot_rag.server.runtime import Runtime
 
@@ -66,6 +67,8 @@ def make_router(rt: Runtime, user: Callable[[HttpRequest], None]) -> APIRouter:
         namespaces: list[str] = []
         if rag is not None:
             namespaces = await rt.run_blocking(rag.db.list_namespaces)
+            allowed = principal_of(request).namespaces  # a tenant key sees its own namespaces only
+            namespaces = [n for n in namespaces if allowed is None or n in allowed]
         default = rt.settings.reuse_policy
         return {
             "model": rt.model_name,

@@ -1,8 +1,9 @@
 """The FastAPI application: routers, key checks, error mapping, access logs, lifespan.
 
 Error mapping (one JSON shape, see errors.py): bad JSON 400, schema 422, invalid parameters
-400, too large 413, queue full 429, unknown namespace/document 404, shutting down 503. An
-unexpected exception answers 500 for that request only.
+(including any ValueError a route lets through, e.g. a parser error) 400, too large 413, queue full
+429, unknown namespace/document/model 404, shutting down or KV pool exhausted 503. An unexpected
+exception answers 500 for that request only.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from starlette.requests import Request as HttpRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from redknot_rag.engine import EngineOverloadedError
+from redknot_rag.kvcache import OutOfPagesError
+from redknot_rag.limits import TooLargeError
 from redknot_rag.retrieval.docdb import UnknownNamespaceError
 from redknot_rag.sampling import InvalidRequestError
-from redknot_rag.server import api_openai, api_rag, api_sglang, api_ui
-from redknot_rag.server.auth import check_key
-from redknot_rag.server.errors import ApiError, describe_validation_errors, error_response
+from redknot_rag.server import api_openai, api_rag, api_sglang, api_ui, spec
+from redknot_rag.server.auth import authenticate
+from redknot_rag.server.errors import ERROR_RESPONSES, ApiError, describe_validation_errors, error_response
 from redknot_rag.server.runtime import Runtime
 
 log = logging.getLogger("redknot.server")
@@ -92,18 +95,20 @@ def create_app(rt: Runtime) -> FastAPI:
     app.state.runtime = rt
     s = rt.settings
 
-    def user_key(request: HttpRequest) -> None:
-        check_key(request, s.api_key, s.admin_key, admin=False)
-
-    def admin_key(request: HttpRequest) -> None:
-        check_key(request, s.api_key, s.admin_key, admin=True)
+    def principal(request: HttpRequest) -> None:
+        """Authenticate once per request; routes read `request.state.principal` (auth.principal_of)."""
+        request.state.principal = authenticate(request, s.api_key, s.admin_key, s.tenant_keys)
 
     public = APIRouter()
 
-    @public.get("/health")
+    @public.get("/health", responses={503: ERROR_RESPONSES[503]})
     async def health():
+        """200 while serving; 503 while draining for shutdown or when the engine thread is stalled."""
         if rt.draining:
-            raise ApiError(503, "server is shutting down")
+            raise ApiError(503, "server is draining for shutdown")
+        stalled = await rt.engine_stalled()
+        if stalled is not None:
+            raise ApiError(503, f"engine stalled: no step finished for {stalled:.0f} s")
         return {"status": "ok"}
 
     @public.get("/metrics")
@@ -111,13 +116,13 @@ def create_app(rt: Runtime) -> FastAPI:
         return PlainTextResponse(rt.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(public)
-    guarded = [Depends(user_key)]
-    app.include_router(api_sglang.make_router(rt), dependencies=guarded)
-    app.include_router(api_openai.make_router(rt), dependencies=guarded)
-    # /ingest and DELETE /documents call `admin_key` themselves (the admin key also opens user routes)
-    app.include_router(api_rag.make_router(rt, admin_key), dependencies=guarded)
-    app.include_router(api_ui.make_router(rt, user_key))  # the page is public; its data routes check the key
+    guarded = [Depends(principal)]
+    # admin-only routes check `require_admin` themselves (the admin key also opens the user routes)
+    for router in (api_sglang.make_router(rt), api_openai.make_router(rt), api_rag.make_router(rt)):
+        app.include_router(router, dependencies=guarded, responses=ERROR_RESPONSES)
+    app.include_router(api_ui.make_router(rt, principal))  # the page is public; its data routes check the key
     _KNOWN_PATHS.update(getattr(r, "path", "") for r in app.routes)
+    spec.install(app)
     _add_error_handlers(app)
     app.add_middleware(AccessLog, rt=rt)
     return app
@@ -138,7 +143,21 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownNamespaceError)
     async def unknown_ns(_: HttpRequest, e: UnknownNamespaceError) -> JSONResponse:
-        return error_response(404, f"unknown namespace: {e}")
+        # the same answer whether it does not exist or belongs to another tenant; no list, no path
+        return error_response(404, f"unknown namespace {e.namespace!r}")
+
+    @app.exception_handler(OutOfPagesError)
+    async def out_of_pages(_: HttpRequest, e: OutOfPagesError) -> JSONResponse:
+        return error_response(503, "KV pool exhausted; retry later", {"Retry-After": "1"})
+
+    @app.exception_handler(TooLargeError)
+    async def too_large(_: HttpRequest, e: TooLargeError) -> JSONResponse:
+        return error_response(413, str(e))
+
+    @app.exception_handler(ValueError)
+    async def value_error(_: HttpRequest, e: ValueError) -> JSONResponse:
+        # input the routes could only judge deep down (parser errors, a lone surrogate, ...)
+        return error_response(400, f"invalid request: {e}")
 
     @app.exception_handler(RequestValidationError)
     async def validation(_: HttpRequest, e: RequestValidationError) -> JSONResponse:

@@ -8,17 +8,48 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "request_too_large",
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_error",
     503: "service_unavailable",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer (and the SSE error event of a failed stream)."""
+
+    object: str = "error"
+    error: ErrorDetail
+
+
+_WHY = {
+    400: "invalid request (bad parameter, malformed JSON)",
+    401: "missing or invalid API key",
+    403: "this key may not use this route",
+    404: "unknown route, namespace, document, model or request",
+    405: "method not allowed",
+    413: "too large (body, prompt or question tokens, document)",
+    422: "the body does not match the schema",
+    429: "queue full; retry after Retry-After seconds",
+    503: "shutting down or stalled",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": why} for code, why in _WHY.items()
 }
 
 

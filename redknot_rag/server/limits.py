@@ -1,4 +1,7 @@
-"""Request body limits and parsing: size (413), malformed JSON (400), schema (422)."""
+"""Request body limits and parsing: size (413), malformed JSON (400), schema (422).
+
+Python's json module accepts what JSON does not (NaN, Infinity, lone UTF-16 surrogates such as
+"\\ud800"); those are refused here with 400, before any model sees them."""
 
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _refuse_constant(name: str) -> None:
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
 async def read_model(request: Request, model: type[M], limit: int, allow_empty: bool = False) -> M:
     """Parse the body as JSON and validate it against `model` (strict types, no unknown fields)."""
     raw = await read_body(request, limit)
@@ -40,9 +47,13 @@ async def read_model(request: Request, model: type[M], limit: int, allow_empty: 
             return model()
         raise ApiError(400, "request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON body: {e}") from None
+    try:  # a lone surrogate cannot be encoded as UTF-8: every tokenizer call would fail on it
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "malformed JSON body: a string holds a lone UTF-16 surrogate (not valid Unicode)") from None
     if not isinstance(data, dict):
         raise ApiError(422, f"request body must be a JSON object, got {type(data).__name__}")
     try:

@@ -28,7 +28,7 @@ from redknot_rag.engine import Engine, EngineOverloadedError
 from redknot_rag.request import Request, TokenEvent
 from redknot_rag.sampling import InvalidRequestError, SamplingParams
 from redknot_rag.server.constrained import RegexProcessor, TokenTexts, compile_regex, json_schema_regex
-from redknot_rag.server.errors import ApiError
+from redknot_rag.server.errors import ApiError, error_body
 from redknot_rag.server.metrics import Metrics
 from redknot_rag.server.settings import ServerSettings
 
@@ -65,6 +65,8 @@ class GenInput:
     stop_regex: tuple[str, ...] = ()
     rid: str | None = None
     allow_reuse: bool = True
+    namespaces: frozenset[str] | None = None  # automatic reuse may match chunks of these only (None: all)
+    owner: str = ""  # the Principal's name: who may abort it
 
 
 @dataclass
@@ -79,6 +81,13 @@ class Job:
     is_finished: bool = False
     old_events: queue.Queue | None = None  # events put before the bridge was attached (RAG path)
     observed: bool = False
+    owner: str = ""
+    cancel_error: str | None = None  # set when the server cancels it (drain): reported instead of an abort
+    error_status: int = 500
+
+    def error_body(self) -> dict:
+        """The SSE error event / JSON error of a failed job (503 when the server cancelled it)."""
+        return error_body(self.error_status, f"request {self.rid} failed: {self.error}")
 
     @property
     def rid(self) -> str:
@@ -112,8 +121,13 @@ class Runtime:
         self.tokenizer = engine.tokenizer
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="redknot-io")
         self.draining = False
+        self.jobs: dict[str, Job] = {}  # in flight, by rid (event loop thread only)
         self.started = time.time()
+        self._reuse_takes_namespaces = rag is not None and "namespaces" in _parameters(rag.build_request)
+        self._probe: asyncio.Future | None = None
+        self._probe_since = 0.0
         self.model_name = settings.served_model_name or engine.loaded.name
+        self.model_dir, self.weights_note = _model_dir_and_note(engine)
         self._add_gauges()
 
     def _add_gauges(self) -> None:
@@ -175,8 +189,13 @@ class Runtime:
             top_logprobs_num=inp.top_logprobs_num,
         )
         req: Request | None = None
-        if self.rag is not None and inp.allow_reuse:
+        # A key bound to namespaces reuses only chunks stored there (else `cached_tokens` would tell it
+        # which texts other tenants store); a RAG service that cannot restrict matching gives it no reuse.
+        if self.rag is not None and inp.allow_reuse and inp.namespaces is None:
             req = self.rag.build_request(inp.prompt_ids, p, **kw)
+        elif self.rag is not None and inp.allow_reuse and self._reuse_takes_namespaces:
+            req = self.rag.build_request(inp.prompt_ids, p, namespaces=set(inp.namespaces or ()), **kw)
+        if req is not None:
             if inp.return_logprob and req.prefix_len > max(inp.logprob_start_len, 0):
                 self.discard(req)  # reused prompt tokens have no logits: prefill them to answer logprobs
                 req = None
@@ -186,12 +205,15 @@ class Runtime:
             req.rid = inp.rid
         if processor is not None:
             req.logits_processor = processor  # type: ignore[attr-defined]  # called by Engine._emit
-        return Job(req, stop_regex)
+        return Job(req, stop_regex, owner=inp.owner)
 
     async def start(self, inputs: list[GenInput]) -> list[Job]:
         """Build and submit every input; all or none (a failure aborts those already submitted)."""
         if self.draining:
             raise ApiError(503, "server is shutting down")
+        rids = [inp.rid for inp in inputs if inp.rid]
+        if len(set(rids)) != len(rids) or any(r in self.jobs for r in rids):
+            raise ApiError(400, "rid is already in use by a request in flight; rids must be unique")
         jobs: list[Job] = []
         try:
             for inp in inputs:
@@ -200,6 +222,10 @@ class Runtime:
             for j in jobs:
                 await self.run_blocking(self.discard, j.req)
             raise
+        if self.draining:  # the drain began while these were being built
+            for j in jobs:
+                await self.run_blocking(self.discard, j.req)
+            raise ApiError(503, "server is shutting down")
         loop = asyncio.get_running_loop()
         submitted: list[Job] = []
         try:
@@ -207,6 +233,7 @@ class Runtime:
                 job.req.events = _LoopQueue(loop)
                 self.engine.submit(job.req)
                 submitted.append(job)
+                self.jobs[job.rid] = job
         except EngineOverloadedError as e:
             for j in submitted:
                 self.engine.abort(j.rid)
@@ -228,6 +255,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         job = Job(req, old_events=req.events)
         req.events = _LoopQueue(loop)
+        self.jobs[job.rid] = job
         return job
 
     # ---- consuming ------------------------------------------------------------------------
@@ -281,9 +309,11 @@ class Runtime:
             job.is_finished = True
             if job.finish_reason is None:
                 job.finish_reason = ev.finish_reason
-            job.error = ev.error
+            job.error = ev.error or job.cancel_error
+            if job.error and job.cancel_error:
+                job.error_status = 503
             self.observe(job)
-            return TokenEvent(ev.token_id, "", ev.logprob, True, job.finish_reason, ev.error)
+            return TokenEvent(ev.token_id, "", ev.logprob, True, job.finish_reason, job.error)
         text = job.text + ev.text
         for rx in job.stop_regex:
             m = rx.search(text)
@@ -339,6 +369,8 @@ class Runtime:
         if job.observed:
             return
         job.observed = True
+        if self.jobs.get(job.rid) is job:
+            del self.jobs[job.rid]
         r = job.req
         e2e = (r.finish_time or time.perf_counter()) - r.arrival_time
         self.metrics.observe_request(
@@ -358,6 +390,7 @@ class Runtime:
                 "completion_tokens": len(r.output_ids),
                 "cached_tokens": r.cached_tokens,
                 "finish": finish_reason_label(job.finish_reason),
+                "owner": job.owner,
                 "ttft_ms": None if r.ttft is None else round(r.ttft * 1e3, 1),
                 "e2e_ms": round(e2e * 1e3, 1),
                 **({"error": job.error} if job.error else {}),
@@ -367,12 +400,68 @@ class Runtime:
     def raise_if_failed(self, jobs: list[Job]) -> None:
         for j in jobs:
             if j.error:
-                raise ApiError(500, f"request {j.rid} failed: {j.error}")
+                raise ApiError(j.error_status, f"request {j.rid} failed: {j.error}")
+
+    # ---- draining and health ----------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Stop taking work (new requests and /health answer 503); in-flight requests go on."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: refusing new requests", extra={"in_flight": len(self.jobs)})
+
+    def cancel_in_flight(self, why: str) -> int:
+        """Abort every request still in flight; each one's client gets an explicit error (SSE error
+        event, or a 503 body), never a silently dropped connection. Returns how many."""
+        for job in list(self.jobs.values()):
+            job.cancel_error = why
+            self.engine.abort(job.rid)
+        return len(self.jobs)
+
+    async def engine_stalled(self) -> float | None:
+        """Seconds the engine thread has not answered a no-op task (run between steps), when that
+        exceeds `health_stall_s`; None when it is live. At most one probe is outstanding."""
+        loop = asyncio.get_running_loop()
+        if self._probe is None or self._probe.done():
+            self._probe_since = time.monotonic()
+            self._probe = loop.run_in_executor(self.executor, self.engine.call, lambda: None)
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(self._probe), 1.0)
+        waited = time.monotonic() - self._probe_since
+        if self._probe.done() or waited < self.settings.health_stall_s:
+            return None
+        return waited
 
     def shutdown(self) -> None:
         self.draining = True
+        self.cancel_in_flight("server shut down")
         self.engine.shutdown(cancel=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _model_dir_and_note(engine: Engine) -> tuple[str, str]:
+    """(a local HF directory holding config + tokenizer, a note on where the weights came from)."""
+    from redknot_rag.loader import resolve_model_dir
+
+    path = getattr(engine.config, "model_path", None)
+    dtype = str(engine.dtype).replace("torch.", "")
+    try:
+        model_dir = str(resolve_model_dir(path)[0])
+    except Exception:  # a model handed in already loaded: no directory to point at
+        model_dir = engine.loaded.name
+    if path is None or str(path).endswith(".gguf"):
+        quant = engine.loaded.name.rpartition(".")[2] if "." in engine.loaded.name else "quantized"
+        bits = f" ({quant[1]}-bit)" if quant[:1] == "Q" and quant[1:2].isdigit() else ""
+        return model_dir, f"GGUF {quant}{bits} weights, dequantized to {dtype} at load"
+    return model_dir, f"Hugging Face weights in {dtype}"
+
+
+def _parameters(fn: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -381,13 +470,15 @@ def _decode_one(tokenizer: Any, token_id: int) -> str:
 
 
 def sampling_from_fields(fields: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from SGLang-named fields (None means default); type errors become 400."""
+    """Validated SamplingParams from SGLang-named fields (None means default); errors become 400."""
     kw = {k: v for k, v in fields.items() if v is not None}
     for key in ("stop", "stop_token_ids"):
         if key in kw:
             v = kw[key]
             kw[key] = (v,) if isinstance(v, str) else tuple(v)
     try:
-        return SamplingParams(**kw)
+        params = SamplingParams(**kw)
     except TypeError as e:
         raise InvalidRequestError(str(e)) from e
+    params.validate(max_new_tokens_limit=1 << 62)  # the server's own limit: Runtime.check_limits_params
+    return params

@@ -1,35 +1,71 @@
-"""Request bodies of every route, as strict pydantic models (unknown fields are errors).
+"""Request bodies of every route, as strict pydantic models (unknown fields are errors, NaN and
+infinities are refused). The served OpenAPI spec declares them (app.py), so clients and fuzzers
+see the same ranges the server enforces.
 
 Field names follow SGLang (native API), OpenAI (the /v1 API) and the project's own /query.
-Validation that needs the engine (token counts, vocabulary) happens later, in `generation.py`.
+Validation that needs the engine or the settings (token counts, vocabulary, `max_new_tokens_limit`)
+happens later, in runtime.py; `SamplingParams.validate` repeats the ranges for callers without HTTP.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from redknot_rag.limits import (
+    MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENTS_PER_INGEST,
+    MAX_PATHS_PER_INGEST,
+    MAX_QUESTION_CHARS,
+    MAX_RID_CHARS,
+)
+from redknot_rag.retrieval.docdb import DOC_ID_PATTERN, NAMESPACE_PATTERN, validate_doc_id
+from redknot_rag.reuse import make_policy
+from redknot_rag.sampling import SEED_MAX
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _policy(name: str) -> str:
+    make_policy(name)  # ValueError → 422 naming the known policies
+    return name
+
+
+NonNegInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX - 16)]
+Temperature = Annotated[float, Field(ge=0)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+MinP = Annotated[float, Field(ge=0, le=1)]
+TopK = Annotated[int, Field(ge=-1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=2)]
+NumSamples = Annotated[int, Field(ge=1, le=16)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+Rid = Annotated[str, Field(min_length=1, max_length=MAX_RID_CHARS)]
+Namespace = Annotated[str, Field(pattern=NAMESPACE_PATTERN)]
+Question = Annotated[str, Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S")]
+PolicyName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_policy)]
+DocId = Annotated[str, Field(pattern=DOC_ID_PATTERN), AfterValidator(validate_doc_id)]
 
 
 # ---- SGLang native --------------------------------------------------------------------------
 class SglSamplingParams(_Strict):
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    n: int | None = None
+    max_new_tokens: NonNegInt | None = None
+    min_new_tokens: NonNegInt | None = None
+    n: NumSamples | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[NonNegInt] | None = None
     stop_regex: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
@@ -37,27 +73,27 @@ class SglSamplingParams(_Strict):
     regex: str | None = None
     json_schema: str | dict[str, Any] | None = None
     ebnf: str | None = None
-    sampling_seed: int | None = None
-    seed: int | None = None
+    sampling_seed: Seed | None = None
+    seed: Seed | None = None
 
 
 class GenerateRequest(_Strict):
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[NonNegInt] | list[list[NonNegInt]] | None = None
     sampling_params: SglSamplingParams | list[SglSamplingParams] | None = None
     return_logprob: bool | list[bool] | None = None
     logprob_start_len: int | list[int] | None = None
-    top_logprobs_num: int | list[int] | None = None
+    top_logprobs_num: TopLogprobs | list[TopLogprobs] | None = None
     return_text_in_logprobs: bool | None = None
     stream: bool | None = None
-    rid: str | list[str] | None = None
+    rid: Rid | list[Rid] | None = None
     image_data: Any = None
     modalities: Any = None
     lora_path: Any = None
 
 
 class AbortRequest(_Strict):
-    rid: str
+    rid: Rid
 
 
 # ---- OpenAI ----------------------------------------------------------------------------------
@@ -70,24 +106,24 @@ class _OpenAISampling(_Strict):
     """OpenAI fields (some accepted and ignored: `user`, `logit_bias`) + SGLang's `extra_body` ones."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
+    max_tokens: NonNegInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: NumSamples | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: Seed | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # SGLang extensions, accepted through `extra_body`
-    top_k: int | None = None
-    min_p: float | None = None
-    min_tokens: int | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    min_tokens: NonNegInt | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    stop_token_ids: list[NonNegInt] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     regex: str | None = None
@@ -95,10 +131,10 @@ class _OpenAISampling(_Strict):
 
 
 class CompletionRequest(_OpenAISampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[NonNegInt] | list[list[NonNegInt]]
     echo: bool | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: TopLogprobs | None = None
+    best_of: NumSamples | None = None
     suffix: str | None = None
 
 
@@ -120,9 +156,9 @@ class ResponseFormat(_Strict):
 
 class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: NonNegInt | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
@@ -131,31 +167,44 @@ class ChatCompletionRequest(_OpenAISampling):
 
 # ---- RAG -------------------------------------------------------------------------------------
 class QueryRequest(_Strict):
-    question: str = Field(min_length=1)
+    question: Question
     top_k: int = Field(default=6, ge=1, le=64)
-    namespace: str = "default"
-    reuse_policy: str | None = None
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
+    namespace: Namespace = "default"
+    reuse_policy: PolicyName | None = None
+    max_new_tokens: NonNegInt = 128
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
     stop: list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
 
 
 class RetrieveRequest(_Strict):
-    question: str = Field(min_length=1)
+    question: Question
     top_k: int = Field(default=6, ge=1, le=64)
-    namespace: str = "default"
+    namespace: Namespace = "default"
 
 
 class IngestDocument(_Strict):
-    doc_id: str = Field(min_length=1)
-    text: str
+    doc_id: DocId
+    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_BYTES, pattern=r"\S")
     metadata: dict[str, Any] | None = None
 
 
 class IngestRequest(_Strict):
-    namespace: str = "default"
-    documents: list[IngestDocument] | None = None
-    paths: list[str] | None = None
+    """`documents` (text sent in the body) and/or `paths` (files on the server, for operators)."""
+
+    namespace: Namespace = "default"
+    documents: list[IngestDocument] | None = Field(default=None, max_length=MAX_DOCUMENTS_PER_INGEST)
+    paths: list[Annotated[str, Field(min_length=1, max_length=4096, pattern=r"\S")]] | None = Field(
+        default=None, max_length=MAX_PATHS_PER_INGEST
+    )
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> IngestRequest:
+        seen: set[str] = set()
+        for d in self.documents or []:
+            if d.doc_id in seen:
+                raise ValueError(f"duplicate doc_id {d.doc_id!r} in one request")
+            seen.add(d.doc_id)
+        return self

@@ -498,7 +498,7 @@ async function listDocuments(ev) {
   $("docs-status").textContent = "Loading\u2026";
   let out;
   try {
-    out = await apiJson(`/documents?namespace=${encodeURIComponent(ns)}`);
+    out = await apiJson(`/documents?namespace=${encodeURIComponent(ns)}`, { admin: true });
   } catch (e) {
     $("docs-status").textContent = "";
     $("docs-table").hidden = true;
