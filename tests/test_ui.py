@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import test_server
-from test_server import ADMIN, KEY, _metric
+from test_server import ADMIN, ADMIN_AUTH, KEY, _metric
 
 # The server and corpus fixtures of test_server.py (one module-scoped server for all tests here).
 server, client, ingested = test_server.server, test_server.client, test_server.ingested
@@ -213,13 +213,13 @@ def test_upload_document_and_find_it(page, client):
     wait_js(page, "document.querySelector('#upload-status').textContent.startsWith('Ingested 1 of 1')", WAIT_MS)
     assert page.get_attribute("#upload-progress", "value") == "1"
     page.wait_for_selector(f"#docs td:text-is('{name}')")
-    docs = client.get("/documents", params={"namespace": ns}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["documents"]
+    docs = client.get("/documents", params={"namespace": ns}, headers=ADMIN_AUTH).json()["documents"]
     assert [d["doc_id"] for d in docs] == [name]
     shot(page, "documents")
     page.once("dialog", lambda d: d.accept())
     page.click(f"button[aria-label='Delete {name}']")
     wait_js(page, "document.querySelector('#docs-status').textContent.startsWith('0 documents')")
-    assert client.get("/documents", params={"namespace": ns}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["documents"] == []
+    assert client.get("/documents", params={"namespace": ns}, headers=ADMIN_AUTH).json()["documents"] == []
 
 
 @needs_browser
