@@ -200,26 +200,38 @@ def test_upload_document_and_find_it(page, client):
     page.focus("#tab-ask")
     page.keyboard.press("ArrowRight")  # tabs by keyboard: Ask -> Documents
     assert page.is_visible("#view-docs")
-    name, ns = "harbour-notes.txt", "uploads"
+    name, big, ns = "harbour-notes.txt", "depot-ledger.txt", "uploads"
     text = "The Orrin harbour crane lifts 40 tonnes. It was repainted green in 2011."
-    page.set_input_files("#files", files=[{"name": name, "mimeType": "text/plain", "buffer": text.encode()}])
+    # ~2.5k tokens: two KV batches (2048 tokens each), so the bar moves while chunk KV is computed
+    ledger = " ".join(f"Record {i}: the depot at site {i} stores {i * 7} crates of item {i % 13}." for i in range(170))
+    files = [{"name": n, "mimeType": "text/plain", "buffer": t.encode()} for n, t in ((name, text), (big, ledger))]
+    page.set_input_files("#files", files=files[:1])
     page.fill("#upload-namespace", ns)
     page.click("#upload")  # with only the API key: the server answers 403 and the page says why
     page.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
     assert "403" in page.inner_text("#error-text") and "admin key" in page.inner_text("#error-text")
     page.fill("#admin-key", ADMIN)
     page.press("#admin-key", "Enter")
+    page.set_input_files("#files", files=files)
     page.click("#upload")
-    wait_js(page, "document.querySelector('#upload-status').textContent.startsWith('Ingested 1 of 1')", WAIT_MS)
-    assert page.get_attribute("#upload-progress", "value") == "1"
+    seen, deadline = set(), time.time() + WAIT_MS / 1e3
+    while not page.evaluate("document.querySelector('#upload-status').textContent.startsWith('Ingested')"):
+        seen.add(page.evaluate("document.querySelector('#upload-progress').value"))
+        assert time.time() < deadline, "upload did not finish"
+        time.sleep(0.05)
+    assert page.inner_text("#upload-status").startswith("Ingested 2 of 2")
+    assert page.get_attribute("#upload-progress", "value") == "2"
+    assert any(1 < v < 2 for v in seen), seen  # partway through the second file's chunk KV
     page.wait_for_selector(f"#docs td:text-is('{name}')")
-    docs = client.get("/documents", params={"namespace": ns}, headers=ADMIN_AUTH).json()["documents"]
-    assert [d["doc_id"] for d in docs] == [name]
+    admin = {"headers": ADMIN_AUTH, "params": {"namespace": ns}}
+    assert [d["doc_id"] for d in client.get("/documents", **admin).json()["documents"]] == [big, name]
+    assert client.get("/ui/kv_pending", **admin).json() == {"namespace": ns, "chunks": 0, "tokens": 0}
+    assert client.get("/ui/kv_pending", params={"namespace": ns}).status_code == 403  # admin only
     shot(page, "documents")
     page.once("dialog", lambda d: d.accept())
     page.click(f"button[aria-label='Delete {name}']")
-    wait_js(page, "document.querySelector('#docs-status').textContent.startsWith('0 documents')")
-    assert client.get("/documents", params={"namespace": ns}, headers=ADMIN_AUTH).json()["documents"] == []
+    wait_js(page, "document.querySelector('#docs-status').textContent.startsWith('1 document ')")
+    assert [d["doc_id"] for d in client.get("/documents", **admin).json()["documents"]] == [big]
 
 
 @needs_browser

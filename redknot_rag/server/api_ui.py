@@ -1,4 +1,4 @@
-"""The web page (`/ui`) and the two read-only routes only it needs: `/ui/info` and `/ui/head_profile`.
+"""The web page (`/ui`) and the read-only routes only it needs: `/ui/info`, `/ui/head_profile`, `/ui/kv_pending`.
 
 The page is plain HTML/CSS/JS from `static/` (no build step, nothing loaded from elsewhere: the
 Content-Security-Policy below forbids it). The page's files are public (they hold no data); the
@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 from starlette.requests import Request as HttpRequest
 
-from redknot_rag.server.auth import principal_of
+from redknot_rag.server.auth import principal_of, require_admin
 from redknot_rag.server.errors import ApiError
 from redknot_rag.server.runtime import Runtime
 
@@ -94,6 +94,16 @@ def make_router(rt: Runtime, user: Callable[[HttpRequest], None]) -> APIRouter:
                 "(run `redknot profile-heads` to calibrate one)",
             )
         return prof
+
+    @router.get("/ui/kv_pending")
+    async def kv_pending(request: HttpRequest, namespace: str = "default"):
+        """Chunks of `namespace` whose KV is not stored yet: the page polls this while an upload runs (admin)."""
+        user(request)
+        require_admin(principal_of(request))
+        if rt.rag is None:
+            raise ApiError(503, "RAG is not enabled on this server: start it with --data-dir")
+        rows = await rt.run_blocking(rt.rag.db.chunks_missing_kv, namespace)
+        return {"namespace": namespace, "chunks": len(rows), "tokens": sum(r.num_tokens for r in rows)}
 
     @router.get("/ui/{name}", include_in_schema=False)
     async def static(name: str):

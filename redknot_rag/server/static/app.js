@@ -503,6 +503,7 @@ async function listDocuments(ev) {
     $("docs-status").textContent = "";
     $("docs-table").hidden = true;
     if (e.status === 404) { $("docs-status").textContent = `No namespace \u201c${ns}\u201d yet: upload a file into it.`; return; }
+    if ((e.status === 401 || e.status === 403) && !ev) { $("docs-status").textContent = "Listing documents needs the admin key: enter it above."; return; }
     showError(e);
     return;
   }
@@ -527,6 +528,22 @@ async function deleteDocument(ns, docId) {
   $("list").focus();
 }
 
+/** While an /ingest runs: poll the namespace's chunks still without stored KV (the server marks each
+ * chunk when its KV is durable) and report the done fraction of the most pending tokens seen. */
+function pollKvProgress(ns, onProgress) {
+  let most = 0, live = true, timer = null;
+  const tick = async () => {
+    try {
+      const p = await apiJson(`/ui/kv_pending?namespace=${encodeURIComponent(ns)}`, { admin: true });
+      most = Math.max(most, p.tokens);
+      if (live && most > 0) onProgress((most - p.tokens) / most, p.tokens);
+    } catch { /* progress is best effort; the /ingest answer reports errors */ }
+    if (live) timer = setTimeout(tick, 400);
+  };
+  timer = setTimeout(tick, 200);
+  return { stop() { live = false; clearTimeout(timer); } };
+}
+
 async function upload(ev) {
   ev.preventDefault();
   const files = Array.from($("files").files || []);
@@ -544,11 +561,15 @@ async function upload(ev) {
       let text;
       try { text = await f.text(); } catch (e) { showError(`could not read ${f.name}: ${e.message}`); continue; }
       if (!text.trim()) { showError(`${f.name} is empty; skipped.`); bar.value = i + 1; continue; }
+      const poll = pollKvProgress(ns, (frac, pending) => {
+        bar.value = i + frac;
+        status.textContent = `File ${i + 1} of ${files.length}: ${f.name} \u2014 computing chunk KV, ${pending} tokens to go\u2026`;
+      });
       try {
         const out = await apiJson("/ingest", { method: "POST", admin: true, body: { namespace: ns, documents: [{ doc_id: f.name, text, metadata: { filename: f.name, bytes: f.size } }] } });
         const s = out.documents || {};
         ok += 1; chunks += s.chunks || 0; tokens += s.tokens || 0;
-      } catch (e) { showError(`${f.name}: ${e.message}`); }
+      } catch (e) { showError(`${f.name}: ${e.message}`); } finally { poll.stop(); }
       bar.value = i + 1;
     }
     status.textContent = `Ingested ${ok} of ${files.length} file${files.length === 1 ? "" : "s"} into \u201c${ns}\u201d: ${chunks} new chunks, ${tokens} tokens with KV stored.`;
