@@ -34,6 +34,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     regex: str | None = None
     json_schema: str | None = None
+    ebnf: str | None = None
     n: int = 1
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 

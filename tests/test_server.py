@@ -208,11 +208,13 @@ def test_constrained_regex_and_json_schema(client):
 
     assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", r["text"]), r["text"]
     assert r["meta_info"]["finish_reason"]["type"] == "stop"
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                               "pet": {"enum": ["cat", "dog"]}}}
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"},
+                                               "pet": {"enum": ["cat", "dog"]}}, "required": ["name", "age", "pet"]}
     j = gen(client, "A JSON record about Alice:", max_new_tokens=48, json_schema=json.dumps(schema))
     obj = json.loads(j["text"])
     assert set(obj) == {"name", "age", "pet"} and isinstance(obj["age"], int) and obj["pet"] in ("cat", "dog")
+    e = gen(client, "Is the sky blue?", max_new_tokens=8, ebnf='root ::= "yes" | "no"')
+    assert e["text"] in ("yes", "no") and e["meta_info"]["finish_reason"]["type"] == "stop"
 
 
 def test_concurrent_requests_and_a_failing_one(client):
@@ -252,8 +254,14 @@ def test_sgl_gen_select_regex_fork(sgl_backend):
         s += sgl.assistant(sgl.gen("legs", max_tokens=6, dtype=int, temperature=0))
         s += sgl.user("Give a 3-digit code.")
         s += sgl.assistant(sgl.gen("code", max_tokens=8, regex=r"[0-9]{3}", temperature=0))
+        s += sgl.user("Describe the city as JSON.")
+        s += sgl.assistant(sgl.gen("city", max_tokens=40, temperature=0, json_schema=json.dumps({
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                             "big": {"type": "boolean"}}, "required": ["city", "big"]})))
 
     st = program.run(question="What is the capital of France?")
+    city = json.loads(st["city"])
+    assert set(city) == {"city", "big"} and isinstance(city["big"], bool)
     assert st["answer"] and st["verdict"] in ("yes", "no")
     assert st["legs"].strip().lstrip("+-").isdigit()
     assert len(st["code"]) == 3 and st["code"].isdigit()
@@ -330,7 +338,8 @@ def test_openai_chat(oai):
     js = oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Describe a cat as JSON."}], max_tokens=40,
         temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": {
-            "type": "object", "properties": {"name": {"type": "string"}, "lives": {"type": "integer"}}}}})
+            "type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "lives": {"type": "integer"}},
+            "required": ["name", "lives"]}}})
     assert set(json.loads(js.choices[0].message.content)) == {"name", "lives"}
 
 

@@ -1,8 +1,8 @@
 """HTTP serving: the RAG API, SGLang's native API and the OpenAI API over one engine.
 
 Modules: `app` (FastAPI app, errors, access log), `runtime` (engine bridge), `api_rag`,
-`api_sglang`, `api_openai` (routes), `schemas` (request bodies), `constrained` (regex/JSON
-decoding), `metrics` (Prometheus), `limits`, `auth`, `logs`, `settings`, `cli` (`redknot serve`).
+`api_sglang`, `api_openai` (routes), `schemas` (request bodies), `constrained` (xgrammar:
+regex, JSON schema, EBNF), `metrics` (Prometheus), `limits`, `auth`, `logs`, `settings`, `cli` (`redknot serve`).
 """
 
 from redknot_rag.server.cli import register_cli

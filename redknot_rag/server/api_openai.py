@@ -22,7 +22,7 @@ from starlette.requests import Request as HttpRequest
 from redknot_rag.chat import chat_prompt_ids
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
 from redknot_rag.server.auth import Principal, principal_of
-from redknot_rag.server.constrained import any_json_object_regex
+from redknot_rag.server.constrained import JSON_OBJECT_SCHEMA
 from redknot_rag.server.errors import ApiError
 from redknot_rag.server.limits import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
@@ -217,7 +217,7 @@ def make_router(rt: Runtime) -> APIRouter:
         rf = body.response_format
         if rf is not None and rf.type != "text" and params.regex is None:
             if rf.type == "json_object":
-                params = replace(params, regex=any_json_object_regex())
+                params = replace(params, json_schema=JSON_OBJECT_SCHEMA)
             else:
                 schema = (rf.json_schema or {}).get("schema")
                 if schema is None:

@@ -1,7 +1,7 @@
 """SGLang's native HTTP API, as `sgl.RuntimeEndpoint` uses it (see shared SGLANG.md).
 
 `/generate` takes text or input_ids, single or batch, SGLang's sampling field names, `n`,
-regex/json_schema constraints and logprob options; it answers `{"text", "output_ids",
+regex/json_schema/ebnf constraints and logprob options; it answers `{"text", "output_ids",
 "meta_info"}` (a list for batches or n > 1) or streams SSE with the cumulative text; a streamed
 chunk's `output_token_logprobs` holds the tokens since the previous chunk, and
 `output_token_logprobs_length` the running count (as SGLang streams them).
@@ -104,13 +104,11 @@ async def build_inputs(rt: Runtime, body: GenerateRequest, who: Principal | None
     for i, ids_i in enumerate(prompts):
         sp = _per_item(body.sampling_params, i, len(prompts), "sampling_params") or SglSamplingParams()
         fields = sp.model_dump()
-        if sp.ebnf is not None:
-            raise ApiError(400, "ebnf constrained decoding is not supported; use regex or json_schema")
         stop_regex = fields.pop("stop_regex")
         seed = fields.pop("sampling_seed")
         if fields.get("seed") is None:
             fields["seed"] = seed
-        for k in ("spaces_between_special_tokens", "no_stop_trim", "ebnf"):
+        for k in ("spaces_between_special_tokens", "no_stop_trim"):
             fields.pop(k)
         if isinstance(fields.get("json_schema"), dict):
             fields["json_schema"] = json.dumps(fields["json_schema"])

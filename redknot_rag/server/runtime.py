@@ -1,7 +1,7 @@
 """The bridge between HTTP handlers (asyncio) and the engine thread.
 
 Every API builds `Job`s here: a validated engine Request (through the RAG service's automatic
-reuse when one exists), plus what the server adds on top (regex-constrained decoding, stop
+reuse when one exists), plus what the server adds on top (grammar-constrained decoding, stop
 regexes, metrics). Token events cross from the engine thread to the event loop through
 `_LoopQueue`, which wakes the waiting coroutine instead of polling. A client that goes away
 aborts its engine request; a request that fails only fails itself.
@@ -27,7 +27,7 @@ from redknot_rag.chat import encode
 from redknot_rag.engine import Engine, EngineOverloadedError
 from redknot_rag.request import Request, TokenEvent
 from redknot_rag.sampling import InvalidRequestError, SamplingParams
-from redknot_rag.server.constrained import RegexProcessor, TokenTexts, compile_regex, json_schema_regex
+from redknot_rag.server.constrained import Grammar, GrammarBackend, compile_stop_regex
 from redknot_rag.server.errors import ApiError, error_body
 from redknot_rag.server.metrics import Metrics
 from redknot_rag.server.settings import ServerSettings
@@ -175,14 +175,13 @@ class Runtime:
         """Validate and build a Job (not submitted). Runs on an executor thread (reuse may load KV)."""
         self.check_limits(inp)
         p = inp.params
-        pattern = p.regex
-        if pattern is None and p.json_schema is not None:
-            pattern = json_schema_regex(p.json_schema)
+        grammar = Grammar.from_params(p)
         processor = None
-        if pattern is not None:  # validated before any KV is assembled
-            eos = tuple(p.stop_token_ids) + tuple(self.engine.model_config.eos_token_ids)
-            processor = RegexProcessor(pattern, TokenTexts.of(self.tokenizer), eos, p.is_greedy)
-        stop_regex = [compile_regex(s) for s in inp.stop_regex]
+        if grammar is not None:  # compiled (validated) before any KV is assembled
+            mc = self.engine.model_config
+            backend = GrammarBackend.of(self.tokenizer, mc.vocab_size, tuple(mc.eos_token_ids))
+            processor = backend.processor(grammar)
+        stop_regex = [compile_stop_regex(s) for s in inp.stop_regex]
         kw = dict(
             return_logprob=inp.return_logprob,
             logprob_start_len=inp.logprob_start_len,
