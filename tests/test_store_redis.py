@@ -152,6 +152,7 @@ def test_real_redis_shared_between_replicas(tmp_path: Path, redis_url: str) -> N
     a.put("shared", k, v)
     first = a.get("shared")
     got = b.get("shared")  # replica b reads a's chunk through Redis, then from its own disk
+    b.wait_fills()
     assert first is not None and got is not None
     assert torch.equal(got.k, first.k) and torch.equal(got.v, first.v)  # same bits on every replica
     assert b.stats().tier("redis").block_hits == 4 * 3 and b.cold.contains_chunk("shared")

@@ -152,6 +152,7 @@ def test_demotion_and_promotion_bit_exact(tmp_path: Path) -> None:
     assert store.contains("c0") and sorted(store.keys()) == ["c0", "c1", "c2"]
     got = store.get("c0")  # host miss, disk miss -> Redis, promoted into host and onto disk
     assert got is not None and torch.equal(got.k, data["c0"][0]) and torch.equal(got.v, data["c0"][1])
+    store.wait_fills()
     st = store.stats()
     assert st.tier("redis").block_hits == L * H and disk_of(store).contains_chunk("c0")
     assert store.memory.contains(BlockKey("c0", 2, 3))
@@ -190,6 +191,7 @@ def test_write_through_shares_chunks_between_replicas(tmp_path: Path) -> None:
     a.put("c", k, v)
     assert b.contains("c")
     got = b.get("c")  # replica b never computed it
+    b.wait_fills()
     assert got is not None and torch.equal(got.k, k) and disk_of(b).contains_chunk("c")
 
 
@@ -213,6 +215,7 @@ def test_corrupt_disk_block_falls_through_to_redis_never_used(tmp_path: Path) ->
     assert got is not None and torch.equal(got.k, k) and torch.equal(got.v, v)
     st = store.stats()
     assert st.corrupt == 1 and (disk_of(store).quarantine_dir / f"{key_hash('c')}.rkv").exists()
+    store.wait_fills()
     assert disk_of(store).contains_chunk("c")  # ...and promoted back onto disk, whole
     assert torch.equal(ChunkKVStore(tmp_path, fp(), 0).get("c").k, k)  # type: ignore[union-attr]
 

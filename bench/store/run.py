@@ -16,7 +16,7 @@ import dataclasses
 import json
 import platform
 import shutil
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +27,9 @@ from redknot_rag.store import ChunkKVStore, HeadCompression, StoreConfig
 from redknot_rag.store.codec import Codec, quantize
 from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.redis_tier import RedisTier
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import start_redis  # noqa: E402
 
 OUT = Path(__file__).parent
 
@@ -62,32 +65,6 @@ def settings(profile) -> list[tuple[str, StoreConfig]]:
             for name, hc in (("all tokens", None), ("local heads: tail window", heads)):
                 out.append((f"{dtype} / {codec} / {name}", StoreConfig(dtype=dtype, cold_codec=codec, heads=hc)))
     return out
-
-
-def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    import socket
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None, None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    return None, None
 
 
 def int8_error(kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

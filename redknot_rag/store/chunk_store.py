@@ -7,8 +7,8 @@ Invariants:
   stored chunks (write-through on `put`), so evicting from host never loses a block; a chunk disk
   evicts is demoted to Redis (when there is one), and only the coldest tier's eviction drops it.
 - A block read from a colder tier is promoted (into host memory; a chunk read from Redis is also
-  copied to disk). Host memory holds exactly what the cold tiers decode to, so a block is the same
-  bits from every tier.
+  copied to disk by a background thread, without fsync: a torn copy fails its checksums). Host
+  memory holds exactly what the cold tiers decode to, so a block is the same bits from every tier.
 - Placement is per (chunk, layer, kv_head) block. A local head's block holds only the chunk's tail
   window (`StoreConfig.heads`); `get` (whole-token tensors) treats such a block as a miss,
   `get_blocks` returns it with its token range.
@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class ChunkKVStore:
         self._metas: OrderedDict[str, ChunkMeta] = OrderedDict()  # recently used chunks, bounded
         self._counts = Counters()
         self._prefetcher: Prefetcher | None = None
+        self._filler: ThreadPoolExecutor | None = None  # background Redis -> disk copies
+        self._fills: set[str] = set()  # chunks being copied
         self._stats_saved_at = time.monotonic()
         self._stats_path = first.ns / "stats.json" if isinstance(first, DiskTier) else None
 
@@ -170,10 +173,10 @@ class ChunkKVStore:
                 self.memory.put(BlockKey(chunk_key, layer, head), blk)
         self._maybe_save_stats()
 
-    def _write(self, i: int, meta: ChunkMeta, payloads: Sequence[Payload]) -> bool:
+    def _write(self, i: int, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> bool:
         """put_chunk into tier i; False (and a log line) if the tier is unreachable."""
         try:
-            evicted = self.tiers[i].put_chunk(meta, payloads)
+            evicted = self.tiers[i].put_chunk(meta, payloads, durable=durable)
         except TierUnavailableError as e:
             self._counts.add("tier_errors")
             log.warning("KV chunk %r not written to the %s tier: %s", meta.chunk_key, self.tiers[i].name, e)
@@ -378,6 +381,7 @@ class ChunkKVStore:
                 blocks[b] = got
                 self._counts.add(f"hits.host.{got.head_class.label}")
         missing = [b for b in want if b not in blocks]
+        num_absent = 0  # tiers that answered "no such chunk"
         for i, tier in enumerate(self.tiers):
             if not missing:
                 break
@@ -390,6 +394,7 @@ class ChunkKVStore:
                 self._counts.add("tier_errors")
                 continue
             if found is None:
+                num_absent += 1
                 continue
             tmeta, payloads = found
             if (tmeta.num_layers, tmeta.num_kv_heads, tmeta.num_tokens, tmeta.head_dim) != (
@@ -409,28 +414,51 @@ class ChunkKVStore:
                 self._counts.add(f"hits.{tier.name}.{bm.head_class.label}")
             self._counts.add("promotions", len(payloads))
             if i > 0 and payloads and self.config.promote_to_disk:
-                self._promote_chunk(chunk_key, i)
+                self._schedule_fill(chunk_key, i)
             missing = [b for b in want if b not in blocks]
         if missing:
             self._counts.add("block_misses", len(missing))
+            if num_absent == len(self.tiers):  # deleted or evicted everywhere (maybe by another process)
+                self._drop_memory(chunk_key)
             return None
         return meta, {b: blocks[b] for b in want}
 
-    def _promote_chunk(self, chunk_key: str, i: int) -> None:
-        """Copy a whole chunk from tier i into the tiers above it (Redis -> disk)."""
+    def _schedule_fill(self, chunk_key: str, i: int) -> None:
+        """Copy a chunk from tier i into the tiers above it, off the read path (once per chunk at a time)."""
+        with self._lock:
+            if chunk_key in self._fills:
+                return
+            self._fills.add(chunk_key)
+            if self._filler is None:
+                self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fill")
+            filler = self._filler
+        filler.submit(self._fill, chunk_key, i)
+
+    def _fill(self, chunk_key: str, i: int) -> None:
         try:
             meta = self.tiers[i].meta(chunk_key)
             if meta is None:
                 return
             found = self.tiers[i].get_payloads(chunk_key, meta.every_block())
+            if found is None or len(found[1]) != len(meta.blocks):
+                return  # Redis evicted part of it: nothing whole to copy
+            payloads = [found[1][b] for b in meta.every_block()]
+            for j in range(i):
+                if self._write(j, found[0], payloads, durable=False):
+                    self._counts.add("promotions")
         except (CorruptChunkError, TierUnavailableError):
             return
-        if found is None or len(found[1]) != len(meta.blocks):
-            return  # Redis evicted part of it: nothing whole to copy
-        payloads = [found[1][b] for b in meta.every_block()]
-        for j in range(i):
-            if self._write(j, found[0], payloads):
-                self._counts.add("promotions")
+        except Exception:  # a background fill must never take the store down; the chunk stays where it was
+            log.exception("copying KV chunk %r up from the %s tier failed", chunk_key, self.tiers[i].name)
+        finally:
+            with self._lock:
+                self._fills.discard(chunk_key)
+
+    def wait_fills(self) -> None:
+        """Wait until the background copies of chunks into warmer cold tiers (Redis -> disk) are done."""
+        filler = self._filler
+        if filler is not None:
+            filler.submit(lambda: None).result()
 
     def _corrupt(self, chunk_key: str, tier: ColdTier, err: Exception) -> None:
         log.error("KV chunk %r failed validation in the %s tier and was dropped: %s", chunk_key, tier.name, err)
@@ -490,10 +518,13 @@ class ChunkKVStore:
             log.warning("could not save KV store stats: %s", e)
 
     def close(self) -> None:
-        """Stop the prefetch thread and persist the counters."""
+        """Stop the prefetch and fill threads and persist the counters."""
         if self._prefetcher is not None:
             self._prefetcher.shutdown()
             self._prefetcher = None
+        if self._filler is not None:
+            self._filler.shutdown(wait=True)
+            self._filler = None
         self._maybe_save_stats(force=True)
 
 

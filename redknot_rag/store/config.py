@@ -89,7 +89,8 @@ class StoreConfig:
     redis_url: a shared Redis tier below disk (its budget is the server's maxmemory).
     redis_write_through: `put` also writes Redis (replicas share new chunks at once); otherwise
         Redis receives chunks only when disk evicts them.
-    promote_to_disk: a chunk read from Redis is copied to disk too (the next read is local).
+    promote_to_disk: a chunk read from Redis is copied to disk too, in the background (the next
+        read is local).
     """
 
     dtype: str | None = None

@@ -18,6 +18,7 @@ Eviction is LRU over whole chunk files under `budget_bytes`; an evicted chunk is
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ _STALE_TMP_S = 3600.0  # temp files of another host (or a reused pid) count as s
 _HEADER_CACHE = 4096
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def key_hash(chunk_key: str) -> str:
     return sha256_hex(b"chunk", chunk_key)
 
@@ -181,8 +183,12 @@ class DiskTier:
 
     # -- chunks -----------------------------------------------------------------------------
 
-    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload]) -> list[str]:
-        """Atomically write a chunk's encoded blocks (table order). Returns chunk keys evicted for the budget."""
+    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> list[str]:
+        """Atomically write a chunk's encoded blocks (table order). Returns chunk keys evicted for the budget.
+
+        `durable=False` (a cache fill of a chunk a colder tier holds) skips the fsyncs: the rename is
+        still atomic, and a file torn by a power loss fails its checksums and is a miss.
+        """
         kh = key_hash(meta.chunk_key)
         tmp = self.tmp_dir / f"{kh}.{self._host}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         final = self._path(kh)
@@ -191,7 +197,8 @@ class DiskTier:
                 for part in encode_chunk(meta, self.digest, payloads):
                     f.write(part)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             if not final.parent.is_dir():
                 final.parent.mkdir(exist_ok=True)
                 _fsync_dir(self.chunks_dir)
@@ -199,7 +206,8 @@ class DiskTier:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
         size = final.stat().st_size
         with self._lock:
             self._forget(kh)

@@ -136,8 +136,8 @@ class RedisTier:
 
     # -- ColdTier ---------------------------------------------------------------------------
 
-    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload]) -> list[str]:
-        """Every block plus the meta, in one MULTI/EXEC. Redis does budget eviction itself."""
+    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> list[str]:
+        """Every block plus the meta, in one MULTI/EXEC. Redis does budget eviction (and persistence) itself."""
 
         def write() -> None:
             pipe = self.client.pipeline(transaction=True)

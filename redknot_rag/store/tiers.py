@@ -69,16 +69,17 @@ class ColdTier(Protocol):
     """A tier of encoded blocks below host memory (disk, Redis).
 
     `put_chunk` stores every block of a chunk or none (after a crash too) and returns the chunk
-    keys it evicted for its budget. `get_payloads` returns the chunk's meta and the crc-verified
-    payloads of the requested blocks it holds (a tier whose own LRU dropped single blocks may
-    return fewer), None when it lacks the chunk or it is bound to another fingerprint, and raises
+    keys it evicted for its budget; `durable=False` marks a cache fill that may skip fsyncs.
+    `get_payloads` returns the chunk's meta and the crc-verified payloads of the requested blocks
+    it holds (a tier whose own LRU dropped single blocks may return fewer), None when it lacks the
+    chunk or it is bound to another fingerprint, and raises
     `CorruptChunkError` (after dropping the chunk) when a requested block fails its checksum, or
     `TierUnavailableError` when it cannot be reached.
     """
 
     name: str
 
-    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload]) -> list[str]: ...
+    def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> list[str]: ...
     def meta(self, chunk_key: str) -> ChunkMeta | None: ...
     def get_payloads(
         self, chunk_key: str, blocks: Sequence[tuple[int, int]]
@@ -138,14 +139,15 @@ class MemoryTier:
             self.delete(key)
             return
         placed = KVBlock(self._place(block.k, owned), self._place(block.v, owned), block.token_start, block.head_class)
+        size = placed.nbytes
         with self._lock:
             self._drop(key)
-            while self.nbytes + placed.nbytes > self.budget_bytes:
+            while self.nbytes + size > self.budget_bytes:
                 self._drop(next(iter(self._blocks)))
                 self.num_evictions += 1
             self._blocks[key] = placed
             self._by_chunk.setdefault(key.chunk_key, set()).add(key)
-            self.nbytes += placed.nbytes
+            self.nbytes += size
 
     def contains(self, key: BlockKey) -> bool:
         with self._lock:
