@@ -267,7 +267,7 @@ def test_old_format_is_refused_with_a_clear_error(tmp_path: Path, caplog: pytest
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.ERROR):
         assert ChunkKVStore(tmp_path, fp(), 0).get("c") is None
-    assert "format v1" in caplog.text and "re-ingest" in caplog.text
+    assert "format v1" in caplog.text and "redknot store migrate" in caplog.text
     (tmp_path / "v1-0123456789abcdef").mkdir()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -293,3 +293,69 @@ def test_stats_dict_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert ns["by_class"]["local"]["blocks"] == NUM_LOCAL and ns["by_class"]["global"]["blocks"] == L * H - NUM_LOCAL
     assert ns["by_class"]["local"]["tokens"] == NUM_LOCAL * WINDOW
     assert ns["counters"]["host_block_hits"] == H
+
+
+def write_v1_store(root: Path, f: KVFingerprint, chunks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """A format-v1 namespace as the v1 writer laid it out (dense blocks, zlib crc32)."""
+    import dataclasses
+    import zlib
+
+    old = dataclasses.replace(f, format_version=1)
+    ns = root / f"v1-{old.digest()[:32]}"
+    (ns / "chunks" / "ab").mkdir(parents=True)
+    (ns / "fingerprint.json").write_text(json.dumps({"digest": old.digest(), **dataclasses.asdict(old)}))
+    for key, (k, v) in chunks.items():
+        nl, nh, t, d = k.shape
+        kb = key.encode()
+        header_len = 88 + 24 * nl * nh + len(kb) + 4
+        base = -(-header_len // 64) * 64
+        size = 2 * t * d * k.element_size()
+        step = -(-size // 64) * 64
+        blocks = [
+            k[layer, head].contiguous().view(torch.uint8).numpy().tobytes()
+            + v[layer, head].contiguous().view(torch.uint8).numpy().tobytes()
+            for layer in range(nl)
+            for head in range(nh)
+        ]
+        head_bytes = struct.pack(
+            "<8s8I16s32s",
+            b"RKNOTKV\0",
+            1,
+            header_len,
+            nl,
+            nh,
+            t,
+            d,
+            len(kb),
+            0,
+            b"float32".ljust(16, b"\0"),
+            bytes.fromhex(old.digest()),
+        )
+        head_bytes += (
+            b"".join(struct.pack("<QQII", base + i * step, size, zlib.crc32(b), t) for i, b in enumerate(blocks)) + kb
+        )
+        body = head_bytes + struct.pack("<I", zlib.crc32(head_bytes))
+        body += b"\0" * (base - len(body)) + b"".join(b + b"\0" * (step - size) for b in blocks)
+        (ns / "chunks" / "ab" / f"{key_hash(key)}.rkv").write_bytes(body)
+    return ns
+
+
+def test_migrate_v1_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from redknot_rag.store.cli import main as store_main
+
+    data = {"c0": kv(80), "c1": kv(81), "bad": kv(82)}
+    ns = write_v1_store(tmp_path, fp(), data)
+    bad = ns / "chunks" / "ab" / f"{key_hash('bad')}.rkv"
+    raw = bytearray(bad.read_bytes())
+    raw[-10] ^= 0x01  # a flipped byte in the last block: that chunk is never migrated
+    bad.write_bytes(bytes(raw))
+    assert ChunkKVStore(tmp_path, fp(), 0).get("c0") is None  # v1 is not read as such
+    assert store_main(["migrate", "--data-dir", str(tmp_path), "--store-dtype", "bfloat16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["chunks"] == 2 and report["skipped"] == 1
+    assert report["bytes_after"] < 0.55 * report["bytes_before"]
+    store = ChunkKVStore(tmp_path, fp(), 0)
+    for key in ("c0", "c1"):
+        got = store.get(key)
+        assert got is not None and torch.equal(got.k, data[key][0].bfloat16().float())
+    assert store.get("bad") is None and sorted(store.keys()) == ["c0", "c1"]

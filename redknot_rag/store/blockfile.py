@@ -150,7 +150,7 @@ def read_header(fd: int, expect_digest: str | None = None) -> ChunkHeader:
     if version != FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"chunk file format v{version}; this build reads only v{FORMAT_VERSION} "
-            "(re-ingest the documents to rewrite their KV)"
+            "(`redknot store migrate` or re-ingesting rewrites it)"
         )
     if not (_FIXED.size < header_len <= _MAX_HEADER) or header_len != _FIXED.size + _ENTRY.size * L * H + key_len + 4:
         raise CorruptChunkError(f"inconsistent header length {header_len}")

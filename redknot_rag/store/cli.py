@@ -143,6 +143,22 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from redknot_rag.store.config import StoreConfig
+    from redknot_rag.store.migrate import migrate_v1
+
+    root = _kv_root(Path(args.data_dir))
+    old = [p for p in old_format_dirs(root) if p.name.startswith("v1-")]
+    if not old:
+        print(f"no format-v1 store under {root}")
+        return 0
+    cfg = StoreConfig(dtype=args.store_dtype, cold_codec=args.store_cold_codec)
+    for ns in old:
+        r = migrate_v1(ns, root, cfg, delete_old=args.delete_old)
+        print(json.dumps(r.__dict__))
+    return 0
+
+
 def register_cli(sub: Any) -> None:
     p = sub.add_parser("store", help="chunk KV store tools")
     ssub = p.add_subparsers(dest="store_command", required=True)
@@ -151,6 +167,17 @@ def register_cli(sub: Any) -> None:
     s.add_argument("--redis-url", default=os.environ.get("REDKNOT_REDIS_URL"), help="also count the Redis tier")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_stats)
+    m = ssub.add_parser("migrate", help="rewrite a format-v1 store in the current format")
+    m.add_argument("--data-dir", required=True, help="RAG data dir (its kv/ store) or a store root")
+    m.add_argument(
+        "--store-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="storage dtype (default: the dtype the KV was computed in, lossless)",
+    )
+    m.add_argument("--store-cold-codec", choices=["raw", "int8"], default="raw")
+    m.add_argument("--delete-old", action="store_true", help="remove each v1 file once it is migrated")
+    m.set_defaults(func=_cmd_migrate)
 
 
 def main(argv: list[str] | None = None) -> int:

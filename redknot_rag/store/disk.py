@@ -98,7 +98,7 @@ class DiskTier:
         for old in old_format_dirs(Path(root)):
             log.warning(
                 "KV store %s holds chunk files of an older format (%s); this build reads only format v%d, "
-                "so those chunks are misses: re-ingest to rewrite them, then delete that directory",
+                "so those chunks are misses: `redknot store migrate` (or re-ingesting) rewrites them",
                 root,
                 old.name.split("-")[0],
                 FORMAT_VERSION,
