@@ -203,7 +203,7 @@ def test_upload_document_and_find_it(page, client):
     name, big, ns = "harbour-notes.txt", "depot-ledger.txt", "uploads"
     text = "The Orrin harbour crane lifts 40 tonnes. It was repainted green in 2011."
     # ~2.5k tokens: two KV batches (2048 tokens each), so the bar moves while chunk KV is computed
-    ledger = " ".join(f"Record {i}: the depot at site {i} stores {i * 7} crates of item {i % 13}." for i in range(170))
+    ledger = " ".join(f"Record {i}: the depot at site {i} stores {i * 7} crates of item {i % 13}." for i in range(90))
     files = [{"name": n, "mimeType": "text/plain", "buffer": t.encode()} for n, t in ((name, text), (big, ledger))]
     page.set_input_files("#files", files=files[:1])
     page.fill("#upload-namespace", ns)
