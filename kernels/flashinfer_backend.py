@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from redknot_rag.attention import AttentionBackend, register_backend
+from redknot_rag.attention import AttentionBackend, register_backend, require_uniform_layers
 from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import ModelConfig
 from redknot_rag.kvcache import KVPool
@@ -118,6 +118,7 @@ class FlashInferBackend(AttentionBackend):
     """FlashInfer paged decode/prefill with in-kernel RoPE where the layout allows; Triton otherwise."""
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
+        require_uniform_layers(cfg, "flashinfer")
         super().__init__(cfg, pool, rotary)
         fi = import_flashinfer()
         if pool.device.type != "cuda":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from redknot_rag.attention import AttentionBackend, register_backend
+from redknot_rag.attention import AttentionBackend, register_backend, require_uniform_layers
 from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import ModelConfig
 from redknot_rag.kvcache import KVPool
@@ -42,6 +42,7 @@ class TritonBackend(AttentionBackend):
     block_n = 64
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
+        require_uniform_layers(cfg, "triton")
         super().__init__(cfg, pool, rotary)
         self.inv_freq = rotary.inv_freq.to(pool.device, torch.float32).contiguous()
         self.cos, self.sin = rope_tables(self.inv_freq, max(cfg.max_position, 4096), pool.dtype)

@@ -39,6 +39,16 @@ class AttentionBackend(ABC):
         """q `[N, Hq, D]` pre-RoPE → attention output `[N, Hq, D]`."""
 
 
+def require_uniform_layers(cfg: ModelConfig, backend: str) -> None:
+    """Raise for models the GPU kernels cannot run yet: sliding-window layers with their own RoPE
+    table, or a softmax scale other than head_dim ** -0.5 (Gemma 3). The torch backend runs them."""
+    if cfg.has_sliding_layers or abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12:
+        raise NotImplementedError(
+            f"the {backend} attention backend does not support sliding-window layers or query_pre_attn_scalar "
+            "yet; use attention_backend='torch'"
+        )
+
+
 _REGISTRY: dict[str, Callable[[ModelConfig, KVPool, Rotary], AttentionBackend]] = {}
 
 
@@ -61,7 +71,10 @@ def create_backend(name: str, cfg: ModelConfig, pool: KVPool, rotary: Rotary) ->
 
 @register_backend("torch")
 class TorchBackend(AttentionBackend):
-    """Reference backend (CPU and GPU, any shape): gathers K/V slots, rotates K, masks by position."""
+    """Reference backend (CPU and GPU, any shape): gathers K/V slots, rotates K, masks by position.
+
+    Sliding-window layers (Gemma 3) mask by position too: a query at position p sees keys with
+    p - sliding_window < position <= p, wherever the keys sit in the pages (reused chunks included)."""
 
     def plan(self, batch: ForwardBatch) -> None:
         cfg = self.cfg
@@ -92,29 +105,37 @@ class TorchBackend(AttentionBackend):
     def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         hkv, g, d = cfg.num_kv_heads, cfg.num_kv_groups, cfg.head_dim
-        q = self.rotary.apply(q.transpose(0, 1), self.q_pos).transpose(0, 1)  # [N, Hq, D]
+        rotary = self.rotary.for_layer(layer)
+        window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        q = rotary.apply(q.transpose(0, 1), self.q_pos).transpose(0, 1)  # [N, Hq, D]
         out = torch.empty_like(q)
-        scale = d**-0.5
+        scale = cfg.attn_scale
         if self.dec_rows.numel():
             b = self.dec_rows.shape[0]
             slots = self.dec_slots[layer]  # [B, Hkv, T]
             k = self.pool.k_slots[slots].to(q.dtype)  # [B, Hkv, T, D]
             v = self.pool.v_slots[slots].to(q.dtype)
-            k = self.rotary.apply(k, self.dec_kpos[:, None, :])
+            k = rotary.apply(k, self.dec_kpos[:, None, :])
             qd = q[self.dec_rows].view(b, hkv, g, d)  # [B, Hkv, g, D]
             scores = torch.einsum("bhgd,bhtd->bhgt", qd, k).float() * scale
-            scores.masked_fill_(~self.dec_mask[layer][:, :, None, :], float("-inf"))
+            mask = self.dec_mask[layer]  # [B, Hkv, T]
+            if window is not None:
+                in_window = self.dec_kpos > self.q_pos[self.dec_rows][:, None] - window  # [B, T]
+                mask = mask & in_window[:, None, :]
+            scores.masked_fill_(~mask[:, :, None, :], float("-inf"))
             probs = scores.softmax(-1).to(v.dtype)
             out[self.dec_rows] = torch.einsum("bhgt,bhtd->bhgd", probs, v).reshape(b, hkv * g, d)
         for s in self.prefills:
             t = s.kv.num_tokens
             slots = s.kv.slots[layer, :, :t].to(self.pool.device)  # [Hkv, T]
             kpos = s.kv.positions[:t].to(self.pool.device)
-            k = self.rotary.apply(self.pool.k_slots[slots].to(q.dtype), kpos)  # [Hkv, T, D]
+            k = rotary.apply(self.pool.k_slots[slots].to(q.dtype), kpos)  # [Hkv, T, D]
             v = self.pool.v_slots[slots].to(q.dtype)
             rows = slice(s.q_start, s.q_start + s.q_len)
             qpos = self.q_pos[rows]
             mask = kpos[None, :] <= qpos[:, None]  # [Tq, T]
+            if window is not None:
+                mask = mask & (kpos[None, :] > qpos[:, None] - window)
             mask = mask[None].expand(hkv, -1, -1)  # [Hkv, Tq, T]
             if s.kv.visible is not None:
                 mask = mask & s.kv.visible[layer, :, None, :t].to(self.pool.device)

@@ -20,7 +20,9 @@ _COMMAND_MODULES = (
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-path", default=None, help="HF directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument(
+        "--model-path", default=None, help="HF directory, .gguf, or packaged: smollm2-135m (default), gemma3-270m"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--attention-backend", default="auto", help="torch, flashinfer, triton or auto")

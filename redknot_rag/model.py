@@ -1,4 +1,4 @@
-"""Our own forward for the Llama family (Llama 2/3/3.1, Mistral, SmolLM2, Qwen2, Qwen3).
+"""Our own forward for the Llama family (Llama 2/3/3.1, Mistral, SmolLM2, Qwen2, Qwen3) and Gemma 3.
 
 Weights come from `loader.load_model` (HF parameter names). Attention goes through a backend
 over head-granular pages; K is written pre-RoPE.
@@ -16,12 +16,18 @@ from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import ModelConfig
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF semantics: normalize in float32, scale after casting back."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """HF semantics. Llama (offset 0): normalize in float32, scale by `weight` after casting
+    back. Gemma (offset 1): scale by `1 + weight` in float32, then cast."""
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + weight.float())).to(dtype)
     return weight * xf.to(dtype)
+
+
+_ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass
@@ -32,9 +38,11 @@ class LayerWeights:
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     o: torch.Tensor
-    post_norm: torch.Tensor
+    mlp_norm: torch.Tensor  # before the MLP (Llama's post_attention_layernorm)
     gate_up: torch.Tensor  # [2 * inter, hidden]
     down: torch.Tensor
+    attn_out_norm: torch.Tensor | None = None  # sandwich norms (Gemma): on each sublayer's output
+    mlp_out_norm: torch.Tensor | None = None
 
 
 class CausalLM:
@@ -53,6 +61,11 @@ class CausalLM:
             bias = None
             if cfg.attention_bias:
                 bias = torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
+            if cfg.is_sandwich_norm:  # Gemma: post_attention_layernorm normalizes the attention output
+                mlp_norm, attn_out = w[p + "pre_feedforward_layernorm.weight"], w[p + "post_attention_layernorm.weight"]
+                mlp_out: torch.Tensor | None = w[p + "post_feedforward_layernorm.weight"]
+            else:
+                mlp_norm, attn_out, mlp_out = w[p + "post_attention_layernorm.weight"], None, None
             self.layers.append(
                 LayerWeights(
                     input_norm=w[p + "input_layernorm.weight"],
@@ -61,9 +74,11 @@ class CausalLM:
                     q_norm=w.get(a + "q_norm.weight") if cfg.qk_norm else None,
                     k_norm=w.get(a + "k_norm.weight") if cfg.qk_norm else None,
                     o=w[a + "o_proj.weight"],
-                    post_norm=w[p + "post_attention_layernorm.weight"],
+                    mlp_norm=mlp_norm,
                     gate_up=torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]),
                     down=w[p + "mlp.down_proj.weight"],
+                    attn_out_norm=attn_out,
+                    mlp_out_norm=mlp_out,
                 )
             )
         self.dtype = self.embed.dtype
@@ -76,26 +91,35 @@ class CausalLM:
         cfg = self.cfg
         n = batch.num_tokens
         hq, hkv, d = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+        eps, off = cfg.rms_norm_eps, cfg.norm_weight_offset
+        act = _ACTS[cfg.hidden_act]
         attn.plan(batch)
         x = self.embed[batch.input_ids.to(self.device)]  # [N, hidden]
+        if cfg.embed_scale != 1.0:  # Gemma: the scale is rounded to the weights' dtype, as in HF
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         for li, lw in enumerate(self.layers[:num_layers]):
-            h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+            h = rms_norm(x, lw.input_norm, eps, off)
             qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [N, (Hq + 2Hkv) * D]
             q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
             q = q.view(n, hq, d)
             k = k.view(n, hkv, d)
             v = v.view(n, hkv, d)
             if lw.q_norm is not None and lw.k_norm is not None:
-                q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-                k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+                q = rms_norm(q, lw.q_norm, eps, off)
+                k = rms_norm(k, lw.k_norm, eps, off)
             attn.write_kv(li, k, v)
-            o = attn.run(li, q)  # [N, Hq, D]
-            x = x + F.linear(o.reshape(n, hq * d), lw.o)
-            h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+            o = F.linear(attn.run(li, q).reshape(n, hq * d), lw.o)  # [N, Hq, D] -> [N, hidden]
+            x = x + (rms_norm(o, lw.attn_out_norm, eps, off) if lw.attn_out_norm is not None else o)
+            h = rms_norm(x, lw.mlp_norm, eps, off)
             gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.down)
+            m = F.linear(act(gate) * up, lw.down)  # [N, hidden]
+            x = x + (rms_norm(m, lw.mlp_out_norm, eps, off) if lw.mlp_out_norm is not None else m)
         if num_layers is not None and num_layers < cfg.num_layers:
             return torch.zeros(0, cfg.vocab_size)
         rows = batch.logit_rows.to(self.device)
-        x = rms_norm(x[rows], self.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()  # [M, vocab]
+        x = rms_norm(x[rows], self.norm, eps, off)
+        logits = F.linear(x, self.lm_head).float()  # [M, vocab]
+        if cfg.final_logit_softcapping is not None:
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -31,12 +31,16 @@ class ProbeBackend(TorchBackend):
         dev = self.pool.device
         slots = s.kv.slots[layer, :, :t].to(dev)  # [Hkv, T]
         kpos = s.kv.positions[:t].to(dev)
-        k = self.rotary.apply(self.pool.k_slots[slots].float(), kpos)  # [Hkv, T, D]
+        rotary = self.rotary.for_layer(layer)
+        k = rotary.apply(self.pool.k_slots[slots].float(), kpos)  # [Hkv, T, D]
         rows = slice(s.q_start, s.q_start + s.q_len)
         qpos = self.q_pos[rows]
-        qr = self.rotary.apply(q[rows].float().transpose(0, 1), qpos).view(hkv, g, s.q_len, d)  # [Hkv, g, Tq, D]
-        scores = torch.einsum("hgqd,htd->hgqt", qr, k) * d**-0.5
+        qr = rotary.apply(q[rows].float().transpose(0, 1), qpos).view(hkv, g, s.q_len, d)  # [Hkv, g, Tq, D]
+        scores = torch.einsum("hgqd,htd->hgqt", qr, k) * cfg.attn_scale
         mask = kpos[None, :] <= qpos[:, None]  # [Tq, T]
+        if cfg.is_sliding(layer):
+            assert cfg.sliding_window is not None
+            mask = mask & (kpos[None, :] > qpos[:, None] - cfg.sliding_window)
         if s.kv.visible is not None:
             mask = mask[None] & s.kv.visible[layer, :, None, :t].to(dev)  # [Hkv, Tq, T]
             mask = mask[:, None]

@@ -9,12 +9,14 @@ import torch
 from redknot_rag.config import ModelConfig
 
 
-def inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Inverse frequencies `[head_dim // 2]` float32, llama3 scaling applied (same arithmetic as HF)."""
+def inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu", *, is_local: bool = False) -> torch.Tensor:
+    """Inverse frequencies `[head_dim // 2]` float32, llama3 scaling applied (same arithmetic as HF).
+    `is_local`: the sliding-window layers' table (base `rope_local_theta`, never scaled)."""
     dim = cfg.head_dim
-    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    theta = cfg.rope_local_theta if is_local and cfg.rope_local_theta is not None else cfg.rope_theta
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     sc = cfg.rope_scaling
-    if sc.kind == "llama3":
+    if sc.kind == "llama3" and not is_local:
         low_wavelen = sc.original_max_position / sc.low_freq_factor
         high_wavelen = sc.original_max_position / sc.high_freq_factor
         wavelen = 2 * math.pi / freqs
@@ -27,13 +29,28 @@ def inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tens
 
 
 class Rotary:
-    """cos/sin tables indexed by position; grows on demand. Tables are `[max_pos, head_dim]` float32."""
+    """cos/sin tables indexed by position; grows on demand. Tables are `[max_pos, head_dim]` float32.
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
-        self.inv_freq = inv_freq(cfg, device)
+    A model whose sliding-window layers use their own RoPE base (Gemma 3) gets a second table;
+    `for_layer(i)` is the one layer i rotates with (`self` for every layer of a Llama)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", *, is_local: bool = False) -> None:
+        self.inv_freq = inv_freq(cfg, device, is_local=is_local)
         self.device = torch.device(device)
         self._cos = torch.empty(0, cfg.head_dim, device=device)
         self._sin = torch.empty(0, cfg.head_dim, device=device)
+        self._layer_rotary: list[Rotary] = []
+        if not is_local and cfg.has_sliding_layers and cfg.rope_local_theta not in (None, cfg.rope_theta):
+            local = Rotary(cfg, device, is_local=True)
+            self._layer_rotary = [local if cfg.is_sliding(i) else self for i in range(cfg.num_layers)]
+
+    @property
+    def is_per_layer(self) -> bool:
+        """True when some layers rotate with another table than `self` (see `for_layer`)."""
+        return bool(self._layer_rotary)
+
+    def for_layer(self, layer: int) -> Rotary:
+        return self._layer_rotary[layer] if self._layer_rotary else self
 
     def _grow(self, n: int) -> None:
         n = max(n, 2 * self._cos.shape[0], 4096)
