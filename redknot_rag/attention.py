@@ -62,8 +62,8 @@ def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[Atten
 
 
 def create_backend(name: str, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> AttentionBackend:
-    if name not in _REGISTRY and name in ("flashinfer", "triton"):
-        import redknot_rag.kernels.backends  # noqa: F401  (registers GPU backends)
+    """A registered backend by name (GPU backends register when `redknot_rag.kernels.backends` imports;
+    `runner.load_backend` does that import, so this module never imports the kernels)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_REGISTRY)}")
     return _REGISTRY[name](cfg, pool, rotary)

@@ -8,41 +8,17 @@ import json
 import sys
 import time
 
+from redknot_rag.options import add_engine_args, engine_config_from_args
+
 # modules that add subcommands (each has `register_cli(subparsers)`)
 _COMMAND_MODULES = (
     "redknot_rag.ingest",
-    "redknot_rag.server",
-    "redknot_rag.heads",
+    "redknot_rag.server.cli",
+    "redknot_rag.rag.profiling",
     "redknot_rag.evaluation",
     "redknot_rag.demo",
     "redknot_rag.store.cli",
 )
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model-path", default=None, help="HF directory, .gguf, or packaged: smollm2-135m (default), gemma3-270m"
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    p.add_argument("--attention-backend", default="auto", help="torch, flashinfer, triton or auto")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--cpu-kv-gib", type=float, default=1.0, help="KV pool size on CPU")
-    p.add_argument("--mem-fraction", type=float, default=0.85, help="share of free GPU memory for the KV pool")
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from redknot_rag.config import EngineConfig
-
-    return EngineConfig(
-        model_path=args.model_path,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        page_size=args.page_size,
-        cpu_kv_gib=args.cpu_kv_gib,
-        mem_fraction=args.mem_fraction,
-    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -18,10 +18,12 @@ DEMO_MAX_DOC_CHARS = 10_000  # keep the quick start's ingestion to ~10 s of CPU
 
 def _cmd_query(args: argparse.Namespace) -> int:
     from redknot_rag.ingest import open_service
+    from redknot_rag.rag import run_query
     from redknot_rag.sampling import SamplingParams
 
     rag = open_service(args, args.reuse_policy)
-    res = rag.query(
+    res = run_query(
+        rag,
         args.question,
         top_k=args.top_k,
         namespace=args.namespace,
@@ -47,6 +49,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from importlib import resources
 
     from redknot_rag.ingest import open_service
+    from redknot_rag.rag import run_query
     from redknot_rag.sampling import SamplingParams
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="redknot-demo-"))
@@ -65,10 +68,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     rows = []
     for q in DEMO_QUESTIONS:
         sources = rag.retrieve(q, top_k=args.top_k)
-        rag.query(q, reuse_policy="naive", sources=sources, params=SamplingParams(max_new_tokens=1))  # warm cache
+        run_query(rag, q, reuse_policy="naive", sources=sources, params=SamplingParams(max_new_tokens=1))  # warm cache
         out = {}
         for pol in ("full", rag.default_policy):
-            r = rag.query(q, reuse_policy=pol, sources=sources, params=params)
+            r = run_query(rag, q, reuse_policy=pol, sources=sources, params=params)
             out[pol] = r
         full, reuse = out["full"], out[rag.default_policy]
         print(f"\nQ: {q}\n   sources: {', '.join(s.doc_id for s in sources)}")
@@ -88,8 +91,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
-    from redknot_rag.cli import add_engine_args
     from redknot_rag.ingest import DEFAULT_DATA_DIR
+    from redknot_rag.options import add_engine_args
 
     q = sub.add_parser("query", help="answer one question from ingested documents (reuses stored KV)")
     q.add_argument("question")

@@ -17,14 +17,12 @@ from typing import Any
 
 import torch
 
-from redknot_rag.attention import AttentionBackend, create_backend
 from redknot_rag.batch import ForwardBatch, SeqSlice
 from redknot_rag.config import EngineConfig, ModelConfig
-from redknot_rag.kvcache import KVPool, PageAllocator, SeqKV, pool_pages_for
-from redknot_rag.loader import LoadedModel, load_model
-from redknot_rag.model import CausalLM
+from redknot_rag.kvcache import pool_pages_for
+from redknot_rag.loader import LoadedModel
 from redknot_rag.request import Request, RequestStatus, TokenEvent
-from redknot_rag.rope import Rotary
+from redknot_rag.runner import KVRunner
 from redknot_rag.sampling import InvalidRequestError, SamplingParams, apply_penalties, sample_token
 
 log = logging.getLogger("redknot.engine")
@@ -32,37 +30,6 @@ log = logging.getLogger("redknot.engine")
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full; retry later (HTTP 429/503)."""
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }[name]
-
-
-def _auto_backend(device: torch.device) -> str:
-    """flashinfer on CUDA when installed (it falls back to Triton per batch where it can't), else triton
-    on CUDA, else the torch reference."""
-    if device.type != "cuda":
-        return "torch"
-    import importlib.util
-
-    if importlib.util.find_spec("flashinfer") is not None:
-        return "flashinfer"
-    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
 
 
 @dataclass
@@ -75,21 +42,13 @@ class StepStats:
 class Engine:
     """Serve one model. `generate()` drives steps itself; `start()` runs a background loop for servers."""
 
-    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
-        self.config = cfg = config or EngineConfig()
-        self.device = _pick_device(cfg.device)
-        self.dtype = _pick_dtype(cfg.dtype, self.device)
-        self.loaded = loaded or load_model(cfg.model_path, dtype=self.dtype, device=self.device)
-        self.model_config: ModelConfig = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
-        self.model = CausalLM(self.model_config, dict(self.loaded.weights))
-        self.rotary = Rotary(self.model_config, self.device)
-        self.pool = KVPool(self._num_pages(), cfg.page_size, self.model_config.head_dim, self.dtype, self.device)
-        self.allocator = PageAllocator(self.pool.num_pages)
-        backend = cfg.attention_backend
-        if backend == "auto":
-            backend = _auto_backend(self.device)
-        self.backend: AttentionBackend = create_backend(backend, self.model_config, self.pool, self.rotary)
+    def __init__(
+        self, config: EngineConfig | None = None, loaded: LoadedModel | None = None, runner: KVRunner | None = None
+    ) -> None:
+        self.runner = runner or KVRunner(config, loaded)
+        self.config = self.runner.config
+        self.model_config: ModelConfig = self.runner.model_config
+        self.tokenizer = self.runner.tokenizer
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._reserved_pages = 0
@@ -101,45 +60,14 @@ class Engine:
         self.last_step = StepStats()
         self.total_requests = 0
 
-    # ---- sizing ---------------------------------------------------------------------------
-    def _num_pages(self) -> int:
-        cfg, mc = self.config, self.loaded.config
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            free, _ = torch.cuda.mem_get_info(self.device)
-            # keep room for activations of a max_prefill_tokens step (rough upper bound)
-            act = 32 * cfg.max_prefill_tokens * max(mc.hidden_size, mc.intermediate_size) * 4
-            budget = int(free * cfg.mem_fraction) - act
-        else:
-            budget = int(cfg.cpu_kv_gib * (1 << 30))
-        return KVPool.pages_for_budget(budget, cfg.page_size, mc.head_dim, self.dtype)
-
     @property
     def max_context(self) -> int:
-        return self.model_config.max_position
+        return self.runner.max_context
 
-    # ---- KV helpers for work outside `step` (ingestion, reuse, profiling) ---------------------
-    def new_seq_kv(self) -> SeqKV:
-        mc = self.model_config
-        return SeqKV(mc.num_layers, mc.num_kv_heads, self.config.page_size)
-
-    def append_forward(
-        self,
-        kv: SeqKV,
-        ids: list[int],
-        positions: torch.Tensor,
-        backend: AttentionBackend | None = None,
-        logits: bool = False,
-        num_layers: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `ids` at `positions` `[n]` to `kv` (private slots) and run them through the model.
-
-        Returns (logits `[n, vocab]` if `logits` else an empty tensor, new slots `[L, Hkv, n]`).
-        """
-        slots = kv.append(positions, self.allocator)
-        rows = torch.arange(len(ids)) if logits else torch.zeros(0, dtype=torch.int64)
-        batch = ForwardBatch(torch.tensor(ids), positions, [SeqSlice(kv, 0, len(ids), slots)], rows)
-        return self.model.forward(batch, backend or self.backend, num_layers=num_layers), slots
+    @property
+    def is_looping(self) -> bool:
+        """Whether a background loop thread drives the steps (else callers drive `step()`)."""
+        return self._thread is not None
 
     # ---- request intake -------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None, **kw) -> Request:
@@ -163,22 +91,34 @@ class Engine:
         need = pool_pages_for(
             self.model_config, n - req.prefix_len + req.params.max_new_tokens + 1, self.config.page_size
         )
-        if need > self.pool.num_pages:
+        if need > self.runner.pool.num_pages:
             raise InvalidRequestError(
-                f"request needs {need} KV pages but the pool has {self.pool.num_pages}; shorten it"
+                f"request needs {need} KV pages but the pool has {self.runner.pool.num_pages}; shorten it"
             )
         if req.params.seed is not None:
             req.generator = torch.Generator(device="cpu").manual_seed(req.params.seed)
         return req
 
     def submit(self, req: Request) -> Request:
+        """Queue `req`. From here on the engine owns its pages; if the queue is full, its reused context
+        is released before `EngineOverloadedError` is raised, so a refused request leaks nothing."""
         with self._lock:
-            if len(self._waiting) >= self.config.max_queued_requests:
-                raise EngineOverloadedError(f"{len(self._waiting)} requests already queued")
-            self._waiting.append(req)
-            self.total_requests += 1
-            self._wakeup.notify()
+            full = len(self._waiting) >= self.config.max_queued_requests
+            if not full:
+                self._waiting.append(req)
+                self.total_requests += 1
+                self._wakeup.notify()
+        if full:
+            self.discard(req)
+            raise EngineOverloadedError(f"{self.config.max_queued_requests} requests already queued")
         return req
+
+    def discard(self, req: Request) -> None:
+        """Release the reused context of a request that will never run (idempotent; any thread)."""
+        reuse = req.reuse
+        if reuse is not None and reuse.kv is not None:
+            kv, reuse.kv = reuse.kv, None
+            self.call(lambda: self.runner.release(kv))
 
     def abort(self, rid: str) -> None:
         with self._lock:
@@ -237,12 +177,11 @@ class Engine:
                 req = self._waiting[0]
                 if req.aborted:
                     self._waiting.popleft()
-                    if req.prebuilt_kv is not None:
-                        req.prebuilt_kv.release(self.allocator)
+                    self.discard(req)
                     self._finish(req, {"type": "abort"})
                     continue
                 need = self._reservation(req)
-                if self._reserved_pages + need > self.allocator.num_free + self._reserved_used():
+                if self._reserved_pages + need > self.runner.allocator.num_free + self._reserved_used():
                     break
                 self._waiting.popleft()
                 self._reserved_pages += need
@@ -254,17 +193,12 @@ class Engine:
         return sum(len(r.kv.private_pages) * self.model_config.num_kv_blocks for r in self._running if r.kv)
 
     def _start(self, req: Request) -> None:
-        if req.prebuilt_kv is not None:
-            req.kv, req.prebuilt_kv = req.prebuilt_kv, None
-            req.num_computed = req.prebuilt_len
-            req.status = RequestStatus.PREFILL
-            return
-        req.kv = self.new_seq_kv()
-        start = 0
-        for p in req.prefix:
-            req.kv.attach(p.segment, p.positions, self.allocator, p.visible)
-            start += p.segment.num_tokens
-        req.num_computed = start
+        if req.reuse is not None and req.reuse.kv is not None:
+            req.kv, req.reuse.kv = req.reuse.kv, None
+            req.num_computed = req.reuse.num_tokens
+        else:
+            req.kv = self.runner.new_seq_kv()
+            req.num_computed = 0
         req.status = RequestStatus.PREFILL
 
     def _finish(self, req: Request, reason: dict | None, error: str | None = None) -> None:
@@ -273,7 +207,7 @@ class Engine:
         req.error = error
         req.finish_time = time.perf_counter()
         if req.kv is not None:
-            req.kv.release(self.allocator)
+            self.runner.release(req.kv)
             req.kv = None
         req.events.put(TokenEvent(None, "", finished=True, finish_reason=reason, error=error))
         req.done.set()
@@ -332,7 +266,7 @@ class Engine:
                 toks = req.prompt_ids[req.num_computed : req.num_computed + n]
                 p0 = req.num_computed
             positions = torch.arange(p0, p0 + len(toks), dtype=torch.int64)
-            new_slots = req.kv.append(positions, self.allocator)
+            new_slots = self.runner.append(req.kv, positions)
             slices.append(SeqSlice(req.kv, q0, len(toks), new_slots))
             ids.extend(toks)
             pos.extend(range(p0, p0 + len(toks)))
@@ -358,7 +292,7 @@ class Engine:
             slices,
             torch.tensor(logit_rows, dtype=torch.int64),
         )
-        out = self.model.forward(batch, self.backend)  # [M, vocab] float32, on the model's device
+        out = self.runner.forward(batch)  # [M, vocab] float32, on the model's device
         # Greedy requests without logprobs/penalties/constraints only need the argmax: skip moving
         # [M, vocab] logits to the host (at batch 64 x 128K vocab that dominated the decode step).
         needs_logits = any(
@@ -406,8 +340,7 @@ class Engine:
         return (
             p.is_greedy
             and not req.return_logprob
-            and not req.keep_first_logits
-            and getattr(req, "logits_processor", None) is None
+            and req.logits_processor is None
             and p.frequency_penalty == 0
             and p.presence_penalty == 0
             and p.repetition_penalty == 1
@@ -433,15 +366,12 @@ class Engine:
             assert token is not None
             self._accept(req, token, None, stop_ids, now)
             return
-        if req.keep_first_logits and req.first_logits is None:
-            req.first_logits = logits.clone()
         logits = apply_penalties(logits, p, req.output_ids)
         if len(req.output_ids) < p.min_new_tokens and stop_ids:
             logits = logits.clone()
             logits[list(stop_ids)] = float("-inf")
-        proc = getattr(req, "logits_processor", None)  # constrained decoding (server/constrained.py)
-        if proc is not None:
-            logits = proc(req, logits)
+        if req.logits_processor is not None:  # constrained decoding, observers
+            logits = req.logits_processor(req, logits)
         tok = sample_token(logits, p, req.generator)
         lp = logits.log_softmax(-1)
         if req.return_logprob:
@@ -549,20 +479,4 @@ class Engine:
                     fut.set_exception(RuntimeError("engine shut down"))
 
     def info(self) -> dict:
-        mc = self.model_config
-        return {
-            "model": self.loaded.name,
-            "arch": mc.arch,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "layers": mc.num_layers,
-            "q_heads": mc.num_q_heads,
-            "kv_heads": mc.num_kv_heads,
-            "head_dim": mc.head_dim,
-            "context": mc.max_position,
-            "page_size": self.config.page_size,
-            "pool_pages": self.pool.num_pages,
-            "pool_gib": round(self.pool.num_bytes / (1 << 30), 3),
-            "pool_free_pages": self.allocator.num_free,
-            "attention_backend": self.backend.name,
-        }
+        return self.runner.info()

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 DEFAULT_POLICIES = (
     "full",
     "naive",
@@ -89,10 +91,12 @@ def run_eval(
 ) -> dict:
     from tqdm import tqdm
 
-    from redknot_rag.chunkkv import chunk_key
+    from redknot_rag.rag.assemble import Timing
+    from redknot_rag.rag.layout import chunk_key
     from redknot_rag.sampling import SamplingParams
 
     e = rag.engine
+    prefiller = rag.assembler.prefiller
     cases = build_cases(rag, n, seed)
     stats = {p: PolicyStats() for p in policies}
     params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -100,15 +104,17 @@ def run_eval(
     for case, chunks in tqdm(cases, desc="eval", disable=not progress):
         fresh = [c for c in chunks if not rag.store.contains(chunk_key(c))]
         if fresh:  # ingestion: chunk KV computed once, stored per head
-            for c, (k, v) in zip(fresh, e.call(lambda f=fresh: rag.prefiller.prefill(f))):
+            for c, (k, v) in zip(fresh, e.call(lambda f=fresh: prefiller.prefill(f))):
                 rag.store.put(chunk_key(c), k.cpu(), v.cpu())
         q = rag.question_ids(case.question)
         reqs = {}
+        first: dict[str, torch.Tensor] = {}
         for pol in policies:
             rag.flush_cache()  # every policy loads chunk KV from the store tier
-            timing = {"kv_load_ms": 0.0, "kv_miss_prefill_ms": 0.0, "recompute_ms": 0.0}
+            timing = Timing()
             t0 = time.perf_counter()
-            req, info = rag._assemble_request(chunks, q, pol, params, timing, keep_first_logits=True)
+            req = rag.assembler.build(chunks, q, pol, params, timing)
+            req.logits_processor = _keep_first(first, pol)
             req.arrival_time = t0
             t_sub = time.perf_counter()
             e.submit(req)
@@ -116,20 +122,20 @@ def run_eval(
                 e.step(only={req.rid})
             s = stats[pol]
             s.ttft_ms.append((req.first_token_time - t0) * 1e3)
-            s.load_ms += timing["kv_load_ms"]
-            s.recompute_ms += timing["recompute_ms"]
+            s.load_ms += timing.kv_load_ms
+            s.recompute_ms += timing.recompute_ms
             s.question_ms += (req.first_token_time - t_sub) * 1e3
-            s.recomputed_tokens += info.get("recomputed_tokens", sum(map(len, chunks)))
+            s.recomputed_tokens += req.reuse.recomputed_tokens if req.reuse is not None else sum(map(len, chunks))
             s.context_tokens += sum(map(len, chunks))
             reqs[pol] = req
         while any(not r.is_finished for r in reqs.values()):
             e.step()
         ref = reqs["full"]
-        ref_lp = ref.first_logits.log_softmax(-1)
+        ref_lp = first["full"].log_softmax(-1)
         for pol, r in reqs.items():
             s = stats[pol]
             s.correct += case.answer.lower() in r.output_text.lower()
-            s.kl += float((ref_lp.exp() * (ref_lp - r.first_logits.log_softmax(-1))).sum())
+            s.kl += float((ref_lp.exp() * (ref_lp - first[pol].log_softmax(-1))).sum())
             k = min(32, len(ref.output_ids))
             s.agree += sum(a == b for a, b in zip(ref.output_ids[:k], r.output_ids[:k])) / max(k, 1)
         done += 1
@@ -138,13 +144,23 @@ def run_eval(
     return _summary(e, stats, done, seed, max_new_tokens)
 
 
+def _keep_first(into: dict, name: str):
+    """A logits observer that records the first sampled position's logits `[vocab]` under `name`."""
+
+    def observe(req, logits):
+        into.setdefault(name, logits.clone())
+        return logits
+
+    return observe
+
+
 def _summary(e, stats: dict[str, PolicyStats], n_eval: int, seed: int, max_new_tokens: int) -> dict:
     return {
         "cases": n_eval,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
-        "model": e.loaded.name,
-        "device": str(e.device),
+        "model": e.runner.name,
+        "device": str(e.runner.device),
         "chunks_per_case": 6,
         "policies": {p: s.row(n_eval) for p, s in stats.items()},
     }
@@ -216,7 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
-    from redknot_rag.cli import add_engine_args
+    from redknot_rag.options import add_engine_args
 
     p = sub.add_parser("eval", help="fidelity of every reuse policy against full prefill (planted facts)")
     p.add_argument("--cases", type=int, default=100)

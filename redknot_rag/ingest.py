@@ -11,8 +11,8 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "redknot"
 
 
 def open_service(args: argparse.Namespace, policy: str | None = None):
-    from redknot_rag.cli import engine_config_from_args
     from redknot_rag.engine import Engine
+    from redknot_rag.options import engine_config_from_args
     from redknot_rag.rag import DEFAULT_POLICY, RagService
 
     engine = Engine(engine_config_from_args(args))
@@ -94,7 +94,7 @@ def _cmd_docs(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
-    from redknot_rag.cli import add_engine_args
+    from redknot_rag.options import add_engine_args
     from redknot_rag.store.config import add_store_args
 
     p = sub.add_parser("ingest", help="parse, chunk, embed and index documents; precompute chunk KV")

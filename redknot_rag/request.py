@@ -6,12 +6,13 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
-from redknot_rag.kvcache import KVSegment, SeqKV
+from redknot_rag.kvcache import SeqKV
 from redknot_rag.sampling import SamplingParams
 
 
@@ -23,13 +24,19 @@ class RequestStatus(Enum):
 
 
 @dataclass
-class PrefixSegment:
-    """Stored KV reused as part of the prompt: `segment` placed at `positions` `[T]`, optional
-    per-head visibility `[L, Hkv, T]`. Its tokens are the next T tokens of the prompt."""
+class ReusedContext:
+    """Context KV that a reuse policy assembled from stored chunks; it covers `prompt_ids[:num_tokens]`.
 
-    segment: KVSegment
-    positions: torch.Tensor
-    visible: torch.Tensor | None = None
+    `kv` belongs to the request until the engine starts it (then it becomes `Request.kv` and this field
+    is None); whoever drops an unstarted request releases it (`Engine.discard`).
+    """
+
+    kv: SeqKV | None
+    num_tokens: int
+    reused_tokens: int
+    recomputed_tokens: int
+    policy: str
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -54,10 +61,9 @@ class Request:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
-    prefix: list[PrefixSegment] = field(default_factory=list)
-    prebuilt_kv: SeqKV | None = None  # context KV assembled by a reuse policy; covers prompt[:prebuilt_len]
-    prebuilt_len: int = 0
-    reused_tokens: int = 0  # context tokens served from stored KV (not recomputed)
+    reuse: ReusedContext | None = None
+    # constrained decoding / observers: (request, logits [vocab] float32) -> logits, before sampling
+    logits_processor: Callable[[Request, torch.Tensor], torch.Tensor] | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     kv: SeqKV | None = None
@@ -75,8 +81,6 @@ class Request:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     aborted: bool = False
-    keep_first_logits: bool = False  # fidelity harness: keep the first sampled position's logits
-    first_logits: torch.Tensor | None = None  # [vocab] float32
     generator: torch.Generator | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
@@ -88,11 +92,12 @@ class Request:
     @property
     def prefix_len(self) -> int:
         """Prompt tokens whose KV exists before the engine's prefill starts."""
-        return self.prebuilt_len or sum(p.segment.num_tokens for p in self.prefix)
+        return self.reuse.num_tokens if self.reuse is not None else 0
 
     @property
     def cached_tokens(self) -> int:
-        return self.reused_tokens or sum(p.segment.num_tokens for p in self.prefix)
+        """Prompt tokens served from stored KV (not recomputed)."""
+        return self.reuse.reused_tokens if self.reuse is not None else 0
 
     @property
     def is_prefill_done(self) -> bool:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.heads import HeadProfile
 from redknot_rag.kvcache import KVSegment, SeqKV
+from redknot_rag.runner import KVRunner
 
 
 @dataclass
@@ -47,35 +48,39 @@ class ReuseInput:
 
 @dataclass
 class Assembled:
-    """A policy's result: `kv` covers the context (None: the policy wants plain full prefill)."""
+    """A policy's result: `kv` covers the context (None: the policy wants plain full prefill).
+
+    `recomputed_index` `[n]` int64: context token indices whose KV was recomputed (ascending).
+    """
 
     kv: SeqKV | None
     context_len: int
     reused_tokens: int
     recomputed_tokens: int
     recompute_ms: float = 0.0
+    recomputed_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     stats: dict = field(default_factory=dict)
 
 
 class ReusePolicy(ABC):
-    """One interface for every policy; `assemble` runs on the engine thread (it writes the pool)."""
+    """One interface for every policy; `assemble` runs on the runner's thread (it writes the pool)."""
 
     name: str = "base"
 
     @abstractmethod
-    def assemble(self, engine, inp: ReuseInput) -> Assembled: ...
+    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled: ...
 
 
-def relocate(engine, inp: ReuseInput, visible: list[torch.Tensor | None] | None = None) -> SeqKV:
+def relocate(runner: KVRunner, inp: ReuseInput, visible: list[torch.Tensor | None] | None = None) -> SeqKV:
     """Attach anchor and chunk segments at their assembled positions (no copy of shared pages)."""
-    kv = engine.new_seq_kv()
-    kv.attach(inp.anchor, torch.arange(len(inp.anchor_ids)), engine.allocator)
+    kv = runner.new_seq_kv()
+    runner.attach(kv, inp.anchor, torch.arange(len(inp.anchor_ids)))
     for i, ((s, e), seg) in enumerate(zip(inp.chunk_spans(), inp.chunks)):
-        kv.attach(seg, torch.arange(s, e), engine.allocator, None if visible is None else visible[i])
+        runner.attach(kv, seg, torch.arange(s, e), None if visible is None else visible[i])
     return kv
 
 
-def recompute(engine, kv: SeqKV, context_ids: list[int], token_index: torch.Tensor) -> None:
+def recompute(runner: KVRunner, kv: SeqKV, context_ids: list[int], token_index: torch.Tensor) -> None:
     """Recompute the KV of context tokens `token_index` `[n]` (ascending) in the assembled context.
 
     Each selected token attends to everything at or before its position: reused KV for the rest,
@@ -84,13 +89,7 @@ def recompute(engine, kv: SeqKV, context_ids: list[int], token_index: torch.Tens
     """
     if token_index.numel() == 0:
         return
-    new_slots = kv.override(token_index, engine.allocator)
-    ids = torch.tensor(context_ids, dtype=torch.int64)[token_index]
-    pos = kv.positions[token_index]
-    batch = ForwardBatch(
-        ids, pos, [SeqSlice(kv, 0, int(token_index.numel()), new_slots)], torch.zeros(0, dtype=torch.int64)
-    )
-    engine.model.forward(batch, engine.backend)
+    runner.recompute(kv, torch.tensor(context_ids, dtype=torch.int64)[token_index], token_index)
 
 
 class FullPolicy(ReusePolicy):
@@ -98,7 +97,7 @@ class FullPolicy(ReusePolicy):
 
     name = "full"
 
-    def assemble(self, engine, inp: ReuseInput) -> Assembled:
+    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled:
         return Assembled(None, 0, 0, len(inp.context_ids))
 
 
@@ -107,8 +106,8 @@ class NaivePolicy(ReusePolicy):
 
     name = "naive"
 
-    def assemble(self, engine, inp: ReuseInput) -> Assembled:
-        kv = relocate(engine, inp)
+    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled:
+        kv = relocate(runner, inp)
         n = kv.num_tokens
         return Assembled(kv, n, n - len(inp.anchor_ids), 0)
 
@@ -116,25 +115,25 @@ class NaivePolicy(ReusePolicy):
 class _SelectivePolicy(ReusePolicy):
     """Relocate, then recompute the context tokens `select` returns."""
 
-    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
         raise NotImplementedError
 
-    def visibility(self, engine, inp: ReuseInput) -> list[torch.Tensor | None] | None:
+    def visibility(self, runner: KVRunner, inp: ReuseInput) -> list[torch.Tensor | None] | None:
         return None
 
-    def assemble(self, engine, inp: ReuseInput) -> Assembled:
-        kv = relocate(engine, inp, self.visibility(engine, inp))
+    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled:
+        kv = relocate(runner, inp, self.visibility(runner, inp))
         try:
             t0 = time.perf_counter()
-            idx = self.select(engine, inp, kv)
+            idx = self.select(runner, inp, kv)
             idx = torch.unique(idx.to(torch.int64))  # sorted, ascending positions
-            recompute(engine, kv, inp.context_ids, idx)
+            recompute(runner, kv, inp.context_ids, idx)
             ms = (time.perf_counter() - t0) * 1e3
         except BaseException:
-            kv.release(engine.allocator)
+            runner.release(kv)
             raise
         chunk_tokens = kv.num_tokens - len(inp.anchor_ids)
-        return Assembled(kv, kv.num_tokens, chunk_tokens - int(idx.numel()), int(idx.numel()), ms)
+        return Assembled(kv, kv.num_tokens, chunk_tokens - int(idx.numel()), int(idx.numel()), ms, idx)
 
 
 class EpicPolicy(_SelectivePolicy):
@@ -145,30 +144,30 @@ class EpicPolicy(_SelectivePolicy):
     def __init__(self, k: int = 16) -> None:
         self.k = k
 
-    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
         return torch.cat([torch.arange(s, min(e, s + self.k)) for s, e in inp.chunk_spans()] or [torch.zeros(0)])
 
 
-def kv_deviation(engine, inp: ReuseInput, kv: SeqKV, layer: int) -> torch.Tensor:
+def kv_deviation(runner: KVRunner, inp: ReuseInput, kv: SeqKV, layer: int) -> torch.Tensor:
     """Per context token, the L2 deviation of reused K/V from KV recomputed in the assembled context
     at `layer` (first `layer + 1` layers run over all chunk tokens): `[L?]` → `[Hkv, T_ctx]` float32."""
     a = len(inp.anchor_ids)
     ctx = inp.context_ids
-    scratch = engine.new_seq_kv()
+    scratch = runner.new_seq_kv()
     try:
-        scratch.attach(inp.anchor, torch.arange(a), engine.allocator)
+        runner.attach(scratch, inp.anchor, torch.arange(a))
         pos = torch.arange(a, len(ctx))
-        _, slots = engine.append_forward(scratch, ctx[a:], pos, num_layers=layer + 1)
-        pool = engine.pool
+        slots = runner.append_forward(scratch, ctx[a:], pos, num_layers=layer + 1).slots
+        pool = runner.pool
         new = slots[layer]  # [Hkv, n]
         old = kv.slots[layer, :, a : len(ctx)]
         dk = (pool.k_slots[new] - pool.k_slots[old]).float().norm(dim=-1)  # [Hkv, n]
         dv = (pool.v_slots[new] - pool.v_slots[old]).float().norm(dim=-1)
-        dev = torch.zeros(engine.model_config.num_kv_heads, len(ctx))
+        dev = torch.zeros(runner.model_config.num_kv_heads, len(ctx))
         dev[:, a:] = (dk + dv).cpu()
         return dev
     finally:
-        scratch.release(engine.allocator)
+        runner.release(scratch)
 
 
 class CacheBlendPolicy(_SelectivePolicy):
@@ -180,8 +179,8 @@ class CacheBlendPolicy(_SelectivePolicy):
         self.ratio = ratio
         self.layer = layer
 
-    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
-        dev = kv_deviation(engine, inp, kv, self.layer).sum(0)  # [T_ctx]
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        dev = kv_deviation(runner, inp, kv, self.layer).sum(0)  # [T_ctx]
         n = int(round(self.ratio * (len(dev) - len(inp.anchor_ids))))
         return dev.topk(n).indices if n > 0 else torch.zeros(0, dtype=torch.int64)
 
@@ -202,7 +201,7 @@ class RedKnotPolicy(_SelectivePolicy):
 
     def __init__(
         self,
-        profile=None,
+        profile: HeadProfile | None = None,
         ratio: float = 0.1,
         head_tokens: int = 4,
         window: int | None = None,
@@ -214,14 +213,14 @@ class RedKnotPolicy(_SelectivePolicy):
         self.head_tokens = head_tokens
         self.window = window if window is not None else (profile.window if profile is not None else 64)
 
-    def _local(self, engine) -> torch.Tensor:
-        mc = engine.model_config
+    def _local(self, runner: KVRunner) -> torch.Tensor:
+        mc = runner.model_config
         if self.profile is None:
             return torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
         return self.profile.class_tensor() == 0  # [L, Hkv]
 
-    def visibility(self, engine, inp: ReuseInput) -> list[torch.Tensor | None] | None:
-        local = self._local(engine)
+    def visibility(self, runner: KVRunner, inp: ReuseInput) -> list[torch.Tensor | None] | None:
+        local = self._local(runner)
         if not self.use_local_windows or not local.any():
             return None
         end = len(inp.context_ids)
@@ -232,9 +231,7 @@ class RedKnotPolicy(_SelectivePolicy):
             out.append(vis)
         return out
 
-    def select(self, engine, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
-        from redknot_rag.probe import ProbeBackend
-
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
         spans = inp.chunk_spans()
         first = [torch.arange(s, min(e, s + self.head_tokens)) for s, e in spans]
         n = int(round(self.ratio * (kv.num_tokens - len(inp.anchor_ids))))
@@ -242,14 +239,14 @@ class RedKnotPolicy(_SelectivePolicy):
             return torch.cat(first) if first else torch.zeros(0, dtype=torch.int64)
         ctx_len = kv.num_tokens
         q = inp.question_ids
-        probe = ProbeBackend(engine.model_config, engine.pool, engine.rotary)
+        probe = runner.probe_backend()
         pos = torch.arange(ctx_len, ctx_len + len(q))
         try:
-            engine.append_forward(kv, q, pos, backend=probe)
+            runner.append_forward(kv, q, pos, backend=probe)
         finally:
-            kv.truncate(ctx_len, engine.allocator)
+            runner.truncate(kv, ctx_len)
         attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [L, Hkv, T] on the pool's device
-        glob = (~self._local(engine)).to(attn.device)  # [L, Hkv]
+        glob = (~self._local(runner)).to(attn.device)  # [L, Hkv]
         attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-9)
         score = (attn * glob[:, :, None]).sum((0, 1)).cpu()  # [T]; token indices live on the host
         score[: len(inp.anchor_ids)] = -1  # the anchor is exact already
@@ -257,57 +254,57 @@ class RedKnotPolicy(_SelectivePolicy):
         return torch.cat([top, *first])
 
 
-def _policy_args(name: str, arg: str, kinds: str) -> list[float | int]:
-    """`arg` ("0.1:4:32") parsed by `kinds` ("fii": float in [0, 1], int >= 0, int >= 1); ValueError otherwise."""
-    parts = arg.split(":") if arg else []
-    if len(parts) > len(kinds):
-        raise ValueError(f"reuse policy {name!r} takes at most {len(kinds)} parameter(s)")
-    out: list[float | int] = []
-    for part, kind in zip(parts, kinds):
-        try:
-            v: float | int = float(part) if kind == "f" else int(part)
-        except ValueError:
-            raise ValueError(f"reuse policy {name!r}: {part!r} is not a number") from None
-        ok = (math.isfinite(v) and 0 <= v <= 1) if kind == "f" else v >= (0 if kind == "i" else 1)
-        if not ok:
-            want = {"f": "a ratio in [0, 1]", "i": "an integer >= 0", "j": "an integer >= 1"}[kind]
-            raise ValueError(f"reuse policy {name!r}: {part!r} must be {want}")
-        out.append(v)
-    return out
+POLICY_NAMES = (
+    "full, naive, epic[:k], cacheblend[:r], redknot[:r[:k[:w]]], redknot-local[:r[:k[:w]]], redknot-dense[:r[:k]]"
+)
 
 
-def make_policy(name: str, engine=None) -> ReusePolicy:
+def _ratio(text: str, name: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise ValueError(f"reuse policy {name!r}: ratio {text!r} is not a number") from None
+    if not math.isfinite(r) or not 0.0 <= r <= 1.0:
+        raise ValueError(f"reuse policy {name!r}: ratio must be in [0, 1], got {text!r}")
+    return r
+
+
+def _count(text: str, name: str, what: str, lo: int = 0) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"reuse policy {name!r}: {what} {text!r} is not an integer") from None
+    if n < lo or n > 1 << 20:
+        raise ValueError(f"reuse policy {name!r}: {what} must be in [{lo}, {1 << 20}], got {n}")
+    return n
+
+
+def make_policy(name: str, profile: HeadProfile | None = None) -> ReusePolicy:
     """Policies by name, with parameters: "epic", "epic:64", "cacheblend:0.2", "redknot:0.15".
 
-    Raises ValueError for an unknown name or a parameter out of range (the server answers 400)."""
+    `profile` is the served model's head profile (loaded once by the caller); head-aware policies use it.
+    Raises ValueError with the known names for anything malformed.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reuse policy must be a non-empty string; known: {POLICY_NAMES}")
     base, _, arg = name.partition(":")
-    if base in ("full", "naive") and arg:
-        raise ValueError(f"reuse policy {base!r} takes no parameters")
-    if base == "full":
-        return FullPolicy()
-    if base == "naive":
-        return NaivePolicy()
-    if base == "epic":
-        k = _policy_args(name, arg, "i")
-        return EpicPolicy(int(k[0]) if k else 16)
-    if base == "cacheblend":
-        r = _policy_args(name, arg, "f")
-        return CacheBlendPolicy(float(r[0]) if r else 0.15)
-    if base in ("redknot", "redknot-local", "redknot-dense"):
-        # redknot[:ratio[:head_tokens[:window]]]: recompute chosen by global heads' question attention.
-        # "redknot-local" also restricts local heads to sink + window; "redknot-dense" ignores the profile.
-        from redknot_rag.heads import load_profile_for
-
-        parts = _policy_args(name, arg, "fij")
-        profile = load_profile_for(engine) if engine is not None and base != "redknot-dense" else None
+    parts = arg.split(":") if arg else []
+    if base in ("full", "naive"):
+        if parts:
+            raise ValueError(f"reuse policy {base!r} takes no parameters, got {name!r}")
+        return FullPolicy() if base == "full" else NaivePolicy()
+    if base == "epic" and len(parts) <= 1:
+        return EpicPolicy(_count(parts[0], name, "k") if parts else 16)
+    if base == "cacheblend" and len(parts) <= 1:
+        return CacheBlendPolicy(_ratio(parts[0], name) if parts else 0.15)
+    if base in ("redknot", "redknot-local", "redknot-dense") and len(parts) <= 3:
+        # recompute chosen by global heads' question attention; "redknot-local" also restricts local
+        # heads to sink + window; "redknot-dense" ignores the profile.
         return RedKnotPolicy(
-            profile,
-            ratio=float(parts[0]) if parts else 0.1,
-            head_tokens=int(parts[1]) if len(parts) > 1 else 4,
-            window=int(parts[2]) if len(parts) > 2 else None,
+            None if base == "redknot-dense" else profile,
+            ratio=_ratio(parts[0], name) if parts else 0.1,
+            head_tokens=_count(parts[1], name, "head_tokens") if len(parts) > 1 else 4,
+            window=_count(parts[2], name, "window", lo=1) if len(parts) > 2 else None,
             use_local_windows=base == "redknot-local",
         )
-    raise ValueError(
-        f"unknown reuse policy {name!r}; known: full, naive, epic[:k], cacheblend[:r], redknot[:r[:k[:w]]], "
-        "redknot-local[:r[:k[:w]]], redknot-dense[:r[:k]]"
-    )
+    raise ValueError(f"unknown reuse policy {name!r}; known: {POLICY_NAMES}")

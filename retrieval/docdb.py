@@ -151,6 +151,7 @@ class ChunkRow:
     char_end: int
     num_tokens: int
     kv_state: str
+    kv_key: str | None = None  # content address of the chunk's prompt tokens: the key of its stored KV
 
     @property
     def is_kv_done(self) -> bool:
@@ -189,6 +190,10 @@ class DocDB:
         with self._write() as cur:
             for stmt in _SCHEMA:
                 cur.execute(stmt)
+            cols = {r[1] for r in cur.execute("PRAGMA table_info(chunks)")}
+            if "kv_key" not in cols:  # databases written before chunk rows recorded their KV key
+                cur.execute("ALTER TABLE chunks ADD COLUMN kv_key TEXT")
+            cur.execute("CREATE INDEX IF NOT EXISTS chunks_by_kv_key ON chunks(kv_key)")
 
     def close(self) -> None:
         with self._lock:
@@ -373,11 +378,29 @@ class DocDB:
     def all_chunk_ids(self, namespace: str) -> list[int]:
         return [c.id for c in self._chunks("1 ORDER BY id", namespace, ())]
 
-    def mark_kv_done(self, chunk_row_id: int) -> bool:
-        """Record that the chunk's KV is stored. Returns False if no such chunk exists."""
+    def mark_kv_done(self, chunk_row_id: int, kv_key: str | None = None) -> bool:
+        """Record that the chunk's KV is stored (under `kv_key`, when given). False if no such chunk exists."""
         with self._write() as cur:
-            cur.execute("UPDATE chunks SET kv_state = ? WHERE id = ?", (KV_DONE, int(chunk_row_id)))
+            cur.execute(
+                "UPDATE chunks SET kv_state = ?, kv_key = COALESCE(?, kv_key) WHERE id = ?",
+                (KV_DONE, kv_key, int(chunk_row_id)),
+            )
             return cur.rowcount == 1
+
+    def set_kv_key(self, chunk_row_id: int, kv_key: str) -> None:
+        """Record the chunk's one identity for its KV (the content address of its prompt tokens)."""
+        with self._write() as cur:
+            cur.execute("UPDATE chunks SET kv_key = ? WHERE id = ?", (kv_key, int(chunk_row_id)))
+
+    def kv_keys_in_use(self, keys: Sequence[str] | set[str]) -> set[str]:
+        """Those of `keys` that some chunk row, in any namespace, still records: their KV must stay."""
+        keys = list(keys)
+        out: set[str] = set()
+        for i in range(0, len(keys), _MAX_SQL_VARS):
+            part = keys[i : i + _MAX_SQL_VARS]
+            marks = ",".join("?" * len(part))
+            out |= {r[0] for r in self._read(f"SELECT DISTINCT kv_key FROM chunks WHERE kv_key IN ({marks})", part)}
+        return out
 
     def chunks_missing_kv(self, namespace: str) -> list[ChunkRow]:
         return self._chunks("kv_state = ? ORDER BY id", namespace, (KV_MISSING,))
@@ -429,4 +452,5 @@ def _chunk_row(r: sqlite3.Row) -> ChunkRow:
         char_end=int(r["char_end"]),
         num_tokens=int(r["num_tokens"]),
         kv_state=r["kv_state"],
+        kv_key=r["kv_key"],
     )

@@ -15,11 +15,11 @@ from redknot_rag.sampling import InvalidRequestError, SamplingParams
 
 
 def _prefill_logits(engine, ids: list[int]) -> torch.Tensor:
-    kv = engine.new_seq_kv()
+    kv = engine.runner.new_seq_kv()
     try:
-        return engine.append_forward(kv, ids, torch.arange(len(ids)), logits=True)[0]
+        return engine.runner.append_forward(kv, ids, torch.arange(len(ids)), logits=True).logits
     finally:
-        kv.release(engine.allocator)
+        engine.runner.release(kv)
 
 
 def test_logits_match_transformers_512(engine, hf_default):
@@ -46,11 +46,11 @@ def test_concurrent_equals_sequential(engine):
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randrange(5, 300))] for _ in range(16)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    free = engine.allocator.num_free  # other test modules' services may hold pages of this shared engine
+    free = engine.runner.allocator.num_free  # other test modules' services may hold pages of this shared engine
     single = [engine.generate([p], params)[0].output_ids for p in prompts]
     together = [r.output_ids for r in engine.generate(prompts, params)]
     assert single == together
-    assert engine.allocator.num_free == free
+    assert engine.runner.allocator.num_free == free
 
 
 def test_chunked_prefill_matches_whole(engine, loaded_default):
@@ -70,7 +70,7 @@ def test_chunked_prefill_matches_whole(engine, loaded_default):
 
 def test_thousand_requests_leave_pool_empty(engine):
     rng = random.Random(3)
-    before = engine.allocator.num_free
+    before = engine.runner.allocator.num_free
     reqs = []
     for i in range(1000):
         p = [rng.randrange(100, 40000) for _ in range(rng.randrange(1, 40))]
@@ -80,12 +80,12 @@ def test_thousand_requests_leave_pool_empty(engine):
             engine.abort(r.rid)
         if i % 50 == 49:
             engine.step()
-            assert (engine.allocator.refcount >= 0).all()
+            assert (engine.runner.allocator.refcount >= 0).all()
     while engine.has_work():
         engine.step()
-        assert (engine.allocator.refcount >= 0).all()
+        assert (engine.runner.allocator.refcount >= 0).all()
     assert all(r.is_finished for r in reqs)
-    assert engine.allocator.num_free == before
+    assert engine.runner.allocator.num_free == before
     assert engine._reserved_pages == 0
 
 
@@ -162,18 +162,18 @@ def test_bad_requests_rejected_engine_keeps_serving(engine, prompt, params, msg)
 
 
 def test_failing_batch_fails_only_its_requests(engine, monkeypatch):
-    free = engine.allocator.num_free
+    free = engine.runner.allocator.num_free
     r = engine.submit(engine.make_request([1, 2, 3], SamplingParams(max_new_tokens=4)))
-    real = engine.model.forward
+    real = engine.runner.model.forward
 
     def boom(*a, **k):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(engine.model, "forward", boom)
+    monkeypatch.setattr(engine.runner.model, "forward", boom)
     engine.step()
-    monkeypatch.setattr(engine.model, "forward", real)
+    monkeypatch.setattr(engine.runner.model, "forward", real)
     assert r.is_finished and "injected fault" in (r.error or "")
-    assert engine.allocator.num_free == free
+    assert engine.runner.allocator.num_free == free
     ok = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, ignore_eos=True))[0]
     assert len(ok.output_ids) == 2
 

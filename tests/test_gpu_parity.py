@@ -65,12 +65,12 @@ def _logits(engine, ids: list[int]) -> torch.Tensor:
     kv = SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
     pos = torch.arange(len(ids))
     try:
-        slots = kv.append(pos, engine.allocator)
+        slots = engine.runner.append(kv, pos)
         batch = ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)], torch.arange(len(ids)))
-        return engine.model.forward(batch, engine.backend).float().cpu()
+        return engine.runner.forward(batch).float().cpu()
     finally:
-        kv.release(engine.allocator)
-        assert engine.allocator.num_free == engine.pool.num_pages
+        engine.runner.release(kv)
+        assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -85,8 +85,10 @@ def test_logits_match_transformers_bf16(arch, kw):
         got = _logits(_ours(hf, backend), ids)
         diff = (got - ref).abs().max().item()
         agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        print(f"{arch} {backend}: max |diff| {diff:.3e} ({diff / scale:.2%} of max |logit| {scale:.2f}), "
-              f"argmax agree {agree:.3f}")
+        print(
+            f"{arch} {backend}: max |diff| {diff:.3e} ({diff / scale:.2%} of max |logit| {scale:.2f}), "
+            f"argmax agree {agree:.3f}"
+        )
         # bf16 end to end: two rounding paths through 2 layers differ by a few bf16 ulps of the logits
         assert diff < 0.05 * max(scale, 1.0), (backend, diff, scale)
         assert agree > 0.9, (backend, agree)

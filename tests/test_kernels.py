@@ -15,6 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+from redknot_rag.attention import TorchBackend  # noqa: E402
 from redknot_rag.kernels.flashinfer_backend import build_page_tables, is_contiguous_layout  # noqa: E402
 from redknot_rag.kernels.kv_write import write_kv_pages, write_kv_pages_torch  # noqa: E402
 from redknot_rag.kernels.paged_attention import SegPagedMeta, merge_states, rope_tables, seg_paged_attention  # noqa: E402
@@ -26,11 +27,10 @@ from redknot_rag.kernels.testing import (  # noqa: E402
     tiny_config,
 )
 from redknot_rag.kernels.triton_backend import TritonBackend  # noqa: E402
-
-from redknot_rag.attention import TorchBackend, create_backend  # noqa: E402
 from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.model import CausalLM  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
+from redknot_rag.runner import load_backend  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -184,7 +184,7 @@ def _model_logits(cfg, backend_name, specs, dtype, device, page_size=16):
         alloc = PageAllocator(2000)
         torch.manual_seed(2)
         batch = build_batch(cfg, pool, alloc, specs)
-        be = create_backend(name, cfg, pool, Rotary(cfg, device))
+        be = load_backend(name, cfg, pool, Rotary(cfg, device))
         outs.append(model.forward(batch, be))
     return outs
 
@@ -207,13 +207,11 @@ def test_gpu_backend_bf16(name, layout):
     cfg = tiny_config(head_dim=128, group=4, num_kv_heads=2, num_layers=2)
     specs = {
         "contiguous_decode": [SeqSpec(private=700), SeqSpec(private=33), SeqSpec(private=1)],
-        "contiguous_prefill": [
-            SeqSpec(private=300, q_len=77), SeqSpec(private=5, q_len=5), SeqSpec(private=40)
-        ],
+        "contiguous_prefill": [SeqSpec(private=300, q_len=77), SeqSpec(private=5, q_len=5), SeqSpec(private=40)],
         "segments_local": MIXED,
     }[layout]
     be = _compare_backends(
-        cfg, 16, specs, torch.bfloat16, "cuda", lambda c, p, r: create_backend(name, c, p, r), atol=2e-2
+        cfg, 16, specs, torch.bfloat16, "cuda", lambda c, p, r: load_backend(name, c, p, r), atol=2e-2
     )
     if name == "flashinfer":
         assert be.use_triton == (layout == "segments_local")
@@ -242,7 +240,7 @@ def test_gpu_cuda_graph_decode(name):
     model = CausalLM(cfg, random_weights(cfg, torch.bfloat16, "cuda"))
     pool = random_pool(cfg, 4000, 16, torch.bfloat16, "cuda")
     alloc = PageAllocator(4000)
-    be = create_backend(name, cfg, pool, Rotary(cfg, "cuda"))
+    be = load_backend(name, cfg, pool, Rotary(cfg, "cuda"))
     runner = DecodeGraphRunner(model, be, max_kv_tokens=8192, batch_sizes=(1, 2, 4, 8))
     runner.capture()
     for lens in ([100], [5, 300, 17], [64, 64, 1, 2, 800], [33, 34]):
@@ -250,5 +248,5 @@ def test_gpu_cuda_graph_decode(name):
         slot = runner.prepare(batch)
         assert slot is not None
         got = runner.replay(slot, len(lens)).clone()
-        want = model.forward(batch, create_backend("torch", cfg, pool, Rotary(cfg, "cuda")))
+        want = model.forward(batch, load_backend("torch", cfg, pool, Rotary(cfg, "cuda")))
         assert (got - want).abs().max().item() < 5e-2 * max(1.0, want.abs().max().item())

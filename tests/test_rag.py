@@ -3,6 +3,7 @@ and crash safety of ingestion under SIGKILL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -12,11 +13,10 @@ import sys
 import time
 
 import pytest
+
+from redknot_rag.rag import RagService, chunk_key, run_query
 from redknot_rag.retrieval.docdb import UnknownNamespaceError
 from redknot_rag.retrieval.parser import IngestError
-
-from redknot_rag.chunkkv import chunk_key
-from redknot_rag.rag import RagService
 from redknot_rag.sampling import SamplingParams
 
 DOCS = {
@@ -41,7 +41,8 @@ def rag(engine, tmp_path_factory):
 
 
 def test_query_reuses_stored_kv_and_cites_sources(rag):
-    res = rag.query(
+    res = run_query(
+        rag,
         "What is the access code for the Dorbrecht archive?",
         top_k=2,
         namespace="t1",
@@ -50,7 +51,10 @@ def test_query_reuses_stored_kv_and_cites_sources(rag):
     assert any(s.doc_id.endswith("archive.txt") for s in res.sources)
     assert res.usage["cached_tokens"] > 0
     assert {"retrieve_ms", "kv_load_ms", "recompute_ms", "question_prefill_ms", "ttft_ms"} <= set(res.timing)
-    assert rag.engine.allocator.num_free + rag.cache.num_pages + 2 * 90 >= rag.engine.allocator.num_pages - 90
+    assert (
+        rag.engine.runner.allocator.num_free + rag.assembler.cache.num_pages + 2 * 90
+        >= rag.engine.runner.allocator.num_pages - 90
+    )
 
 
 def test_reingest_unchanged_is_noop_and_changed_replaces_kv(rag):
@@ -97,7 +101,12 @@ def test_bad_input(rag, tmp_path):
 
 def test_automatic_reuse_from_prompt_text(rag):
     sources = rag.retrieve("Dorbrecht archive code", top_k=2, namespace="t1")
-    text = rag.format.prefix + rag.format_context(sources) + "Question: What is the code?" + rag.format.suffix
+    text = (
+        rag.layout.format.prefix
+        + rag.format_context(sources)
+        + "Question: What is the code?"
+        + rag.layout.format.suffix
+    )
     ids = rag.engine.tokenizer.encode(text, add_special_tokens=False)
     req = rag.build_request(ids, SamplingParams(max_new_tokens=4))
     assert req.cached_tokens == sum(len(rag.chunk_token_ids(s.text)) for s in sources)
@@ -143,3 +152,56 @@ def test_ingest_survives_sigkill(tmp_path):
     summary = json.loads(out.stdout[out.stdout.index("{") :])
     assert summary["documents"] == 12
     assert not list((data / "kv").rglob("tmp/*"))
+
+
+def test_shared_kv_survives_delete_in_other_namespace(rag):
+    """Two namespaces hold the same text: one chunk KV, kept until the last chunk row naming it is gone."""
+    text = "The Oskarsund bell tower rings eleven times at noon to mark the founding of the town."
+    rag.ingest_texts([{"id": "bell", "text": text}], "share-a")
+    rag.ingest_texts([{"id": "bell", "text": text}], "share-b")
+    key = rag.db.chunks_for_doc("share-a", "bell")[0].kv_key
+    assert key is not None and key == rag.db.chunks_for_doc("share-b", "bell")[0].kv_key
+    assert rag.delete_document("share-a", "bell")
+    assert rag.store.contains(key), "deleting in share-a must keep the KV share-b still uses"
+    assert rag.delete_document("share-b", "bell")
+    assert not rag.store.contains(key)
+
+
+def test_automatic_reuse_is_limited_to_the_callers_namespaces(rag):
+    sources = rag.retrieve("Dorbrecht archive code", top_k=2, namespace="t1")
+    text = (
+        rag.layout.format.prefix
+        + rag.format_context(sources)
+        + "Question: What is the code?"
+        + rag.layout.format.suffix
+    )
+    ids = rag.engine.tokenizer.encode(text, add_special_tokens=False)
+    other = rag.build_request(ids, SamplingParams(max_new_tokens=4), namespaces={"t2"})
+    assert other.cached_tokens == 0 and other.reuse is None
+    own = rag.build_request(ids, SamplingParams(max_new_tokens=4), namespaces={"t1"})
+    assert own.cached_tokens > 0
+    rag.discard(own)
+
+
+def test_refused_submission_returns_every_page(rag, monkeypatch):
+    """Assembly takes pages; if the engine refuses the request (queue full), they all come back."""
+    from redknot_rag.engine import EngineOverloadedError
+
+    engine = rag.engine
+    alloc = engine.runner.allocator
+    run_query(
+        rag,
+        "What is the access code?",
+        top_k=2,
+        namespace="t1",
+        reuse_policy="redknot:0.2",
+        params=SamplingParams(max_new_tokens=1),
+    )  # fmt: skip  (warms the pool cache: its pages stay)
+    free = alloc.num_free
+    prep = rag.prepare("What is the access code?", top_k=2, namespace="t1", reuse_policy="redknot:0.2")
+    assert prep.request.reuse is not None and alloc.num_free < free  # the assembled context holds pages
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, max_queued_requests=0))
+    with pytest.raises(EngineOverloadedError):
+        engine.submit(prep.request)
+    assert prep.request.reuse.kv is None
+    assert alloc.num_free == free

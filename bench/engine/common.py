@@ -77,9 +77,7 @@ def hf_random_model(arch: str, kw: dict, dtype: torch.dtype, device: str) -> Any
     return model.eval()
 
 
-def engine_from_weights(
-    hf_config: Any, weights: dict[str, torch.Tensor], name: str, **engine_kw: Any
-) -> Any:
+def engine_from_weights(hf_config: Any, weights: dict[str, torch.Tensor], name: str, **engine_kw: Any) -> Any:
     """Our Engine over the given HF-named weights (shared storage, no copy beyond the fused QKV and
     gate/up matrices the model builds). The loaded dict is emptied afterwards so its unfused
     originals are freed once the caller drops them."""
@@ -103,11 +101,11 @@ def prefill_logits(engine: Any, ids: list[int], backend: Any = None) -> torch.Te
     kv = SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
     pos = torch.arange(len(ids))
     try:
-        slots = kv.append(pos, engine.allocator)
+        slots = kv.append(pos, engine.runner.allocator)
         batch = ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)], torch.arange(len(ids)))
-        return engine.model.forward(batch, backend or engine.backend)
+        return engine.runner.model.forward(batch, backend or engine.runner.backend)
     finally:
-        kv.release(engine.allocator)
+        kv.release(engine.runner.allocator)
 
 
 def parity(ours: torch.Tensor, ref: torch.Tensor) -> dict:

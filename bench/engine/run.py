@@ -67,7 +67,7 @@ def our_ttft(engine: Any, ids: list[int], split: dict | None = None) -> float:
 
     req = engine.make_request(ids, SamplingParams(max_new_tokens=2, ignore_eos=True))
     timer = ForwardTimer(engine)
-    with Timer(engine.device) as t:
+    with Timer(engine.runner.device) as t:
         engine.submit(req)
         while not req.output_ids:
             engine.step()
@@ -80,27 +80,27 @@ def our_ttft(engine: Any, ids: list[int], split: dict | None = None) -> float:
 
 
 class ForwardTimer:
-    """Wraps `engine.model.forward` (device synchronized around it) to split a step into the model
+    """Wraps `engine.runner.model.forward` (device synchronized around it) to split a step into the model
     forward and the engine's host work (scheduling, slot tables, sampling)."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.model, self.s, self.times = engine, engine.model, 0.0, []
-        engine.model = self
+        self.engine, self.model, self.s, self.times = engine, engine.runner.model, 0.0, []
+        engine.runner.model = self
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
     def forward(self, *a: Any, **kw: Any) -> torch.Tensor:
-        sync(self.engine.device)
+        sync(self.engine.runner.device)
         t = time.perf_counter()
         out = self.model.forward(*a, **kw)
-        sync(self.engine.device)
+        sync(self.engine.runner.device)
         self.times.append(time.perf_counter() - t)
         self.s += self.times[-1]
         return out
 
     def detach(self) -> None:
-        self.engine.model = self.model
+        self.engine.runner.model = self.model
 
 
 def our_decode(engine: Any, prompts: list[list[int]], steps: int) -> dict:
@@ -114,7 +114,7 @@ def our_decode(engine: Any, prompts: list[list[int]], steps: int) -> dict:
     times = []
     timer = ForwardTimer(engine)
     for _ in range(steps):
-        with Timer(engine.device) as t:
+        with Timer(engine.runner.device) as t:
             st = engine.step()
         assert st.num_decode == len(prompts), st
         times.append(t.s)
@@ -211,7 +211,7 @@ def cpu_main(out: Path, lengths: list[int], steps: int, reps: int = 2, threads: 
     data: dict[str, Any] = dict(
         mode="cpu", model=loaded.name, dtype="float32", threads=torch.get_num_threads(),
         load_average=os.getloadavg(), note="2 shared cores: other jobs ran meanwhile; ours and HF alternate",
-        cpu=os.cpu_count(), torch=torch.__version__, attention_backend=engine.backend.name,
+        cpu=os.cpu_count(), torch=torch.__version__, attention_backend=engine.runner.backend.name,
         prefill=[], decode=[],
     )  # fmt: skip
     import transformers
@@ -236,7 +236,7 @@ def cpu_main(out: Path, lengths: list[int], steps: int, reps: int = 2, threads: 
         row = dict(batch=b, prompt_tokens=64, ours=o, hf=h, speedup=o["tokens_per_s"] / h["tokens_per_s"])
         data["decode"].append(row)
         log("decode", row)
-    assert engine.allocator.num_free == engine.pool.num_pages
+    assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
     (out / "results_cpu.json").write_text(json.dumps(data, indent=1))
     log("wrote", out / "results_cpu.json")
 
@@ -314,7 +314,7 @@ def parity_rows(
     c: Ctx, engine: Any, model: str, ids: torch.Tensor, ref: torch.Tensor, ref32: torch.Tensor | None = None
 ) -> None:
     for bname in c.backends:
-        be = engine.backend if bname == c.backend else _backend(engine, bname)
+        be = engine.runner.backend if bname == c.backend else _backend(engine, bname)
         ours = prefill_logits(engine, ids.tolist(), be)
         row = dict(model=model, tokens=len(ids), backend=bname, **parity(ours, ref))
         if ref32 is not None:
@@ -365,7 +365,7 @@ def llama_part(c: Ctx) -> None:
     free_memory()
     # one step runs the whole prompt (as transformers does): only scheduling changes here
     engine.config = replace(engine.config, max_prefill_tokens=max(lengths) + 64)
-    data["pool"] = dict(pages=engine.pool.num_pages, gib=engine.pool.num_bytes / 2**30)
+    data["pool"] = dict(pages=engine.runner.pool.num_pages, gib=engine.runner.pool.num_bytes / 2**30)
     log(f"engine built ({c.backend}), {gib_allocated():.1f} GiB allocated, pool {data['pool']}")
     mc = engine.model_config
     parity_rows(c, engine, "llama3-8b-shape", par_ids, ref, ref32)
@@ -382,15 +382,15 @@ def llama_part(c: Ctx) -> None:
             runs.append((our_ttft(engine, ids, split), split["forward_s"]))
         ours, fwd = min(runs)
         used = c.backend
-        if c.backend == "flashinfer" and engine.backend.use_triton:
+        if c.backend == "flashinfer" and engine.runner.backend.use_triton:
             used = "triton (flashinfer backend fell back)"
         row = dict(tokens=n, ours_s=ours, ours_forward_s=fwd, hf_sdpa_s=hf_pre[n], speedup=hf_pre[n] / ours, path=used)
         data["prefill"].append(row)
         log("prefill", row)
     c.save()
     if c.backend == "flashinfer" and "triton" in c.backends:  # the other GPU path, same engine
-        main_backend = engine.backend
-        engine.backend = _backend(engine, "triton")
+        main_backend = engine.runner.backend
+        engine.runner.backend = _backend(engine, "triton")
         try:
             our_ttft(engine, rand_ids(lengths[0] // 2, vocab, 1).tolist())
             for row in data["prefill"]:
@@ -401,9 +401,9 @@ def llama_part(c: Ctx) -> None:
         except Exception as e:
             data["notes"].append(f"triton prefill A/B failed: {type(e).__name__}: {e}")
         finally:
-            engine.backend = main_backend
+            engine.runner.backend = main_backend
         c.save()
-    assert engine.allocator.num_free == engine.pool.num_pages
+    assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
 
     # ---- decode: eager, then CUDA graphs -----------------------------------------------------
     eager = {}
@@ -420,7 +420,7 @@ def llama_part(c: Ctx) -> None:
             speedup=best["tokens_per_s"] / hf_dec[b]["tokens_per_s"],
         ))  # fmt: skip
     c.save()
-    assert engine.allocator.num_free == engine.pool.num_pages
+    assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
     del mc
 
 
@@ -428,15 +428,15 @@ def graph_decode(engine: Any, batches: list[int], prompt_len: int, steps: int, v
     from redknot_rag.kernels.cuda_graph import DecodeGraphRunner
 
     graph: dict[int, Any] = {}
-    model = engine.model
+    model = engine.runner.model
     try:
         cap = max(batches) * engine.model_config.num_kv_heads * (prompt_len + steps + 32)
         t = time.time()
-        runner = DecodeGraphRunner(model, engine.backend, max_kv_tokens=cap, batch_sizes=tuple(batches))
+        runner = DecodeGraphRunner(model, engine.runner.backend, max_kv_tokens=cap, batch_sizes=tuple(batches))
         runner.capture()
         data["graph_capture_s"] = time.time() - t
         hook = GraphDecodeModel(model, runner)
-        engine.model = hook
+        engine.runner.model = hook
         for b in batches:
             graph[b] = our_decode(engine, rand_ids(prompt_len, vocab, 100 + b, batch=b).tolist(), steps)
             log("ours graph decode", graph[b])
@@ -447,7 +447,7 @@ def graph_decode(engine: Any, batches: list[int], prompt_len: int, steps: int, v
         traceback.print_exc()
         data["notes"].append(f"CUDA graph decode failed: {type(e).__name__}: {e}")
     finally:
-        engine.model = model
+        engine.runner.model = model
     return graph
 
 
@@ -470,9 +470,9 @@ def qwen_part(c: Ctx) -> None:
 
 
 def _backend(engine: Any, name: str) -> Any:
-    from redknot_rag.attention import create_backend
+    from redknot_rag.runner import load_backend
 
-    return create_backend(name, engine.model_config, engine.pool, engine.rotary)
+    return load_backend(name, engine.model_config, engine.runner.pool, engine.runner.rotary)
 
 
 def plot(path: Path) -> None:

@@ -79,10 +79,10 @@ class PlanTimer:
 
 
 def build_engine(tiny: bool, backend: str) -> Any:
-    from redknot_rag.kernels.testing import random_weights
     from transformers import LlamaConfig
 
     from redknot_rag.config import ModelConfig
+    from redknot_rag.kernels.testing import random_weights
 
     dev = "cpu" if tiny else "cuda"
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -99,24 +99,25 @@ def build_engine(tiny: bool, backend: str) -> Any:
 
 
 def ingest(engine: Any, anchor: list[int], chunks: list[list[int]], group: int) -> tuple[Any, list[Any]]:
-    from redknot_rag.chunkkv import ChunkPrefiller, write_segment
+    from redknot_rag.rag.prefill import ChunkPrefiller
 
-    pf = ChunkPrefiller(engine, anchor)
+    pf = ChunkPrefiller(engine.runner, anchor)
     segs = []
     for i in range(0, len(chunks), group):
         for k, v in pf.prefill(chunks[i : i + group]):
-            segs.append(write_segment(engine.pool, engine.allocator, k, v))
+            segs.append(engine.runner.write_segment(k, v))
         del k, v
     free_memory()
-    return pf.anchor.segment, segs
+    return pf.anchor, segs
 
 
 def query(engine: Any, policy: Any, inp: Any, plans: PlanTimer) -> dict:
     """One RAG query under `policy` (mirrors `_SelectivePolicy.assemble` with timers); returns seconds per phase."""
+    from redknot_rag.request import ReusedContext
     from redknot_rag.reuse import FullPolicy, NaivePolicy, recompute, relocate
     from redknot_rag.sampling import SamplingParams
 
-    dev = engine.device
+    dev = engine.runner.device
     ctx = inp.context_ids
     prompt = ctx + inp.question_ids
     out: dict[str, Any] = dict(load_s=0.0, select_s=0.0, recompute_s=0.0, recomputed_tokens=0)
@@ -125,26 +126,26 @@ def query(engine: Any, policy: Any, inp: Any, plans: PlanTimer) -> dict:
     sync(dev)
     t0 = time.perf_counter()
     if not isinstance(policy, FullPolicy):
-        vis = None if isinstance(policy, NaivePolicy) else policy.visibility(engine, inp)
+        vis = None if isinstance(policy, NaivePolicy) else policy.visibility(engine.runner, inp)
         with Timer(dev) as t:
-            kv = relocate(engine, inp, vis)
+            kv = relocate(engine.runner, inp, vis)
         out["load_s"] = t.s
         out["load_plan_s"] = plans.take()
         if not isinstance(policy, NaivePolicy):
             with Timer(dev) as t:
-                idx = torch.unique(policy.select(engine, inp, kv).to(torch.int64))
+                idx = torch.unique(policy.select(engine.runner, inp, kv).to(torch.int64))
             out["select_s"] = t.s
             with Timer(dev) as t:
-                recompute(engine, kv, ctx, idx)
+                recompute(engine.runner, kv, ctx, idx)
             out["recompute_s"] = t.s
             out["recompute_plan_s"] = plans.take()
             out["recompute_path"] = _path(engine)
             out["recomputed_tokens"] = int(idx.numel())
-    n_ctx = 0 if kv is None else kv.num_tokens
-    req = engine.make_request(
-        prompt, SamplingParams(max_new_tokens=2, ignore_eos=True), prebuilt_kv=kv, prebuilt_len=n_ctx,
-        reused_tokens=n_ctx - len(inp.anchor_ids) - out["recomputed_tokens"] if kv is not None else 0,
-    )  # fmt: skip
+    req = engine.make_request(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    if kv is not None:
+        n_ctx = kv.num_tokens
+        reused = n_ctx - len(inp.anchor_ids) - out["recomputed_tokens"]
+        req.reuse = ReusedContext(kv, n_ctx, reused, out["recomputed_tokens"], type(policy).__name__)
     with Timer(dev) as t:
         engine.submit(req)
         while not req.output_ids:
@@ -163,21 +164,20 @@ def plan_microbench(engine: Any, inp: Any) -> dict:
     """Host work of one question prefill over the largest context: relocation (slot tables), and the
     Triton plan built on the device (as shipped) vs on the host (the same ops on CPU tensors, i.e.
     the pre-fix code path without its upload)."""
+    from redknot_rag.batch import ForwardBatch, SeqSlice
     from redknot_rag.kernels.flashinfer_backend import build_page_tables, is_contiguous_layout
     from redknot_rag.kernels.seg_meta import build_plan
-
-    from redknot_rag.batch import ForwardBatch, SeqSlice
     from redknot_rag.reuse import relocate
 
-    mc, dev = engine.model_config, engine.device
+    mc, dev = engine.model_config, engine.runner.device
     out: dict[str, Any] = dict(context_tokens=len(inp.context_ids))
     with Timer(dev) as t:
-        kv = relocate(engine, inp)
+        kv = relocate(engine.runner, inp)
     out["relocate_s"] = t.s
     try:
         n = kv.num_tokens
         pos = torch.arange(n, n + len(inp.question_ids))
-        slots = kv.append(pos, engine.allocator)
+        slots = engine.runner.append(kv, pos)
         batch = ForwardBatch(torch.tensor(inp.question_ids), pos, [SeqSlice(kv, 0, len(pos), slots)], torch.tensor([0]))
         for where in (dev, torch.device("cpu")):
             times = []
@@ -191,12 +191,12 @@ def plan_microbench(engine: Any, inp: Any) -> dict:
             build_page_tables(batch, engine.config.page_size)
         out["flashinfer_page_tables_s"], out["flashinfer_layout_ok"] = t.s, ok
     finally:
-        kv.release(engine.allocator)
+        engine.runner.release(kv)
     return out
 
 
 def _path(engine: Any) -> str:
-    be = engine.backend
+    be = engine.runner.backend
     if be.name == "flashinfer":
         return "triton" if be.use_triton else "flashinfer"
     return be.name
@@ -238,12 +238,12 @@ def main() -> None:
     scenarios = [4, 16] if tiny else [8, 64]
     engine = build_engine(tiny, backend)
     mc = engine.model_config
-    plans = PlanTimer(engine.backend, dev)
+    plans = PlanTimer(engine.runner.backend, dev)
     data: dict[str, Any] = dict(
         card=card(), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (tiny)",
         torch=torch.__version__, backend=backend, tiny=tiny, chunk_tokens=chunk_len, question_tokens=q_len,
         anchor_tokens=anchor_len, local_window=window, redknot_ratio=0.1, page_size=engine.config.page_size,
-        pool_gib=engine.pool.num_bytes / 2**30, scenarios=[], notes=[],
+        pool_gib=engine.runner.pool.num_bytes / 2**30, scenarios=[], notes=[],
     )  # fmt: skip
     out_dir = Path(args.out or os.environ.get("OUT") or HERE)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +277,7 @@ def main() -> None:
         for _, p in pols:  # warm up every path (kernel JIT) at the small size
             query(engine, p, warm, plans)
     data["warmup_s"] = t.s
-    free_pages = engine.allocator.num_free
+    free_pages = engine.runner.allocator.num_free
     for k in scenarios:
         inp = ReuseInput(anchor, anchor_seg, chunks[:k], segs[:k], question)
         sc: dict[str, Any] = dict(chunks=k, context_tokens=len(inp.context_ids), policies={})
@@ -293,7 +293,7 @@ def main() -> None:
             sc["policies"][name] = best
             shown = {a: (round(b, 4) if isinstance(b, float) else b) for a, b in best.items() if a != "ttft_all_s"}
             log(k, name, shown)
-            assert engine.allocator.num_free == free_pages, "pages leaked"
+            assert engine.runner.allocator.num_free == free_pages, "pages leaked"
         full = sc["policies"].get("full")
         for r in sc["policies"].values():
             if full:

@@ -97,7 +97,10 @@ def attention_case(batch: int, ctx: int, head_aware: bool, fi: Any, res: list[di
     t = timeit(lambda: seg_paged_attention(q, kslots, vslots, meta, cos, sin, G, num_splits=splits))
     base = dict(batch=batch, ctx=ctx, head_aware=head_aware, kv_bytes=kv_bytes)
     peak = PEAK.get(card(), 3.35e12)
-    res.append(base | dict(backend="triton", num_splits=splits, seconds=t, tbps=kv_bytes / t / 1e12, frac_peak=kv_bytes / t / peak))  # noqa: E501
+    res.append(
+        base
+        | dict(backend="triton", num_splits=splits, seconds=t, tbps=kv_bytes / t / 1e12, frac_peak=kv_bytes / t / peak)
+    )  # noqa: E501
     if fi is not None and not head_aware:
         ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
         w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
@@ -109,7 +112,9 @@ def attention_case(batch: int, ctx: int, head_aware: bool, fi: Any, res: list[di
         qr = q.view(r, G, D)  # rows (seq, head): [B*Hkv, g, D]
         cache = (k.unsqueeze(2), v.unsqueeze(2))
         t = timeit(lambda: w.run(qr, cache))
-        res.append(base | dict(backend="flashinfer", seconds=t, tbps=kv_bytes / t / 1e12, frac_peak=kv_bytes / t / peak))  # noqa: E501
+        res.append(
+            base | dict(backend="flashinfer", seconds=t, tbps=kv_bytes / t / 1e12, frac_peak=kv_bytes / t / peak)
+        )  # noqa: E501
 
 
 # --------------------------------------------------------------------------- model decode step
@@ -163,7 +168,6 @@ def decode_batch(cfg: Any, batch: int, ctx: int, head_aware: bool, dev: torch.de
 
 def model_cases(res: list[dict], deadline: float, have_fi: bool) -> None:
     from redknot_rag.kernels.testing import random_weights
-
     from redknot_rag.model import CausalLM
     from redknot_rag.rope import Rotary
 
@@ -191,13 +195,19 @@ def model_cases(res: list[dict], deadline: float, have_fi: bool) -> None:
 
 
 def model_case(
-    model: Any, cfg: Any, rot: Any, row: dict, batch: int, ctx: int, head_aware: bool, have_fi: bool,
+    model: Any,
+    cfg: Any,
+    rot: Any,
+    row: dict,
+    batch: int,
+    ctx: int,
+    head_aware: bool,
+    have_fi: bool,
     res: list[dict],
 ) -> None:
     from redknot_rag.kernels.cuda_graph import DecodeGraphRunner, PlannedBackend
-
-    from redknot_rag.attention import create_backend
     from redknot_rag.kvcache import KVPool
+    from redknot_rag.runner import load_backend
 
     dev = torch.device("cuda")
     t0 = time.time()
@@ -205,7 +215,7 @@ def model_case(
     pool = KVPool(used, PS, D, torch.bfloat16, dev)
     build_s = time.time() - t0
     for name in ("triton", "flashinfer") if have_fi else ("triton",):
-        be = create_backend(name, cfg, pool, rot)
+        be = load_backend(name, cfg, pool, rot)
         t0 = time.time()
         be.plan(fb)
         torch.cuda.synchronize()
@@ -257,10 +267,7 @@ def plot(path: str) -> None:
     ax.legend(fontsize=6, ncol=2)
     ax = axes[1]
     rows = [r for r in data["model"] if "eager_s" in r]
-    labels = [
-        f"B{r['batch']} {r['ctx'] // 1024}K {'HA' if r['head_aware'] else 'dense'} {r['path'][:2]}"
-        for r in rows
-    ]
+    labels = [f"B{r['batch']} {r['ctx'] // 1024}K {'HA' if r['head_aware'] else 'dense'} {r['path'][:2]}" for r in rows]
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["eager_s"] * 1e3 for r in rows], 0.4, label="eager")
     ax.bar([i + 0.2 for i in x], [(r["graph_s"] or 0) * 1e3 for r in rows], 0.4, label="CUDA graph")

@@ -3,9 +3,5 @@
 Modules: `app` (FastAPI app, errors, access log), `runtime` (engine bridge), `api_rag`,
 `api_sglang`, `api_openai` (routes), `schemas` (request bodies), `constrained` (xgrammar:
 regex, JSON schema, EBNF), `metrics` (Prometheus), `limits`, `auth`, `logs`, `settings`, `cli` (`redknot serve`).
+This package module imports nothing, so its modules never reach one another through it.
 """
-
-from redknot_rag.server.cli import register_cli
-from redknot_rag.server.settings import ServerSettings
-
-__all__ = ["ServerSettings", "register_cli"]

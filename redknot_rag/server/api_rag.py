@@ -59,7 +59,8 @@ async def check_question(rt: Runtime, rag: Any, question: str) -> None:
         raise ApiError(413, f"question of {len(question)} chars exceeds the limit of {rt.settings.max_question_chars}")
     fn = getattr(rag, "question_ids", None)
     ids = await rt.run_blocking(fn, question) if fn is not None else await rt.tokenize(question)
-    frame = len(getattr(rag, "anchor_ids", ()))
+    layout = getattr(rag, "layout", None)
+    frame = layout.num_anchor if layout is not None else 0
     ctx = rt.engine.max_context
     if frame + len(ids) + 1 >= ctx:
         raise ApiError(
@@ -98,7 +99,7 @@ def make_router(rt: Runtime) -> APIRouter:
             reuse_policy=body.reuse_policy or None,
             params=params,
         )
-        job = rt.adopt(prepared.request)
+        (job,) = await rt.submit([Job(prepared.request, owner=principal_of(request).name)])
         sources = [_source(s) for s in prepared.sources]
         if body.stream:
             return StreamingResponse(
@@ -209,6 +210,7 @@ def _final(job: Job, prepared: Any, sources: list[dict[str, Any]]) -> dict[str, 
             "cached_tokens": r.cached_tokens,
         },
         "timing": timing,
+        "reuse": {"policy": getattr(prepared, "policy", None), **getattr(prepared, "stats", {})},
     }
 
 

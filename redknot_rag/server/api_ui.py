@@ -90,7 +90,7 @@ def make_router(rt: Runtime, user: Callable[[HttpRequest], None]) -> APIRouter:
         if prof is None:
             raise ApiError(
                 404,
-                f"no head profile matches the served model {rt.engine.loaded.name!r} "
+                f"no head profile matches the served model {rt.engine.runner.name!r} "
                 "(run `redknot profile-heads` to calibrate one)",
             )
         return prof

@@ -25,7 +25,7 @@ log = logging.getLogger("redknot.server")
 
 
 def register_cli(subparsers: Any) -> None:
-    from redknot_rag.cli import add_engine_args
+    from redknot_rag.options import add_engine_args
     from redknot_rag.store.config import add_store_args
 
     p = subparsers.add_parser("serve", help="serve the HTTP API (RAG, SGLang native, OpenAI)")
@@ -121,8 +121,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from redknot_rag.cli import engine_config_from_args
     from redknot_rag.engine import Engine
+    from redknot_rag.options import engine_config_from_args
     from redknot_rag.server.app import create_app
     from redknot_rag.server.logs import setup_json_logging
     from redknot_rag.server.runtime import Runtime

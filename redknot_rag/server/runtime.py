@@ -79,7 +79,6 @@ class Job:
     finish_reason: dict | None = None
     error: str | None = None
     is_finished: bool = False
-    old_events: queue.Queue | None = None  # events put before the bridge was attached (RAG path)
     observed: bool = False
     owner: str = ""
     cancel_error: str | None = None  # set when the server cancels it (drain): reported instead of an abort
@@ -126,14 +125,15 @@ class Runtime:
         self._reuse_takes_namespaces = rag is not None and "namespaces" in _parameters(rag.build_request)
         self._probe: asyncio.Future | None = None
         self._probe_since = 0.0
-        self.model_name = settings.served_model_name or engine.loaded.name
+        self.model_name = settings.served_model_name or engine.runner.name
         self.model_dir, self.weights_note = _model_dir_and_note(engine)
         self._add_gauges()
 
     def _add_gauges(self) -> None:
-        e, m = self.engine, self.metrics
-        m.add_gauge("redknot_num_queued_requests", "Requests waiting for admission.", lambda: e.num_waiting)
-        m.add_gauge("redknot_num_running_requests", "Requests in the running batch.", lambda: e.num_running)
+        e, m = self.engine.runner, self.metrics
+        eng = self.engine
+        m.add_gauge("redknot_num_queued_requests", "Requests waiting for admission.", lambda: eng.num_waiting)
+        m.add_gauge("redknot_num_running_requests", "Requests in the running batch.", lambda: eng.num_running)
         m.add_gauge("redknot_kv_pool_pages", "KV pool size in (layer, head) pages.", lambda: e.pool.num_pages)
         m.add_gauge("redknot_kv_pool_free_pages", "Free KV pool pages.", lambda: e.allocator.num_free)
         m.add_gauge(
@@ -203,7 +203,7 @@ class Runtime:
         if inp.rid:
             req.rid = inp.rid
         if processor is not None:
-            req.logits_processor = processor  # type: ignore[attr-defined]  # called by Engine._emit
+            req.logits_processor = processor  # called by Engine._emit
         return Job(req, stop_regex, owner=inp.owner)
 
     async def start(self, inputs: list[GenInput]) -> list[Job]:
@@ -221,7 +221,13 @@ class Runtime:
             for j in jobs:
                 await self.run_blocking(self.discard, j.req)
             raise
-        if self.draining:  # the drain began while these were being built
+        return await self.submit(jobs)
+
+    async def submit(self, jobs: list[Job]) -> list[Job]:
+        """Submit built jobs, all or none: every API's requests (the RAG `/query` one included) enter the
+        engine here. On overload, those already submitted are aborted and the rest discarded (the engine
+        releases the refused one itself), so no assembled page outlives the 429."""
+        if self.draining:
             for j in jobs:
                 await self.run_blocking(self.discard, j.req)
             raise ApiError(503, "server is shutting down")
@@ -236,7 +242,7 @@ class Runtime:
         except EngineOverloadedError as e:
             for j in submitted:
                 self.engine.abort(j.rid)
-            for j in jobs[len(submitted) :]:
+            for j in jobs[len(submitted) + 1 :]:
                 await self.run_blocking(self.discard, j.req)
             self.metrics.count_rejected("queue_full")
             raise ApiError(429, f"server overloaded: {e}; retry later", {"Retry-After": "1"}) from e
@@ -244,29 +250,14 @@ class Runtime:
 
     def discard(self, req: Request) -> None:
         """Give back what a built but never submitted request holds (reuse may have assembled KV pages)."""
-        kv = getattr(req, "prebuilt_kv", None)
-        if kv is not None:
-            req.prebuilt_kv = None  # type: ignore[attr-defined]
-            self.engine.call(lambda: kv.release(self.engine.allocator))
-
-    def adopt(self, req: Request) -> Job:
-        """A Job for a request someone else already submitted (the RAG service's `prepare`)."""
-        loop = asyncio.get_running_loop()
-        job = Job(req, old_events=req.events)
-        req.events = _LoopQueue(loop)
-        self.jobs[job.rid] = job
-        return job
+        self.engine.discard(req)
 
     # ---- consuming ------------------------------------------------------------------------
     def _next_event(self, job: Job) -> TokenEvent | None:
-        for q in (job.old_events, job.req.events):
-            if q is None:
-                continue
-            try:
-                return q.get_nowait()
-            except queue.Empty:
-                continue
-        return None
+        try:
+            return job.req.events.get_nowait()
+        except queue.Empty:
+            return None
 
     async def events(self, job: Job, http: HttpRequest | None = None) -> AsyncIterator[TokenEvent]:
         """Yield the job's events (deltas already cut by stop regexes) until it finishes.
@@ -442,13 +433,13 @@ def _model_dir_and_note(engine: Engine) -> tuple[str, str]:
     from redknot_rag.loader import resolve_model_dir
 
     path = getattr(engine.config, "model_path", None)
-    dtype = str(engine.dtype).replace("torch.", "")
+    dtype = str(engine.runner.dtype).replace("torch.", "")
     try:
         model_dir = str(resolve_model_dir(path)[0])
     except Exception:  # a model handed in already loaded: no directory to point at
-        model_dir = engine.loaded.name
+        model_dir = engine.runner.name
     if path is None or str(path).endswith(".gguf"):
-        quant = engine.loaded.name.rpartition(".")[2] if "." in engine.loaded.name else "quantized"
+        quant = engine.runner.name.rpartition(".")[2] if "." in engine.runner.name else "quantized"
         bits = f" ({quant[1]}-bit)" if quant[:1] == "Q" and quant[1:2].isdigit() else ""
         return model_dir, f"GGUF {quant}{bits} weights, dequantized to {dtype} at load"
     return model_dir, f"Hugging Face weights in {dtype}"

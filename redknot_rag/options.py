@@ -1,0 +1,31 @@
+"""Command-line options shared by every subcommand that loads a model (no imports of the commands)."""
+
+from __future__ import annotations
+
+import argparse
+
+from redknot_rag.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-path", default=None, help="HF directory, .gguf, or packaged: smollm2-135m (default), gemma3-270m"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--attention-backend", default="auto", help="torch, flashinfer, triton or auto")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--cpu-kv-gib", type=float, default=1.0, help="KV pool size on CPU")
+    p.add_argument("--mem-fraction", type=float, default=0.85, help="share of free GPU memory for the KV pool")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    return EngineConfig(
+        model_path=args.model_path,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        page_size=args.page_size,
+        cpu_kv_gib=args.cpu_kv_gib,
+        mem_fraction=args.mem_fraction,
+    )

@@ -1,0 +1,135 @@
+"""The one way to build a reused request: load the chunks' segments, run a reuse policy, wrap the
+assembled context KV into an unsubmitted `Request`.
+
+Used by the RAG service (for `/query` and for automatic reuse on every API), the fidelity harness, head
+profiling and the benches. Runs on the runner's thread (`Engine.call`): it writes the page pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from redknot_rag.engine import Engine
+from redknot_rag.heads import HeadProfile, load_profile_for
+from redknot_rag.rag.layout import PromptLayout, chunk_key
+from redknot_rag.rag.prefill import ChunkPrefiller
+from redknot_rag.request import Request, ReusedContext
+from redknot_rag.reuse import ReuseInput, ReusePolicy, make_policy
+from redknot_rag.sampling import SamplingParams
+from redknot_rag.store import ChunkKVStore
+from redknot_rag.store.segment_cache import SegmentCache
+
+
+@dataclass
+class Timing:
+    """Milliseconds spent assembling one request (the engine adds question prefill and decode)."""
+
+    kv_load_ms: float = 0.0
+    kv_miss_prefill_ms: float = 0.0
+    recompute_ms: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "kv_load_ms": self.kv_load_ms,
+            "kv_miss_prefill_ms": self.kv_miss_prefill_ms,
+            "recompute_ms": self.recompute_ms,
+            **self.extra,
+        }
+
+
+class Assembler:
+    """Builds reused requests for one engine: hot segment cache → chunk store → (miss) prefill now."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        layout: PromptLayout,
+        store: ChunkKVStore,
+        *,
+        profile: HeadProfile | None = None,
+        cache_pages: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.runner = runner = engine.runner
+        self.layout = layout
+        self.store = store
+        self.profile = profile if profile is not None else load_profile_for(runner.name, runner.weights_fingerprint)
+        self.prefiller: ChunkPrefiller = engine.call(lambda: ChunkPrefiller(runner, layout.anchor_ids))
+        self.cache = SegmentCache(runner, max_pages=cache_pages or runner.pool.num_pages // 2)
+        self._policies: dict[str, ReusePolicy] = {}
+
+    def policy(self, name: str) -> ReusePolicy:
+        """The policy for `name` (validated; built once per name with the model's head profile)."""
+        pol = self._policies.get(name)
+        if pol is None:
+            pol = self._policies[name] = make_policy(name, self.profile)
+        return pol
+
+    def segment(self, ids: Sequence[int], timing: Timing):
+        """Pool-resident segment of a chunk: hot cache → store → (miss) prefill now and store it."""
+        key = chunk_key(ids)
+
+        def load():
+            got = self.store.get(key)
+            if got is not None:
+                return got.k, got.v
+            t = time.perf_counter()
+            k, v = self.prefiller.prefill([ids])[0]
+            self.store.put(key, k.cpu(), v.cpu())
+            timing.kv_miss_prefill_ms += (time.perf_counter() - t) * 1e3
+            return k, v
+
+        return self.cache.get(key, load)
+
+    def build(
+        self,
+        chunk_ids: Sequence[Sequence[int]],
+        tail_ids: Sequence[int],
+        policy_name: str,
+        params: SamplingParams,
+        timing: Timing | None = None,
+        **request_kw,
+    ) -> Request:
+        """`[anchor][chunks][tail]` as an unsubmitted request whose context KV the policy assembled.
+
+        Runs on the runner's thread. Everything is validated before any page is taken; if building the
+        request fails after assembly, the assembled pages are released before the error propagates.
+        """
+        timing = timing or Timing()
+        policy = self.policy(policy_name)
+        prompt = self.layout.prompt_ids(chunk_ids, tail_ids)
+        req = self.engine.make_request(prompt, params, **request_kw)  # validates length, params, pages
+        if policy.name == "full" or not chunk_ids:
+            return req
+        t = time.perf_counter()
+        segs = [self.segment(c, timing) for c in chunk_ids]
+        timing.kv_load_ms += (time.perf_counter() - t) * 1e3 - timing.kv_miss_prefill_ms
+        anchor = list(self.layout.anchor_ids)
+        inp = ReuseInput(anchor, self.prefiller.anchor, [list(c) for c in chunk_ids], segs, list(tail_ids))
+        t = time.perf_counter()
+        asm = policy.assemble(self.runner, inp)
+        timing.recompute_ms += (time.perf_counter() - t) * 1e3
+        if asm.kv is not None:
+            stats = {
+                "recomputed_positions": asm.recomputed_index.tolist(),
+                "context_len": asm.context_len,
+                **asm.stats,
+            }
+            req.reuse = ReusedContext(
+                asm.kv, asm.context_len, asm.reused_tokens, asm.recomputed_tokens, policy_name, stats
+            )
+        return req
+
+    def drop_chunk(self, key: str) -> None:
+        """Forget a chunk's pool-resident segment (runner thread)."""
+        self.cache.drop(key)
+
+    def flush(self) -> None:
+        self.cache.clear()
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.prefiller.close()

@@ -1,0 +1,145 @@
+"""Head-profile calibration (`redknot profile-heads`): which (layer, kv_head) blocks are local.
+
+Runs planted-fact RAG prompts through the model twice per case (full prefill, and relocated
+independently-prefilled chunks) and records, per head, the question's attention locality, the reuse
+deviation of the head's output, and the attention mass on the fact sentence. The result is data:
+a `HeadProfile` file (`heads.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from redknot_rag.chat import encode
+from redknot_rag.heads import HeadProfile, plot_profile, shipped_profile_path
+from redknot_rag.kvcache import KVSegment
+from redknot_rag.rag.layout import PromptLayout
+from redknot_rag.rag.prefill import ChunkPrefiller
+from redknot_rag.reuse import ReuseInput, relocate
+from redknot_rag.runner import KVRunner
+
+
+def profile_heads(
+    runner: KVRunner,
+    num_cases: int = 8,
+    window: int = 64,
+    locality_threshold: float = 0.8,
+    seed: int = 0,
+    progress: bool = True,
+) -> HeadProfile:
+    """Calibrate on planted-fact RAG prompts (real text from the stdlib + one planted fact each).
+
+    Per head: locality = question attention mass on anchor + last `window` context tokens (full
+    prefill); reuse deviation = relative change of the head's output on the question when the context
+    is assembled from independently prefilled chunks; retrieval = attention mass on the fact sentence.
+    """
+    from tqdm import tqdm
+
+    from redknot_rag.retrieval.planted_facts import make_planted_cases
+
+    mc = runner.model_config
+    tok = runner.tokenizer
+    layout = PromptLayout.for_tokenizer(tok)
+    anchor = list(layout.anchor_ids)
+    pf = ChunkPrefiller(runner, layout.anchor_ids)
+    probe = runner.probe_backend()
+    nl, nh, g = mc.num_layers, mc.num_kv_heads, mc.num_kv_groups
+    loc = torch.zeros(nl, nh)
+    dev = torch.zeros(nl, nh)
+    ret = torch.zeros(nl, nh)
+    rng = random.Random(seed)
+    cases = make_planted_cases(num_cases, seed=seed + 1000, num_distractors=5)
+    try:
+        for case in tqdm(cases, desc="profiling heads", disable=not progress):
+            docs = list(case.docs)
+            rng.shuffle(docs)
+            chunks = [layout.chunk_ids(d.text)[:256] for d in docs]
+            q = layout.question_ids(case.question)
+            ctx = layout.prompt_ids(chunks, [])
+            fact = encode(tok, case.fact_sentence)
+            fact_mask = torch.zeros(len(ctx) + len(q), dtype=torch.bool)
+            for i in range(len(anchor), len(ctx) - len(fact) + 1):  # locate the fact sentence's tokens
+                if ctx[i : i + len(fact)] == fact:
+                    fact_mask[i : i + len(fact)] = True
+            outs = []
+            for mode in ("full", "naive"):
+                segs: list[KVSegment] = []
+                if mode == "full":
+                    kv = runner.new_seq_kv()
+                    pf.attach_anchor(kv)
+                    runner.append_forward(kv, ctx[len(anchor) :], torch.arange(len(anchor), len(ctx)))
+                else:
+                    segs = [runner.write_segment(k, v) for k, v in pf.prefill(chunks)]
+                    kv = relocate(runner, ReuseInput(anchor, pf.anchor, chunks, segs, q))
+                try:
+                    runner.append_forward(kv, q, torch.arange(len(ctx), len(ctx) + len(q)), backend=probe)
+                    outs.append([o.clone() for o in probe.outputs])
+                    if mode == "full":
+                        t = kv.num_tokens
+                        near = torch.zeros(t, dtype=torch.bool)
+                        near[: len(anchor)] = True
+                        near[max(0, len(ctx) - window) :] = True
+                        for li, a in enumerate(probe.attn):  # a: [Hkv, T] summed over q tokens and group
+                            total = a.sum(-1)
+                            loc[li] += a[:, near].sum(-1) / total
+                            ret[li] += a[:, fact_mask[:t]].sum(-1) / total
+                finally:
+                    runner.release(kv)
+                    for s in segs:
+                        runner.drop_segment(s)
+            for li in range(nl):
+                f, n_ = outs[0][li], outs[1][li]  # [Tq, Hq, D]
+                diff = (f - n_).view(f.shape[0], nh, g, -1).pow(2).sum(dim=(0, 2, 3)).sqrt()  # [Hkv]
+                ref = f.view(f.shape[0], nh, g, -1).pow(2).sum(dim=(0, 2, 3)).sqrt()
+                dev[li] += diff / ref.clamp_min(1e-6)
+    finally:
+        pf.close()
+    n = len(cases)
+    loc, dev, ret = loc / n, dev / n, ret / n
+    classes = ((loc < locality_threshold) | (ret > ret.quantile(0.75))).long()  # global unless clearly local
+    return HeadProfile(
+        model=runner.name,
+        weights_fingerprint=runner.weights_fingerprint,
+        num_layers=nl,
+        num_kv_heads=nh,
+        window=window,
+        locality_threshold=locality_threshold,
+        classes=classes.tolist(),
+        locality=loc.tolist(),
+        reuse_deviation=dev.tolist(),
+        retrieval=ret.tolist(),
+        calibration={"cases": n, "seed": seed, "chunks_per_case": 6, "data": "planted facts in pydoc_data topics"},
+    )
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from redknot_rag.options import engine_config_from_args
+
+    runner = KVRunner(engine_config_from_args(args))
+    t0 = time.perf_counter()
+    prof = profile_heads(runner, num_cases=args.cases, window=args.window, locality_threshold=args.threshold)
+    out = Path(args.out) if args.out else shipped_profile_path(runner.name)
+    prof.save(out)
+    plot_profile(prof, out.with_suffix(".png"))
+    print(
+        f"{prof.num_global}/{prof.num_layers * prof.num_kv_heads} global heads; wrote {out} and "
+        f"{out.with_suffix('.png')} in {time.perf_counter() - t0:.0f} s"
+    )
+    return 0
+
+
+def register_cli(sub) -> None:
+    from redknot_rag.options import add_engine_args
+
+    p = sub.add_parser("profile-heads", help="calibrate local/global KV heads for a model")
+    p.add_argument("--cases", type=int, default=8, help="calibration prompts (default 8)")
+    p.add_argument("--window", type=int, default=64, help="recent-window tokens a local head keeps (default 64)")
+    p.add_argument("--threshold", type=float, default=0.8, help="locality above which a head is local (default 0.8)")
+    p.add_argument("--out", default=None, help="profile path (default: the package's profiles/ folder)")
+    add_engine_args(p)
+    p.set_defaults(func=_cmd_profile)

@@ -1,0 +1,266 @@
+"""The RAG service: a facade over ingestion, retrieval and request assembly. It never submits.
+
+`prepare` retrieves and assembles a `/query` request; `build_request` does automatic reuse for a prompt
+from any API. Both return unsubmitted requests: the caller (the server's runtime, the CLI, the harness)
+submits them to the engine the same way as any other request, and `discard`s those it drops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from redknot_rag.chat import DEFAULT_SYSTEM
+from redknot_rag.engine import Engine
+from redknot_rag.heads import HeadProfile
+from redknot_rag.rag.assemble import Assembler, Timing
+from redknot_rag.rag.ingest import Ingestor, IngestSummary, Progress, parse_paths, parse_texts
+from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, make_fingerprint
+from redknot_rag.request import Request
+from redknot_rag.reuse import make_policy
+from redknot_rag.sampling import SamplingParams
+from redknot_rag.store import ChunkKVStore
+
+log = logging.getLogger("redknot.rag")
+
+DEFAULT_POLICY = "redknot"
+
+
+@dataclass(frozen=True)
+class Source:
+    doc_id: str
+    chunk_id: str
+    score: float
+    text: str
+    char_start: int
+    char_end: int
+    namespace: str = "default"
+
+
+@dataclass
+class Prepared:
+    """An assembled, not yet submitted `/query` request; `finalize()` after it finished gives the timing."""
+
+    request: Request
+    sources: list[Source]
+    timing: dict[str, float]
+    policy: str
+    t_start: float
+    t_ready: float
+    stats: dict = field(default_factory=dict)
+
+    def finalize(self) -> dict[str, float]:
+        """Timing split in ms. Question prefill counts from the end of assembly (submission follows it)."""
+        r = self.request
+        out = dict(self.timing)
+        if r.first_token_time is not None:
+            out["question_prefill_ms"] = (r.first_token_time - self.t_ready) * 1e3
+            out["ttft_ms"] = (r.first_token_time - self.t_start) * 1e3
+            if r.finish_time is not None:
+                out["decode_ms"] = (r.finish_time - r.first_token_time) * 1e3
+        return {k: round(v, 3) for k, v in out.items()}
+
+
+@dataclass
+class RagResult:
+    answer: str
+    sources: list[Source]
+    usage: dict[str, int]
+    timing: dict[str, float]
+    finish_reason: dict | None = None
+
+
+class RagService:
+    """Documents → chunks → KV (stored per KV head) → queries that assemble prompts from stored KV."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        data_dir: Path | str,
+        default_policy: str = DEFAULT_POLICY,
+        *,
+        system_prompt: str = DEFAULT_SYSTEM,
+        chunk_tokens: int = 256,
+        overlap_tokens: int = 32,
+        store_memory_bytes: int = 256 << 20,
+        redis_url: str | None = None,
+        embedder=None,
+        profile: HeadProfile | None = None,
+    ) -> None:
+        from redknot_rag.retrieval.chunker import Chunker
+        from redknot_rag.retrieval.docdb import DocDB
+        from redknot_rag.retrieval.retriever import Retriever
+
+        self.engine = engine
+        runner = engine.runner
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_policy(default_policy)  # validate early
+        self.default_policy = default_policy
+        self.system_prompt = system_prompt
+        self.layout = PromptLayout.for_tokenizer(engine.tokenizer, system_prompt)
+        self.db = DocDB(self.data_dir / "docs.sqlite")
+        self.retriever = Retriever(self.db, self.data_dir / "index", embedder=embedder)
+        self.chunker = Chunker(engine.tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
+        self.fingerprint = make_fingerprint(self.layout, runner.weights_fingerprint, runner.dtype)
+        cold = None
+        if redis_url:
+            import redis
+
+            from redknot_rag.store.redis_tier import RedisTier
+
+            cold = RedisTier(redis.Redis.from_url(redis_url), self.fingerprint)
+        self.store = ChunkKVStore(self.data_dir / "kv", self.fingerprint, store_memory_bytes, device="cpu", cold=cold)
+        self.retriever.embedder.embed(["warm-up"])  # load the embedder now, not on the first query
+        self.assembler = Assembler(engine, self.layout, self.store, profile=profile)
+        self.matcher = ChunkMatcher(self.layout)
+        self.ingestor = Ingestor(
+            engine, self.layout, self.db, self.retriever, self.chunker, self.store, self.assembler, self.matcher
+        )
+        self._lock = threading.Lock()
+        for ns in self.db.list_namespaces():
+            for c in self.db.get_chunks(ns, self.db.all_chunk_ids(ns)):
+                self.matcher.add(self.layout.chunk_ids(c.text), ns)
+
+    # ---- prompt contract (kept for callers that format contexts themselves) --------------------
+    def chunk_token_ids(self, text: str) -> list[int]:
+        return self.layout.chunk_ids(text)
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.layout.question_ids(question)
+
+    def format_context(self, sources: Sequence[Source]) -> str:
+        """Chunk texts exactly as prompts carry them (what automatic reuse recognizes)."""
+        return self.layout.context_text(s.text for s in sources)
+
+    # ---- ingestion ------------------------------------------------------------------------
+    def ingest_paths(
+        self,
+        paths: Sequence[str | Path],
+        namespace: str = "default",
+        *,
+        with_kv: bool = True,
+        progress: Progress | None = None,
+    ) -> IngestSummary:
+        return self.ingestor.ingest(parse_paths(paths), namespace, with_kv, progress)
+
+    def ingest_texts(
+        self,
+        docs: Sequence[dict],
+        namespace: str = "default",
+        *,
+        with_kv: bool = True,
+        progress: Progress | None = None,
+    ) -> IngestSummary:
+        return self.ingestor.ingest(parse_texts(docs), namespace, with_kv, progress)
+
+    def list_documents(self, namespace: str = "default") -> list[dict]:
+        self.db.require_namespace(namespace)
+        return [asdict(d) for d in self.db.list_documents(namespace)]
+
+    def delete_document(self, namespace: str, doc_id: str) -> bool:
+        return self.ingestor.delete_document(namespace, doc_id)
+
+    def flush_cache(self) -> None:
+        self.engine.call(self.assembler.flush)
+
+    # ---- queries --------------------------------------------------------------------------
+    def retrieve(self, question: str, *, top_k: int = 6, namespace: str = "default") -> list[Source]:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("empty question")
+        if not 1 <= top_k <= 64:
+            raise ValueError(f"top_k must be in [1, 64], got {top_k}")
+        self.db.require_namespace(namespace)
+        hits = self.retriever.search(namespace, question, top_k=top_k)
+        return [
+            Source(
+                h.chunk.doc_id,
+                h.chunk.chunk_id,
+                float(h.score),
+                h.chunk.text,
+                h.chunk.char_start,
+                h.chunk.char_end,
+                namespace,
+            )
+            for h in hits
+        ]
+
+    def prepare(
+        self,
+        question: str,
+        *,
+        top_k: int = 6,
+        namespace: str = "default",
+        reuse_policy: str | None = None,
+        params: SamplingParams | None = None,
+        sources: list[Source] | None = None,
+    ) -> Prepared:
+        """Retrieve and assemble a `/query` request (not submitted). Validation runs before any work."""
+        t0 = time.perf_counter()
+        params = params or SamplingParams(max_new_tokens=64)
+        name = reuse_policy or self.default_policy
+        self.assembler.policy(name)  # validates the policy name before retrieval
+        q_ids = self.layout.question_ids(question) if isinstance(question, str) else []
+        if len(q_ids) + self.layout.num_anchor >= self.engine.max_context:
+            raise ValueError(
+                f"question has {len(q_ids)} tokens; with the prompt frame it exceeds the model context of "
+                f"{self.engine.max_context} tokens"
+            )
+        if sources is None:
+            sources = self.retrieve(question, top_k=top_k, namespace=namespace)
+        timing = Timing()
+        retrieve_ms = (time.perf_counter() - t0) * 1e3
+        ordered = list(reversed(sources))  # most relevant chunk closest to the question
+        chunk_ids = [self.layout.chunk_ids(s.text) for s in ordered]
+        req = self.engine.call(lambda: self.assembler.build(chunk_ids, q_ids, name, params, timing))
+        stats = {}
+        if req.reuse is not None:
+            stats = {
+                "reused_tokens": req.reuse.reused_tokens,
+                "recomputed_tokens": req.reuse.recomputed_tokens,
+                **req.reuse.stats,
+            }
+        return Prepared(
+            req, sources, {"retrieve_ms": retrieve_ms, **timing.as_dict()}, name, t0, time.perf_counter(), stats
+        )
+
+    def build_request(
+        self, prompt_ids: list[int], params: SamplingParams, *, namespaces: set[str] | None = None, **kw
+    ) -> Request:
+        """A request for any prompt (not submitted); stored chunks found in it are reused.
+
+        `namespaces` limits matching to chunks those namespaces hold (None: any), so a caller bound to a
+        tenant cannot learn whether a text exists in another tenant's store.
+        """
+        chunks, end = self.matcher.match(prompt_ids, namespaces)
+        if not chunks:
+            return self.engine.make_request(prompt_ids, params, **kw)
+        return self.engine.call(
+            lambda: self.assembler.build(chunks, prompt_ids[end:], self.default_policy, params, **kw)
+        )
+
+    def discard(self, req: Request) -> None:
+        """Release what an unsubmitted request holds (its assembled context KV)."""
+        self.engine.discard(req)
+
+    def close(self) -> None:
+        self.engine.call(self.assembler.close)
+
+
+def run_query(service: RagService, question: str, **kw) -> RagResult:
+    """Prepare, submit and wait for one query (CLI, demo and tests; the server streams instead)."""
+    engine = service.engine
+    prep = service.prepare(question, **kw)
+    r = engine.submit(prep.request)
+    if not engine.is_looping:
+        while not r.is_finished:
+            engine.step()
+    r.done.wait()
+    if r.error:
+        raise RuntimeError(r.error)
+    usage = {"prompt_tokens": r.prompt_len, "completion_tokens": len(r.output_ids), "cached_tokens": r.cached_tokens}
+    return RagResult(r.output_text, prep.sources, usage, prep.finalize(), r.finish_reason)

@@ -1,0 +1,227 @@
+"""The model runner: one model, its KV page pool and its attention backend on one device.
+
+Everything that reads or writes KV pages goes through a `KVRunner`: the engine's batches, chunk
+prefill at ingestion, reuse (relocation, recompute) and head profiling. It is the only owner of page
+lifetime (attach / append / override / release), so no caller touches the allocator directly.
+
+Invariants: one thread uses a runner at a time (the engine thread, or the caller before the engine
+loop starts); shared segments are never written; K in the pool is pre-RoPE.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from redknot_rag.attention import AttentionBackend, create_backend
+from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.config import EngineConfig, ModelConfig
+from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV
+from redknot_rag.loader import LoadedModel, load_model
+from redknot_rag.model import CausalLM
+from redknot_rag.probe import ProbeBackend
+from redknot_rag.rope import Rotary
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; known: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def auto_backend(device: torch.device) -> str:
+    """flashinfer on CUDA when installed (it falls back to Triton per batch where it can't), else triton
+    on CUDA, else the torch reference."""
+    if device.type != "cuda":
+        return "torch"
+    if importlib.util.find_spec("flashinfer") is not None:
+        return "flashinfer"
+    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+
+
+def load_backend(name: str, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> AttentionBackend:
+    """Backend by name; GPU backends register themselves when `redknot_rag.kernels.backends` imports."""
+    if name in ("flashinfer", "triton"):
+        import redknot_rag.kernels.backends  # noqa: F401  (registers GPU backends)
+    return create_backend(name, cfg, pool, rotary)
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """`logits [n, vocab]` float32 (empty when not asked for); `slots [L, Hkv, n]` where the tokens' KV went."""
+
+    logits: torch.Tensor
+    slots: torch.Tensor
+
+
+class KVRunner:
+    """Owns `model`, `pool`, `allocator`, `backend` and `rotary`; runs forwards over sequence KV."""
+
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = cfg = config or EngineConfig()
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.loaded = loaded or load_model(cfg.model_path, dtype=self.dtype, device=self.device)
+        self.model_config: ModelConfig = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.model = CausalLM(self.model_config, dict(self.loaded.weights))
+        self.rotary = Rotary(self.model_config, self.device)
+        self.page_size = cfg.page_size
+        self.pool = KVPool(self._num_pages(), cfg.page_size, self.model_config.head_dim, self.dtype, self.device)
+        self.allocator = PageAllocator(self.pool.num_pages)
+        name = auto_backend(self.device) if cfg.attention_backend == "auto" else cfg.attention_backend
+        self.backend: AttentionBackend = load_backend(name, self.model_config, self.pool, self.rotary)
+
+    def _num_pages(self) -> int:
+        cfg, mc = self.config, self.loaded.config
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # keep room for activations of a max_prefill_tokens step (rough upper bound)
+            act = 32 * cfg.max_prefill_tokens * max(mc.hidden_size, mc.intermediate_size) * 4
+            budget = int(free * cfg.mem_fraction) - act
+        else:
+            budget = int(cfg.cpu_kv_gib * (1 << 30))
+        return KVPool.pages_for_budget(budget, cfg.page_size, mc.head_dim, self.dtype)
+
+    # ---- identity --------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def weights_fingerprint(self) -> str:
+        return self.loaded.weights_fingerprint
+
+    @property
+    def max_context(self) -> int:
+        return self.model_config.max_position
+
+    # ---- page lifetime (the one place that increfs / decrefs) ----------------------------------
+    def new_seq_kv(self) -> SeqKV:
+        mc = self.model_config
+        return SeqKV(mc.num_layers, mc.num_kv_heads, self.page_size)
+
+    def attach(
+        self, kv: SeqKV, segment: KVSegment, positions: torch.Tensor, visible: torch.Tensor | None = None
+    ) -> None:
+        """Append shared `segment` to `kv` at `positions` `[T]` (refcount +1; its pages are never written)."""
+        kv.attach(segment, positions, self.allocator, visible)
+
+    def append(self, kv: SeqKV, positions: torch.Tensor) -> torch.Tensor:
+        """Private slots for new tokens at `positions` `[n]` of `kv`: `[L, Hkv, n]`."""
+        return kv.append(positions, self.allocator)
+
+    def override(self, kv: SeqKV, token_index: torch.Tensor) -> torch.Tensor:
+        """Copy-on-write slots for tokens `token_index` `[n]` of `kv`; returns them `[L, Hkv, n]`."""
+        return kv.override(token_index, self.allocator)
+
+    def truncate(self, kv: SeqKV, n: int) -> None:
+        kv.truncate(n, self.allocator)
+
+    def release(self, kv: SeqKV | None) -> None:
+        """Drop every page reference `kv` holds (idempotent; None is a no-op)."""
+        if kv is not None:
+            kv.release(self.allocator)
+
+    def write_segment(self, k: torch.Tensor, v: torch.Tensor) -> KVSegment:
+        """Copy K/V `[L, Hkv, T, D]` into fresh pool pages: a shared segment whose one reference is the caller's."""
+        nl, nh, t, _ = k.shape
+        num_pages = -(-t // self.page_size)
+        pages = torch.from_numpy(self.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
+        seg = KVSegment(pages, t, is_shared=True)
+        slots = seg.slots(self.page_size).to(self.device)  # [L, Hkv, T]
+        self.pool.k_slots[slots] = k.to(self.device, self.dtype)
+        self.pool.v_slots[slots] = v.to(self.device, self.dtype)
+        return seg
+
+    def drop_segment(self, segment: KVSegment) -> None:
+        """Drop the caller's reference to a segment (pages free when no sequence holds them)."""
+        self.allocator.decref(segment.pages.numpy())
+
+    def segment_pages(self, k: torch.Tensor) -> int:
+        """Pages a segment of K `[L, Hkv, T, D]` occupies."""
+        return k.shape[0] * k.shape[1] * -(-k.shape[2] // self.page_size)
+
+    def read_tokens(self, kv: SeqKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of tokens [start, end) of `kv`: `[L, Hkv, T, D]` each (pre-RoPE K), on the pool's device."""
+        slots = kv.slots[:, :, start:end].to(self.device)
+        return self.pool.k_slots[slots].clone(), self.pool.v_slots[slots].clone()
+
+    # ---- forwards --------------------------------------------------------------------------
+    def forward(
+        self, batch: ForwardBatch, backend: AttentionBackend | None = None, num_layers: int | None = None
+    ) -> torch.Tensor:
+        """Run `batch` (its KV already appended) → logits `[len(batch.logit_rows), vocab]` float32."""
+        return self.model.forward(batch, backend or self.backend, num_layers=num_layers)
+
+    def append_forward(
+        self,
+        kv: SeqKV,
+        ids: list[int],
+        positions: torch.Tensor,
+        *,
+        backend: AttentionBackend | None = None,
+        logits: bool = False,
+        num_layers: int | None = None,
+    ) -> ForwardResult:
+        """Append `ids` at `positions` `[n]` to `kv` (private slots) and run them through the model."""
+        slots = self.append(kv, positions)
+        rows = torch.arange(len(ids)) if logits else torch.zeros(0, dtype=torch.int64)
+        batch = ForwardBatch(torch.tensor(ids), positions, [SeqSlice(kv, 0, len(ids), slots)], rows)
+        return ForwardResult(self.forward(batch, backend, num_layers), slots)
+
+    def recompute(self, kv: SeqKV, ids: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """Recompute the KV of tokens `token_index` `[n]` (ascending) of `kv`, whose token ids are `ids` `[n]`.
+
+        Each attends to everything at or before its position (reused KV for the rest, fresh KV of the other
+        recomputed tokens); the results go to copy-on-write slots. Returns those slots `[L, Hkv, n]`.
+        """
+        new_slots = self.override(kv, token_index)
+        pos = kv.positions[token_index]
+        n = int(token_index.numel())
+        batch = ForwardBatch(ids, pos, [SeqSlice(kv, 0, n, new_slots)], torch.zeros(0, dtype=torch.int64))
+        self.forward(batch)
+        return new_slots
+
+    def probe_backend(self) -> ProbeBackend:
+        """A backend that records question attention (reuse selection, head profiling)."""
+        return ProbeBackend(self.model_config, self.pool, self.rotary)
+
+    def info(self) -> dict:
+        mc = self.model_config
+        return {
+            "model": self.loaded.name,
+            "arch": mc.arch,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "layers": mc.num_layers,
+            "q_heads": mc.num_q_heads,
+            "kv_heads": mc.num_kv_heads,
+            "head_dim": mc.head_dim,
+            "context": mc.max_position,
+            "page_size": self.page_size,
+            "pool_pages": self.pool.num_pages,
+            "pool_gib": round(self.pool.num_bytes / (1 << 30), 3),
+            "pool_free_pages": self.allocator.num_free,
+            "attention_backend": self.backend.name,
+        }
