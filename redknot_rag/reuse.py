@@ -206,9 +206,11 @@ class RedKnotPolicy(_SelectivePolicy):
         head_tokens: int = 4,
         window: int | None = None,
         use_local_windows: bool = False,
+        probe_layers: int | None = None,
     ) -> None:
         self.profile = profile
         self.use_local_windows = use_local_windows
+        self.probe_layers = probe_layers  # the probe runs only the first layers (a cheaper signal); None: all
         self.ratio = ratio
         self.head_tokens = head_tokens
         self.window = window if window is not None else (profile.window if profile is not None else 64)
@@ -241,12 +243,13 @@ class RedKnotPolicy(_SelectivePolicy):
         q = inp.question_ids
         probe = runner.probe_backend()
         pos = torch.arange(ctx_len, ctx_len + len(q))
+        nl = min(self.probe_layers or runner.model_config.num_layers, runner.model_config.num_layers)
         try:
-            runner.append_forward(kv, q, pos, backend=probe)
+            runner.append_forward(kv, q, pos, backend=probe, num_layers=nl)
         finally:
             runner.truncate(kv, ctx_len)
-        attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [L, Hkv, T] on the pool's device
-        glob = (~self._local(runner)).to(attn.device)  # [L, Hkv]
+        attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [nl, Hkv, T] on the pool's device
+        glob = (~self._local(runner))[:nl].to(attn.device)  # [nl, Hkv]
         attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-9)
         score = (attn * glob[:, :, None]).sum((0, 1)).cpu()  # [T]; token indices live on the host
         score[: len(inp.anchor_ids)] = -1  # the anchor is exact already
@@ -254,8 +257,27 @@ class RedKnotPolicy(_SelectivePolicy):
         return torch.cat([top, *first])
 
 
+class BoundaryPolicy(_SelectivePolicy):
+    """Recompute where chunk KV deviates most from full prefill by construction: the first `head` tokens of
+    each chunk (they were computed right after the anchor) and the last `tail` context tokens (the chunk
+    the question reads most closely; retrieval puts the best chunk there)."""
+
+    name = "boundary"
+
+    def __init__(self, head: int = 8, tail: int = 64) -> None:
+        self.head = head
+        self.tail = tail
+
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        a, n = len(inp.anchor_ids), kv.num_tokens
+        parts = [torch.arange(s, min(e, s + self.head)) for s, e in inp.chunk_spans()]
+        parts.append(torch.arange(max(a, n - self.tail), n))
+        return torch.cat(parts)
+
+
 POLICY_NAMES = (
-    "full, naive, epic[:k], cacheblend[:r], redknot[:r[:k[:w]]], redknot-local[:r[:k[:w]]], redknot-dense[:r[:k]]"
+    "full, naive, epic[:k], cacheblend[:r], boundary[:k[:tail]], redknot[:r[:k[:w[:layers]]]], "
+    "redknot-local[:r[:k[:w[:layers]]]], redknot-dense[:r[:k[:w[:layers]]]]"
 )
 
 
@@ -297,7 +319,11 @@ def make_policy(name: str, profile: HeadProfile | None = None) -> ReusePolicy:
         return EpicPolicy(_count(parts[0], name, "k") if parts else 16)
     if base == "cacheblend" and len(parts) <= 1:
         return CacheBlendPolicy(_ratio(parts[0], name) if parts else 0.15)
-    if base in ("redknot", "redknot-local", "redknot-dense") and len(parts) <= 3:
+    if base == "boundary" and len(parts) <= 2:
+        return BoundaryPolicy(
+            _count(parts[0], name, "head") if parts else 8, _count(parts[1], name, "tail") if len(parts) > 1 else 64
+        )
+    if base in ("redknot", "redknot-local", "redknot-dense") and len(parts) <= 4:
         # recompute chosen by global heads' question attention; "redknot-local" also restricts local
         # heads to sink + window; "redknot-dense" ignores the profile.
         return RedKnotPolicy(
@@ -306,5 +332,6 @@ def make_policy(name: str, profile: HeadProfile | None = None) -> ReusePolicy:
             head_tokens=_count(parts[1], name, "head_tokens") if len(parts) > 1 else 4,
             window=_count(parts[2], name, "window", lo=1) if len(parts) > 2 else None,
             use_local_windows=base == "redknot-local",
+            probe_layers=_count(parts[3], name, "layers", lo=1) if len(parts) > 3 else None,
         )
     raise ValueError(f"unknown reuse policy {name!r}; known: {POLICY_NAMES}")
