@@ -7,6 +7,7 @@ submits them to the engine the same way as any other request, and `discard`s tho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from redknot_rag.request import Request
 from redknot_rag.reuse import make_policy
 from redknot_rag.sampling import SamplingParams
 from redknot_rag.store import ChunkKVStore
+from redknot_rag.store.config import StoreConfig
 
 log = logging.getLogger("redknot.rag")
 
@@ -90,6 +92,7 @@ class RagService:
         redis_url: str | None = None,
         embedder=None,
         profile: HeadProfile | None = None,
+        store_config: StoreConfig | None = None,
     ) -> None:
         from redknot_rag.retrieval.chunker import Chunker
         from redknot_rag.retrieval.docdb import DocDB
@@ -107,14 +110,10 @@ class RagService:
         self.retriever = Retriever(self.db, self.data_dir / "index", embedder=embedder)
         self.chunker = Chunker(engine.tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
         self.fingerprint = make_fingerprint(self.layout, runner.weights_fingerprint, runner.dtype)
-        cold = None
-        if redis_url:
-            import redis
-
-            from redknot_rag.store.redis_tier import RedisTier
-
-            cold = RedisTier(redis.Redis.from_url(redis_url), self.fingerprint)
-        self.store = ChunkKVStore(self.data_dir / "kv", self.fingerprint, store_memory_bytes, device="cpu", cold=cold)
+        cfg = store_config or StoreConfig(host_bytes=store_memory_bytes)
+        if redis_url and not cfg.redis_url:
+            cfg = dataclasses.replace(cfg, redis_url=redis_url)
+        self.store = ChunkKVStore(self.data_dir / "kv", self.fingerprint, device="cpu", config=cfg)
         self.retriever.embedder.embed(["warm-up"])  # load the embedder now, not on the first query
         self.assembler = Assembler(engine, self.layout, self.store, profile=profile)
         self.matcher = ChunkMatcher(self.layout)

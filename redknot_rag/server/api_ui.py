@@ -118,7 +118,7 @@ def make_router(rt: Runtime, user: Callable[[HttpRequest], None]) -> APIRouter:
 def _load_profile(rt: Runtime) -> dict[str, Any] | None:
     from redknot_rag.heads import load_profile_for
 
-    prof = load_profile_for(rt.engine)
+    prof = load_profile_for(rt.engine.runner.name, rt.engine.runner.weights_fingerprint)
     if prof is None:
         return None
     out = asdict(prof)

@@ -166,7 +166,7 @@ def store_config_for(engine: Any, args: argparse.Namespace) -> Any:
     if getattr(args, "store_local_heads", "off") == "profile":
         from redknot_rag.heads import load_profile_for
 
-        profile = load_profile_for(engine)
+        profile = load_profile_for(engine.runner.name, engine.runner.weights_fingerprint)
     return store_config_from_args(args, profile)
 
 

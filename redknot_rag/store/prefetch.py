@@ -10,12 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from redknot_rag.store.tiers import KVBlock
 
-if TYPE_CHECKING:
-    from redknot_rag.store.chunk_store import ChunkKVStore
+
+class BlockSource(Protocol):
+    """What a prefetcher reads from (`ChunkKVStore`; a protocol so this module never imports it)."""
+
+    def meta(self, chunk_key: str) -> Any: ...
+
+    def get_blocks(self, chunk_key: str, layers: Sequence[int], heads: Sequence[int] | None) -> Any: ...
 
 LayerBlocks = dict[int, KVBlock]  # kv_head -> block of one (chunk, layer)
 HeadPicker = Callable[[str, int], Sequence[int] | None]  # (chunk_key, layer) -> heads to load (None: all)
@@ -47,7 +52,7 @@ class Prefetch:
 class Prefetcher:
     """One background thread per store; see the module invariant."""
 
-    def __init__(self, store: ChunkKVStore) -> None:
+    def __init__(self, store: BlockSource) -> None:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-prefetch")
 
