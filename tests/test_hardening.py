@@ -54,7 +54,7 @@ def test_good_policy_names(name):
 def test_poisoned_request_fails_alone_in_its_batch(engine):
     """A logits processor that raises (as a broken constraint would) fails its own request; the three
     requests batched with it in the same steps finish normally, and no KV page is leaked."""
-    free = engine.allocator.num_free
+    free = engine.runner.allocator.num_free
     good = [engine.make_request([1, 2, 3, 4 + i], SamplingParams(max_new_tokens=4)) for i in range(3)]
     bad = engine.make_request([1, 2, 3, 9], SamplingParams(max_new_tokens=4, temperature=0.7))
 
@@ -71,4 +71,4 @@ def test_poisoned_request_fails_alone_in_its_batch(engine):
     assert bad.is_finished and bad.error and "RuntimeError" in bad.error
     for r in good:
         assert r.error is None and len(r.output_ids) == 4, (r.error, r.output_ids)
-    assert engine.allocator.num_free == free
+    assert engine.runner.allocator.num_free == free
