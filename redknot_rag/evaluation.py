@@ -1,9 +1,13 @@
-"""Fidelity harness: every reuse policy against `full` on planted-fact RAG questions (`redknot eval`).
+"""Fidelity harness: every reuse policy against `full` on the same RAG questions (`redknot eval`).
 
-Per case: 6 chunks of real text (Python's own help topics), one holding a planted fact, in a seeded
-order; the question asks for the fact. Per policy we measure accuracy (answer string in the greedy
-output), first-token KL(full || policy), greedy-token agreement with `full` over the first 32 tokens,
-and TTFT split into load / recompute / question prefill (each request measured alone).
+Two case generators with different phrasing: `planted` (one planted fact in real help-topic text, 6
+chunks) and `facts` (numbers/dates, two facts that must both be used, the fact in the first or last
+chunk, 4/8/12 chunks, decoys; `retrieval/fact_cases.py`). Every policy answers every case, so
+differences to `full` are paired: per policy we report accuracy with a paired-bootstrap 95% interval and
+the exact McNemar p-value on the difference, first-token KL(full || policy), greedy agreement@32 with
+`full`, the recomputed fraction of chunk tokens and the median TTFT speed-up (each request's first token
+measured alone), per generator and pooled. Per-case records are written as JSONL while the run goes,
+so an interrupted run still reports.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,50 +27,55 @@ DEFAULT_POLICIES = (
     "full",
     "naive",
     "epic:16",
-    "epic:64",
-    "cacheblend:0.15",
+    "boundary:8:64",
+    "cacheblend:0.1",
     "redknot:0.1",
-    "redknot:0.2",
-    "redknot:0.3",
+    "redknot:0.1:4:64:6",
 )
+QUICK_POLICIES = ("full", "naive", "redknot:0.1")
+SETS = ("planted", "facts")
+MAX_RECOMPUTE = 0.10  # the GPU path needs the budget small (issue 10)
+MIN_SPEEDUP_CPU = 5.0
 
 
-@dataclass
-class PolicyStats:
-    correct: int = 0
-    kl: float = 0.0
-    agree: float = 0.0
-    ttft_ms: list[float] = field(default_factory=list)
-    load_ms: float = 0.0
-    recompute_ms: float = 0.0
-    question_ms: float = 0.0
-    recomputed_tokens: int = 0
-    context_tokens: int = 0
+@dataclass(frozen=True)
+class EvalCase:
+    """One question over chunk texts in prompt order; `check(output)` says whether the answer is right."""
 
-    def row(self, n: int) -> dict:
-        t = sorted(self.ttft_ms)
-        return {
-            "accuracy": self.correct / n,
-            "first_token_kl": self.kl / n,
-            "agreement_32": self.agree / n,
-            "ttft_ms_mean": sum(t) / n,
-            "ttft_ms_p50": t[n // 2],
-            "load_ms": self.load_ms / n,
-            "recompute_ms": self.recompute_ms / n,
-            "question_prefill_ms": self.question_ms / n,
-            "recompute_fraction": self.recomputed_tokens / max(self.context_tokens, 1),
-        }
+    case_id: str
+    set_name: str
+    question: str
+    chunks: tuple[str, ...]
+    check: Callable[[str], bool]
 
 
-def build_cases(rag, n: int, seed: int, num_chunks: int = 6, chunk_tokens: int = 220):
-    """[(case, chunk token ids (fact chunk included, shuffled))] from planted-fact cases."""
+@dataclass(frozen=True)
+class Record:
+    """One (case, policy) outcome."""
+
+    case_id: str
+    set_name: str
+    policy: str
+    correct: bool
+    first_token_kl: float
+    agreement_32: float
+    recomputed_tokens: int
+    chunk_tokens: int
+    ttft_ms: float
+    load_ms: float
+    recompute_ms: float
+    output: str
+
+
+def planted_cases(n: int, seed: int, tokenizer, num_chunks: int = 6, chunk_tokens: int = 128) -> list[EvalCase]:
+    """Planted-fact cases: the fact's chunk and `num_chunks - 1` others, in a seeded order."""
     from redknot_rag.retrieval.chunker import Chunker
     from redknot_rag.retrieval.planted_facts import make_planted_cases
 
-    chunker = Chunker(rag.engine.tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=0)
+    chunker = Chunker(tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=0)
     rng = random.Random(seed)
-    out = []
-    for case in make_planted_cases(n, seed=seed, num_distractors=num_chunks - 1):
+    out: list[EvalCase] = []
+    for case in make_planted_cases(2 * n + 8, seed=seed, num_distractors=num_chunks - 1):
         fact_chunk, others = None, []
         for d in case.docs:
             for c in chunker.chunk(d):
@@ -72,76 +83,41 @@ def build_cases(rag, n: int, seed: int, num_chunks: int = 6, chunk_tokens: int =
                     fact_chunk = c.text
                 else:
                     others.append(c.text)
-        if fact_chunk is None:
-            continue  # the chunker split the fact sentence; skip the case (rare)
+        if fact_chunk is None or len(others) < num_chunks - 1:
+            continue  # the chunker split the fact sentence (rare)
         texts = [fact_chunk] + others[: num_chunks - 1]
         rng.shuffle(texts)
-        out.append((case, [rag.chunk_token_ids(t) for t in texts]))
+        answer = case.answer.lower()
+        out.append(EvalCase(case.case_id, "planted", case.question, tuple(texts), _contains(answer)))
+        if len(out) == n:
+            break
     return out
 
 
-def run_eval(
-    rag,
-    policies=DEFAULT_POLICIES,
-    n: int = 100,
-    seed: int = 0,
-    max_new_tokens: int = 32,
-    progress: bool = True,
-    on_case=None,
-) -> dict:
-    from tqdm import tqdm
+def _contains(answer: str) -> Callable[[str], bool]:
+    return lambda text: answer in text.lower()
 
-    from redknot_rag.rag.assemble import Timing
-    from redknot_rag.rag.layout import chunk_key
-    from redknot_rag.sampling import SamplingParams
 
-    e = rag.engine
-    prefiller = rag.assembler.prefiller
-    cases = build_cases(rag, n, seed)
-    stats = {p: PolicyStats() for p in policies}
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    done = 0
-    for case, chunks in tqdm(cases, desc="eval", disable=not progress):
-        fresh = [c for c in chunks if not rag.store.contains(chunk_key(c))]
-        if fresh:  # ingestion: chunk KV computed once, stored per head
-            for c, (k, v) in zip(fresh, e.call(lambda f=fresh: prefiller.prefill(f))):
-                rag.store.put(chunk_key(c), k.cpu(), v.cpu())
-        q = rag.question_ids(case.question)
-        reqs = {}
-        first: dict[str, torch.Tensor] = {}
-        for pol in policies:
-            rag.flush_cache()  # every policy loads chunk KV from the store tier
-            timing = Timing()
-            t0 = time.perf_counter()
-            req = rag.assembler.build(chunks, q, pol, params, timing)
-            req.logits_processor = _keep_first(first, pol)
-            req.arrival_time = t0
-            t_sub = time.perf_counter()
-            e.submit(req)
-            while req.first_token_time is None and not req.is_finished:
-                e.step(only={req.rid})
-            s = stats[pol]
-            s.ttft_ms.append((req.first_token_time - t0) * 1e3)
-            s.load_ms += timing.kv_load_ms
-            s.recompute_ms += timing.recompute_ms
-            s.question_ms += (req.first_token_time - t_sub) * 1e3
-            s.recomputed_tokens += req.reuse.recomputed_tokens if req.reuse is not None else sum(map(len, chunks))
-            s.context_tokens += sum(map(len, chunks))
-            reqs[pol] = req
-        while any(not r.is_finished for r in reqs.values()):
-            e.step()
-        ref = reqs["full"]
-        ref_lp = first["full"].log_softmax(-1)
-        for pol, r in reqs.items():
-            s = stats[pol]
-            s.correct += case.answer.lower() in r.output_text.lower()
-            s.kl += float((ref_lp.exp() * (ref_lp - first[pol].log_softmax(-1))).sum())
-            k = min(32, len(ref.output_ids))
-            s.agree += sum(a == b for a, b in zip(ref.output_ids[:k], r.output_ids[:k])) / max(k, 1)
-        done += 1
-        if on_case is not None:
-            on_case(_summary(e, stats, done, seed, max_new_tokens))
-    return _summary(e, stats, done, seed, max_new_tokens)
+def fact_cases(n: int, seed: int) -> list[EvalCase]:
+    """The second generator (numbers/dates, two facts, first/last chunk, 4/8/12 chunks, decoys)."""
+    from redknot_rag.retrieval.fact_cases import make_fact_cases
+
+    return [
+        EvalCase(c.case_id, "facts", c.question, tuple(c.chunks), c.is_correct)
+        for c in make_fact_cases(n, seed=seed, min_chars=200, max_chars=420)
+    ]
+
+
+def build_cases(set_name: str, n: int, seed: int, tokenizer) -> list[EvalCase]:
+    """`n` cases of one set, or of both (`all`: half each, interleaved)."""
+    if set_name == "planted":
+        return planted_cases(n, seed, tokenizer)
+    if set_name == "facts":
+        return fact_cases(n, seed)
+    if set_name == "all":
+        a, b = planted_cases(n - n // 2, seed, tokenizer), fact_cases(n // 2, seed)
+        return [c for pair in zip(a, b) for c in pair] + a[len(b) :]
+    raise ValueError(f"unknown case set {set_name!r}; known: {', '.join(SETS)}, all")
 
 
 def _keep_first(into: dict, name: str):
@@ -154,57 +130,235 @@ def _keep_first(into: dict, name: str):
     return observe
 
 
-def _summary(e, stats: dict[str, PolicyStats], n_eval: int, seed: int, max_new_tokens: int) -> dict:
+def run_case(rag, case: EvalCase, policies: Sequence[str], max_new_tokens: int = 32) -> list[Record]:
+    """Every policy on one case: TTFT of each request measured alone, then all decoded together."""
+    from redknot_rag.rag.assemble import Timing
+    from redknot_rag.rag.layout import chunk_key
+    from redknot_rag.sampling import SamplingParams
+    from redknot_rag.stats import agreement_at_k, first_token_kl
+
+    e = rag.engine
+    layout = rag.layout
+    chunks = [layout.chunk_ids(t) for t in case.chunks]
+    fresh = [c for c in chunks if not rag.store.contains(chunk_key(c))]
+    if fresh:  # ingestion: chunk KV computed once, stored per head
+        for c, (k, v) in zip(fresh, rag.assembler.prefiller.prefill(fresh)):
+            rag.store.put(chunk_key(c), k.cpu(), v.cpu())
+    q = layout.question_ids(case.question)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    reqs: dict = {}
+    timings: dict = {}
+    ttft: dict[str, float] = {}
+    first: dict[str, torch.Tensor] = {}
+    for pol in policies:
+        rag.flush_cache()  # every policy loads chunk KV from the store tier
+        timing = Timing()
+        t0 = time.perf_counter()
+        req = rag.assembler.build(chunks, q, pol, params, timing)
+        req.logits_processor = _keep_first(first, pol)
+        req.arrival_time = t0
+        e.submit(req)
+        while req.first_token_time is None and not req.is_finished:
+            e.step(only={req.rid})
+        if req.error:
+            raise RuntimeError(f"{pol} failed on case {case.case_id}: {req.error}")
+        ttft[pol] = (req.first_token_time - t0) * 1e3
+        reqs[pol], timings[pol] = req, timing
+    while any(not r.is_finished for r in reqs.values()):
+        e.step()
+    ref = reqs["full"]
+    n_chunk = sum(map(len, chunks))
+    out = []
+    for pol, r in reqs.items():
+        recomputed = r.reuse.recomputed_tokens if r.reuse is not None else n_chunk
+        out.append(
+            Record(
+                case.case_id,
+                case.set_name,
+                pol,
+                bool(case.check(r.output_text)),
+                first_token_kl(first["full"], first[pol]),
+                agreement_at_k(ref.output_ids, r.output_ids, 32),
+                recomputed,
+                n_chunk,
+                ttft[pol],
+                timings[pol].kv_load_ms,
+                timings[pol].recompute_ms,
+                r.output_text,
+            )
+        )
+    return out
+
+
+def summarize(records: Sequence[Record], reference: str = "full") -> dict:
+    """Per policy: accuracy, paired difference to `reference` with its bootstrap 95% CI and McNemar p,
+    mean first-token KL, agreement@32, recomputed fraction, median TTFT and median speed-up."""
+    from redknot_rag.stats import compare_paired
+
+    by: dict[str, dict[str, Record]] = {}
+    for r in records:
+        by.setdefault(r.policy, {})[r.case_id] = r
+    ref = by[reference]
+    out: dict[str, dict] = {}
+    for pol, recs in by.items():
+        ids = [cid for cid in ref if cid in recs]
+        a = [ref[i].correct for i in ids]
+        b = [recs[i].correct for i in ids]
+        cmp = compare_paired(a, b)
+        out[pol] = {
+            "num_cases": len(ids),
+            "accuracy": cmp.accuracy_b,
+            "accuracy_diff": cmp.accuracy_diff,
+            "accuracy_diff_ci95": [round(cmp.ci95[0], 4), round(cmp.ci95[1], 4)],
+            "mcnemar_p": cmp.mcnemar_p,
+            "first_token_kl": statistics.fmean(recs[i].first_token_kl for i in ids),
+            "agreement_32": statistics.fmean(recs[i].agreement_32 for i in ids),
+            "recompute_fraction": sum(recs[i].recomputed_tokens for i in ids)
+            / max(sum(recs[i].chunk_tokens for i in ids), 1),
+            "ttft_ms_median": statistics.median(recs[i].ttft_ms for i in ids),
+            "speedup_median": statistics.median(ref[i].ttft_ms / max(recs[i].ttft_ms, 1e-9) for i in ids),
+            "load_ms_median": statistics.median(recs[i].load_ms for i in ids),
+            "recompute_ms_median": statistics.median(recs[i].recompute_ms for i in ids),
+        }
+    return out
+
+
+def choose_default(policies: dict[str, dict], max_recompute: float = MAX_RECOMPUTE, min_speedup: float = 0.0) -> str:
+    """The frontier rule: among reuse policies within the recompute budget (and speed-up floor), the best
+    accuracy difference to `full`, then the lowest first-token KL."""
+    ok = {
+        n: p
+        for n, p in policies.items()
+        if n != "full" and p["recompute_fraction"] <= max_recompute + 1e-9 and p["speedup_median"] >= min_speedup
+    }
+    if not ok:
+        raise ValueError("no reuse policy within the recompute budget was measured")
+    return max(ok, key=lambda n: (round(ok[n]["accuracy_diff"], 6), -ok[n]["first_token_kl"]))
+
+
+def report(records: Sequence[Record], meta: dict) -> dict:
+    """The results JSON: pooled and per generator, plus the default policy chosen by `choose_default`."""
+    pooled = summarize(records)
+    sets = sorted({r.set_name for r in records})
+    per_set = {s: summarize([r for r in records if r.set_name == s]) for s in sets} if len(sets) > 1 else {}
     return {
-        "cases": n_eval,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "model": e.runner.name,
-        "device": str(e.runner.device),
-        "chunks_per_case": 6,
-        "policies": {p: s.row(n_eval) for p, s in stats.items()},
+        **meta,
+        "num_cases": len({r.case_id for r in records}),
+        "sets": sets,
+        "default_policy": choose_default(pooled, min_speedup=meta.get("min_speedup", 0.0)),
+        "policies": pooled,
+        "per_set": per_set,
     }
 
 
-def plot_tradeoff(result: dict, path: Path) -> None:
+def run_eval(
+    rag,
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    n: int = 400,
+    seed: int = 0,
+    set_name: str = "all",
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    records_path: Path | None = None,
+) -> dict:
+    from tqdm import tqdm
+
+    if "full" not in policies:
+        raise ValueError("the policies must include 'full' (the reference)")
+    for p in policies:
+        rag.assembler.policy(p)  # validate every name before any work
+    cases = build_cases(set_name, n, seed, rag.engine.tokenizer)
+    done = set()
+    records: list[Record] = []
+    if records_path is not None and records_path.exists():  # resume: keep what an earlier run measured
+        for line in records_path.read_text().splitlines():
+            d = json.loads(line)
+            if d["policy"] in policies:
+                records.append(Record(**d))
+        done = {r.case_id for r in records}
+    sink = records_path.open("a") if records_path is not None else None
+    try:
+        for case in tqdm(cases, desc=f"eval {set_name}", disable=not progress):
+            if case.case_id in done:
+                continue
+            for r in run_case(rag, case, policies, max_new_tokens):
+                records.append(r)
+                if sink is not None:
+                    sink.write(json.dumps(asdict(r)) + "\n")
+            if sink is not None:
+                sink.flush()
+    finally:
+        if sink is not None:
+            sink.close()
+    keep = {c.case_id for c in cases}
+    records = [r for r in records if r.case_id in keep and r.policy in policies]
+    runner = rag.engine.runner
+    meta = {
+        "model": runner.name,
+        "device": str(runner.device),
+        "seed": seed,
+        "set": set_name,
+        "max_new_tokens": max_new_tokens,
+        "max_recompute": MAX_RECOMPUTE,
+        "min_speedup": MIN_SPEEDUP_CPU if runner.device.type == "cpu" else 0.0,
+    }
+    return report(records, meta)
+
+
+def plot_frontier(result: dict, path: Path) -> None:
+    """Accuracy difference (with its 95% CI), first-token KL and TTFT speed-up against recompute fraction."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pol = result["policies"]
-    full_ttft = pol["full"]["ttft_ms_mean"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for name, r in pol.items():
-        speed = full_ttft / r["ttft_ms_mean"]
-        axes[0].scatter(r["recompute_fraction"], r["accuracy"], s=40)
-        axes[0].annotate(name, (r["recompute_fraction"], r["accuracy"]), fontsize=8)
-        axes[1].scatter(speed, r["accuracy"], s=40)
-        axes[1].annotate(f"{name} (KL {r['first_token_kl']:.2f})", (speed, r["accuracy"]), fontsize=8)
-    axes[0].set_xlabel("recomputed fraction of context tokens")
-    axes[0].set_ylabel("answer accuracy")
-    axes[1].set_xlabel("TTFT speed-up over full prefill (x)")
-    axes[1].set_xscale("log")
-    axes[1].axhline(pol["full"]["accuracy"] - 0.02, ls="--", c="gray", lw=1)
-    axes[1].axvline(5, ls="--", c="gray", lw=1)
-    fig.suptitle(f"{result['model']} on {result['device']}: {result['cases']} planted-fact cases, 6 chunks")
+        x = r["recompute_fraction"]
+        lo, hi = r["accuracy_diff_ci95"]
+        d = r["accuracy_diff"]
+        style = dict(marker="*", s=160) if name == result["default_policy"] else dict(s=40)
+        axes[0].errorbar([x], [d], yerr=[[d - lo], [hi - d]], fmt="none", ecolor="gray", lw=1)
+        axes[0].scatter([x], [d], **style)
+        axes[0].annotate(name, (x, d), fontsize=7)
+        axes[1].scatter([x], [r["first_token_kl"]], **style)
+        axes[1].annotate(name, (x, r["first_token_kl"]), fontsize=7)
+        axes[2].scatter([x], [r["speedup_median"]], **style)
+        axes[2].annotate(name, (x, r["speedup_median"]), fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("recomputed fraction of chunk tokens")
+        ax.axvline(result.get("max_recompute", MAX_RECOMPUTE), ls="--", c="gray", lw=1)
+    axes[0].set_ylabel("accuracy − full (paired 95% CI)")
+    axes[0].axhline(-0.02, ls="--", c="red", lw=1)
+    axes[0].axhline(0, c="black", lw=0.5)
+    axes[1].set_ylabel("first-token KL(full ‖ policy)")
+    axes[1].axhline(0.05, ls="--", c="red", lw=1)
+    axes[2].set_ylabel("median TTFT speed-up over full (x)")
+    axes[2].set_yscale("log")
+    axes[2].axhline(MIN_SPEEDUP_CPU, ls="--", c="red", lw=1)
+    fig.suptitle(
+        f"{result['model']} on {result['device']}: {result['num_cases']} paired cases ({', '.join(result['sets'])}); "
+        f"default {result['default_policy']} (star)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def format_table(result: dict) -> str:
-    full = result["policies"]["full"]["ttft_ms_mean"]
     lines = [
-        "| policy | accuracy | first-token KL | agreement@32 | TTFT ms | speed-up | load | recompute | "
-        "question | recomputed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | accuracy | Δ vs full [95% CI] | McNemar p | first-token KL | agreement@32 | recomputed | "
+        "TTFT median ms | speed-up (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["policies"].items():
+        lo, hi = r["accuracy_diff_ci95"]
+        mark = " (default)" if name == result["default_policy"] else ""
         lines.append(
-            f"| {name} | {r['accuracy']:.3f} | {r['first_token_kl']:.3f} | {r['agreement_32']:.3f} | "
-            f"{r['ttft_ms_mean']:.0f} | {full / r['ttft_ms_mean']:.1f}x | {r['load_ms']:.0f} | "
-            f"{r['recompute_ms']:.0f} | {r['question_prefill_ms']:.0f} | {r['recompute_fraction']:.1%} |"
+            f"| {name}{mark} | {r['accuracy']:.3f} | {100 * r['accuracy_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"| {r['mcnemar_p']:.3g} | {r['first_token_kl']:.3f} | {r['agreement_32']:.3f} | "
+            f"{100 * r['recompute_fraction']:.1f}% | {r['ttft_ms_median']:.0f} | {r['speedup_median']:.1f}x |"
         )
     return "\n".join(lines)
 
@@ -214,31 +368,66 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from redknot_rag.ingest import open_service
 
+    if args.quick:
+        args.cases, args.policies, args.max_new_tokens = min(args.cases, 4), ",".join(QUICK_POLICIES), 8
+    policies = tuple(p for p in args.policies.split(",") if p)
     args.data_dir = args.data_dir or tempfile.mkdtemp(prefix="redknot-eval-")
     rag = open_service(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    def save(partial: dict) -> None:  # after every case, so an interrupted run still reports
-        (out / "results_cpu.json").write_text(json.dumps(partial, indent=1))
-
-    res = run_eval(rag, tuple(args.policies.split(",")), n=args.cases, seed=args.seed, on_case=save)
-    save(res)
-    plot_tradeoff(res, out / "tradeoff_cpu.png")
+    tag = args.tag or rag.engine.runner.name
+    res = run_eval(
+        rag,
+        policies,
+        n=args.cases,
+        seed=args.seed,
+        set_name=args.set,
+        max_new_tokens=args.max_new_tokens,
+        records_path=out / f"records_{tag}.jsonl",
+    )
+    (out / f"results_{tag}.json").write_text(json.dumps(res, indent=1))
+    plot_frontier(res, out / f"frontier_{tag}.png")
     table = format_table(res)
-    (out / "table_cpu.md").write_text(table + "\n")
+    (out / f"table_{tag}.md").write_text(table + "\n")
     print(table)
+    print(f"default policy by the frontier rule: {res['default_policy']}")
+    if args.record_default:
+        _record_default(rag, res, out / f"results_{tag}.json")
     return 0
+
+
+def _record_default(rag, res: dict, results_path: Path) -> None:
+    """Write the chosen default policy and its evidence into the model's head profile."""
+    import dataclasses
+
+    from redknot_rag.heads import load_profile_for, shipped_profile_path
+
+    runner = rag.engine.runner
+    prof = load_profile_for(runner.name, runner.weights_fingerprint)
+    if prof is None:
+        raise ValueError(f"no head profile for {runner.name}: run `redknot profile-heads` first")
+    best = res["policies"][res["default_policy"]]
+    evidence = {k: best[k] for k in ("accuracy_diff", "accuracy_diff_ci95", "first_token_kl", "agreement_32")}
+    evidence.update(recompute_fraction=best["recompute_fraction"], speedup_median=best["speedup_median"])
+    record = {"policy": res["default_policy"], "results": str(results_path), "num_cases": res["num_cases"], **evidence}
+    path = shipped_profile_path(runner.name)
+    dataclasses.replace(prof, reuse_default=record).save(path)
+    print(f"recorded default policy {res['default_policy']} in {path}")
 
 
 def register_cli(sub) -> None:
     from redknot_rag.options import add_engine_args
 
-    p = sub.add_parser("eval", help="fidelity of every reuse policy against full prefill (planted facts)")
-    p.add_argument("--cases", type=int, default=100)
+    p = sub.add_parser("eval", help="fidelity of every reuse policy against full prefill (paired, with CIs)")
+    p.add_argument("--cases", type=int, default=400, help="paired cases (default 400)")
+    p.add_argument("--set", default="all", choices=[*SETS, "all"], help="case generator (default all: half each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
-    p.add_argument("--out", default="bench/reuse")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated; must include full")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
+    p.add_argument("--quick", action="store_true", help="4 cases, 3 policies, 8 tokens: a smoke run")
+    p.add_argument("--out", default="bench/reuse", help="results folder (default bench/reuse)")
+    p.add_argument("--tag", default=None, help="file name tag (default: the model name)")
+    p.add_argument("--data-dir", default=None, help="store folder (default: a new temporary one)")
+    p.add_argument("--record-default", action="store_true", help="write the chosen default into the head profile")
     add_engine_args(p)
     p.set_defaults(func=_cmd_eval)

@@ -8,7 +8,7 @@ a PNG heat map.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -35,6 +35,9 @@ class HeadProfile:
     reuse_deviation: list[list[float]]
     retrieval: list[list[float]]
     calibration: dict
+    # the reuse policy chosen for this model from its measured frontier (`redknot eval --record-default`):
+    # {"policy": name, "results": path, ...evidence}; empty until measured
+    reuse_default: dict = field(default_factory=dict)
 
     def class_tensor(self) -> torch.Tensor:
         return torch.tensor(self.classes, dtype=torch.int64)  # [L, Hkv]

@@ -13,7 +13,7 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "redknot"
 def open_service(args: argparse.Namespace, policy: str | None = None):
     from redknot_rag.engine import Engine
     from redknot_rag.options import engine_config_from_args
-    from redknot_rag.rag import DEFAULT_POLICY, RagService
+    from redknot_rag.rag import RagService
 
     engine = Engine(engine_config_from_args(args))
     kw: dict = {}
@@ -26,7 +26,7 @@ def open_service(args: argparse.Namespace, policy: str | None = None):
             kw["store_config"] = store_config_for(engine, args)
         else:
             print("warning: this RagService takes no store settings yet; --store-* flags ignored", file=sys.stderr)
-    return RagService(engine, Path(args.data_dir), policy or DEFAULT_POLICY, **kw)
+    return RagService(engine, Path(args.data_dir), policy, **kw)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:

@@ -205,3 +205,32 @@ def test_refused_submission_returns_every_page(rag, monkeypatch):
         engine.submit(prep.request)
     assert prep.request.reuse.kv is None
     assert alloc.num_free == free
+
+
+def test_eval_quick_is_paired_and_reports_intervals(rag):
+    """The fidelity harness's smoke run (`redknot eval --quick`): both generators, paired records, and
+    `full` against itself has a zero difference with a zero-width interval."""
+    from redknot_rag.evaluation import QUICK_POLICIES, format_table, run_eval
+
+    res = run_eval(rag, QUICK_POLICIES, n=2, set_name="all", max_new_tokens=4, progress=False)
+    assert res["num_cases"] == 2 and res["sets"] == ["facts", "planted"]
+    full = res["policies"]["full"]
+    assert full["accuracy_diff"] == 0 and full["accuracy_diff_ci95"] == [0, 0] and full["first_token_kl"] < 1e-9
+    assert full["agreement_32"] == 1.0 and full["recompute_fraction"] == 1.0
+    naive = res["policies"]["naive"]
+    assert naive["recompute_fraction"] == 0 and naive["first_token_kl"] >= 0
+    assert set(res["per_set"]) == {"facts", "planted"}
+    assert res["default_policy"] in ("naive", "redknot:0.1")
+    assert "| full |" in format_table(res)
+
+
+def test_selection_is_deterministic(rag):
+    """The same question over the same chunks recomputes the same tokens, policy by policy."""
+    sources = rag.retrieve("Dorbrecht archive code", top_k=3, namespace="t1")
+    for policy in ("epic:8", "boundary:4:16", "cacheblend:0.2", "redknot:0.2", "redknot:0.2:4:64:4"):
+        seen = []
+        for _ in range(2):
+            prep = rag.prepare("What is the code?", reuse_policy=policy, sources=sources)
+            seen.append(prep.stats["recomputed_positions"])
+            rag.discard(prep.request)
+        assert seen[0] == seen[1] and len(seen[0]) > 0, policy

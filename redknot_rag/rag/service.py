@@ -17,7 +17,7 @@ from pathlib import Path
 
 from redknot_rag.chat import DEFAULT_SYSTEM
 from redknot_rag.engine import Engine
-from redknot_rag.heads import HeadProfile
+from redknot_rag.heads import HeadProfile, load_profile_for
 from redknot_rag.rag.assemble import Assembler, Timing
 from redknot_rag.rag.ingest import Ingestor, IngestSummary, Progress, parse_paths, parse_texts
 from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, make_fingerprint
@@ -29,7 +29,7 @@ from redknot_rag.store.config import StoreConfig
 
 log = logging.getLogger("redknot.rag")
 
-DEFAULT_POLICY = "redknot"
+DEFAULT_POLICY = "redknot"  # used when the model's head profile records no measured default
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class RagService:
         self,
         engine: Engine,
         data_dir: Path | str,
-        default_policy: str = DEFAULT_POLICY,
+        default_policy: str | None = None,
         *,
         system_prompt: str = DEFAULT_SYSTEM,
         chunk_tokens: int = 256,
@@ -102,6 +102,9 @@ class RagService:
         runner = engine.runner
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if default_policy is None:  # the model's measured default (recorded with its head profile)
+            prof = profile or load_profile_for(runner.name, runner.weights_fingerprint)
+            default_policy = (prof.reuse_default.get("policy") if prof is not None else None) or DEFAULT_POLICY
         make_policy(default_policy)  # validate early
         self.default_policy = default_policy
         self.system_prompt = system_prompt

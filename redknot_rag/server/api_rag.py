@@ -137,7 +137,7 @@ def make_router(rt: Runtime) -> APIRouter:
         return {
             "enabled": rag is not None,
             "system": getattr(rag, "system_prompt", DEFAULT_SYSTEM),
-            "reuse_policy": rt.settings.reuse_policy,
+            "reuse_policy": rt.default_policy,
         }
 
     @router.post("/ingest", openapi_extra=request_body(IngestRequest))

@@ -193,7 +193,7 @@ def make_router(rt: Runtime) -> APIRouter:
             "max_queued_requests": rt.engine.config.max_queued_requests,
             "max_new_tokens_limit": rt.settings.max_new_tokens_limit,
             "max_request_bytes": rt.settings.max_request_bytes,
-            "reuse_policy": rt.settings.reuse_policy,
+            "reuse_policy": rt.default_policy,
             "rag": rt.rag is not None,
             "num_waiting": rt.engine.num_waiting,
             "num_running": rt.engine.num_running,

@@ -69,7 +69,7 @@ def make_router(rt: Runtime, user: Callable[[HttpRequest], None]) -> APIRouter:
             namespaces = await rt.run_blocking(rag.db.list_namespaces)
             allowed = principal_of(request).namespaces  # a tenant key sees its own namespaces only
             namespaces = [n for n in namespaces if allowed is None or n in allowed]
-        default = rt.settings.reuse_policy
+        default = rt.default_policy
         return {
             "model": rt.model_name,
             "rag": rag is not None,

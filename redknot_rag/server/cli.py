@@ -19,6 +19,7 @@ from typing import Any
 
 from redknot_rag.limits import MAX_DOCUMENT_BYTES, MAX_QUESTION_CHARS
 from redknot_rag.server.auth import TenantKey
+from redknot_rag.reuse import POLICY_NAMES
 from redknot_rag.server.settings import ServerSettings
 
 log = logging.getLogger("redknot.server")
@@ -60,9 +61,9 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument(
         "--reuse-policy",
-        default="redknot",
-        help="default KV reuse policy: full, naive, epic[:k], cacheblend[:r], redknot[:r[:k[:w]]], "
-        "redknot-local[:r[:k[:w]]], redknot-dense[:r[:k]]",
+        default=None,
+        help="default KV reuse policy (default: the one measured for the model, recorded with its head profile; "
+        "else redknot). Known: " + POLICY_NAMES,
     )
     p.add_argument(
         "--redis-url",
@@ -131,7 +132,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     from redknot_rag.reuse import make_policy
 
-    make_policy(settings.reuse_policy)  # a bad name fails now, before the model loads
+    if settings.reuse_policy is not None:
+        make_policy(settings.reuse_policy)  # a bad name fails now, before the model loads
     config = dataclasses.replace(
         engine_config_from_args(args),
         max_running_requests=args.max_running_requests,
@@ -223,4 +225,6 @@ def make_rag(engine: Any, settings: ServerSettings, store_config: Any = None) ->
         os.environ["REDKNOT_REDIS_URL"] = settings.redis_url
         if "redis_url" in inspect.signature(RagService).parameters:
             kw["redis_url"] = settings.redis_url
-    return RagService(engine, settings.data_dir, settings.reuse_policy, **kw)
+    rag = RagService(engine, settings.data_dir, settings.reuse_policy, **kw)
+    log.info("default reuse policy: %s", rag.default_policy)
+    return rag

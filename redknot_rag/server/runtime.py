@@ -142,6 +142,11 @@ class Runtime:
             lambda: 1.0 - e.allocator.num_free / max(e.pool.num_pages, 1),
         )
 
+    @property
+    def default_policy(self) -> str | None:
+        """The reuse policy `/query` and automatic reuse use when a request names none."""
+        return getattr(self.rag, "default_policy", None) or self.settings.reuse_policy
+
     # ---- threads --------------------------------------------------------------------------
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -22,7 +22,7 @@ class ServerSettings:
     admin_key: str | None = None
     tenant_keys: tuple[TenantKey, ...] = ()
     data_dir: Path | None = None
-    reuse_policy: str = "redknot"
+    reuse_policy: str | None = None  # None: the model's measured default (head profile), else redknot
     redis_url: str | None = None
     max_request_bytes: int = 4 << 20
     max_new_tokens_limit: int = 4096
