@@ -55,12 +55,13 @@ def hf_gemma():
 def _tail_logits(engine, ids: list[int], num_tail: int) -> torch.Tensor:
     """Logits `[num_tail, vocab]` of the last rows; the rest is prefilled first (chunked)."""
     n = len(ids)
-    kv = engine.new_seq_kv()
+    runner = engine.runner
+    kv = runner.new_seq_kv()
     try:
-        engine.append_forward(kv, ids[: n - num_tail], torch.arange(n - num_tail))
-        return engine.append_forward(kv, ids[n - num_tail :], torch.arange(n - num_tail, n), logits=True)[0]
+        runner.append_forward(kv, ids[: n - num_tail], torch.arange(n - num_tail))
+        return runner.append_forward(kv, ids[n - num_tail :], torch.arange(n - num_tail, n), logits=True).logits
     finally:
-        kv.release(engine.allocator)
+        runner.release(kv)
 
 
 def _random_ids(n: int, vocab: int) -> list[int]:
@@ -83,11 +84,12 @@ def test_gemma3_logits_match_transformers(gemma_engine, hf_gemma):
         ref = hf_gemma(torch.tensor([ids]), logits_to_keep=NUM_TAIL).logits[0].float()
         head = hf_gemma(torch.tensor([ids[:48]])).logits[0].float()
     diff = (ours - ref).abs().max().item()
-    kv = gemma_engine.new_seq_kv()
+    runner = gemma_engine.runner
+    kv = runner.new_seq_kv()
     try:
-        ours_head = gemma_engine.append_forward(kv, ids[:48], torch.arange(48), logits=True)[0]
+        ours_head = runner.append_forward(kv, ids[:48], torch.arange(48), logits=True).logits
     finally:
-        kv.release(gemma_engine.allocator)
+        runner.release(kv)
     head_diff = (ours_head - head).abs().max().item()
     print(f"Gemma-3-270M max |logit diff| vs transformers (fp32): {diff:.2e} (tail), {head_diff:.2e} (48 tokens)")
     assert diff < LOGIT_BOUND and head_diff < LOGIT_BOUND
