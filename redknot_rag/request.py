@@ -37,6 +37,7 @@ class ReusedContext:
     recomputed_tokens: int
     policy: str
     stats: dict = field(default_factory=dict)
+    phase_ms: dict[str, float] = field(default_factory=dict)  # kv_load / kv_miss_prefill / recompute (metrics)
 
 
 @dataclass

@@ -404,7 +404,7 @@ def test_server_keeps_serving_after_bad_input(client):
 
 def test_client_disconnect_mid_stream_aborts(server, client):
     before = client.get("/metrics").text
-    aborted_before = _metric(before, 'redknot_requests_total{finish_reason="abort"}')
+    aborted_before = _metric(before, 'redknot_request_success_total{finished_reason="abort"}')
     body = {"text": "Write a very long story about dragons.", "stream": True,
             "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c, \
@@ -419,7 +419,7 @@ def test_client_disconnect_mid_stream_aborts(server, client):
     while time.time() < deadline:
         info = client.get("/server_info").json()
         m = client.get("/metrics").text
-        if info["num_running"] == 0 and _metric(m, 'redknot_requests_total{finish_reason="abort"}') > aborted_before:
+        if info["num_running"] == 0 and _metric(m, 'redknot_request_success_total{finished_reason="abort"}') > aborted_before:
             break
         time.sleep(0.2)
     else:
@@ -445,15 +445,27 @@ def _metric(text: str, series: str) -> float:
     return 0.0
 
 
+def _parsed_metrics(client) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(client.base_url.join("/metrics")).text  # no key needed
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
 def test_metrics(client):
     gen(client, max_new_tokens=4)
-    text = httpx.get(client.base_url.join("/metrics")).text  # no key needed
-    for name in ("redknot_num_queued_requests", "redknot_num_running_requests", "redknot_kv_pool_usage",
-                 "redknot_cache_hit_tokens_total", "redknot_time_to_first_token_seconds_bucket",
-                 "redknot_inter_token_latency_seconds_count", "redknot_http_requests_total"):
-        assert name in text, name
-    assert _metric(text, "redknot_time_to_first_token_seconds_count") >= 1
-    assert 'le="+Inf"' in text
+    assert client.get("/generate").status_code == 405
+    assert client.get("/no/such/route").status_code == 404
+    v = _parsed_metrics(client)
+    for name in ("redknot_num_requests_waiting", "redknot_num_requests_running", "redknot_kv_cache_usage_perc",
+                 "redknot_cached_tokens_total", "redknot_time_to_first_token_seconds_count"):
+        assert (name, ()) in v, name
+    assert v[("redknot_time_to_first_token_seconds_count", ())] >= 1
+    assert v[("redknot_inter_token_latency_seconds_bucket", (("le", "+Inf"),))] >= 3
+    assert v[("redknot_http_requests_total", (("code", "200"), ("route", "/generate")))] >= 1
+    assert v[("redknot_http_requests_total", (("code", "405"), ("route", "/generate")))] >= 1
+    assert v[("redknot_http_requests_total", (("code", "404"), ("route", "unknown")))] >= 1
 
 
 # ---- RAG routes ---------------------------------------------------------------------------------
@@ -530,6 +542,23 @@ def test_chat_prompt_with_three_stored_chunks_reuses_kv(client, oai, ingested):
 
 
 # ---- overload and graceful shutdown (a second, small server) ---------------------------------
+@needs_rag
+def test_metrics_reuse_store_and_route_templates(client, ingested):
+    """After RAG traffic: reuse per policy, store tiers, and templated routes (never `unknown`)."""
+    r = client.post("/query", json={"question": "Who built the Varnholt lighthouse?", "namespace": "test",
+                                    "top_k": 2, "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+    client.delete("/documents/no-such-doc", params={"namespace": "test"}, headers=ADMIN_AUTH)
+    v = _parsed_metrics(client)
+    policies = {dict(k[1])["policy"] for k in v if k[0] == "redknot_reuse_reused_tokens_total"}
+    assert policies and sum(v[("redknot_reuse_reused_tokens_total", (("policy", p),))] for p in policies) > 0
+    assert any(k[0] == "redknot_reuse_phase_seconds_count" and dict(k[1])["phase"] == "kv_load" for k in v)
+    assert any(k[0] == "redknot_store_bytes" for k in v) and ("redknot_store_block_lookups_total", ()) in v
+    routes = {dict(k[1])["route"] for k in v if k[0] == "redknot_http_requests_total"}
+    assert {"/query", "/ingest", "/documents/{doc_id:path}", "/metrics"} <= routes, routes
+    assert not any(r.startswith("/documents/") and "{" not in r for r in routes)
+
+
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("small"), "--max-running-requests", "1", "--max-queued-requests",

@@ -232,8 +232,8 @@ async def main_async(args: argparse.Namespace) -> Report:
     rep.output_tokens_per_s = round(sum(s.tokens for s in samples if s.status == 200) / wall, 1)
     rep.config["server_metrics_excerpt"] = [
         ln for ln in metrics.splitlines()
-        if ln.startswith(("redknot_requests_total", "redknot_time_to_first_token_seconds_count",
-                          "redknot_cache_hit_tokens_total", "redknot_rejected_requests_total"))
+        if ln.startswith(("redknot_request_success_total", "redknot_time_to_first_token_seconds_count",
+                          "redknot_cached_tokens_total", "redknot_rejected_requests_total"))
     ]
     return rep
 

@@ -119,7 +119,7 @@ class Assembler:
                 **asm.stats,
             }
             req.reuse = ReusedContext(
-                asm.kv, asm.context_len, asm.reused_tokens, asm.recomputed_tokens, policy_name, stats
+                asm.kv, asm.context_len, asm.reused_tokens, asm.recomputed_tokens, policy_name, stats, timing.as_dict()
             )
         return req
 

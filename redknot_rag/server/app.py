@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,10 +28,10 @@ from redknot_rag.sampling import InvalidRequestError
 from redknot_rag.server import api_openai, api_rag, api_sglang, api_ui, spec
 from redknot_rag.server.auth import authenticate
 from redknot_rag.server.errors import ERROR_RESPONSES, ApiError, describe_validation_errors, error_response
+from redknot_rag.server.metrics import CONTENT_TYPE
 from redknot_rag.server.runtime import Runtime
 
 log = logging.getLogger("redknot.server")
-_ROUTE_LABELS = ("/documents/",)
 
 
 class AccessLog:
@@ -58,10 +58,7 @@ class AccessLog:
             await self.app(scope, receive, send_status)
         finally:
             path = scope.get("path", "")
-            route = next((p + "{doc_id}" for p in _ROUTE_LABELS if path.startswith(p)), path)
-            if status[0] == 404 and route == path and route not in _KNOWN_PATHS:
-                route = "unknown"
-            self.rt.metrics.count_http(route, status[0])
+            self.rt.metrics.count_http(route_label(scope), status[0])
             if self.rt.settings.log_requests and path not in ("/metrics", "/health"):
                 log.info(
                     "http",
@@ -75,7 +72,11 @@ class AccessLog:
                 )
 
 
-_KNOWN_PATHS: set[str] = set()
+def route_label(scope: Scope) -> str:
+    """The matched route's template (`/documents/{doc_id:path}`), also for a 405 on a known path; a
+    path no route knows is `unknown` (one series, however many paths clients try)."""
+    route = scope.get("route")
+    return str(getattr(route, "path", "")) or "unknown"
 
 
 def create_app(rt: Runtime) -> FastAPI:
@@ -113,7 +114,7 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @public.get("/metrics")
     async def metrics():
-        return PlainTextResponse(rt.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(await rt.run_blocking(rt.metrics.render), media_type=CONTENT_TYPE)
 
     app.include_router(public)
     guarded = [Depends(principal)]
@@ -121,7 +122,6 @@ def create_app(rt: Runtime) -> FastAPI:
     for router in (api_sglang.make_router(rt), api_openai.make_router(rt), api_rag.make_router(rt)):
         app.include_router(router, dependencies=guarded, responses=ERROR_RESPONSES)
     app.include_router(api_ui.make_router(rt, principal))  # the page is public; its data routes check the key
-    _KNOWN_PATHS.update(getattr(r, "path", "") for r in app.routes)
     spec.install(app)
     _add_error_handlers(app)
     app.add_middleware(AccessLog, rt=rt)

@@ -132,15 +132,18 @@ class Runtime:
     def _add_gauges(self) -> None:
         e, m = self.engine.runner, self.metrics
         eng = self.engine
-        m.add_gauge("redknot_num_queued_requests", "Requests waiting for admission.", lambda: eng.num_waiting)
-        m.add_gauge("redknot_num_running_requests", "Requests in the running batch.", lambda: eng.num_running)
+        m.add_gauge("redknot_num_requests_waiting", "Requests waiting for admission.", lambda: eng.num_waiting)
+        m.add_gauge("redknot_num_requests_running", "Requests in the running batch.", lambda: eng.num_running)
         m.add_gauge("redknot_kv_pool_pages", "KV pool size in (layer, head) pages.", lambda: e.pool.num_pages)
         m.add_gauge("redknot_kv_pool_free_pages", "Free KV pool pages.", lambda: e.allocator.num_free)
         m.add_gauge(
-            "redknot_kv_pool_usage",
-            "Share of KV pool pages in use.",
+            "redknot_kv_cache_usage_perc",
+            "Share of KV pool pages in use (0-1).",
             lambda: 1.0 - e.allocator.num_free / max(e.pool.num_pages, 1),
         )
+        store = getattr(self.rag, "store", None)
+        if store is not None:
+            m.add_store(store.stats)
 
     @property
     def default_policy(self) -> str | None:
@@ -376,6 +379,7 @@ class Runtime:
             ttft=r.ttft,
             token_times=list(r.token_times),
             e2e=e2e,
+            reuse=r.reuse,
         )
         log.info(
             "request finished",
