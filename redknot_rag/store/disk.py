@@ -12,8 +12,9 @@ visible chunk file is complete, and a SIGKILL at any point leaves at most a stal
 which the next open removes. Concurrent writers of one chunk each write their own temp file;
 the last rename wins, and the content is identical under one fingerprint.
 
-Eviction is LRU over whole chunk files under `budget_bytes`; an evicted chunk is handed to
-`demote` (the next tier down) before its file is removed, so it is moved, not lost.
+Eviction is LRU over whole chunk files under `budget_bytes`, made before a new file is written,
+so committed plus in-flight bytes never exceed the budget; an evicted chunk is handed to `demote`
+(the next tier down) before its file is removed, so it is moved, not lost.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class DiskTier:
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key hash -> file bytes, LRU oldest first
         self._headers: OrderedDict[str, tuple[tuple[int, int], ChunkHeader]] = OrderedDict()
-        self.nbytes = 0
+        self.nbytes = 0  # committed files
+        self._reserved = 0  # files being written (counted against the budget before they exist)
         self.num_evictions = 0
         self._write_fingerprint(fingerprint)
         self.num_stale_removed = self._clean_tmp()
@@ -192,36 +194,46 @@ class DiskTier:
         kh = key_hash(meta.chunk_key)
         tmp = self.tmp_dir / f"{kh}.{self._host}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         final = self._path(kh)
-        try:
-            with open(tmp, "xb") as f:
-                for part in encode_chunk(meta, self.digest, payloads):
-                    f.write(part)
-                f.flush()
-                if durable:
-                    os.fsync(f.fileno())
-            if not final.parent.is_dir():
-                final.parent.mkdir(exist_ok=True)
-                _fsync_dir(self.chunks_dir)
-            os.replace(tmp, final)  # the commit point
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if durable:
-            _fsync_dir(final.parent)
-        size = final.stat().st_size
+        parts = list(encode_chunk(meta, self.digest, payloads))
+        size = sum(len(p) for p in parts)  # the file's size
         with self._lock:
-            self._forget(kh)
-            self._index[kh] = size
-            self.nbytes += size
-        return self._enforce_budget(keep=kh)
+            self._reserved += size
+        try:
+            evicted = self._enforce_budget(keep=kh)  # room first: the budget holds while we write
+            try:
+                with open(tmp, "xb") as f:
+                    for part in parts:
+                        f.write(part)
+                    f.flush()
+                    if durable:
+                        os.fsync(f.fileno())
+                if not final.parent.is_dir():
+                    final.parent.mkdir(exist_ok=True)
+                    _fsync_dir(self.chunks_dir)
+                os.replace(tmp, final)  # the commit point
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if durable:
+                _fsync_dir(final.parent)
+            with self._lock:
+                self._forget(kh)
+                self._index[kh] = size
+                self.nbytes += size
+        finally:
+            with self._lock:
+                self._reserved -= size
+        return evicted
 
     def _enforce_budget(self, keep: str) -> list[str]:
+        """Evict LRU chunks until committed + reserved bytes (less `keep`'s file, which is being
+        replaced) fit the budget. A chunk larger than the whole budget is still written."""
         if self.budget_bytes is None:
             return []
         evicted: list[str] = []
         while True:
             with self._lock:
-                if self.nbytes <= self.budget_bytes:
+                if self.nbytes + self._reserved - self._index.get(keep, 0) <= self.budget_bytes:
                     break
                 victim = next((kh for kh in self._index if kh != keep), None)
                 if victim is None:
