@@ -22,6 +22,7 @@ class BlockSource(Protocol):
 
     def get_blocks(self, chunk_key: str, layers: Sequence[int], heads: Sequence[int] | None) -> Any: ...
 
+
 LayerBlocks = dict[int, KVBlock]  # kv_head -> block of one (chunk, layer)
 HeadPicker = Callable[[str, int], Sequence[int] | None]  # (chunk_key, layer) -> heads to load (None: all)
 

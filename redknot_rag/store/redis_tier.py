@@ -84,7 +84,7 @@ class RedisTier:
         self.num_evictions = 0  # Redis evicts on its own; not observable per client
         self.num_errors = 0
         self._down_until = 0.0
-        self._nbytes, self._nbytes_at = 0, -1e9
+        self._figures, self._figures_at, self._refreshing = (0, 0), -1e9, False  # (used_memory, chunks)
         self._lock = threading.Lock()
 
     @classmethod
@@ -219,22 +219,35 @@ class RedisTier:
 
     @property
     def nbytes(self) -> int:
-        """Memory the Redis server uses (all tenants; INFO, cached 5 s); 0 when unknown. Redis owns the budget."""
-        now = time.monotonic()
-        if now - self._nbytes_at > 5.0:
-            self._nbytes_at = now
-            try:
-                self._nbytes = int(self._call(lambda: self.client.info("memory"))["used_memory"])
-            except (TierUnavailableError, KeyError, TypeError, ValueError):
-                self._nbytes = 0
-        return self._nbytes
+        """Memory the Redis server uses (all tenants); 0 until known. Redis owns the budget.
+
+        Like `num_chunks`, a cached figure refreshed in the background (at most every 10 s), so a
+        stats call never waits on Redis.
+        """
+        self._refresh_figures()
+        return self._figures[0]
 
     @property
     def num_chunks(self) -> int:
-        def count() -> int:
-            return sum(1 for _ in self.client.scan_iter(match=f"{self.base}:*:m"))
+        """Chunks of this namespace in Redis (a SCAN, refreshed in the background)."""
+        self._refresh_figures()
+        return self._figures[1]
+
+    def _refresh_figures(self) -> None:
+        with self._lock:
+            if self._refreshing or time.monotonic() - self._figures_at < 10.0:
+                return
+            self._refreshing = True
+        threading.Thread(target=self._compute_figures, name="kv-redis-stats", daemon=True).start()
+
+    def _compute_figures(self) -> None:
+        def compute() -> tuple[int, int]:
+            used = int(self.client.info("memory")["used_memory"])
+            return used, sum(1 for _ in self.client.scan_iter(match=f"{self.base}:*:m", count=1000))
 
         try:
-            return self._call(count)
-        except TierUnavailableError:
-            return 0
+            figures = self._call(compute)
+        except (TierUnavailableError, KeyError, TypeError, ValueError):
+            figures = (0, 0)
+        with self._lock:
+            self._figures, self._figures_at, self._refreshing = figures, time.monotonic(), False
