@@ -359,3 +359,40 @@ def test_migrate_v1_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         got = store.get(key)
         assert got is not None and torch.equal(got.k, data[key][0].bfloat16().float())
     assert store.get("bad") is None and sorted(store.keys()) == ["c0", "c1"]
+
+
+def test_store_flags_and_config_validation() -> None:
+    import argparse
+
+    from redknot_rag.store import add_store_args, store_config_from_args
+    from redknot_rag.store.config import parse_bytes
+
+    assert parse_bytes("4096") == 4096 and parse_bytes("256M") == 256 << 20 and parse_bytes("1.5GiB") == 3 << 29
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+    p = argparse.ArgumentParser()
+    add_store_args(p)
+    args = p.parse_args(["--store-host-bytes", "1G", "--store-disk-bytes", "20G", "--store-cold-codec", "int8"])
+    cfg = store_config_from_args(args)
+    assert (cfg.host_bytes, cfg.disk_bytes, cfg.dtype, cfg.codec, cfg.heads) == (
+        1 << 30,
+        20 << 30,
+        "bfloat16",
+        Codec.INT8,
+        None,
+    )
+
+    class Profile:
+        classes, window = CLASSES, WINDOW
+
+    args = p.parse_args(["--store-local-heads", "profile"])
+    assert store_config_from_args(args, Profile()).heads == HeadCompression.from_mask(CLASSES, WINDOW)
+    with pytest.raises(ValueError, match="head profile"):
+        store_config_from_args(args, None)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--store-host-bytes", "many"])
+    for bad in (dict(dtype="int4"), dict(cold_codec="zstd"), dict(host_bytes=-1)):
+        with pytest.raises(ValueError):
+            StoreConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        HeadCompression.from_mask([[0, 2]], 4)
