@@ -1,14 +1,17 @@
-"""Parse source files into `Document`s: .txt, .md, .html/.htm, .jsonl.
+"""Parse source files into `Document`s: .txt, .md, .html/.htm, .jsonl, .pdf (pypdf), .docx (python-docx).
 
 Every failure is an `IngestError` whose message names the file (and the byte offset or
 line number where that applies). Files are read once as bytes and decoded once, so a
 100 MB single-line file costs O(size) time and about 2x its size in memory; .jsonl is
-streamed line by line.
+streamed line by line. PDF and DOCX keep the same contract: an encrypted file (one that
+needs a password), a file with no text layer (scanned pages, images only) and a corrupt
+file are each a clear `IngestError`, raised before anything is written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -17,13 +20,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".jsonl")
+SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".jsonl", ".pdf", ".docx")
 
 # A file whose first bytes hold more than this share of control or undecodable bytes is binary.
 _BINARY_SAMPLE_BYTES = 64 * 1024
 _MAX_NONTEXT_FRACTION = 0.30
 _TEXT_CONTROLS = frozenset("\t\n\r\f\v\b\x1b")
 _NUL = b"\x00"
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # compound file: password-protected OOXML (or a legacy .doc)
+_MAX_DOCX_UNZIPPED_BYTES = 256 << 20  # a zip that inflates past this is refused (zip bomb guard)
 
 
 class IngestError(ValueError):
@@ -99,6 +104,10 @@ def parse_file(path: Path, doc_id: str | None = None) -> list[Document]:
     doc_id = doc_id if doc_id is not None else path.resolve().as_posix()
     if suffix == ".jsonl":
         return list(_iter_jsonl(path, doc_id))
+    if suffix in (".pdf", ".docx"):
+        text, extra = _read_pdf(path) if suffix == ".pdf" else _read_docx(path)
+        info = {"format": suffix.lstrip("."), "num_bytes": path.stat().st_size, **extra}
+        return [Document(doc_id=doc_id, text=text, source_path=str(path), metadata=info)]
     text = _read_text(path)
     meta: dict[str, Any] = {"format": suffix.lstrip("."), "num_bytes": path.stat().st_size}
     if suffix in (".html", ".htm"):
@@ -197,6 +206,93 @@ def _jsonl_document(path: Path, file_doc_id: str, lineno: int, obj: Any) -> Docu
     doc_id = str(raw_id) if raw_id is not None else f"{file_doc_id}#{lineno}"
     meta = {"format": "jsonl", "line": lineno, **metadata}
     return Document(doc_id=doc_id, text=text, source_path=str(path), metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------
+# PDF and DOCX
+
+
+def _clean_extracted(text: str) -> str:
+    """Normalise line ends, drop NULs and trailing blanks, collapse runs of blank lines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _read_pdf(path: Path) -> tuple[str, dict[str, Any]]:
+    """Text of every page (pages separated by a blank line) and {num_pages, title?}."""
+    import pypdf
+    from pypdf.errors import DependencyError, FileNotDecryptedError
+
+    data = path.read_bytes()
+    if not data.lstrip()[:5] == b"%PDF-":
+        raise IngestError(f"{path}: not a PDF (no %PDF- header)")
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):  # an owner-only password opens with ""
+            raise IngestError(f"{path}: encrypted PDF (needs a password); decrypt it before ingesting")
+        pages = [page.extract_text() or "" for page in reader.pages]
+        title = reader.metadata.title if reader.metadata is not None else None
+    except IngestError:
+        raise
+    except (FileNotDecryptedError, DependencyError) as e:
+        raise IngestError(f"{path}: encrypted PDF that cannot be opened without a password ({e})") from None
+    except Exception as e:  # pypdf raises many types (PdfReadError, PdfStreamError, KeyError...) on damage
+        raise IngestError(f"{path}: corrupt or unreadable PDF ({type(e).__name__}: {e})") from None
+    text = "\n\n".join(t for t in (_clean_extracted(p) for p in pages) if t)
+    if not text:
+        raise IngestError(
+            f"{path}: PDF has no text layer ({len(pages)} page(s) of images, e.g. a scan); OCR it before ingesting"
+        )
+    meta: dict[str, Any] = {"num_pages": len(pages)}
+    if isinstance(title, str) and title.strip():
+        meta["title"] = title.strip()
+    return text, meta
+
+
+def _read_docx(path: Path) -> tuple[str, dict[str, Any]]:
+    """Paragraphs and table rows in body order (cells joined by " | "), and {title?}."""
+    import zipfile
+
+    import docx
+    from docx.opc.exceptions import PackageNotFoundError
+
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head == _OLE_MAGIC:
+        raise IngestError(f"{path}: encrypted (password-protected) DOCX or a legacy .doc; save it as plain .docx")
+    try:
+        with zipfile.ZipFile(path) as z:
+            if sum(i.file_size for i in z.infolist()) > _MAX_DOCX_UNZIPPED_BYTES:
+                raise IngestError(f"{path}: DOCX inflates past {_MAX_DOCX_UNZIPPED_BYTES} bytes")
+        d = docx.Document(str(path))
+        blocks = [_docx_block_text(b) for b in d.iter_inner_content()]
+        title = d.core_properties.title
+    except IngestError:
+        raise
+    except (zipfile.BadZipFile, PackageNotFoundError) as e:
+        raise IngestError(f"{path}: corrupt DOCX (not a valid Office Open XML package: {e})") from None
+    except Exception as e:  # damaged XML parts, missing relationships...
+        raise IngestError(f"{path}: corrupt or unreadable DOCX ({type(e).__name__}: {e})") from None
+    text = _clean_extracted("\n\n".join(b for b in blocks if b.strip()))
+    if not text:
+        raise IngestError(f"{path}: DOCX has no text (images only, e.g. a scan); OCR it before ingesting")
+    return text, ({"title": title.strip()} if title and title.strip() else {})
+
+
+def _docx_block_text(block: Any) -> str:
+    rows = getattr(block, "rows", None)
+    if rows is None:  # a paragraph
+        return str(block.text)
+    out = []
+    for row in rows:
+        cells: list[str] = []
+        for cell in row.cells:  # a merged cell repeats across the columns it spans: keep it once
+            t = " ".join(cell.text.split())
+            if not cells or cells[-1] != t:
+                cells.append(t)
+        out.append(" | ".join(cells))
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------
