@@ -174,6 +174,26 @@ def evaluate_planted(
     return reports
 
 
+def evaluate_with_sweep(
+    cases: Sequence[PlantedCase],
+    tokenizer: Tokenizer,
+    embedder: Embedder,
+    grid: Sequence[tuple[float, float]],
+    chunk_tokens: int = 256,
+    overlap_tokens: int = 32,
+    ks: Sequence[int] = (1, 5, 10),
+    work_dir: str | Path | None = None,
+) -> tuple[dict[str, RecallReport], list[FusionPoint]]:
+    """One ingestion: per-mode reports (the retriever's own search) and the fusion grid."""
+    reports = {}
+    with _ingested(cases, tokenizer, embedder, chunk_tokens, overlap_tokens, work_dir) as (retriever, n, ingest_s):
+        for mode in ("hybrid", "dense", "lexical"):
+            retriever.mode = mode
+            reports[mode] = replace(measure_recall(retriever, "planted", cases, ks), num_docs=n, ingest_s=ingest_s)
+        _, points = sweep_fusion(retriever, "planted", cases, grid, ks)
+    return reports, points
+
+
 def sweep_planted(
     cases: Sequence[PlantedCase],
     tokenizer: Tokenizer,

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from redknot_rag.retrieval.corpus import topic_passages
-from redknot_rag.retrieval.planted_facts import plant_sentence
+from redknot_rag.retrieval.parser import Document
+from redknot_rag.retrieval.planted_facts import PlantedCase, plant_sentence
 
 KINDS = ("number", "date", "two_facts")
 POSITIONS = ("first", "last")
@@ -279,3 +280,26 @@ def make_fact_cases(
             )
         )
     return cases
+
+
+def as_retrieval_case(case: FactCase) -> PlantedCase:
+    """The case as a retrieval question over its own chunks (one document each): the gold is the
+    chunk holding the first needed fact (a bridge's second fact names no place, so the question
+    alone cannot find it). For `retrieval.evaluation`, which judges a hit by `answer in text`."""
+    docs = [
+        Document(
+            doc_id=f"{case.case_id}/c{i}",
+            text=text,
+            source_path=f"facts/{case.case_id}/c{i}.md",
+            metadata={"case_id": case.case_id},
+        )
+        for i, text in enumerate(case.chunks)
+    ]
+    return PlantedCase(
+        case_id=case.case_id,
+        question=case.question,
+        answer=case.fact_sentences[0],
+        fact_sentence=case.fact_sentences[0],
+        docs=docs,
+        answer_doc_id=docs[case.fact_chunks[0]].doc_id,
+    )

@@ -59,3 +59,13 @@ def test_fact_cases_bad_args() -> None:
         make_fact_cases(4, kinds=("nope",))
     with pytest.raises(ValueError):
         make_fact_cases(4, sizes=(1,))
+
+
+def test_fact_cases_as_retrieval_questions() -> None:
+    from redknot_rag.retrieval.fact_cases import as_retrieval_case
+
+    cases = make_fact_cases(12, seed=2)
+    for fc, rc in zip(cases, map(as_retrieval_case, cases), strict=True):
+        assert [d.text for d in rc.docs] == list(fc.chunks) and rc.question == fc.question
+        assert rc.answer in rc.answer_doc.text and rc.answer_doc.text == fc.chunks[fc.fact_chunks[0]]
+    assert len({d.doc_id for fc in cases for d in as_retrieval_case(fc).docs}) == sum(c.num_chunks for c in cases)
