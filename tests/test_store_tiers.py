@@ -18,6 +18,7 @@ from redknot_rag.store import (
     Codec,
     HeadClass,
     HeadCompression,
+    KVBlock,
     KVFingerprint,
     StoreConfig,
     hash_token_ids,
@@ -396,3 +397,20 @@ def test_store_flags_and_config_validation() -> None:
             StoreConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         HeadCompression.from_mask([[0, 2]], 4)
+
+
+def test_host_tier_keeps_reused_blocks_through_a_scan() -> None:
+    from redknot_rag.store import MemoryTier
+
+    blk = KVBlock(torch.zeros(8, 4), torch.zeros(8, 4))  # 256 B
+    mem = MemoryTier(10 * blk.nbytes)
+    hot = [BlockKey("hot", 0, h) for h in range(3)]
+    for key in hot:
+        mem.put(key, blk)
+        assert mem.get(key) is not None  # read again: protected
+    for i in range(50):  # one query's blocks alone exceed the budget five times
+        mem.put(BlockKey(f"scan{i}", 0, 0), blk)
+        assert mem.nbytes <= mem.budget_bytes
+    assert all(mem.contains(key) for key in hot)  # a plain LRU would have flushed them
+    assert not mem.contains(BlockKey("scan0", 0, 0)) and mem.contains(BlockKey("scan49", 0, 0))
+    assert len(mem) == 10 and mem.evict(target_bytes=0) == 10 * blk.nbytes and len(mem) == 0

@@ -409,8 +409,8 @@ class ChunkKVStore:
                 bm = tmeta.block(*b)
                 k, v = decode_block(payload, bm, tmeta.head_dim, tmeta.torch_dtype)
                 blk = KVBlock(k.to(self.dtype), v.to(self.dtype), bm.token_start, bm.head_class)
-                self.memory.put(BlockKey(chunk_key, *b), blk, owned=True)  # promotion into host memory
-                blocks[b] = self.memory.get(BlockKey(chunk_key, *b)) or blk
+                placed = self.memory.put(BlockKey(chunk_key, *b), blk, owned=True)  # promotion into host memory
+                blocks[b] = placed or blk
                 self._counts.add(f"hits.{tier.name}.{bm.head_class.label}")
             self._counts.add("promotions", len(payloads))
             if i > 0 and payloads and self.config.promote_to_disk:

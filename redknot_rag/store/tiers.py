@@ -94,24 +94,33 @@ class ColdTier(Protocol):
 
 
 class MemoryTier:
-    """Host tier: LRU of blocks under a byte budget, on `device` (pinned when on CPU with CUDA present).
+    """Host tier: blocks under a byte budget on `device` (pinned when on CPU with CUDA present).
+
+    Eviction is segmented LRU: a new block enters the probation segment; a block read again moves
+    to the protected segment (at most `protected_share` of the budget; its overflow goes back to
+    probation's recent end); eviction takes probation's least recent block first. So chunks read by
+    more than one query (popular under a skewed load) survive a query whose blocks alone exceed
+    the budget, which would flush a plain LRU.
 
     Invariants: `nbytes` = sum of held blocks' bytes <= `budget_bytes`; every held tensor owns its
-    storage (copied in), so evicting a block frees exactly its bytes.
+    storage (copied in, or handed over as `owned`), so evicting a block frees exactly its bytes.
     """
 
-    def __init__(self, budget_bytes: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, budget_bytes: int, device: torch.device | str = "cpu", protected_share: float = 0.8) -> None:
         self.budget_bytes = int(budget_bytes)
         self.device = torch.device(device)
         self.pin = self.device.type == "cpu" and torch.cuda.is_available()
+        self.protected_bytes_cap = int(protected_share * self.budget_bytes)
         self.nbytes = 0
         self.num_evictions = 0
-        self._blocks: OrderedDict[BlockKey, KVBlock] = OrderedDict()  # oldest first
+        self._probation: OrderedDict[BlockKey, KVBlock] = OrderedDict()  # least recent first
+        self._protected: OrderedDict[BlockKey, KVBlock] = OrderedDict()  # least recent first
+        self._protected_bytes = 0
         self._by_chunk: dict[str, set[BlockKey]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._blocks)
+        return len(self._probation) + len(self._protected)
 
     def _place(self, t: torch.Tensor, owned: bool) -> torch.Tensor:
         """A tensor on this tier's device that owns its storage; `owned` tensors are kept as they are
@@ -123,35 +132,48 @@ class MemoryTier:
         return out.copy_(t, non_blocking=self.device.type == "cuda" and t.is_pinned())
 
     def get(self, key: BlockKey) -> KVBlock | None:
+        """The block (a hit: it moves to, or within, the protected segment), or None."""
         with self._lock:
-            block = self._blocks.get(key)
+            block = self._protected.get(key)
             if block is not None:
-                self._blocks.move_to_end(key)
+                self._protected.move_to_end(key)
+                return block
+            block = self._probation.pop(key, None)
+            if block is None:
+                return None
+            self._protected[key] = block
+            self._protected_bytes += block.nbytes
+            while self._protected_bytes > self.protected_bytes_cap and len(self._protected) > 1:
+                old, b = self._protected.popitem(last=False)
+                self._protected_bytes -= b.nbytes
+                self._probation[old] = b  # back to probation's recent end
             return block
 
-    def put(self, key: BlockKey, block: KVBlock, owned: bool = False) -> None:
-        """Insert (or refresh) a block; evicts LRU blocks to fit. A block above the budget is not kept.
+    def put(self, key: BlockKey, block: KVBlock, owned: bool = False) -> KVBlock | None:
+        """Insert (or replace) a block into probation, evicting to fit; returns the held block.
 
-        `owned`: the block's tensors are private to the caller and own exactly their bytes (not views
-        into a larger tensor), so the tier may keep them without a copy.
+        A block above the budget is not kept (None). `owned`: the block's tensors are private to
+        the caller and own exactly their bytes (not views into a larger tensor), so the tier may
+        keep them without a copy.
         """
         if block.nbytes > self.budget_bytes:
             self.delete(key)
-            return
+            return None
         placed = KVBlock(self._place(block.k, owned), self._place(block.v, owned), block.token_start, block.head_class)
         size = placed.nbytes
         with self._lock:
             self._drop(key)
             while self.nbytes + size > self.budget_bytes:
-                self._drop(next(iter(self._blocks)))
+                self._drop(next(iter(self._probation or self._protected)))
                 self.num_evictions += 1
-            self._blocks[key] = placed
+            self._probation[key] = placed
             self._by_chunk.setdefault(key.chunk_key, set()).add(key)
             self.nbytes += size
+        return placed
 
     def contains(self, key: BlockKey) -> bool:
         with self._lock:
-            return key in self._blocks
+            return key in self._probation or key in self._protected
 
     def delete(self, key: BlockKey) -> bool:
         with self._lock:
@@ -168,12 +190,13 @@ class MemoryTier:
             return sum(self._drop(k) for k in list(self._by_chunk.get(chunk_key, ())))
 
     def evict(self, keys: Iterable[BlockKey] | None = None, target_bytes: int | None = None) -> int:
-        """Drop `keys`, or LRU blocks until `nbytes <= target_bytes`; returns bytes freed."""
+        """Drop `keys`, or blocks in eviction order until `nbytes <= target_bytes`; returns bytes freed."""
         with self._lock:
-            victims = {k for k in keys if k in self._blocks} if keys is not None else set()
+            held = {**self._probation, **self._protected}
+            victims = {k for k in keys if k in held} if keys is not None else set()
             if target_bytes is not None:
-                left = self.nbytes - sum(self._blocks[k].nbytes for k in victims)
-                for k, b in self._blocks.items():  # oldest first
+                left = self.nbytes - sum(held[k].nbytes for k in victims)
+                for k, b in held.items():  # eviction order: probation, then protected, least recent first
                     if left <= target_bytes:
                         break
                     if k not in victims:
@@ -185,9 +208,12 @@ class MemoryTier:
 
     def _drop(self, key: BlockKey) -> int:
         """Caller holds the lock."""
-        block = self._blocks.pop(key, None)
+        block = self._probation.pop(key, None)
         if block is None:
-            return 0
+            block = self._protected.pop(key, None)
+            if block is None:
+                return 0
+            self._protected_bytes -= block.nbytes
         keys = self._by_chunk[key.chunk_key]
         keys.discard(key)
         if not keys:
