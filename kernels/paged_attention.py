@@ -11,7 +11,8 @@ Invariants:
   `pos * inv_freq[j]`, llama3 scaling included) — the arithmetic of `redknot_rag.rope.Rotary`, whose
   tables are also cast to the activation dtype. Table loads, not in-kernel sin/cos: the latter made
   decode compute-bound (~30% of HBM peak on H100).
-- A key is attended iff it is listed for the row and `kv_pos <= q_pos` (causal by position).
+- A key is attended iff it is listed for the row and `q_pos - window < kv_pos <= q_pos` (causal by
+  position; `window` is a sliding-window layer's size, unbounded by default).
 - Outputs come with a natural-log log-sum-exp, so results over disjoint key sets merge exactly
   (`merge_states`); a row with no visible key has output 0 and lse -inf.
 - The q heads of one kv head (GQA group g) are processed together: tile row m is
@@ -30,6 +31,7 @@ import triton.language as tl
 
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
+_NO_WINDOW = 1 << 30  # wider than any position: q_pos - window stays in int32
 
 
 @dataclass
@@ -59,7 +61,7 @@ def _seg_paged_attn_kernel(
     Q, K, V, O, LSE,
     QPOS, ROW_Q_START, ROW_Q_LEN, ROW_HEAD, KV_INDPTR, KV_SLOT, KV_POS, COS, SIN,
     stride_qn, stride_qh, stride_os, stride_on, stride_oh, stride_ls, stride_ln,
-    sm_scale_log2,
+    sm_scale_log2, WINDOW,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -118,7 +120,7 @@ def _seg_paged_attn_kernel(
         s = tl.dot(qr_lo, tl.trans(kr_lo), input_precision=PREC)
         s += tl.dot(qr_hi, tl.trans(kr_hi), input_precision=PREC)  # [BLOCK_M, BLOCK_N] fp32
         s = s * sm_scale_log2
-        keep = n_valid[None, :] & (kpos[None, :] <= qpos[:, None])
+        keep = n_valid[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - WINDOW)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -173,8 +175,10 @@ def seg_paged_attention(
     num_splits: int = 1,
     block_n: int = 64,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of pre-RoPE q over the keys listed in `meta`.
+    """Attention of pre-RoPE q over the keys listed in `meta` (`window`: only keys with
+    position > q position - window, a sliding-window layer).
 
     q `[N, Hq, D]` (pre-RoPE, pool dtype); `k_slots`, `v_slots` `[num_slots, D]` (pre-RoPE K);
     `cos`, `sin` `[max_pos, D/2]` (`rope_tables`; every listed position must be < max_pos).
@@ -206,7 +210,7 @@ def seg_paged_attention(
         meta.q_pos, meta.row_q_start, meta.row_q_len, meta.row_head,
         meta.kv_indptr, meta.kv_slots, meta.kv_pos, cos, sin,
         q.stride(0), q.stride(1), stride_os, on_stride, oh_stride, stride_ls, ln_stride,
-        scale * LOG2E,
+        scale * LOG2E, _NO_WINDOW if window is None else int(window),
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,

@@ -1,8 +1,8 @@
 """The "triton" attention backend: SegPagedAttention over head-granular pages, any layout.
 
 Handles everything the torch reference handles (ragged lengths, shared segments with partial pages,
-position gaps, per-(layer, head) visibility, any RoPE variant via `inv_freq`), on GPU or — under
-`TRITON_INTERPRET=1` — on CPU.
+position gaps, per-(layer, head) visibility, any RoPE variant via `inv_freq`, sliding-window layers
+with their own RoPE table), on GPU or — under `TRITON_INTERPRET=1` — on CPU.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from redknot_rag.attention import AttentionBackend, register_backend, require_uniform_layers
+from redknot_rag.attention import AttentionBackend, register_backend
 from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import ModelConfig
 from redknot_rag.kvcache import KVPool
@@ -42,10 +42,15 @@ class TritonBackend(AttentionBackend):
     block_n = 64
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
-        require_uniform_layers(cfg, "triton")
         super().__init__(cfg, pool, rotary)
         self.inv_freq = rotary.inv_freq.to(pool.device, torch.float32).contiguous()
         self.cos, self.sin = rope_tables(self.inv_freq, max(cfg.max_position, 4096), pool.dtype)
+        # sliding-window layers with their own RoPE base (Gemma 3) read a second table
+        self.local_inv_freq: torch.Tensor | None = None
+        if rotary.is_per_layer:
+            local = next(rotary.for_layer(i) for i in range(cfg.num_layers) if cfg.is_sliding(i))
+            self.local_inv_freq = local.inv_freq.to(pool.device, torch.float32).contiguous()
+            self.local_cos, self.local_sin = rope_tables(self.local_inv_freq, self.cos.shape[0], pool.dtype)
         self.meta: SegPagedPlan | None = None
         self.num_splits = 1
         self.force_num_splits: int | None = None  # tests exercise the split/merge path on CPU
@@ -58,6 +63,8 @@ class TritonBackend(AttentionBackend):
         self.meta = meta
         if meta.max_pos >= self.cos.shape[0]:  # never after a CUDA-graph capture: that checks first
             self.cos, self.sin = rope_tables(self.inv_freq, 2 * meta.max_pos + 1, self.pool.dtype)
+            if self.local_inv_freq is not None:
+                self.local_cos, self.local_sin = rope_tables(self.local_inv_freq, self.cos.shape[0], self.pool.dtype)
         if num_splits is None:
             num_splits = self.force_num_splits
         if num_splits is None:
@@ -75,15 +82,19 @@ class TritonBackend(AttentionBackend):
 
     def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         assert self.meta is not None, "plan() first"
+        is_sliding = self.cfg.is_sliding(layer)
+        is_local_rope = is_sliding and self.local_inv_freq is not None
         out, _ = seg_paged_attention(
             q,
             self.pool.k_slots,
             self.pool.v_slots,
             self.meta.layer(layer),
-            self.cos,
-            self.sin,
+            self.local_cos if is_local_rope else self.cos,
+            self.local_sin if is_local_rope else self.sin,
             self.cfg.num_kv_groups,
+            sm_scale=self.cfg.attn_scale,
             num_splits=self.num_splits,
             block_n=self.block_n,
+            window=self.cfg.sliding_window if is_sliding else None,
         )
         return out

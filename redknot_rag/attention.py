@@ -40,12 +40,12 @@ class AttentionBackend(ABC):
 
 
 def require_uniform_layers(cfg: ModelConfig, backend: str) -> None:
-    """Raise for models the GPU kernels cannot run yet: sliding-window layers with their own RoPE
-    table, or a softmax scale other than head_dim ** -0.5 (Gemma 3). The torch backend runs them."""
+    """Raise for models a backend cannot run yet: sliding-window layers with their own RoPE table,
+    or a softmax scale other than head_dim ** -0.5 (Gemma 3). The torch and triton backends run them."""
     if cfg.has_sliding_layers or abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12:
         raise NotImplementedError(
             f"the {backend} attention backend does not support sliding-window layers or query_pre_attn_scalar "
-            "yet; use attention_backend='torch'"
+            "yet; use attention_backend='torch' or 'triton'"
         )
 
 

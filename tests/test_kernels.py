@@ -195,6 +195,25 @@ def test_model_logits_triton_vs_torch_cpu():
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
 
 
+def test_model_logits_triton_vs_torch_cpu_sliding_layers():
+    """Gemma-3-style attention: a sliding layer (window 6, own RoPE base) and a global one, q scaled by
+    query_pre_attn_scalar; segments, position gaps and local heads in the batch."""
+    from dataclasses import replace
+
+    cfg = replace(
+        tiny_config(head_dim=64, group=2, num_layers=2, vocab=64),
+        layer_types=("sliding", "full"),
+        sliding_window=6,
+        rope_local_theta=100.0,
+        query_pre_attn_scalar=48,
+    )
+    ref, got = _model_logits(cfg, "triton", MIXED, torch.float32, DEV)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+    # the window does bind here: without it the torch reference gives other logits
+    unwindowed, _ = _model_logits(replace(cfg, sliding_window=1 << 20), "torch", MIXED, torch.float32, DEV)
+    assert (unwindowed - ref).abs().max() > 1e-2
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 
