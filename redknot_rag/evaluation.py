@@ -366,8 +366,9 @@ def format_table(result: dict) -> str:
     for name, r in result["policies"].items():
         lo, hi = r["accuracy_diff_ci95"]
         mark = " (default)" if name == result["default_policy"] else ""
+        diff = f"{100 * r['accuracy_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         lines.append(
-            f"| {name}{mark} | {r['accuracy']:.3f} | {100 * r['accuracy_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"| {name}{mark} | {r['accuracy']:.3f} | {diff} "
             f"| {r['mcnemar_p']:.3g} | {r['first_token_kl']:.3f} | {r['agreement_32']:.3f} | "
             f"{100 * r['recompute_fraction']:.1f}% | {r['ttft_ms_median']:.0f} | {r['speedup_median']:.1f}x |"
         )

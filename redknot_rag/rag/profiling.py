@@ -102,6 +102,8 @@ def profile_heads(
     n = len(cases)
     loc, dev, ret = loc / n, dev / n, ret / n
     classes = ((loc < locality_threshold) | (ret > ret.quantile(0.75))).long()  # global unless clearly local
+    sliding = torch.tensor([mc.is_sliding(i) for i in range(nl)], dtype=torch.bool)  # [L]
+    classes[sliding] = 0  # sliding-window layers are local by construction (they never see beyond their window)
     return HeadProfile(
         model=runner.name,
         weights_fingerprint=runner.weights_fingerprint,
@@ -113,7 +115,13 @@ def profile_heads(
         locality=loc.tolist(),
         reuse_deviation=dev.tolist(),
         retrieval=ret.tolist(),
-        calibration={"cases": n, "seed": seed, "chunks_per_case": 6, "data": "planted facts in pydoc_data topics"},
+        calibration={
+            "cases": n,
+            "seed": seed,
+            "chunks_per_case": 6,
+            "data": "planted facts in pydoc_data topics",
+            "sliding_layers_local": int(sliding.sum()),
+        },
     )
 
 
