@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from redknot_rag.limits import MAX_DOCUMENT_BYTES, MAX_QUESTION_CHARS
-from redknot_rag.server.auth import TenantKey
 from redknot_rag.reuse import POLICY_NAMES
+from redknot_rag.server.auth import TenantKey
 from redknot_rag.server.settings import ServerSettings
 
 log = logging.getLogger("redknot.server")
