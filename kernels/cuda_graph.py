@@ -155,7 +155,7 @@ class DecodeGraphRunner:
         be = self.backend
         if isinstance(be, FlashInferBackend):
             be.use_triton = False
-            be.is_decode = True
+            be.graph_mode = True
             be.decode = state.wrapper
             be.indices = state.indices
             be.new_slots = state.new_slots
@@ -178,7 +178,7 @@ class DecodeGraphRunner:
             pad = r - r_real  # each pad row reads page 0 (one token), output discarded
             indptr = torch.cat([pt.indptr, pt.indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
             lpl = torch.cat([pt.last_page_len, torch.ones(pad, dtype=torch.int32)])
-            idx = torch.cat([pt.indices, torch.zeros(pt.indices.shape[0], pad, dtype=torch.int32)], dim=1)
+            idx = torch.cat([pt.indices, pt.indices.new_zeros(pt.indices.shape[0], pad)], dim=1)
             state.indices[:, : idx.shape[1]].copy_(idx, non_blocking=True)
             state.wrapper._paged_kv_indices_buf = state.indices[0]
             state.wrapper.plan(indptr, idx[0], lpl, head_dim=be.cfg.head_dim, **be.plan_kwargs())

@@ -1,17 +1,17 @@
 """The "flashinfer" attention backend (GPU; flashinfer-python 0.5.3, imported lazily).
 
-Head-granular pages map to FlashInfer with `num_kv_heads=1`: one row per (sequence, kv_head), the GQA
-group as that row's q heads. FlashInfer's in-kernel RoPE (`ROPE_LLAMA`) places a row's keys at
-positions 0..T-1 and its queries at the last q_len of them, so it is used only when that is exactly
-the layout: every row sees all its tokens, positions are 0..T-1, pages are full except the last
-(no shared segment with a partial page in the middle), and the RoPE variant is plain
-(theta only; llama3 frequency scaling is not in FlashInfer's attention kernels). Any other batch
-(position gaps, local heads, partial segment pages, llama3 RoPE) runs on the Triton kernel — the
-same answer, as the tests check.
+Head-granular pages map to FlashInfer with `num_kv_heads=1`: one row per (request, kv_head), the GQA
+group as that row's q heads, rows head-major. FlashInfer's in-kernel RoPE (`ROPE_LLAMA`) places a
+request's keys at positions 0..T-1 and its queries at the last q_len of them; `fi_plan` maps every
+batch whose positions equal kv indices onto such requests (tails, pre-rotated inside queries with a
+small Triton part and a log-sum-exp merge, fresh sequences on contiguous K/V), with kv units = whole
+pages when every sequence is page-aligned, else pool slots (page size 1 over the slot view, which
+addresses copy-on-write slots and partial segment pages). Batches with position gaps, local-head
+visibility, or llama3 RoPE scaling (not in FlashInfer's attention kernels) run on the Triton kernel.
 
 Page tables differ per layer (pages are per layer) but their shape (`indptr`, `last_page_len`) does
-not, so `plan` runs once with layer 0's indices and `run(layer)` points the wrapper at row `layer`
-of `indices [L, nnz]` (one attribute store, no copy, no kernel).
+not: `plan` runs once with layer 0's indices, `run(layer)` refills the same index buffer with layer
+`layer`'s units by one device gather.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from redknot_rag.attention import AttentionBackend, register_backend, require_uniform_layers
 from redknot_rag.batch import ForwardBatch
@@ -27,7 +28,9 @@ from redknot_rag.config import ModelConfig
 from redknot_rag.kvcache import KVPool
 from redknot_rag.rope import Rotary
 
+from .fi_plan import LN2, FIPlan, Requests, emulate_prefill, plan_batch
 from .kv_write import write_kv_pages
+from .paged_attention import merge_states, rope_tables, seg_paged_attention
 from .triton_backend import TritonBackend
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -61,42 +64,29 @@ class PageTables:
 
 def is_contiguous_layout(batch: ForwardBatch, page_size: int) -> bool:
     """True iff every (layer, head) sees all tokens at positions 0..T-1 in page-aligned slots and the
-    new tokens are the last q_len. Uses SeqKV's construction: tokens fill pages in order and only a
-    segment whose length is not a multiple of page_size breaks alignment (the next token starts a page).
-    """
+    new tokens are the last q_len (host flags kept by `SeqKV`, plus the batch's host positions)."""
+    del page_size  # alignment is relative to the pool's page size, which SeqKV tracks
     for s in batch.seqs:
-        kv, t = s.kv, s.kv.num_tokens
-        if kv.visible is not None and not bool(kv.visible[:, :, :t].all()):
+        lay, t = s.layout, s.num_kv
+        if not (lay.all_visible and lay.pos_is_index and lay.page_aligned):
             return False
-        if not torch.equal(kv.positions[:t], torch.arange(t)):
-            return False
-        for att in kv.segments:
-            ends_seq = att.seq_start + att.segment.num_tokens == t
-            if att.seq_start % page_size or (att.segment.num_tokens % page_size and not ends_seq):
-                return False
         if s.q_len and (s.new_slots.shape[-1] != s.q_len):
             return False
-        if kv.cow_pages:  # recomputed tokens sit in copy-on-write pages: page runs are broken
-            return False
         q_pos = batch.positions[s.q_start : s.q_start + s.q_len]
-        if not torch.equal(q_pos, torch.arange(t - s.q_len, t)):  # recompute: queries inside the context
+        if not torch.equal(q_pos.cpu(), torch.arange(t - s.q_len, t)):  # recompute: queries inside
             return False
     return True
 
 
 def build_page_tables(batch: ForwardBatch, page_size: int) -> PageTables:
-    """Host page tables from SeqKV slots (assumes `is_contiguous_layout`)."""
+    """Page tables from the slices' device slot tables (assumes `is_contiguous_layout`): `indices` on
+    the slot tables' device, the rest on the host."""
     ps = page_size
-    per_seq = []  # [L, Hkv, P_s]
-    lens = []
-    for s in batch.seqs:
-        t = s.kv.num_tokens
-        per_seq.append(s.kv.slots[:, :, :t:ps] // ps)
-        lens.append(t)
+    per_seq = [s.kv_slots[:, :, ::ps] // ps for s in batch.seqs]  # [L, Hkv, P_s] (page-aligned)
+    lens = [s.num_kv for s in batch.seqs]
     nl, hkv = per_seq[0].shape[:2]
-    npages = torch.tensor([p.shape[2] for p in per_seq], dtype=torch.int32)  # [B]
-    last = torch.tensor([t - (p.shape[2] - 1) * ps for t, p in zip(lens, per_seq, strict=True)])
-    last = last.to(torch.int32)  # [B] tokens in each row's last page
+    npages = torch.tensor([-(-t // ps) for t in lens], dtype=torch.int32)  # [B]
+    last = torch.tensor([t - (-(-t // ps) - 1) * ps for t in lens], dtype=torch.int32)  # [B]
     is_decode = all(s.is_decode for s in batch.seqs)
     q_len = torch.tensor([s.q_len for s in batch.seqs], dtype=torch.int32)
     if is_decode:
@@ -113,41 +103,66 @@ def build_page_tables(batch: ForwardBatch, page_size: int) -> PageTables:
     return PageTables(indptr, indices.to(torch.int32).contiguous(), lpl, qo_indptr, is_decode)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half) of x `[T, H, D]` by cos/sin `[T, 1, D]` (the `Rotary.apply` arithmetic)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
 @register_backend("flashinfer")
 class FlashInferBackend(AttentionBackend):
-    """FlashInfer paged decode/prefill with in-kernel RoPE where the layout allows; Triton otherwise."""
+    """FlashInfer for every batch whose positions equal kv indices and whose heads see every token
+    (plain prefill and decode, relocated segments, copy-on-write recompute, queries inside the context;
+    see `fi_plan`), fresh prefills on contiguous K/V, Triton for the rest (position gaps, local-head
+    visibility, llama3 RoPE scaling, which FlashInfer's in-kernel RoPE does not do).
 
-    def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
+    `emulate=True` replaces the FlashInfer calls by `fi_plan.emulate_prefill` (torch), so that the
+    mapping runs in CPU tests. `path` names what the last `plan` chose (benchmarks report it).
+    """
+
+    # Positions per block of inside queries: part A (FlashInfer) reads the prefix once per block, part B
+    # (Triton) reads at most `block` keys per query. None: about 8 blocks over the longest sequence
+    # (a multiple of 512), which keeps part A's prefix re-reads and part B's share both small.
+    block: int | None = None
+
+    def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary, emulate: bool = False) -> None:
         require_uniform_layers(cfg, "flashinfer")
         super().__init__(cfg, pool, rotary)
+        self.emulate = emulate
+        self.triton = TritonBackend(cfg, pool, rotary)
+        self.rope_ok = cfg.rope_scaling.kind == "default"
+        self.use_triton = True
+        self.graph_mode = False
+        self.path = "none"
+        self.plan_fi: FIPlan | None = None
+        self.indices: torch.Tensor | None = None  # graph mode: [L, nnz] device int32
+        self.new_slots: torch.Tensor | None = None  # [L, Hkv, N] device int32
+        self.fresh_sdpa = True
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
+        if emulate:
+            return
         fi = import_flashinfer()
         if pool.device.type != "cuda":
             raise RuntimeError("attention backend 'flashinfer' needs the KV pool on a CUDA device")
         self.fi = fi
-        self.triton = TritonBackend(cfg, pool, rotary)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         g = cfg.num_kv_groups
-        self.eager_decode = fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=g >= 4
-        )
+        self.eager_decode = fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=g >= 4)
         self.decode = self.eager_decode  # the CUDA-graph runner swaps in its fixed-size wrappers
         self.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
-        for w in (self.eager_decode, self.prefill):
+        self.prefill_full = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        for w in (self.eager_decode, self.prefill, self.prefill_full):
             if not hasattr(w, "_paged_kv_indices_buf"):
                 raise RuntimeError("unsupported flashinfer version: wrapper lacks _paged_kv_indices_buf")
-        self.rope_ok = cfg.rope_scaling.kind == "default"
         # [num_pages, page_size, num_kv_heads=1, head_dim] views of the pool (NHD)
         self.kv_cache = (pool.k.unsqueeze(2), pool.v.unsqueeze(2))
-        self.use_triton = True
-        self.indices: torch.Tensor | None = None  # [L, nnz] device int32
-        self.new_slots: torch.Tensor | None = None  # [L, Hkv, N] device int32
-        self.num_tokens = 0
 
-    def plan_kwargs(self) -> dict[str, Any]:
+    def plan_kwargs(self, page_size: int | None = None) -> dict[str, Any]:
         return dict(
             num_qo_heads=self.cfg.num_kv_groups,
             num_kv_heads=1,
-            page_size=self.pool.page_size,
+            page_size=self.pool.page_size if page_size is None else page_size,
             pos_encoding_mode="ROPE_LLAMA",
             q_data_type=self.pool.dtype,
             kv_data_type=self.pool.dtype,
@@ -156,26 +171,56 @@ class FlashInferBackend(AttentionBackend):
             rope_theta=self.cfg.rope_theta,
         )
 
+    def _units(self, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V pool views by unit: `[num_units, unit, D]` (unit = page_size; 1 = the slot view)."""
+        d = self.cfg.head_dim
+        if page_size == 1:
+            return self.pool.k.view(-1, 1, d), self.pool.v.view(-1, 1, d)
+        return self.pool.k, self.pool.v
+
     def plan(self, batch: ForwardBatch) -> None:
-        self.decode = self.eager_decode
-        self.use_triton = not (self.rope_ok and is_contiguous_layout(batch, self.pool.page_size))
+        self.decode = self.eager_decode if not self.emulate else None
+        self.graph_mode = False
+        self._kv = None
+        ok = self.rope_ok and all(s.layout.pos_is_index and s.layout.all_visible for s in batch.seqs)
+        self.use_triton = not ok or not batch.seqs
         if self.use_triton:
+            self.path = "triton"
             self.triton.plan(batch)
             return
         dev = self.pool.device
-        pt = build_page_tables(batch, self.pool.page_size)
-        self.indices = pt.indices.to(dev, non_blocking=True)
-        self.new_slots = batch.new_slots().to(torch.int32).to(dev, non_blocking=True).contiguous()
-        self.num_tokens = batch.num_tokens
-        self.is_decode = pt.is_decode
-        kw = self.plan_kwargs()
-        d = self.cfg.head_dim
-        if pt.is_decode:
-            self.decode.plan(pt.indptr.to(dev), self.indices[0], pt.last_page_len.to(dev), head_dim=d, **kw)
-        else:
-            self.prefill.plan(
-                pt.qo_indptr.to(dev), pt.indptr.to(dev), self.indices[0], pt.last_page_len.to(dev),
-                head_dim_qk=d, causal=True, **kw,
+        block = self.block
+        if block is None:
+            longest = max(s.num_kv for s in batch.seqs)
+            block = max(512, -(-longest // (8 * 512)) * 512)
+        p = plan_batch(batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa)
+        self.plan_fi = p
+        self.q_pos = batch.positions.to(dev, non_blocking=True)
+        self.new_slots = batch.new_slots().to(dev, torch.int32).contiguous()
+        if p.fresh:  # cos/sin of the step's rows, once per step (not per layer): [N, 1, D]
+            self._cos_sin = self.rotary.cos_sin(self.q_pos[:, None], self.pool.dtype)
+        parts = (["sdpa"] if p.fresh else []) + (["flashinfer"] if p.causal or p.full else [])
+        self.path = "+".join(parts + (["triton-inside"] if p.inside else []))
+        if p.inside is not None:
+            mx = int(p.inside.kv_pos.max()) if p.inside.kv_pos.numel() else 0
+            if mx >= self.triton.cos.shape[0]:
+                self.triton.cos, self.triton.sin = rope_tables(self.triton.inv_freq, 2 * mx + 1, self.pool.dtype)
+        for name, rq in (("causal", p.causal), ("full", p.full)):
+            if rq is None:
+                continue
+            buf = torch.index_select(p.units[0], 0, rq.gather)  # layer 0; run() refills per layer
+            self._bufs[name] = buf
+            if self.emulate:
+                continue
+            d = self.cfg.head_dim
+            kw = self.plan_kwargs(p.page_size)
+            if name == "causal" and p.is_decode:
+                self.decode.plan(rq.kv_indptr.to(dev), buf, rq.last_page_len.to(dev), head_dim=d, **kw)
+                continue
+            w = self.prefill if name == "causal" else self.prefill_full
+            w.plan(
+                rq.qo_indptr.to(dev), rq.kv_indptr.to(dev), buf, rq.last_page_len.to(dev),
+                head_dim_qk=d, causal=rq.causal, **kw,
             )  # fmt: skip
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -184,18 +229,114 @@ class FlashInferBackend(AttentionBackend):
             return
         assert self.new_slots is not None
         write_kv_pages(self.pool.k_slots, self.pool.v_slots, self.new_slots[layer], k, v)
+        if self.plan_fi is not None and self.plan_fi.fresh and not self.graph_mode:
+            self._kv = (k, v)
+
+    # ---- run ----------------------------------------------------------------------------------
+    def _requests(
+        self, layer: int, q: torch.Tensor, rq: Requests, name: str, want_lse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one request set: q rows gathered (and pre-rotated), head-major rows, out `[nq, Hq, D]`."""
+        p = self.plan_fi
+        assert p is not None
+        cfg = self.cfg
+        hkv, g, d = cfg.num_kv_heads, cfg.num_kv_groups, cfg.head_dim
+        qs = q if rq.rows_identity and rq.num_q == q.shape[0] else q[rq.q_rows]  # [nq, Hq, D]
+        if rq.q_delta is not None:
+            qs = self.rotary.apply(qs.float().transpose(0, 1), rq.q_delta).transpose(0, 1).to(q.dtype)
+        nq = qs.shape[0]
+        qh = qs.reshape(nq, hkv, g, d).transpose(0, 1).reshape(hkv * nq, g, d)  # rows (head, request)
+        buf = self._bufs[name]
+        if layer:
+            torch.index_select(p.units[layer], 0, rq.gather, out=buf)
+        lse: torch.Tensor | None
+        if self.emulate:
+            ku, vu = self._units(p.page_size)
+            o, lse = emulate_prefill(
+                qh, ku, vu, rq.qo_indptr, rq.kv_indptr, buf, rq.last_page_len, rq.causal,
+                self.rotary.inv_freq, d**-0.5,
+            )  # fmt: skip
+        else:
+            kv = self.kv_cache if p.page_size > 1 else (
+                self.pool.k.view(-1, 1, 1, d), self.pool.v.view(-1, 1, 1, d)
+            )  # fmt: skip
+            if name == "causal" and p.is_decode:
+                o, lse = self.decode.run(qh, kv), None
+            elif want_lse:
+                w = self.prefill if name == "causal" else self.prefill_full
+                o, lse = w.run(qh, kv, return_lse=True)
+            else:
+                w = self.prefill if name == "causal" else self.prefill_full
+                o, lse = w.run(qh, kv), None
+        out = o.view(hkv, nq, g, d).transpose(0, 1).reshape(nq, hkv * g, d)
+        if lse is not None:
+            lse = lse.view(hkv, nq, g).transpose(0, 1).reshape(nq, hkv * g) * LN2  # base 2 -> natural
+        return out, lse
+
+    def _fresh(self, q: torch.Tensor, out: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        """Causal attention of a whole fresh sequence over its own K/V (contiguous; K rotated once).
+        Writes into `out[rows]`, or returns `[T, Hq, D]` when `out` is None."""
+        assert self._kv is not None
+        k, v = self._kv
+        cos, sin = (c[rows] for c in self._cos_sin)  # [T, 1, D]
+        qf = _rotate(q[rows], cos, sin).transpose(0, 1)  # [Hq, T, D] (a view of [T, Hq, D])
+        kf = _rotate(k[rows], cos, sin).transpose(0, 1)  # [Hkv, T, D]
+        vf = v[rows].transpose(0, 1).to(qf.dtype)
+        o = F.scaled_dot_product_attention(
+            qf[None], kf[None].to(qf.dtype), vf[None], is_causal=True, enable_gqa=True, scale=self.cfg.head_dim**-0.5
+        )  # [1, Hq, T, D]
+        if out is None:
+            return o[0].transpose(0, 1)
+        out[rows] = o[0].transpose(0, 1)
+        return out
 
     def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         if self.use_triton:
             return self.triton.run(layer, q)
+        if self.graph_mode:
+            return self._run_graph(layer, q)
+        p = self.plan_fi
+        assert p is not None
+        n = q.shape[0]
+        if len(p.fresh) == 1 and p.fresh[0][1] == slice(0, n):  # one fresh sequence: the whole step
+            return self._fresh(q, None, p.fresh[0][1])
+        if p.causal is not None and p.causal.num_q == n and p.causal.rows_identity and p.inside is None:
+            return self._requests(layer, q, p.causal, "causal", False)[0]  # tails in row order: no scatter
+        out = torch.empty_like(q)
+        for _, rows in p.fresh:
+            self._fresh(q, out, rows)
+        if p.causal is not None:
+            o, _ = self._requests(layer, q, p.causal, "causal", False)
+            out[p.causal.q_rows] = o
+        ins = p.inside
+        if ins is not None:
+            from .paged_attention import SegPagedMeta
+
+            meta = SegPagedMeta(
+                q_pos=ins.q_pos, row_q_start=ins.row_q_start, row_q_len=ins.row_q_len, row_head=ins.row_head,
+                kv_indptr=ins.kv_indptr, kv_slots=p.slot_units[layer][ins.kv_gather].to(torch.int32),
+                kv_pos=ins.kv_pos, max_q_len=ins.max_q_len,
+            )  # fmt: skip
+            q_in = q[ins.q_rows].contiguous()  # [n_in, Hq, D]
+            o_b, lse_b = seg_paged_attention(
+                q_in, self.pool.k_slots, self.pool.v_slots, meta, self.triton.cos, self.triton.sin,
+                self.cfg.num_kv_groups,
+            )  # fmt: skip
+            if p.full is not None:
+                o_a, lse_a = self._requests(layer, q, p.full, "full", True)
+                assert lse_a is not None
+                sel = ins.part_a
+                ai = ins.a_index[sel]
+                o_m, _ = merge_states(o_a[ai], lse_a[ai], o_b[sel], lse_b[sel])
+                o_b[sel] = o_m
+            out[ins.q_rows] = o_b
+        return out
+
+    def _run_graph(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Decode under a CUDA graph (`DecodeGraphRunner` installed static page tables, rows (seq, head))."""
         assert self.indices is not None
         cfg = self.cfg
         n, hkv, g, d = q.shape[0], cfg.num_kv_heads, cfg.num_kv_groups, cfg.head_dim
-        if self.is_decode:
-            self.decode._paged_kv_indices_buf = self.indices[layer]
-            o = self.decode.run(q.reshape(n * hkv, g, d), self.kv_cache)  # rows (seq, head): [B*Hkv, g, D]
-            return o.view(n, hkv * g, d)
-        self.prefill._paged_kv_indices_buf = self.indices[layer]
-        qh = q.view(n, hkv, g, d).transpose(0, 1).reshape(hkv * n, g, d)  # rows (head, seq): [Hkv*N, g, D]
-        o = self.prefill.run(qh, self.kv_cache)
-        return o.view(hkv, n, g, d).transpose(0, 1).reshape(n, hkv * g, d)  # [N, Hq, D]
+        self.decode._paged_kv_indices_buf = self.indices[layer]
+        o = self.decode.run(q.reshape(n * hkv, g, d), self.kv_cache)  # [B*Hkv, g, D]
+        return o.view(n, hkv * g, d)

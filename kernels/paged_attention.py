@@ -226,9 +226,7 @@ def seg_paged_attention(
     return out, lse
 
 
-def rope_tables(
-    inv_freq: torch.Tensor, max_pos: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(inv_freq: torch.Tensor, max_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) `[max_pos, D/2]` in `dtype`: angle = float32(pos) * inv_freq, as `Rotary` computes it."""
     pos = torch.arange(max_pos, device=inv_freq.device, dtype=torch.float32)
     ang = pos[:, None] * inv_freq.float()[None, :]  # [max_pos, D/2]

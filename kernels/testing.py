@@ -27,9 +27,7 @@ def tiny_config(
 ) -> ModelConfig:
     """A small Llama-family shape (llama3 RoPE scaling optional)."""
     scaling = (
-        RopeScaling(
-            kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64
-        )
+        RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64)
         if llama3
         else RopeScaling()
     )
@@ -63,25 +61,21 @@ class SeqSpec:
     local_window: int = 0
 
 
-def make_segment(
-    cfg: ModelConfig, alloc: PageAllocator, page_size: int, num_tokens: int
-) -> KVSegment:
+def make_segment(cfg: ModelConfig, alloc: PageAllocator, page_size: int, num_tokens: int) -> KVSegment:
     npages = -(-num_tokens // page_size)
     ids = alloc.allocate(cfg.num_layers * cfg.num_kv_heads * npages)
     pages = torch.from_numpy(ids).view(cfg.num_layers, cfg.num_kv_heads, npages)  # [L, Hkv, P]
     return KVSegment(pages=pages, num_tokens=num_tokens, is_shared=True)
 
 
-def build_batch(
-    cfg: ModelConfig, pool: KVPool, alloc: PageAllocator, specs: list[SeqSpec]
-) -> ForwardBatch:
+def build_batch(cfg: ModelConfig, pool: KVPool, alloc: PageAllocator, specs: list[SeqSpec]) -> ForwardBatch:
     """Sequences per `specs` (KV of old tokens = whatever the pool holds), new tokens appended."""
     ps = pool.page_size
     seqs: list[SeqSlice] = []
     ids, positions = [], []
     q_start = 0
     for sp in specs:
-        kv = SeqKV(cfg.num_layers, cfg.num_kv_heads, ps)
+        kv = SeqKV(cfg.num_layers, cfg.num_kv_heads, ps, pool.device)
         next_pos = 0
         for n, start in sp.segments:
             seg = make_segment(cfg, alloc, ps, n)
@@ -99,8 +93,8 @@ def build_batch(
             vis[max(0, t - sp.local_window) :] = True
             full = torch.ones(cfg.num_layers, cfg.num_kv_heads, kv.capacity, dtype=torch.bool)
             full[:, 1::2, :t] = vis
-            kv.visible = full
-        seqs.append(SeqSlice(kv=kv, q_start=q_start, q_len=sp.q_len, new_slots=new_slots))
+            kv.visible = full.to(pool.device)
+        seqs.append(kv.slice(q_start, sp.q_len, new_slots))
         ids.append(torch.randint(0, cfg.vocab_size, (sp.q_len,)))
         positions.append(new_pos)
         q_start += sp.q_len
@@ -119,15 +113,13 @@ def random_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.d
     return pool
 
 
-def random_weights(
-    cfg: ModelConfig, dtype: torch.dtype, device: str, std: float = 0.02
-) -> dict[str, torch.Tensor]:
+def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: str, std: float = 0.02) -> dict[str, torch.Tensor]:
     """HF-named random weights for `CausalLM` (norms at 1)."""
     d, hq, hkv = cfg.head_dim, cfg.num_q_heads, cfg.num_kv_heads
     h, inter = cfg.hidden_size, cfg.intermediate_size
 
     def rnd(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, device=device, dtype=dtype) * std)
+        return torch.randn(*shape, device=device, dtype=dtype) * std
 
     w = {
         "model.embed_tokens.weight": rnd(cfg.vocab_size, h) * 50,
@@ -148,3 +140,36 @@ def random_weights(
             p + "mlp.down_proj.weight": rnd(h, inter),
         }
     return w
+
+
+def reuse_batch(
+    cfg: ModelConfig,
+    pool: KVPool,
+    alloc: PageAllocator,
+    segments: list[int],
+    recompute: list[int],
+    question: int,
+) -> ForwardBatch:
+    """One sequence as a reuse policy builds it: shared segments of `segments` tokens attached at
+    consecutive positions, tokens `recompute` (ascending context indices) overridden to private
+    copy-on-write slots, then `question` appended; this step's queries are the recomputed tokens and
+    the question together (recompute and question in one forward)."""
+    ps = pool.page_size
+    kv = SeqKV(cfg.num_layers, cfg.num_kv_heads, ps, pool.device)
+    start = 0
+    for n in segments:
+        kv.attach(make_segment(cfg, alloc, ps, n), torch.arange(start, start + n), alloc)
+        start += n
+    idx = torch.tensor(recompute, dtype=torch.int64)
+    cow = kv.override(idx, alloc) if recompute else None
+    tail_pos = torch.arange(start, start + question)
+    tail = kv.append(tail_pos, alloc)
+    new_slots = tail if cow is None else torch.cat([cow, tail], dim=2)
+    q_pos = torch.cat([idx, tail_pos])
+    n = q_pos.shape[0]
+    return ForwardBatch(
+        input_ids=torch.randint(0, cfg.vocab_size, (n,)),
+        positions=q_pos,
+        seqs=[kv.slice(0, n, new_slots)],
+        logit_rows=torch.tensor([n - 1]),
+    )

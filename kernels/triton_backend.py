@@ -76,9 +76,7 @@ class TritonBackend(AttentionBackend):
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         assert self.meta is not None, "plan() first"
-        write_kv_pages(
-            self.pool.k_slots, self.pool.v_slots, self.meta.new_slots[layer], k, v
-        )
+        write_kv_pages(self.pool.k_slots, self.pool.v_slots, self.meta.new_slots[layer], k, v)
 
     def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         assert self.meta is not None, "plan() first"

@@ -21,6 +21,7 @@ class AttentionBackend(ABC):
     """`plan(batch)` once per step; `write_kv` + `run` per layer. Shapes: q `[N, Hq, D]`, k/v `[N, Hkv, D]`."""
 
     name: str = "base"
+    path: str = "base"  # what the last plan() chose (backends with several kernel paths update it)
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
         self.cfg = cfg
@@ -56,6 +57,7 @@ def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[Atten
     def deco(cls: type[AttentionBackend]) -> type[AttentionBackend]:
         _REGISTRY[name] = cls
         cls.name = name
+        cls.path = name
         return cls
 
     return deco
@@ -77,25 +79,24 @@ class TorchBackend(AttentionBackend):
     p - sliding_window < position <= p, wherever the keys sit in the pages (reused chunks included)."""
 
     def plan(self, batch: ForwardBatch) -> None:
-        cfg = self.cfg
-        self.new_slots = batch.new_slots().to(self.pool.device)  # [L, Hkv, N]
-        self.q_pos = batch.positions.to(self.pool.device)
+        cfg, dev = self.cfg, self.pool.device
+        self.new_slots = batch.new_slots().to(dev)  # [L, Hkv, N]
+        self.q_pos = batch.positions.to(dev)
         dec = [s for s in batch.seqs if s.is_decode]
         self.prefills = [s for s in batch.seqs if not s.is_decode]
-        self.dec_rows = torch.tensor([s.q_start for s in dec], dtype=torch.int64, device=self.pool.device)
+        self.dec_rows = torch.tensor([s.q_start for s in dec], dtype=torch.int64, device=dev)
         if dec:
-            tmax = max(s.kv.num_tokens for s in dec)
+            tmax = max(s.num_kv for s in dec)
             b = len(dec)
-            slots = torch.zeros(cfg.num_layers, b, cfg.num_kv_heads, tmax, dtype=torch.int64)
-            kpos = torch.zeros(b, tmax, dtype=torch.int64)
-            mask = torch.zeros(cfg.num_layers, b, cfg.num_kv_heads, tmax, dtype=torch.bool)
+            slots = torch.zeros(cfg.num_layers, b, cfg.num_kv_heads, tmax, dtype=torch.int64, device=dev)
+            kpos = torch.zeros(b, tmax, dtype=torch.int64, device=dev)
+            mask = torch.zeros(cfg.num_layers, b, cfg.num_kv_heads, tmax, dtype=torch.bool, device=dev)
             for i, s in enumerate(dec):
-                t = s.kv.num_tokens
-                slots[:, i, :, :t] = s.kv.slots[:, :, :t]
-                kpos[i, :t] = s.kv.positions[:t]
-                mask[:, i, :, :t] = True if s.kv.visible is None else s.kv.visible[:, :, :t]
-            dev = self.pool.device
-            self.dec_slots, self.dec_kpos, self.dec_mask = slots.to(dev), kpos.to(dev), mask.to(dev)
+                t = s.num_kv
+                slots[:, i, :, :t] = s.kv_slots
+                kpos[i, :t] = s.kv_pos
+                mask[:, i, :, :t] = True if s.kv_visible is None else s.kv_visible
+            self.dec_slots, self.dec_kpos, self.dec_mask = slots, kpos, mask
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = self.new_slots[layer]  # [Hkv, N]
@@ -126,9 +127,8 @@ class TorchBackend(AttentionBackend):
             probs = scores.softmax(-1).to(v.dtype)
             out[self.dec_rows] = torch.einsum("bhgt,bhtd->bhgd", probs, v).reshape(b, hkv * g, d)
         for s in self.prefills:
-            t = s.kv.num_tokens
-            slots = s.kv.slots[layer, :, :t].to(self.pool.device)  # [Hkv, T]
-            kpos = s.kv.positions[:t].to(self.pool.device)
+            slots = s.kv_slots[layer]  # [Hkv, T]
+            kpos = s.kv_pos
             k = rotary.apply(self.pool.k_slots[slots].to(q.dtype), kpos)  # [Hkv, T, D]
             v = self.pool.v_slots[slots].to(q.dtype)
             rows = slice(s.q_start, s.q_start + s.q_len)
@@ -137,8 +137,8 @@ class TorchBackend(AttentionBackend):
             if window is not None:
                 mask = mask & (kpos[None, :] > qpos[:, None] - window)
             mask = mask[None].expand(hkv, -1, -1)  # [Hkv, Tq, T]
-            if s.kv.visible is not None:
-                mask = mask & s.kv.visible[layer, :, None, :t].to(self.pool.device)
+            if s.kv_visible is not None:
+                mask = mask & s.kv_visible[layer, :, None, :]
             qs = q[rows].view(s.q_len, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, g, Tq, D]
             o = F.scaled_dot_product_attention(
                 qs, k[:, None], v[:, None], attn_mask=mask[:, None], scale=scale

@@ -267,7 +267,7 @@ class Engine:
                 p0 = req.num_computed
             positions = torch.arange(p0, p0 + len(toks), dtype=torch.int64)
             new_slots = self.runner.append(req.kv, positions)
-            slices.append(SeqSlice(req.kv, q0, len(toks), new_slots))
+            slices.append(req.kv.slice(q0, len(toks), new_slots))
             ids.extend(toks)
             pos.extend(range(p0, p0 + len(toks)))
             rows: list[int] = []

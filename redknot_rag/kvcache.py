@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from redknot_rag.batch import KVLayout, SeqSlice
 from redknot_rag.config import ModelConfig
 
 
@@ -62,89 +63,133 @@ class KVPool:
 
 
 class PageAllocator:
-    """Refcounted page ids. `can_allocate(n)` / `allocate(n)`; `incref` / `decref` (frees at zero)."""
+    """Refcounted page ids. `can_allocate(n)` / `allocate(n)`; `incref` / `decref` (frees at zero).
+
+    The free list is a numpy stack (no per-page Python work): allocating the 0.5M pages of a 32K-token
+    prefill of an 8B model is one slice, not 0.5M list pops.
+    """
 
     def __init__(self, num_pages: int) -> None:
         self.num_pages = num_pages
         self.refcount = np.zeros(num_pages, dtype=np.int32)
-        self._free = list(range(num_pages - 1, -1, -1))  # stack; pops low ids first
+        self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int64)  # stack; top = end; pops low ids first
+        self._num_free = num_pages
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self._num_free
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self._num_free
 
     def allocate(self, n: int) -> np.ndarray:
         """n fresh page ids (refcount 1), int64 `[n]`."""
-        if n > len(self._free):
-            raise OutOfPagesError(f"need {n} KV pages, {len(self._free)} free of {self.num_pages}")
-        ids = np.array([self._free.pop() for _ in range(n)], dtype=np.int64)
+        if n > self._num_free:
+            raise OutOfPagesError(f"need {n} KV pages, {self._num_free} free of {self.num_pages}")
+        top = self._num_free
+        ids = self._free[top - n : top][::-1].copy()
+        self._num_free -= n
         self.refcount[ids] = 1
         return ids
 
-    def incref(self, ids: np.ndarray) -> None:
+    def incref(self, ids: np.ndarray, unique: bool = False) -> None:
+        """+1 on every listed page. `unique=True` promises no id repeats (a segment's own pages):
+        a plain fancy-index add, ~20x faster than `np.add.at` (relocating 64 chunks of an 8B model
+        increfs 0.5M pages)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if np.any(self.refcount[ids] <= 0):
             raise RuntimeError("incref on a free page")
-        np.add.at(self.refcount, ids, 1)
+        if unique:
+            self.refcount[ids] += 1
+        else:
+            np.add.at(self.refcount, ids, 1)
 
-    def decref(self, ids: np.ndarray) -> None:
+    def decref(self, ids: np.ndarray, unique: bool = False) -> None:
+        """-1 on every listed page; pages reaching 0 are freed. `unique` as for `incref`."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
-        np.add.at(self.refcount, ids, -1)
+        if unique:
+            self.refcount[ids] -= 1
+        else:
+            np.add.at(self.refcount, ids, -1)
         if np.any(self.refcount[ids] < 0):
+            np.add.at(self.refcount, ids, 1)  # leave the counts as they were
             raise RuntimeError("page refcount went negative (double free)")
-        for i in np.unique(ids[self.refcount[ids] == 0]).tolist():
-            self._free.append(i)
+        freed = ids[self.refcount[ids] == 0]
+        if not unique:
+            freed = np.unique(freed)[::-1]  # pushed high first: low ids pop first
+        self._free[self._num_free : self._num_free + freed.shape[0]] = freed
+        self._num_free += freed.shape[0]
 
 
 @dataclass
 class KVSegment:
     """A run of tokens whose K/V (every layer, every KV head) sit in pool pages.
 
-    `pages` `[num_layers, num_kv_heads, num_pages]` int64: token t of the segment lives in page
+    `pages` `[num_layers, num_kv_heads, num_pages]` int64 (host): token t of the segment lives in page
     `pages[l, h, t // page_size]` at offset `t % page_size`. A shared segment is never written.
+    Its slot table is built once per device and cached (`device_slots`): attaching is a concatenation.
     """
 
     pages: torch.Tensor
     num_tokens: int
     is_shared: bool = False
+    _slots_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def slots(self, page_size: int) -> torch.Tensor:
-        """Pool slot of every token: `[num_layers, num_kv_heads, num_tokens]` int64."""
+        """Pool slot of every token: `[num_layers, num_kv_heads, num_tokens]` int64 (host)."""
         nl, nh, npages = self.pages.shape
         offsets = torch.arange(page_size, dtype=self.pages.dtype)
         slots = self.pages[:, :, :, None] * page_size + offsets  # [L, Hkv, P, page_size], no gather
         return slots.view(nl, nh, npages * page_size)[:, :, : self.num_tokens]
 
+    def device_slots(self, page_size: int, device: torch.device) -> torch.Tensor:
+        """`slots(page_size)` on `device`, built once and cached: `[L, Hkv, num_tokens]` int64."""
+        key = (page_size, str(device))
+        out = self._slots_cache.get(key)
+        if out is None:
+            pages = self.pages.to(device, non_blocking=True)
+            nl, nh, npages = pages.shape
+            offsets = torch.arange(page_size, dtype=torch.int64, device=device)
+            out = (pages[:, :, :, None] * page_size + offsets).view(nl, nh, npages * page_size)
+            out = out[:, :, : self.num_tokens].contiguous()
+            self._slots_cache[key] = out
+        return out
+
 
 @dataclass
 class AttachedSegment:
-    """A segment placed in a sequence: where it starts, its tokens' positions and per-head visibility."""
+    """A segment placed in a sequence: where it starts, its first position, per-head visibility."""
 
     segment: KVSegment
     seq_start: int
-    positions: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64 (device)
     visible: torch.Tensor | None = None  # [num_layers, num_kv_heads, num_tokens] bool; None = all
 
 
 @dataclass
 class SeqKV:
-    """The KV view of one sequence, in sequence order, for every (layer, kv_head).
+    """The KV view of one sequence, in sequence order, for every (layer, kv_head), kept on `device`.
 
     `slots[l, h, i]` is the pool slot of token i for head (l, h); `positions[i]` its RoPE position;
     `visible[l, h, i]` whether head (l, h) attends to it (local heads drop the middle of a context).
-    Tokens appended by the engine go to private pages owned by this sequence.
+    All three are device tensors (capacity grows by doubling); attaching a segment concatenates its
+    cached device slot table, appending computes slots on the device from the new page ids: no
+    per-token host work. Tokens appended by the engine go to private pages owned by this sequence.
+
+    Host layout flags (O(1) checks for the attention backends, see `layout`):
+    - `pos_is_index`: positions[i] == i for every token (every attach/append used consecutive positions);
+    - `page_aligned`: token i sits at page-offset i % page_size of the page table's i // page_size-th
+      page for every head (segments and private tokens start on page boundaries; no override).
     """
 
     num_layers: int
     num_kv_heads: int
     page_size: int
+    device: torch.device | str = "cpu"
     slots: torch.Tensor = field(init=False)
     positions: torch.Tensor = field(init=False)
     visible: torch.Tensor | None = field(init=False, default=None)
@@ -152,12 +197,16 @@ class SeqKV:
     segments: list[AttachedSegment] = field(init=False, default_factory=list)
     private_pages: list[np.ndarray] = field(init=False, default_factory=list)  # each [L*Hkv]
     cow_pages: list[np.ndarray] = field(init=False, default_factory=list)  # pages of overridden tokens
+    pos_is_index: bool = field(init=False, default=True)
+    page_aligned: bool = field(init=False, default=True)
     _tail_used: int = field(init=False, default=0)
     _private_start: int = field(init=False, default=0)  # first token in private_pages
+    _tail_page: torch.Tensor | None = field(init=False, default=None)  # [L, Hkv] device: last private page
 
     def __post_init__(self) -> None:
-        self.slots = torch.zeros(self.num_layers, self.num_kv_heads, 64, dtype=torch.int64)
-        self.positions = torch.zeros(64, dtype=torch.int64)
+        self.device = torch.device(self.device)
+        self.slots = torch.zeros(self.num_layers, self.num_kv_heads, 64, dtype=torch.int64, device=self.device)
+        self.positions = torch.zeros(64, dtype=torch.int64, device=self.device)
 
     @property
     def capacity(self) -> int:
@@ -168,20 +217,35 @@ class SeqKV:
         if need <= self.capacity:
             return
         cap = max(need, 2 * self.capacity)
-        slots = torch.zeros(self.num_layers, self.num_kv_heads, cap, dtype=torch.int64)
-        slots[:, :, : self.num_tokens] = self.slots[:, :, : self.num_tokens]
-        pos = torch.zeros(cap, dtype=torch.int64)
-        pos[: self.num_tokens] = self.positions[: self.num_tokens]
+        t, dev = self.num_tokens, self.device
+        slots = torch.zeros(self.num_layers, self.num_kv_heads, cap, dtype=torch.int64, device=dev)
+        slots[:, :, :t] = self.slots[:, :, :t]
+        pos = torch.zeros(cap, dtype=torch.int64, device=dev)
+        pos[:t] = self.positions[:t]
         self.slots, self.positions = slots, pos
         if self.visible is not None:
-            vis = torch.ones(self.num_layers, self.num_kv_heads, cap, dtype=torch.bool)
-            vis[:, :, : self.num_tokens] = self.visible[:, :, : self.num_tokens]
+            vis = torch.ones(self.num_layers, self.num_kv_heads, cap, dtype=torch.bool, device=dev)
+            vis[:, :, :t] = self.visible[:, :, :t]
             self.visible = vis
 
     def _ensure_visible(self) -> torch.Tensor:
         if self.visible is None:
-            self.visible = torch.ones(self.num_layers, self.num_kv_heads, self.capacity, dtype=torch.bool)
+            self.visible = torch.ones(
+                self.num_layers, self.num_kv_heads, self.capacity, dtype=torch.bool, device=self.device
+            )
         return self.visible
+
+    def _note_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Track `pos_is_index` for positions of tokens [num_tokens, num_tokens + n); returns them on device."""
+        n = positions.shape[0]
+        if self.pos_is_index and n:
+            if positions.device.type == "cpu":
+                same = torch.equal(positions, torch.arange(self.num_tokens, self.num_tokens + n))
+            else:  # device positions: one sync (rare; callers pass host aranges)
+                want = torch.arange(self.num_tokens, self.num_tokens + n, device=positions.device)
+                same = bool((positions == want).all())
+            self.pos_is_index = same
+        return positions.to(self.device, torch.int64, non_blocking=True)
 
     def attach(
         self,
@@ -191,20 +255,43 @@ class SeqKV:
         visible: torch.Tensor | None = None,
     ) -> None:
         """Append a shared segment (refcount +1 on its pages). Segments come before private tokens."""
+        self.attach_many([(segment, positions, visible)], allocator)
+
+    def attach_many(
+        self,
+        items: list[tuple[KVSegment, torch.Tensor, torch.Tensor | None]],
+        allocator: PageAllocator,
+    ) -> None:
+        """Append shared segments `(segment, positions [n], visible [L, Hkv, n] | None)` in order: one
+        device concatenation of their cached slot tables."""
         if self.private_pages:
             raise RuntimeError("attach after private tokens would break the private page layout")
-        n = segment.num_tokens
-        self._reserve(n)
-        allocator.incref(segment.pages.numpy())
-        s = self.num_tokens
-        self.slots[:, :, s : s + n] = segment.slots(self.page_size)
-        self.positions[s : s + n] = positions
-        if visible is not None:
-            self._ensure_visible()[:, :, s : s + n] = visible
-        elif self.visible is not None:
-            self.visible[:, :, s : s + n] = True
-        self.segments.append(AttachedSegment(segment, s, positions.clone(), visible))
-        self.num_tokens += n
+        if not items:
+            return
+        for seg, positions, _ in items:
+            if positions.shape[0] != seg.num_tokens:
+                raise ValueError(f"segment has {seg.num_tokens} tokens but {positions.shape[0]} positions")
+        self._reserve(sum(seg.num_tokens for seg, _, _ in items))
+        for seg, _, _ in items:
+            allocator.incref(seg.pages.numpy(), unique=True)  # a segment's pages are distinct
+        s0 = s = self.num_tokens
+        tables, poss = [], []
+        for seg, positions, visible in items:
+            n = seg.num_tokens
+            if s % self.page_size:
+                self.page_aligned = False
+            pos = self._note_positions(positions)
+            tables.append(seg.device_slots(self.page_size, self.device))
+            poss.append(pos)
+            if visible is not None:
+                self._ensure_visible()[:, :, s : s + n] = visible.to(self.device, non_blocking=True)
+            elif self.visible is not None:
+                self.visible[:, :, s : s + n] = True
+            self.segments.append(AttachedSegment(seg, s, pos, visible))
+            s += n
+            self.num_tokens = s  # _note_positions reads it
+        self.slots[:, :, s0:s] = tables[0] if len(tables) == 1 else torch.cat(tables, dim=2)
+        self.positions[s0:s] = poss[0] if len(poss) == 1 else torch.cat(poss)
         self._tail_used = self.page_size  # next private token starts a fresh page
         self._private_start = self.num_tokens
 
@@ -215,25 +302,38 @@ class SeqKV:
         return -(-extra // self.page_size) * self.num_layers * self.num_kv_heads
 
     def append(self, positions: torch.Tensor, allocator: PageAllocator) -> torch.Tensor:
-        """Reserve private slots for new tokens; returns their slots `[L, Hkv, n]`."""
+        """Reserve private slots for new tokens; returns their slots `[L, Hkv, n]` (device int64)."""
         n = positions.shape[0]
+        if n == 0:
+            return torch.zeros(self.num_layers, self.num_kv_heads, 0, dtype=torch.int64, device=self.device)
         self._reserve(n)
-        lh = self.num_layers * self.num_kv_heads
-        out = torch.empty(self.num_layers, self.num_kv_heads, n, dtype=torch.int64)
-        i = 0
-        while i < n:
-            if not self.private_pages or self._tail_used >= self.page_size:
-                self.private_pages.append(allocator.allocate(lh))
-                self._tail_used = 0
-            take = min(n - i, self.page_size - self._tail_used)
-            page = torch.from_numpy(self.private_pages[-1]).view(self.num_layers, self.num_kv_heads, 1)
-            offs = torch.arange(self._tail_used, self._tail_used + take)
-            out[:, :, i : i + take] = page * self.page_size + offs  # [L, Hkv, take]
-            self._tail_used += take
-            i += take
+        nl, nh, ps = self.num_layers, self.num_kv_heads, self.page_size
+        if not self.private_pages and self.num_tokens % ps:
+            self.page_aligned = False
+        room = ps - self._tail_used if self.private_pages else 0
+        head = min(room, n)  # tokens that go to the current tail page
+        num_new = -(-(n - head) // ps)
+        parts = []
+        if head:
+            assert self._tail_page is not None
+            offs = torch.arange(self._tail_used, self._tail_used + head, device=self.device)
+            parts.append(self._tail_page[:, :, None] * ps + offs)  # [L, Hkv, head]
+        if num_new:
+            ids = allocator.allocate(num_new * nl * nh).reshape(num_new, nl * nh)
+            self.private_pages.extend(ids)
+            pages = torch.from_numpy(ids).to(self.device, non_blocking=True).view(num_new, nl, nh)
+            pages = pages.permute(1, 2, 0)  # [L, Hkv, P]
+            slots = pages[:, :, :, None] * ps + torch.arange(ps, device=self.device)  # [L, Hkv, P, ps]
+            parts.append(slots.reshape(nl, nh, num_new * ps)[:, :, : n - head])
+            self._tail_page = pages[:, :, -1].contiguous()
+            self._tail_used = (n - head) - (num_new - 1) * ps
+        else:
+            self._tail_used += head
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         s = self.num_tokens
+        pos = self._note_positions(positions)
         self.slots[:, :, s : s + n] = out
-        self.positions[s : s + n] = positions
+        self.positions[s : s + n] = pos
         if self.visible is not None:
             self.visible[:, :, s : s + n] = True
         self.num_tokens += n
@@ -246,14 +346,15 @@ class SeqKV:
         Returns the new slots `[L, Hkv, n]` (the caller writes them, e.g. by a recompute forward).
         """
         n = int(token_index.shape[0])
-        lh = self.num_layers * self.num_kv_heads
-        num_pages = -(-n // self.page_size)
-        pages = allocator.allocate(num_pages * lh)
+        nl, nh, ps = self.num_layers, self.num_kv_heads, self.page_size
+        num_pages = -(-n // ps)
+        pages = allocator.allocate(num_pages * nl * nh)
         self.cow_pages.append(pages)
-        pages_t = torch.from_numpy(pages).view(num_pages, self.num_layers, self.num_kv_heads)
-        t = torch.arange(n)
-        out = (pages_t[t // self.page_size] * self.page_size + (t % self.page_size)[:, None, None]).permute(1, 2, 0)
-        self.slots[:, :, token_index] = out  # [L, Hkv, n]
+        self.page_aligned = False
+        pages_t = torch.from_numpy(pages).to(self.device, non_blocking=True).view(num_pages, nl, nh)
+        slots = pages_t.permute(1, 2, 0)[:, :, :, None] * ps + torch.arange(ps, device=self.device)
+        out = slots.reshape(nl, nh, num_pages * ps)[:, :, :n]  # [L, Hkv, n]
+        self.slots[:, :, token_index.to(self.device)] = out
         return out
 
     def truncate(self, n: int, allocator: PageAllocator) -> None:
@@ -261,23 +362,57 @@ class SeqKV:
         if n < self._private_start or n > self.num_tokens:
             raise ValueError(f"can only truncate appended tokens (>= {self._private_start}), got {n}")
         keep = -(-(n - self._private_start) // self.page_size)
-        while len(self.private_pages) > keep:
-            allocator.decref(self.private_pages.pop())
+        if len(self.private_pages) > keep:
+            allocator.decref(np.concatenate(self.private_pages[keep:]), unique=True)
+            del self.private_pages[keep:]
         used = (n - self._private_start) - (keep - 1) * self.page_size
         self._tail_used = used if keep else 0
+        if keep:
+            last = torch.from_numpy(self.private_pages[-1]).to(self.device, non_blocking=True)
+            self._tail_page = last.view(self.num_layers, self.num_kv_heads)
+        else:
+            self._tail_page = None
         self.num_tokens = n
 
     def release(self, allocator: PageAllocator) -> None:
         """Drop every page reference this sequence holds. Idempotent."""
+        # each group lists distinct pages (a segment's, the private ones, the copied ones); the same
+        # segment attached twice is two groups, so counts stay right
         for att in self.segments:
-            allocator.decref(att.segment.pages.numpy())
-        for pages in self.private_pages + self.cow_pages:
-            allocator.decref(pages)
+            allocator.decref(att.segment.pages.numpy(), unique=True)
+        own = self.private_pages + self.cow_pages
+        if own:
+            allocator.decref(np.concatenate(own), unique=True)
         self.segments.clear()
         self.private_pages.clear()
         self.cow_pages.clear()
         self.num_tokens = 0
         self._tail_used = 0
+        self._tail_page = None
+        self.pos_is_index = True
+        self.page_aligned = True
+
+    def layout(self) -> KVLayout:
+        """Host facts about the current token layout (see the class docstring)."""
+        return KVLayout(
+            num_tokens=self.num_tokens,
+            pos_is_index=self.pos_is_index,
+            page_aligned=self.page_aligned,
+            all_visible=self.visible is None,
+        )
+
+    def slice(self, q_start: int, q_len: int, new_slots: torch.Tensor) -> SeqSlice:
+        """This step's view for the attention backend: plain device tensors over tokens [0, num_tokens)."""
+        t = self.num_tokens
+        return SeqSlice(
+            q_start=q_start,
+            q_len=q_len,
+            new_slots=new_slots,
+            kv_slots=self.slots[:, :, :t],
+            kv_pos=self.positions[:t],
+            kv_visible=None if self.visible is None else self.visible[:, :, :t],
+            layout=self.layout(),
+        )
 
 
 def pool_pages_for(cfg: ModelConfig, num_tokens: int, page_size: int) -> int:

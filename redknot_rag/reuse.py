@@ -74,9 +74,10 @@ class ReusePolicy(ABC):
 def relocate(runner: KVRunner, inp: ReuseInput, visible: list[torch.Tensor | None] | None = None) -> SeqKV:
     """Attach anchor and chunk segments at their assembled positions (no copy of shared pages)."""
     kv = runner.new_seq_kv()
-    runner.attach(kv, inp.anchor, torch.arange(len(inp.anchor_ids)))
+    items = [(inp.anchor, torch.arange(len(inp.anchor_ids)), None)]
     for i, ((s, e), seg) in enumerate(zip(inp.chunk_spans(), inp.chunks)):
-        runner.attach(kv, seg, torch.arange(s, e), None if visible is None else visible[i])
+        items.append((seg, torch.arange(s, e), None if visible is None else visible[i]))
+    runner.attach_many(kv, items)  # one device concatenation of the segments' slot tables
     return kv
 
 

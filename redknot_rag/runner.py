@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from redknot_rag.attention import AttentionBackend, create_backend
-from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import EngineConfig, ModelConfig
 from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV
 from redknot_rag.loader import LoadedModel, load_model
@@ -119,13 +119,18 @@ class KVRunner:
     # ---- page lifetime (the one place that increfs / decrefs) ----------------------------------
     def new_seq_kv(self) -> SeqKV:
         mc = self.model_config
-        return SeqKV(mc.num_layers, mc.num_kv_heads, self.page_size)
+        return SeqKV(mc.num_layers, mc.num_kv_heads, self.page_size, self.device)
 
     def attach(
         self, kv: SeqKV, segment: KVSegment, positions: torch.Tensor, visible: torch.Tensor | None = None
     ) -> None:
         """Append shared `segment` to `kv` at `positions` `[T]` (refcount +1; its pages are never written)."""
         kv.attach(segment, positions, self.allocator, visible)
+
+    def attach_many(self, kv: SeqKV, items: list[tuple[KVSegment, torch.Tensor, torch.Tensor | None]]) -> None:
+        """Append shared segments `(segment, positions [T], visible | None)` in order: one device
+        concatenation of their slot tables (relocating 64 chunks is a few launches, no per-token work)."""
+        kv.attach_many(items, self.allocator)
 
     def append(self, kv: SeqKV, positions: torch.Tensor) -> torch.Tensor:
         """Private slots for new tokens at `positions` `[n]` of `kv`: `[L, Hkv, n]`."""
@@ -156,7 +161,7 @@ class KVRunner:
 
     def drop_segment(self, segment: KVSegment) -> None:
         """Drop the caller's reference to a segment (pages free when no sequence holds them)."""
-        self.allocator.decref(segment.pages.numpy())
+        self.allocator.decref(segment.pages.numpy(), unique=True)
 
     def segment_pages(self, k: torch.Tensor) -> int:
         """Pages a segment of K `[L, Hkv, T, D]` occupies."""
@@ -187,7 +192,7 @@ class KVRunner:
         """Append `ids` at `positions` `[n]` to `kv` (private slots) and run them through the model."""
         slots = self.append(kv, positions)
         rows = torch.arange(len(ids)) if logits else torch.zeros(0, dtype=torch.int64)
-        batch = ForwardBatch(torch.tensor(ids), positions, [SeqSlice(kv, 0, len(ids), slots)], rows)
+        batch = ForwardBatch(torch.tensor(ids), positions, [kv.slice(0, len(ids), slots)], rows)
         return ForwardResult(self.forward(batch, backend, num_layers), slots)
 
     def recompute(self, kv: SeqKV, ids: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
@@ -197,15 +202,15 @@ class KVRunner:
         recomputed tokens); the results go to copy-on-write slots. Returns those slots `[L, Hkv, n]`.
         """
         new_slots = self.override(kv, token_index)
-        pos = kv.positions[token_index]
+        pos = kv.positions[token_index.to(kv.device)].cpu()  # host positions: backends plan on the host
         n = int(token_index.numel())
-        batch = ForwardBatch(ids, pos, [SeqSlice(kv, 0, n, new_slots)], torch.zeros(0, dtype=torch.int64))
+        batch = ForwardBatch(ids, pos, [kv.slice(0, n, new_slots)], torch.zeros(0, dtype=torch.int64))
         self.forward(batch)
         return new_slots
 
     def probe_backend(self) -> ProbeBackend:
         """A backend that records question attention (reuse selection, head profiling)."""
-        return ProbeBackend(self.model_config, self.pool, self.rotary)
+        return ProbeBackend(self.model_config, self.pool, self.rotary, inner=self.backend)
 
     def info(self) -> dict:
         mc = self.model_config

@@ -58,15 +58,13 @@ def _ours(hf, backend: str):
 
 
 def _logits(engine, ids: list[int]) -> torch.Tensor:
-    from redknot_rag.batch import ForwardBatch, SeqSlice
-    from redknot_rag.kvcache import SeqKV
+    from redknot_rag.batch import ForwardBatch
 
-    mc = engine.model_config
-    kv = SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
+    kv = engine.runner.new_seq_kv()
     pos = torch.arange(len(ids))
     try:
         slots = engine.runner.append(kv, pos)
-        batch = ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)], torch.arange(len(ids)))
+        batch = ForwardBatch(torch.tensor(ids), pos, [kv.slice(0, len(ids), slots)], torch.arange(len(ids)))
         return engine.runner.forward(batch).float().cpu()
     finally:
         engine.runner.release(kv)

@@ -158,10 +158,10 @@ def test_page_tables_cover_slots():
                 for i, s in enumerate(batch.seqs):
                     r = h * nseq + i
                     pages = pt.indices[layer, pt.indptr[r] : pt.indptr[r + 1]].long()
-                    t = s.kv.num_tokens
+                    t = s.num_kv
                     rebuilt = (pages[:, None] * 4 + torch.arange(4)).flatten()[:t]
                     assert int(pt.last_page_len[r]) == t - 4 * (pages.numel() - 1)
-                    assert torch.equal(rebuilt, s.kv.slots[layer, h, :t])
+                    assert torch.equal(rebuilt, s.kv_slots[layer, h])
     dec = build_batch(cfg, pool, alloc, [SeqSpec(private=9), SeqSpec(private=4)])
     pt = build_page_tables(dec, 4)
     assert pt.is_decode and pt.indptr.tolist() == [0, 3, 6, 7, 8]

@@ -94,15 +94,13 @@ def engine_from_weights(hf_config: Any, weights: dict[str, torch.Tensor], name: 
 
 def prefill_logits(engine: Any, ids: list[int], backend: Any = None) -> torch.Tensor:
     """Our forward over one fresh sequence: logits `[T, vocab]` float32 (on the engine's device)."""
-    from redknot_rag.batch import ForwardBatch, SeqSlice
-    from redknot_rag.kvcache import SeqKV
+    from redknot_rag.batch import ForwardBatch
 
-    mc = engine.model_config
-    kv = SeqKV(mc.num_layers, mc.num_kv_heads, engine.config.page_size)
+    kv = engine.runner.new_seq_kv()
     pos = torch.arange(len(ids))
     try:
         slots = kv.append(pos, engine.runner.allocator)
-        batch = ForwardBatch(torch.tensor(ids), pos, [SeqSlice(kv, 0, len(ids), slots)], torch.arange(len(ids)))
+        batch = ForwardBatch(torch.tensor(ids), pos, [kv.slice(0, len(ids), slots)], torch.arange(len(ids)))
         return engine.runner.model.forward(batch, backend or engine.runner.backend)
     finally:
         kv.release(engine.runner.allocator)

@@ -46,6 +46,7 @@ from common import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
+TRITON_AB = True  # also time full prefill on the Triton backend (--no-triton-ab skips it)
 
 
 def log(*a: Any) -> None:
@@ -388,7 +389,7 @@ def llama_part(c: Ctx) -> None:
         data["prefill"].append(row)
         log("prefill", row)
     c.save()
-    if c.backend == "flashinfer" and "triton" in c.backends:  # the other GPU path, same engine
+    if c.backend == "flashinfer" and "triton" in c.backends and TRITON_AB:  # the other GPU path, same engine
         main_backend = engine.runner.backend
         engine.runner.backend = _backend(engine, "triton")
         try:
@@ -521,7 +522,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="CPU mode: decode steps")
     ap.add_argument("--threads", type=int, default=0, help="CPU mode: torch threads (0: all cores)")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--no-triton-ab", action="store_true", help="GPU mode: skip the Triton full-prefill A/B")
     args = ap.parse_args()
+    global TRITON_AB
+    TRITON_AB = not args.no_triton_ab
     if args.plot:
         plot(Path(args.plot))
         return

@@ -1,22 +1,23 @@
-"""RAG time-to-first-token by reuse policy (GPU, speed only; random-weight Llama-3-8B shape, bf16).
+"""RAG time-to-first-token by reuse policy against the physical floor (GPU, speed only; random-weight
+Llama-3-8B shape, bf16), with transformers SDPA in the same run.
 
 A query is `[anchor][chunk_1]...[chunk_k][question]`: k x 512-token chunks (k = 8: 4K context;
 k = 64: 32K) and a 64-token question. Chunk KV is prefilled behind the anchor first (ingestion,
-untimed) and stays resident in the GPU pool (the hot tier). Then, per policy, one run each:
+untimed) and stays resident in the GPU pool (the hot tier). Per policy, `--reps` runs (median kept):
 
-  load       relocate: attach the anchor and chunk segments at their assembled positions (host-side
-             slot tables; no KV copy)
-  select     what to recompute (redknot: a probe pass of the question over the relocated context)
-  recompute  the selected context tokens' KV, in the assembled context (copy-on-write pages)
-  question   question prefill over the repaired context until the first sampled token (engine.step)
+  load      relocate: attach anchor and chunk segments at their assembled positions (device slot
+            tables, one concatenation; no KV copy)
+  select    what to recompute (redknot: the question through the first `--probe-layers` layers on
+            the FlashInfer backend, per-key attention mass of its queries on those layers)
+  forward   ONE forward over the recomputed context tokens (copy-on-write slots, queries inside the
+            context) and the question (queries at the tail), to the first token's argmax
 
-`full` prefills the whole prompt (one engine step; all of it is "question" here). Every boundary
-is timed with torch.cuda.synchronize. `plan_s` is the host planning inside those phases (attention
-backend `plan()`: slot tables → per-layer key lists / page tables, and their upload).
-
-redknot has no shipped profile for a random model: it runs twice, with `profile=None` (every head
-global: recompute only) and with a synthetic profile of 25% global heads ((layer + head) % 4 == 0;
-the rest local: anchor sink + last `window` tokens), ratio 0.1 in both.
+`full` prefills the whole prompt through the engine's request path (one step). Per scenario the JSON
+also holds `hf_full_s` (transformers SDPA full prefill of the same prompt), and per policy
+`floor_s` (roofline of the same work: recomputed + question tokens over the context, see
+`floor_seconds`) and `hf_cached_s` (a transformers forward of that many tokens over a cached
+context of the same length). `decode` holds step times at the largest context, batch 1 and 8, for
+reused and freshly prefilled sequences (eager and CUDA graph), against their floor.
 
 `--tiny` runs the same code on the CPU with a 2-layer model and short chunks.
 """
@@ -36,7 +37,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from common import LLAMA3_8B, Timer, available_backends, card, engine_from_weights, free_memory, shape, sync  # noqa: E402
+from common import (  # noqa: E402
+    LLAMA3_8B,
+    Timer,
+    available_backends,
+    card,
+    engine_from_weights,
+    free_memory,
+    hf_random_model,
+    shape,
+    sync,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,57 +56,64 @@ def log(*a: Any) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
-def synthetic_profile(num_layers: int, num_kv_heads: int, window: int) -> Any:
-    """25% global heads ((layer + head) % 4 == 0), the rest local. Speed only: not calibrated."""
-    from redknot_rag.heads import HeadProfile
-
-    classes = [[int((li + h) % 4 == 0) for h in range(num_kv_heads)] for li in range(num_layers)]
-    zeros = [[0.0] * num_kv_heads for _ in range(num_layers)]
-    return HeadProfile(
-        model="synthetic-25pct-global", weights_fingerprint="none", num_layers=num_layers,
-        num_kv_heads=num_kv_heads, window=window, locality_threshold=0.0, classes=classes,
-        locality=zeros, reuse_deviation=zeros, retrieval=zeros, calibration={"synthetic": True},
-    )  # fmt: skip
-
-
-class PlanTimer:
-    """Wraps `backend.plan` to add up its host time (device synchronized around it)."""
-
-    def __init__(self, backend: Any, dev: torch.device) -> None:
-        self.inner, self.dev, self.s, self.calls = backend.plan, dev, 0.0, 0
-        backend.plan = self
-
-    def __call__(self, batch: Any) -> None:
-        sync(self.dev)
-        t = time.perf_counter()
-        self.inner(batch)
-        sync(self.dev)
-        self.s += time.perf_counter() - t
-        self.calls += 1
-
-    def take(self) -> float:
-        s, self.s = self.s, 0.0
-        return s
+# ------------------------------------------------------------------------------------ the card's ceilings
+def ceilings(dev: torch.device, tiny: bool) -> dict:
+    """bf16 GEMM throughput (8192^3, or 512^3 tiny) and device copy bandwidth (bytes read + written)."""
+    n = 512 if tiny else 8192
+    dt = torch.float32 if tiny else torch.bfloat16
+    a = torch.randn(n, n, device=dev, dtype=dt)
+    b = torch.randn(n, n, device=dev, dtype=dt)
+    for _ in range(3):
+        a @ b
+    with Timer(dev) as t:
+        for _ in range(10):
+            a @ b
+    flops = 2 * n**3 * 10 / t.s
+    x = torch.empty(2**28 if not tiny else 2**22, dtype=torch.float32, device=dev)  # 1 GiB
+    y = torch.empty_like(x)
+    for _ in range(2):
+        y.copy_(x)
+    with Timer(dev) as t:
+        for _ in range(10):
+            y.copy_(x)
+    bw = 2 * x.numel() * 4 * 10 / t.s
+    del a, b, x, y
+    free_memory()
+    return dict(matmul_flop_per_s=flops, copy_bytes_per_s=bw)
 
 
-def build_engine(tiny: bool, backend: str) -> Any:
-    from transformers import LlamaConfig
+def floor_seconds(mc: Any, q_positions: list[int], context_len: int, ceil: dict, num_seqs: int = 1) -> dict:
+    """Roofline of one forward of tokens at `q_positions` over `context_len` cached tokens (+ themselves):
+    max(FLOPs / GEMM throughput, bytes / copy bandwidth). FLOPs: 2 x non-embedding params per token
+    + causal attention 4 x (pos + 1) x Hq x D per token and layer + one lm_head row. Bytes: weights
+    (non-embedding + lm_head, bf16) + the K/V of every token read once per sequence (`num_seqs`
+    sequences of `context_len` tokens: a decode batch reads each sequence's KV, shared pages too)."""
+    h, d, hq, hkv, nl = mc.hidden_size, mc.head_dim, mc.num_q_heads, mc.num_kv_heads, mc.num_layers
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * mc.intermediate_size
+    params = nl * per_layer
+    n = len(q_positions)
+    attn = 4 * hq * d * nl * sum(p + 1 for p in q_positions)
+    flops = 2 * params * n + attn + 2 * h * mc.vocab_size
+    total = max(context_len, max(q_positions) + 1 if q_positions else 0)
+    nbytes = 2 * (params + h * mc.vocab_size) + num_seqs * total * nl * hkv * d * 2 * 2
+    t_flop, t_byte = flops / ceil["matmul_flop_per_s"], nbytes / ceil["copy_bytes_per_s"]
+    bound = "flops" if t_flop > t_byte else "bytes"
+    return dict(floor_s=max(t_flop, t_byte), floor_flops=flops, floor_bytes=nbytes, floor_bound=bound)
 
-    from redknot_rag.config import ModelConfig
-    from redknot_rag.kernels.testing import random_weights
 
-    dev = "cpu" if tiny else "cuda"
+# ------------------------------------------------------------------------------------ engine + HF
+def build(tiny: bool, backend: str, dev: torch.device) -> tuple[Any, Any]:
+    """transformers model (random init on the device) and our engine over the same weight tensors."""
     dtype = torch.float32 if tiny else torch.bfloat16
-    mc = ModelConfig.from_hf(LlamaConfig(**shape(LLAMA3_8B, tiny), eos_token_id=None, bos_token_id=None))
-    torch.manual_seed(0)
-    weights = random_weights(mc, dtype, dev)
+    hf = hf_random_model("llama", shape(LLAMA3_8B, tiny), dtype, str(dev))
+    weights = dict(hf.state_dict().items())
     engine = engine_from_weights(
-        mc, weights, "random-llama3-8b", device=dev, dtype=str(dtype).replace("torch.", ""),
-        attention_backend=backend, max_prefill_tokens=8192 if not tiny else 512, cpu_kv_gib=0.5,
+        hf.config, weights, "random-llama3-8b", device=str(dev), dtype=str(dtype).replace("torch.", ""),
+        attention_backend=backend, max_prefill_tokens=8192 if not tiny else 512, cpu_kv_gib=0.5, mem_fraction=0.7,
     )  # fmt: skip
     del weights
     free_memory()
-    return engine
+    return hf, engine
 
 
 def ingest(engine: Any, anchor: list[int], chunks: list[list[int]], group: int) -> tuple[Any, list[Any]]:
@@ -111,110 +129,229 @@ def ingest(engine: Any, anchor: list[int], chunks: list[list[int]], group: int) 
     return pf.anchor, segs
 
 
-def query(engine: Any, policy: Any, inp: Any, plans: PlanTimer) -> dict:
-    """One RAG query under `policy` (mirrors `_SelectivePolicy.assemble` with timers); returns seconds per phase."""
-    from redknot_rag.request import ReusedContext
-    from redknot_rag.reuse import FullPolicy, NaivePolicy, recompute, relocate
+@torch.inference_mode()
+def hf_full(hf: Any, ids: list[int]) -> float:
+    from transformers import DynamicCache
+
+    x = torch.tensor([ids], device=hf.device)
+    with Timer(hf.device) as t:
+        out = hf(input_ids=x, past_key_values=DynamicCache(config=hf.config), use_cache=True, logits_to_keep=1)
+        out.logits[:, -1].argmax(-1).item()
+    return t.s
+
+
+@torch.inference_mode()
+def hf_cache(hf: Any, ids: list[int]) -> Any:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf.config)
+    hf(input_ids=torch.tensor([ids], device=hf.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+@torch.inference_mode()
+def hf_cached_forward(hf: Any, cache: Any, ctx_len: int, n: int, vocab: int) -> float:
+    """A plain transformers forward of n new tokens over the cached context (then cropped back)."""
+    x = torch.randint(100, vocab - 1, (1, n), device=hf.device)
+    with Timer(hf.device) as t:
+        out = hf(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out.logits[:, -1].argmax(-1).item()
+    cache.crop(-n)  # drop the n new tokens (negative: "remove n", in every transformers version)
+    del ctx_len
+    return t.s
+
+
+# ------------------------------------------------------------------------------------ policies
+def select_tokens(
+    engine: Any, name: str, inp: Any, kv: Any, ratio: float, head_tokens: int, layers: list[int]
+) -> torch.Tensor:
+    """Context token indices to recompute (host int64, ascending). "epic": the first `head_tokens` of
+    every chunk. "redknot": those plus the top `ratio` of chunk tokens by the question's attention mass
+    on `layers` (a probe pass through the first max(layers) + 1 layers on the engine's backend;
+    every head global: random weights have no head profile)."""
+    from redknot_rag.probe import ProbeBackend
+
+    spans = inp.chunk_spans()
+    first = torch.cat([torch.arange(s, min(e, s + head_tokens)) for s, e in spans])
+    if name == "epic":
+        return first
+    n_ctx = kv.num_tokens
+    n = int(round(ratio * (n_ctx - len(inp.anchor_ids))))
+    q = inp.question_ids
+    r = engine.runner
+    probe = ProbeBackend(r.model_config, r.pool, r.rotary, inner=r.backend, layers=layers)
+    try:
+        r.append_forward(kv, q, torch.arange(n_ctx, n_ctx + len(q)), backend=probe, num_layers=max(layers) + 1)
+    finally:
+        r.truncate(kv, n_ctx)
+    mass = torch.stack(probe.attn)  # [len(layers), Hkv, T]
+    mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-9)
+    score = mass.sum((0, 1))  # [T]
+    score[: len(inp.anchor_ids)] = -1.0
+    top = score.topk(n).indices.cpu()
+    return torch.unique(torch.cat([top, first]))
+
+
+def one_forward(engine: Any, kv: Any, ctx: list[int], idx: torch.Tensor, question: list[int]) -> int:
+    """Recompute context tokens `idx` (copy-on-write slots) and prefill the question in ONE forward;
+    returns the first token (argmax)."""
+    from redknot_rag.batch import ForwardBatch
+
+    r = engine.runner
+    n_ctx = kv.num_tokens
+    parts = []
+    if idx.numel():
+        parts.append(r.override(kv, idx))
+    q_pos = torch.arange(n_ctx, n_ctx + len(question))
+    parts.append(r.append(kv, q_pos))
+    new_slots = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    ids = torch.tensor([ctx[i] for i in idx.tolist()] + question, dtype=torch.int64)
+    pos = torch.cat([idx, q_pos])
+    n = int(pos.shape[0])
+    batch = ForwardBatch(ids, pos, [kv.slice(0, n, new_slots)], torch.tensor([n - 1]))
+    return int(r.forward(batch).argmax(-1).item())
+
+
+def query(engine: Any, name: str, inp: Any, args: Any) -> dict:
+    """One RAG query under policy `name` ("full" | "naive" | "epic:k" | "redknot:ratio"); seconds per phase."""
+    from redknot_rag.reuse import relocate
     from redknot_rag.sampling import SamplingParams
 
     dev = engine.runner.device
-    ctx = inp.context_ids
-    prompt = ctx + inp.question_ids
-    out: dict[str, Any] = dict(load_s=0.0, select_s=0.0, recompute_s=0.0, recomputed_tokens=0)
-    plans.take()
-    kv = None
+    out: dict[str, Any] = dict(load_s=0.0, select_s=0.0, recomputed_tokens=0)
     sync(dev)
     t0 = time.perf_counter()
-    if not isinstance(policy, FullPolicy):
-        vis = None if isinstance(policy, NaivePolicy) else policy.visibility(engine.runner, inp)
+    if name == "full":
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        req = engine.make_request(inp.context_ids + inp.question_ids, params)
         with Timer(dev) as t:
-            kv = relocate(engine.runner, inp, vis)
-        out["load_s"] = t.s
-        out["load_plan_s"] = plans.take()
-        if not isinstance(policy, NaivePolicy):
-            with Timer(dev) as t:
-                idx = torch.unique(policy.select(engine.runner, inp, kv).to(torch.int64))
-            out["select_s"] = t.s
-            with Timer(dev) as t:
-                recompute(engine.runner, kv, ctx, idx)
-            out["recompute_s"] = t.s
-            out["recompute_plan_s"] = plans.take()
-            out["recompute_path"] = _path(engine)
-            out["recomputed_tokens"] = int(idx.numel())
-    req = engine.make_request(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
-    if kv is not None:
-        n_ctx = kv.num_tokens
-        reused = n_ctx - len(inp.anchor_ids) - out["recomputed_tokens"]
-        req.reuse = ReusedContext(kv, n_ctx, reused, out["recomputed_tokens"], type(policy).__name__)
-    with Timer(dev) as t:
-        engine.submit(req)
-        while not req.output_ids:
+            engine.submit(req)
+            while not req.output_ids:
+                engine.step()
+        out["forward_s"] = t.s
+        out["ttft_s"] = time.perf_counter() - t0
+        out["path"] = engine.runner.backend.path
+        while not req.is_finished:
             engine.step()
-    out["question_s"] = t.s
-    out["question_plan_s"] = plans.take()
-    out["question_path"] = _path(engine)
-    out["ttft_s"] = time.perf_counter() - t0
-    while not req.is_finished:
-        engine.step()
-    out["plan_s"] = out.get("load_plan_s", 0.0) + out.get("recompute_plan_s", 0.0) + out["question_plan_s"]
-    return out
-
-
-def plan_microbench(engine: Any, inp: Any) -> dict:
-    """Host work of one question prefill over the largest context: relocation (slot tables), and the
-    Triton plan built on the device (as shipped) vs on the host (the same ops on CPU tensors, i.e.
-    the pre-fix code path without its upload)."""
-    from redknot_rag.batch import ForwardBatch, SeqSlice
-    from redknot_rag.kernels.flashinfer_backend import build_page_tables, is_contiguous_layout
-    from redknot_rag.kernels.seg_meta import build_plan
-    from redknot_rag.reuse import relocate
-
-    mc, dev = engine.model_config, engine.runner.device
-    out: dict[str, Any] = dict(context_tokens=len(inp.context_ids))
+        out["q_positions"] = list(range(len(inp.context_ids) + len(inp.question_ids)))
+        return out
+    base, _, arg = name.partition(":")
     with Timer(dev) as t:
         kv = relocate(engine.runner, inp)
-    out["relocate_s"] = t.s
+    out["load_s"] = t.s
     try:
-        n = kv.num_tokens
-        pos = torch.arange(n, n + len(inp.question_ids))
-        slots = engine.runner.append(kv, pos)
-        batch = ForwardBatch(torch.tensor(inp.question_ids), pos, [SeqSlice(kv, 0, len(pos), slots)], torch.tensor([0]))
-        for where in (dev, torch.device("cpu")):
-            times = []
-            for _ in range(3):
-                with Timer(dev) as t:
-                    build_plan(batch, mc.num_layers, mc.num_kv_heads, where)
-                times.append(t.s)
-            out[f"build_plan_{where.type}_s"] = min(times)
+        idx = torch.zeros(0, dtype=torch.int64)
+        if base != "naive":
+            with Timer(dev) as t:
+                if base == "epic":
+                    idx = select_tokens(engine, "epic", inp, kv, 0.0, int(arg or 16), [])
+                else:
+                    idx = select_tokens(engine, "redknot", inp, kv, float(arg or 0.1), 4, args.probe_layers)
+            out["select_s"] = t.s
         with Timer(dev) as t:
-            ok = is_contiguous_layout(batch, engine.config.page_size)
-            build_page_tables(batch, engine.config.page_size)
-        out["flashinfer_page_tables_s"], out["flashinfer_layout_ok"] = t.s, ok
+            one_forward(engine, kv, inp.context_ids, idx, inp.question_ids)
+        out["forward_s"] = t.s
+        out["ttft_s"] = time.perf_counter() - t0
+        out["path"] = engine.runner.backend.path
+        out["recomputed_tokens"] = int(idx.numel())
+        n_ctx = len(inp.context_ids)
+        out["q_positions"] = idx.tolist() + list(range(n_ctx, n_ctx + len(inp.question_ids)))
     finally:
         engine.runner.release(kv)
     return out
 
 
-def _path(engine: Any) -> str:
-    be = engine.runner.backend
-    if be.name == "flashinfer":
-        return "triton" if be.use_triton else "flashinfer"
-    return be.name
+# ------------------------------------------------------------------------------------ decode at long context
+def decode_part(engine: Any, inp: Any, ceil: dict, batches: list[int], steps: int, use_graphs: bool) -> list[dict]:
+    """Decode step time at the scenario's context: `batch` reused sequences (relocated chunks) or
+    freshly prefilled ones; eager and with the DecodeGraphRunner hook."""
+    from redknot_rag.request import ReusedContext
+    from redknot_rag.reuse import relocate
+    from redknot_rag.sampling import SamplingParams
 
-
-def policies(engine: Any, window: int) -> list[tuple[str, Any]]:
-    from redknot_rag.reuse import EpicPolicy, FullPolicy, NaivePolicy, RedKnotPolicy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from run import GraphDecodeModel  # bench/engine/run.py
 
     mc = engine.model_config
-    return [
-        ("full", FullPolicy()),
-        ("naive", NaivePolicy()),
-        ("epic:16", EpicPolicy(16)),
-        ("redknot (no profile, all global)", RedKnotPolicy(profile=None, ratio=0.1)),
-        ("redknot r=0.02 (no profile)", RedKnotPolicy(profile=None, ratio=0.02, head_tokens=2)),
-        ("redknot (synthetic 25% global)",
-         RedKnotPolicy(synthetic_profile(mc.num_layers, mc.num_kv_heads, window), ratio=0.1)),
-    ]  # fmt: skip
+    prompt = inp.context_ids + inp.question_ids
+    rows = []
+    model = engine.runner.model
+    runner = None
+    if use_graphs:
+        from redknot_rag.kernels.cuda_graph import DecodeGraphRunner
+
+        cap = max(batches) * mc.num_kv_heads * (len(prompt) + steps + 64)
+        runner = DecodeGraphRunner(model, engine.runner.backend, max_kv_tokens=cap, batch_sizes=tuple(batches))
+        runner.capture()
+    for kind in ("reused", "fresh"):
+        for b in batches:
+            for mode in ("eager", "graph") if runner is not None else ("eager",):
+                params = SamplingParams(
+                    max_new_tokens=steps + b + 4, ignore_eos=True
+                )  # early ones decode while others prefill
+                reqs = []
+                for _ in range(b):
+                    if kind == "reused":
+                        kv = relocate(engine.runner, inp)
+                        n = kv.num_tokens
+                        req = engine.make_request(prompt, params)
+                        req.reuse = ReusedContext(kv, n, n - len(inp.anchor_ids), 0, "naive")
+                    else:
+                        req = engine.make_request(prompt, params)
+                    reqs.append(engine.submit(req))
+                while not all(r.output_ids for r in reqs):
+                    engine.step()
+                hook = GraphDecodeModel(model, runner) if mode == "graph" else None
+                if hook is not None:
+                    engine.runner.model = hook
+                times = []
+                try:
+                    for _ in range(steps):
+                        with Timer(engine.runner.device) as t:
+                            st = engine.step()
+                        assert st.num_decode == b
+                        times.append(t.s)
+                finally:
+                    engine.runner.model = model
+                while not all(r.is_finished for r in reqs):
+                    engine.step()
+                ctx = len(prompt)
+                floor = floor_seconds(mc, [ctx] * b, ctx, ceil, num_seqs=b)["floor_s"]
+                step = statistics.median(times)
+                row = dict(kind=kind, batch=b, mode=mode, context_tokens=ctx, step_s=step, floor_s=floor,
+                           vs_floor=step / floor, replays=getattr(hook, "replays", 0))  # fmt: skip
+                rows.append(row)
+                log("decode", row)
+    return rows
+
+
+def profile(engine: Any, inp: Any, small: Any, args: Any) -> str:
+    """cProfile of relocation at the large context; torch.profiler of a naive query (large) and
+    a full prefill and a redknot query (small), top ops by device time."""
+    import cProfile
+    import io
+    import pstats
+
+    from redknot_rag.reuse import relocate
+
+    out = io.StringIO()
+    pr = cProfile.Profile()
+    pr.enable()
+    kv = relocate(engine.runner, inp)
+    sync(engine.runner.device)
+    pr.disable()
+    engine.runner.release(kv)
+    pstats.Stats(pr, stream=out).sort_stats("cumulative").print_stats(18)
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+
+    for label, name, which in (("naive, large", "naive", inp), ("full, small", "full", small),
+                               ("redknot:0.1, large", "redknot:0.1", inp)):  # fmt: skip
+        with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r = query(engine, name, which, args)
+        out.write(f"\n==== {label}: ttft {r['ttft_s'] * 1e3:.1f} ms\n")
+        out.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    return out.getvalue()
 
 
 def main() -> None:
@@ -223,7 +360,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--budget-s", type=float, default=150.0)
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--probe-layers", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3])
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="write profile_<card>.txt (where the time goes)")
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     if args.plot:
@@ -234,20 +375,27 @@ def main() -> None:
     dev = torch.device("cpu" if tiny else "cuda")
     backends = available_backends(dev)
     backend = args.backend or backends[0]
-    chunk_len, q_len, anchor_len, window = (32, 8, 32, 16) if tiny else (512, 64, 32, 256)
+    chunk_len, q_len, anchor_len = (32, 8, 32) if tiny else (512, 64, 32)
     scenarios = [4, 16] if tiny else [8, 64]
-    engine = build_engine(tiny, backend)
-    mc = engine.model_config
-    plans = PlanTimer(engine.runner.backend, dev)
-    data: dict[str, Any] = dict(
-        card=card(), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (tiny)",
-        torch=torch.__version__, backend=backend, tiny=tiny, chunk_tokens=chunk_len, question_tokens=q_len,
-        anchor_tokens=anchor_len, local_window=window, redknot_ratio=0.1, page_size=engine.config.page_size,
-        pool_gib=engine.runner.pool.num_bytes / 2**30, scenarios=[], notes=[],
-    )  # fmt: skip
+    try:
+        from redknot_rag.rag import DEFAULT_POLICY
+    except ImportError:  # the GPU machine may lack the RAG service's dependencies
+        DEFAULT_POLICY = "redknot"
+    default_policy = DEFAULT_POLICY if ":" in DEFAULT_POLICY else DEFAULT_POLICY + ":0.1"
+    pols = ["full", "naive", "epic:16", default_policy, "redknot:0.05", "redknot:0.02"]
     out_dir = Path(args.out or os.environ.get("OUT") or HERE)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"results_rag_{card()}{'_tiny' if tiny else ''}.json"
+    ceil = ceilings(dev, tiny)
+    log("ceilings", ceil)
+    hf, engine = build(tiny, backend, dev)
+    mc = engine.model_config
+    data: dict[str, Any] = dict(
+        card=card(), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (tiny)",
+        torch=torch.__version__, backend=backend, tiny=tiny, chunk_tokens=chunk_len, question_tokens=q_len,
+        anchor_tokens=anchor_len, page_size=engine.config.page_size, pool_gib=engine.runner.pool.num_bytes / 2**30,
+        probe_layers=args.probe_layers, default_policy=default_policy, ceilings=ceil, scenarios=[], notes=[],
+    )  # fmt: skip
 
     def save() -> None:
         path.write_text(json.dumps(data, indent=1))
@@ -264,46 +412,72 @@ def main() -> None:
     with Timer(dev) as t:
         anchor_seg, segs = ingest(engine, anchor, chunks, group=8)
     data["ingest_s"] = t.s
-    data["ingest_plan_s"] = plans.take()
     log(f"ingested {len(chunks)} chunks in {t.s:.2f} s")
-    # whole-prompt prefill in one step, as transformers and the engine bench do (scheduling only)
     engine.config = replace(engine.config, max_prefill_tokens=anchor_len + max(scenarios) * chunk_len + q_len + 64)
 
     from redknot_rag.reuse import ReuseInput
 
-    pols = policies(engine, window)
     warm = ReuseInput(anchor, anchor_seg, chunks[: scenarios[0]], segs[: scenarios[0]], question)
     with Timer(dev) as t:
-        for _, p in pols:  # warm up every path (kernel JIT) at the small size
-            query(engine, p, warm, plans)
+        for p in pols:  # warm up every path (kernel JIT) at the small size
+            query(engine, p, warm, args)
+        hf_full(hf, warm.context_ids + question)
     data["warmup_s"] = t.s
+    log(f"warm-up {t.s:.1f} s")
     free_pages = engine.runner.allocator.num_free
     for k in scenarios:
         inp = ReuseInput(anchor, anchor_seg, chunks[:k], segs[:k], question)
-        sc: dict[str, Any] = dict(chunks=k, context_tokens=len(inp.context_ids), policies={})
+        n_ctx = len(inp.context_ids)
+        prompt = inp.context_ids + question
+        sc: dict[str, Any] = dict(chunks=k, context_tokens=n_ctx, policies={})
         data["scenarios"].append(sc)
-        for name, p in pols:
+        sc["hf_full_s"] = min(hf_full(hf, prompt) for _ in range(2))
+        log(k, "hf full", sc["hf_full_s"])
+        cache = hf_cache(hf, inp.context_ids)
+        for name in pols:
             if time.time() - start > args.budget_s:
                 data["notes"].append(f"{k} chunks, {name}: skipped (time budget)")
                 continue
-            runs = [query(engine, p, inp, plans) for _ in range(args.reps)]
-            best = min(runs, key=lambda r: r["ttft_s"])
+            runs = [query(engine, name, inp, args) for _ in range(args.reps)]
+            best = dict(runs[0])
+            qp = best.pop("q_positions")
+            for key in ("ttft_s", "load_s", "select_s", "forward_s"):
+                best[key.replace("_s", "_median_s")] = statistics.median(r[key] for r in runs)
             best["ttft_all_s"] = [r["ttft_s"] for r in runs]
-            best["ttft_median_s"] = statistics.median(best["ttft_all_s"])
+            best.update(floor_seconds(mc, qp, n_ctx, ceil))
+            best["ttft_vs_floor"] = best["ttft_median_s"] / best["floor_s"]
+            if name != "full":
+                n_new = best["recomputed_tokens"] + len(question)
+                best["hf_cached_s"] = min(hf_cached_forward(hf, cache, n_ctx, n_new, vocab) for _ in range(2))
             sc["policies"][name] = best
             shown = {a: (round(b, 4) if isinstance(b, float) else b) for a, b in best.items() if a != "ttft_all_s"}
             log(k, name, shown)
             assert engine.runner.allocator.num_free == free_pages, "pages leaked"
+        del cache
+        free_memory()
         full = sc["policies"].get("full")
         for r in sc["policies"].values():
+            r["speedup_vs_hf_full"] = sc["hf_full_s"] / r["ttft_median_s"]
             if full:
-                r["speedup_vs_full"] = full["ttft_s"] / r["ttft_s"]
+                r["speedup_vs_full"] = full["ttft_median_s"] / r["ttft_median_s"]
         save()
-    try:
-        data["host_planning"] = plan_microbench(engine, ReuseInput(anchor, anchor_seg, chunks, segs, question))
-        log("host planning", data["host_planning"])
-    except Exception as e:
-        data["notes"].append(f"host planning microbench failed: {type(e).__name__}: {e}")
+    if args.profile:
+        try:
+            inp = ReuseInput(anchor, anchor_seg, chunks[: max(scenarios)], segs[: max(scenarios)], question)
+            small = ReuseInput(anchor, anchor_seg, chunks[: scenarios[0]], segs[: scenarios[0]], question)
+            (out_dir / f"profile_{card()}.txt").write_text(profile(engine, inp, small, args))
+        except Exception as e:
+            data["notes"].append(f"profile failed: {type(e).__name__}: {e}")
+    if not args.no_decode:
+        try:
+            inp = ReuseInput(anchor, anchor_seg, chunks[: max(scenarios)], segs[: max(scenarios)], question)
+            batches = [1, 8] if not tiny else [1, 2]
+            data["decode"] = decode_part(engine, inp, ceil, batches, args.decode_steps, dev.type == "cuda")
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            data["notes"].append(f"decode part failed: {type(e).__name__}: {e}")
     data["total_s"] = time.time() - start
     save()
     log("wrote", path)
@@ -322,10 +496,7 @@ def plot(path: Path) -> None:
     d = json.loads(Path(path).read_text())
     fig, axes = plt.subplots(1, len(d["scenarios"]), figsize=(6 * len(d["scenarios"]), 4.8))
     axes = axes if hasattr(axes, "__len__") else [axes]
-    parts = [
-        ("load_s", "load"), ("select_s", "select (probe)"), ("recompute_s", "recompute"),
-        ("question_s", "question prefill"),
-    ]  # fmt: skip
+    parts = [("load_median_s", "load"), ("select_median_s", "select (probe)"), ("forward_median_s", "forward")]
     for ax, sc in zip(axes, d["scenarios"]):
         names = list(sc["policies"])
         bottom = [0.0] * len(names)
@@ -333,17 +504,25 @@ def plot(path: Path) -> None:
             vals = [sc["policies"][n].get(key, 0.0) * 1e3 for n in names]
             ax.bar(range(len(names)), vals, bottom=bottom, label=label)
             bottom = [a + b for a, b in zip(bottom, vals)]
+        floors = [sc["policies"][n]["floor_s"] * 1e3 for n in names]
+        ax.scatter(range(len(names)), floors, marker="_", s=400, color="k", label="floor (roofline)", zorder=3)
+        hfc = [sc["policies"][n].get("hf_cached_s", float("nan")) * 1e3 for n in names]
+        ax.scatter(
+            range(len(names)), hfc, marker="x", color="r", label="transformers, same tokens over cache", zorder=3
+        )
+        ax.axhline(sc["hf_full_s"] * 1e3, color="gray", ls="--", lw=1, label="transformers full prefill")
         for i, n in enumerate(names):
-            sp = sc["policies"][n].get("speedup_vs_full")
-            label = f"{bottom[i]:.0f} ms" + (f"\n{sp:.1f}x" if sp else "")
+            sp = sc["policies"][n].get("speedup_vs_hf_full")
+            label = f"{bottom[i]:.0f} ms" + (f"\n{sp:.1f}x HF" if sp else "")
             ax.text(i, bottom[i], label, ha="center", va="bottom", fontsize=7)
+        ax.set_yscale("log")
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=7)
-        ax.set_ylabel("TTFT (ms)")
+        ax.set_xticklabels(names, fontsize=7)
+        ax.set_ylabel("TTFT (ms, log)")
         ax.set_title(
             f"{sc['chunks']} x {d['chunk_tokens']} chunks + {d['question_tokens']}-token question ({d['card']})"
         )
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(str(path).replace(".json", ".png"), dpi=110)
 

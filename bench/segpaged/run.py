@@ -131,8 +131,7 @@ def llama3_8b() -> Any:
 def decode_batch(cfg: Any, batch: int, ctx: int, head_aware: bool, dev: torch.device) -> tuple[Any, int]:
     """Decode batch at position ctx-1; local (layer, head) blocks get pages only for sink + window
     (their invisible middle points at page 0). Returns (ForwardBatch, pages used)."""
-    from redknot_rag.batch import ForwardBatch, SeqSlice
-    from redknot_rag.kvcache import SeqKV
+    from redknot_rag.batch import ForwardBatch, KVLayout, SeqSlice
 
     nl, hkv = cfg.num_layers, cfg.num_kv_heads
     is_global = torch.ones(nl, hkv, dtype=torch.bool)
@@ -147,16 +146,17 @@ def decode_batch(cfg: Any, batch: int, ctx: int, head_aware: bool, dev: torch.de
     next_page = 1  # page 0: where invisible tokens of local heads point
     seqs = []
     for i in range(batch):
-        kv = SeqKV(nl, hkv, PS)
         ids = torch.where(need, next_page + need.flatten().cumsum(0).view_as(need) - 1, 0)  # [L, Hkv, P]
         slots = ids[:, :, t // PS] * PS + t % PS  # [L, Hkv, T]
         next_page += int(need.sum())
-        kv.slots = slots
-        kv.positions = t.clone()
-        kv.num_tokens = ctx
-        if head_aware:
-            kv.visible = is_global[:, :, None] | vis_local[None, None, :]  # [L, Hkv, T]
-        seqs.append(SeqSlice(kv=kv, q_start=i, q_len=1, new_slots=slots[:, :, -1:].clone()))
+        vis = is_global[:, :, None] | vis_local[None, None, :] if head_aware else None  # [L, Hkv, T]
+        seqs.append(
+            SeqSlice(
+                q_start=i, q_len=1, new_slots=slots[:, :, -1:].clone().to(dev), kv_slots=slots.to(dev),
+                kv_pos=t.to(dev), kv_visible=None if vis is None else vis.to(dev),
+                layout=KVLayout(ctx, pos_is_index=True, page_aligned=False, all_visible=vis is None),
+            )
+        )  # fmt: skip
     fb = ForwardBatch(
         input_ids=torch.randint(0, cfg.vocab_size, (batch,)),
         positions=torch.full((batch,), ctx - 1, dtype=torch.int64),

@@ -47,7 +47,7 @@ class ChunkPrefiller:
                 kvs.append(kv)
                 self.attach_anchor(kv)
                 p = torch.arange(a, a + len(c))
-                slices.append(SeqSlice(kv, len(ids), len(c), r.append(kv, p)))
+                slices.append(kv.slice(len(ids), len(c), r.append(kv, p)))
                 ids.extend(c)
                 pos.append(p)
             r.forward(ForwardBatch(torch.tensor(ids), torch.cat(pos), slices, torch.zeros(0, dtype=torch.int64)))
