@@ -80,6 +80,24 @@ class Inside:
 
 
 @dataclass
+class Prefix:
+    """Part A of inside queries over rotated contiguous K/V (the alternative to pre-rotated q): per
+    layer the backend gathers each listed slice's K (rotated once, at kv positions) and V into buffers
+    `[buf_len, Hkv, D]` (slice `i` at rows `offsets[i]`..), and runs one non-causal request per block
+    over rows [offset, offset + b) with native GQA heads and no in-kernel RoPE; q is rotated at its
+    true position. `slices` `[(slice index, offset, T)]`; `qo_indptr`, `kv_indptr` `[R + 1]` int32 host;
+    `indices` `[nnz]` int32 device (buffer rows); `q_rows`, `q_pos` `[nq]` int64 device."""
+
+    slices: list[tuple[int, int, int]]
+    buf_len: int
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    indices: torch.Tensor
+    q_rows: torch.Tensor
+    q_pos: torch.Tensor
+
+
+@dataclass
 class FIPlan:
     """The whole batch: which path each token takes. `units` `[L, M]` int32 (device): every slice's kv
     units concatenated, slice-major then head then unit; `slot_units` `[L, Ms]` int64: the same in slots
@@ -91,6 +109,7 @@ class FIPlan:
     causal: Requests | None
     full: Requests | None
     inside: Inside | None
+    prefix: Prefix | None
     fresh: list[tuple[int, slice]]
     is_decode: bool
 
@@ -117,10 +136,10 @@ def plan_batch(
     for s in seqs:
         qp = positions[s.q_start : s.q_start + s.q_len]
         t = s.num_kv
-        fresh = fresh_ok and s.q_len == t and s.q_len > 1
-        r = s.q_len if fresh else tail_len(qp, t)
+        is_fresh = fresh_ok and s.q_len == t and s.q_len > 1
+        r = s.q_len if is_fresh else tail_len(qp, t)
         has_inside |= r < s.q_len
-        kinds.append((fresh, r, qp))
+        kinds.append((is_fresh, r, qp))
     ps = page_size if (not has_inside and all(s.layout.page_aligned for s in seqs)) else 1
     # unit tables: slice-major, then head, then unit
     unit_offsets, slot_offsets = [], []
@@ -204,7 +223,40 @@ def plan_batch(
     full = requests(full_rq, torch.cat(full_rows), torch.cat(full_delta), False) if full_rq else None
     inside = _plan_inside(seqs, positions, inside_blocks, full_rows, slot_offsets, hkv, block, device)
     is_decode = not fresh and inside is None and all(s.q_len == 1 for s in seqs)
-    return FIPlan(ps, x_units, x_slots, causal, full, inside, fresh, is_decode)
+    prefix = _plan_prefix(seqs, positions, full_rq, full_rows, device) if full_rq else None
+    return FIPlan(ps, x_units, x_slots, causal, full, inside, prefix, fresh, is_decode)
+
+
+def _plan_prefix(
+    seqs: list[SeqSlice],
+    positions: torch.Tensor,
+    full_rq: list[tuple[int, int, int, int, int, int]],
+    full_rows: list[torch.Tensor],
+    device: torch.device,
+) -> Prefix:
+    offsets: dict[int, int] = {}
+    slices: list[tuple[int, int, int]] = []
+    for si, *_ in full_rq:
+        if si not in offsets:
+            offsets[si] = sum(t for _, _, t in slices)
+            slices.append((si, offsets[si], seqs[si].num_kv))
+    qo = [m for *_, m, _ in full_rq]
+    kvn = [b for *_, b in full_rq]
+    qo_indptr = torch.zeros(len(qo) + 1, dtype=torch.int32)
+    qo_indptr[1:] = torch.tensor(qo).cumsum(0)
+    kv_indptr = torch.zeros(len(kvn) + 1, dtype=torch.int32)
+    kv_indptr[1:] = torch.tensor(kvn).cumsum(0)
+    indices = torch.cat([offsets[si] + torch.arange(b) for si, *_, b in full_rq])
+    rows = torch.cat(full_rows)
+    return Prefix(
+        slices=slices,
+        buf_len=sum(t for _, _, t in slices),
+        qo_indptr=qo_indptr,
+        kv_indptr=kv_indptr,
+        indices=indices.to(device=device, dtype=torch.int32),
+        q_rows=rows.to(device),
+        q_pos=positions[rows].to(device),
+    )
 
 
 def _plan_inside(
@@ -324,5 +376,35 @@ def emulate_prefill(
         ls = torch.logsumexp(s, -1)  # [qo, g]
         p = torch.exp(s - ls[..., None]).nan_to_num(0.0)
         o[q0:q1] = torch.einsum("qgt,td->qgd", p, v)
+        lse[q0:q1] = ls / LN2
+    return o.to(q.dtype), lse
+
+
+def emulate_prefill_gqa(
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `BatchPrefillWithPagedKVCacheWrapper` computes with page size 1, no RoPE, no mask, native GQA.
+
+    q `[nq, Hq, D]` (already rotated); `k_rows`, `v_rows` `[M, Hkv, D]` (K already rotated).
+    Returns (o `[nq, Hq, D]` q.dtype, lse `[nq, Hq]` float32 base 2)."""
+    nq, hq, d = q.shape
+    hkv = k_rows.shape[1]
+    g = hq // hkv
+    o = torch.zeros(nq, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((nq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    for r in range(qo_indptr.shape[0] - 1):
+        q0, q1 = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        rows = indices[int(kv_indptr[r]) : int(kv_indptr[r + 1])].long()
+        k = k_rows[rows].float().repeat_interleave(g, dim=1)  # [T, Hq, D]
+        v = v_rows[rows].float().repeat_interleave(g, dim=1)
+        s = torch.einsum("qhd,thd->qht", q[q0:q1].float(), k) * sm_scale
+        ls = torch.logsumexp(s, -1)  # [qo, Hq]
+        o[q0:q1] = torch.einsum("qht,thd->qhd", torch.exp(s - ls[..., None]), v)
         lse[q0:q1] = ls / LN2
     return o.to(q.dtype), lse

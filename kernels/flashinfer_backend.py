@@ -28,7 +28,7 @@ from redknot_rag.config import ModelConfig
 from redknot_rag.kvcache import KVPool
 from redknot_rag.rope import Rotary
 
-from .fi_plan import LN2, FIPlan, Requests, emulate_prefill, plan_batch
+from .fi_plan import LN2, FIPlan, Requests, emulate_prefill, emulate_prefill_gqa, plan_batch
 from .kv_write import write_kv_pages
 from .paged_attention import merge_states, rope_tables, seg_paged_attention
 from .triton_backend import TritonBackend
@@ -121,7 +121,7 @@ class FlashInferBackend(AttentionBackend):
     """
 
     # Positions per block of inside queries: part A (FlashInfer) reads the prefix once per block, part B
-    # (Triton) reads at most `block` keys per query. None: about 8 blocks over the longest sequence
+    # (Triton) reads at most `block` keys per query. None: about 16 blocks over the longest sequence
     # (a multiple of 512), which keeps part A's prefix re-reads and part B's share both small.
     block: int | None = None
 
@@ -138,6 +138,9 @@ class FlashInferBackend(AttentionBackend):
         self.indices: torch.Tensor | None = None  # graph mode: [L, nnz] device int32
         self.new_slots: torch.Tensor | None = None  # [L, Hkv, N] device int32
         self.fresh_sdpa = True
+        # part A of inside queries: "rotated" (K rotated once per layer into a contiguous buffer, no
+        # in-kernel RoPE, native GQA) or "pre-rotated-q" (pool pages, in-kernel RoPE, q pre-rotated)
+        self.part_a = "rotated"
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bufs: dict[str, torch.Tensor] = {}
         if emulate:
@@ -152,6 +155,7 @@ class FlashInferBackend(AttentionBackend):
         self.decode = self.eager_decode  # the CUDA-graph runner swaps in its fixed-size wrappers
         self.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.prefill_full = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self.prefill_rot = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         for w in (self.eager_decode, self.prefill, self.prefill_full):
             if not hasattr(w, "_paged_kv_indices_buf"):
                 raise RuntimeError("unsupported flashinfer version: wrapper lacks _paged_kv_indices_buf")
@@ -192,9 +196,10 @@ class FlashInferBackend(AttentionBackend):
         block = self.block
         if block is None:
             longest = max(s.num_kv for s in batch.seqs)
-            block = max(512, -(-longest // (8 * 512)) * 512)
+            block = max(512, -(-longest // (16 * 512)) * 512)
         p = plan_batch(batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa)
         self.plan_fi = p
+        self._seqs = batch.seqs
         self.q_pos = batch.positions.to(dev, non_blocking=True)
         self.new_slots = batch.new_slots().to(dev, torch.int32).contiguous()
         if p.fresh:  # cos/sin of the step's rows, once per step (not per layer): [N, 1, D]
@@ -205,8 +210,21 @@ class FlashInferBackend(AttentionBackend):
             mx = int(p.inside.kv_pos.max()) if p.inside.kv_pos.numel() else 0
             if mx >= self.triton.cos.shape[0]:
                 self.triton.cos, self.triton.sin = rope_tables(self.triton.inv_freq, 2 * mx + 1, self.pool.dtype)
+        pre = p.prefix if self.part_a == "rotated" else None
+        if pre is not None:
+            hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+            self._kbuf = torch.empty(pre.buf_len, hkv, d, dtype=self.pool.dtype, device=dev)
+            self._vbuf = torch.empty_like(self._kbuf)
+            if not self.emulate:
+                self.prefill_rot.plan(
+                    pre.qo_indptr.to(dev), pre.kv_indptr.to(dev), pre.indices,
+                    torch.ones(pre.qo_indptr.shape[0] - 1, dtype=torch.int32, device=dev),
+                    num_qo_heads=self.cfg.num_q_heads, num_kv_heads=hkv, head_dim_qk=d, page_size=1,
+                    causal=False, pos_encoding_mode="NONE", q_data_type=self.pool.dtype,
+                    kv_data_type=self.pool.dtype, sm_scale=d**-0.5,
+                )  # fmt: skip
         for name, rq in (("causal", p.causal), ("full", p.full)):
-            if rq is None:
+            if rq is None or (name == "full" and pre is not None):
                 continue
             buf = torch.index_select(p.units[0], 0, rq.gather)  # layer 0; run() refills per layer
             self._bufs[name] = buf
@@ -323,7 +341,11 @@ class FlashInferBackend(AttentionBackend):
                 self.cfg.num_kv_groups,
             )  # fmt: skip
             if p.full is not None:
-                o_a, lse_a = self._requests(layer, q, p.full, "full", True)
+                lse_a: torch.Tensor | None
+                if self.part_a == "rotated":
+                    o_a, lse_a = self._prefix(layer, q)
+                else:
+                    o_a, lse_a = self._requests(layer, q, p.full, "full", True)
                 assert lse_a is not None
                 sel = ins.part_a
                 ai = ins.a_index[sel]
@@ -331,6 +353,24 @@ class FlashInferBackend(AttentionBackend):
                 o_b[sel] = o_m
             out[ins.q_rows] = o_b
         return out
+
+    def _prefix(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Part A over rotated contiguous K/V (`fi_plan.Prefix`): out `[nq, Hq, D]`, lse `[nq, Hq]` natural."""
+        p = self.plan_fi
+        assert p is not None and p.prefix is not None
+        pre, rot, d = p.prefix, self.rotary.for_layer(layer), self.cfg.head_dim
+        for si, off, t in pre.slices:  # K rotated once per layer (not per query tile), V made contiguous
+            slots = self._seqs[si].kv_slots[layer]  # [Hkv, T]
+            self._kbuf[off : off + t] = rot.apply(self.pool.k_slots[slots], self._seqs[si].kv_pos).transpose(0, 1)
+            self._vbuf[off : off + t] = self.pool.v_slots[slots].transpose(0, 1)
+        qa = rot.apply(q[pre.q_rows].transpose(0, 1), pre.q_pos).transpose(0, 1).contiguous()  # [nq, Hq, D]
+        if self.emulate:
+            o, lse = emulate_prefill_gqa(qa, self._kbuf, self._vbuf, pre.qo_indptr, pre.kv_indptr, pre.indices, d**-0.5)
+        else:
+            hkv = self.cfg.num_kv_heads
+            kv = (self._kbuf.view(-1, 1, hkv, d), self._vbuf.view(-1, 1, hkv, d))
+            o, lse = self.prefill_rot.run(qa, kv, return_lse=True)
+        return o, lse * LN2  # base 2 -> natural
 
     def _run_graph(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Decode under a CUDA graph (`DecodeGraphRunner` installed static page tables, rows (seq, head))."""

@@ -189,7 +189,7 @@ class SeqKV:
     num_layers: int
     num_kv_heads: int
     page_size: int
-    device: torch.device | str = "cpu"
+    device: torch.device = torch.device("cpu")  # a str is accepted and converted
     slots: torch.Tensor = field(init=False)
     positions: torch.Tensor = field(init=False)
     visible: torch.Tensor | None = field(init=False, default=None)
@@ -204,7 +204,7 @@ class SeqKV:
     _tail_page: torch.Tensor | None = field(init=False, default=None)  # [L, Hkv] device: last private page
 
     def __post_init__(self) -> None:
-        self.device = torch.device(self.device)
+        self.device = torch.device(self.device)  # callers may pass "cuda"
         self.slots = torch.zeros(self.num_layers, self.num_kv_heads, 64, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(64, dtype=torch.int64, device=self.device)
 

@@ -24,11 +24,12 @@ from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
 
 
-def _compare(cfg, pool, batch, block=8, atol=1e-4):
+def _compare(cfg, pool, batch, block=8, atol=1e-4, part_a="rotated"):
     rot = Rotary(cfg, "cpu")
     ref = TorchBackend(cfg, pool, rot)
     be = FlashInferBackend(cfg, pool, rot, emulate=True)
     be.block = block
+    be.part_a = part_a
     be.plan(batch)
     ref.plan(batch)
     n = batch.num_tokens
@@ -86,10 +87,11 @@ def test_gaps_and_local_heads_fall_back_to_triton():
         ([8, 21, 13], [], 6),  # question after relocation (slot units: partial pages)
     ],
 )
-def test_recompute_inside_queries_and_question_in_one_forward(segments, recompute, question):
+@pytest.mark.parametrize("part_a", ["rotated", "pre-rotated-q"])
+def test_recompute_inside_queries_and_question_in_one_forward(segments, recompute, question, part_a):
     cfg, pool, alloc = _setup()
     batch = reuse_batch(cfg, pool, alloc, segments, recompute, question)
-    be = _compare(cfg, pool, batch, block=8)
+    be = _compare(cfg, pool, batch, block=8, part_a=part_a)
     p = be.plan_fi
     assert p is not None and p.page_size == 1
     ctx = sum(segments)
@@ -122,7 +124,7 @@ def test_plan_requests_cover_prefixes():
 BF16_ATOL = 3e-2
 
 
-def _compare_gpu(specs_or_batch, page_size=16, block=64):
+def _compare_gpu(specs_or_batch, page_size=16, block=64, part_a="rotated"):
     cfg = tiny_config(head_dim=128, group=4, num_kv_heads=2, num_layers=2)
     pool = random_pool(cfg, 6000, page_size, torch.bfloat16, "cuda")
     alloc = PageAllocator(6000)
@@ -131,6 +133,7 @@ def _compare_gpu(specs_or_batch, page_size=16, block=64):
     ref = TorchBackend(cfg, pool, rot)
     be = FlashInferBackend(cfg, pool, rot)
     be.block = block
+    be.part_a = part_a
     be.plan(batch)
     ref.plan(batch)
     n = batch.num_tokens
@@ -157,8 +160,9 @@ def _compare_gpu(specs_or_batch, page_size=16, block=64):
         ([32, 512, 512], [], 64),  # question after relocation, aligned (page units)
     ],
 )
-def test_gpu_flashinfer_reuse_paths(segments, recompute, question):
-    be = _compare_gpu(lambda c, p, a: reuse_batch(c, p, a, segments, recompute, question))
+@pytest.mark.parametrize("part_a", ["rotated", "pre-rotated-q"])
+def test_gpu_flashinfer_reuse_paths(segments, recompute, question, part_a):
+    be = _compare_gpu(lambda c, p, a: reuse_batch(c, p, a, segments, recompute, question), part_a=part_a)
     assert "flashinfer" in be.path
     assert ("triton-inside" in be.path) == bool(recompute and recompute != list(range(32, 1056)))
 

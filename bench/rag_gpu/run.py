@@ -235,7 +235,12 @@ def query(engine: Any, name: str, inp: Any, args: Any) -> dict:
             engine.step()
         out["q_positions"] = list(range(len(inp.context_ids) + len(inp.question_ids)))
         return out
-    base, _, arg = name.partition(":")
+    spec, _, variant = name.partition("@")  # "@prerot": part A of inside queries by pre-rotated q
+    base, _, arg = spec.partition(":")
+    be = engine.runner.backend
+    part_a = getattr(be, "part_a", None)
+    if variant == "prerot" and part_a is not None:
+        be.part_a = "pre-rotated-q"
     with Timer(dev) as t:
         kv = relocate(engine.runner, inp)
     out["load_s"] = t.s
@@ -258,6 +263,8 @@ def query(engine: Any, name: str, inp: Any, args: Any) -> dict:
         out["q_positions"] = idx.tolist() + list(range(n_ctx, n_ctx + len(inp.question_ids)))
     finally:
         engine.runner.release(kv)
+        if part_a is not None:
+            be.part_a = part_a
     return out
 
 
@@ -382,7 +389,7 @@ def main() -> None:
     except ImportError:  # the GPU machine may lack the RAG service's dependencies
         DEFAULT_POLICY = "redknot"
     default_policy = DEFAULT_POLICY if ":" in DEFAULT_POLICY else DEFAULT_POLICY + ":0.1"
-    pols = ["full", "naive", "epic:16", default_policy, "redknot:0.05", "redknot:0.02"]
+    pols = ["full", "naive", "epic:16", default_policy, "redknot:0.05", "redknot:0.02", default_policy + "@prerot"]
     out_dir = Path(args.out or os.environ.get("OUT") or HERE)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"results_rag_{card()}{'_tiny' if tiny else ''}.json"
