@@ -170,7 +170,7 @@ class FlashInferBackend(AttentionBackend):
             pos_encoding_mode="ROPE_LLAMA",
             q_data_type=self.pool.dtype,
             kv_data_type=self.pool.dtype,
-            sm_scale=self.cfg.head_dim**-0.5,
+            sm_scale=self.cfg.attn_scale,
             rope_scale=1.0,
             rope_theta=self.cfg.rope_theta,
         )
@@ -221,7 +221,7 @@ class FlashInferBackend(AttentionBackend):
                     torch.ones(pre.qo_indptr.shape[0] - 1, dtype=torch.int32, device=dev),
                     num_qo_heads=self.cfg.num_q_heads, num_kv_heads=hkv, head_dim_qk=d, page_size=1,
                     causal=False, pos_encoding_mode="NONE", q_data_type=self.pool.dtype,
-                    kv_data_type=self.pool.dtype, sm_scale=d**-0.5,
+                    kv_data_type=self.pool.dtype, sm_scale=self.cfg.attn_scale,
                 )  # fmt: skip
         for name, rq in (("causal", p.causal), ("full", p.full)):
             if rq is None or (name == "full" and pre is not None):
@@ -272,7 +272,7 @@ class FlashInferBackend(AttentionBackend):
             ku, vu = self._units(p.page_size)
             o, lse = emulate_prefill(
                 qh, ku, vu, rq.qo_indptr, rq.kv_indptr, buf, rq.last_page_len, rq.causal,
-                self.rotary.inv_freq, d**-0.5,
+                self.rotary.inv_freq, self.cfg.attn_scale,
             )  # fmt: skip
         else:
             kv = self.kv_cache if p.page_size > 1 else (
@@ -301,7 +301,7 @@ class FlashInferBackend(AttentionBackend):
         kf = _rotate(k[rows], cos, sin).transpose(0, 1)  # [Hkv, T, D]
         vf = v[rows].transpose(0, 1).to(qf.dtype)
         o = F.scaled_dot_product_attention(
-            qf[None], kf[None].to(qf.dtype), vf[None], is_causal=True, enable_gqa=True, scale=self.cfg.head_dim**-0.5
+            qf[None], kf[None].to(qf.dtype), vf[None], is_causal=True, enable_gqa=True, scale=self.cfg.attn_scale
         )  # [1, Hq, T, D]
         if out is None:
             return o[0].transpose(0, 1)
@@ -338,7 +338,7 @@ class FlashInferBackend(AttentionBackend):
             q_in = q[ins.q_rows].contiguous()  # [n_in, Hq, D]
             o_b, lse_b = seg_paged_attention(
                 q_in, self.pool.k_slots, self.pool.v_slots, meta, self.triton.cos, self.triton.sin,
-                self.cfg.num_kv_groups,
+                self.cfg.num_kv_groups, sm_scale=self.cfg.attn_scale,
             )  # fmt: skip
             if p.full is not None:
                 lse_a: torch.Tensor | None
@@ -365,7 +365,9 @@ class FlashInferBackend(AttentionBackend):
             self._vbuf[off : off + t] = self.pool.v_slots[slots].transpose(0, 1)
         qa = rot.apply(q[pre.q_rows].transpose(0, 1), pre.q_pos).transpose(0, 1).contiguous()  # [nq, Hq, D]
         if self.emulate:
-            o, lse = emulate_prefill_gqa(qa, self._kbuf, self._vbuf, pre.qo_indptr, pre.kv_indptr, pre.indices, d**-0.5)
+            o, lse = emulate_prefill_gqa(
+                qa, self._kbuf, self._vbuf, pre.qo_indptr, pre.kv_indptr, pre.indices, self.cfg.attn_scale
+            )
         else:
             hkv = self.cfg.num_kv_heads
             kv = (self._kbuf.view(-1, 1, hkv, d), self._vbuf.view(-1, 1, hkv, d))
