@@ -36,15 +36,17 @@ OUT = Path(__file__).parent
 
 def real_chunks(num_chunks: int, chunk_tokens: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], object, object]:
     """K, V `[L, H, T, D]` fp32 of `num_chunks` corpus chunks prefilled behind the RAG anchor."""
-    from redknot_rag.chat import DEFAULT_SYSTEM, ChatFormat, encode
-    from redknot_rag.chunkkv import ChunkPrefiller, make_fingerprint
+    from redknot_rag.chat import encode
     from redknot_rag.config import EngineConfig
     from redknot_rag.engine import Engine
     from redknot_rag.heads import load_profile_for
+    from redknot_rag.rag.layout import PromptLayout, make_fingerprint
+    from redknot_rag.rag.prefill import ChunkPrefiller
 
     engine = Engine(EngineConfig(device="cpu", dtype="float32", cpu_kv_gib=0.5))
+    runner = engine.runner
     tok = engine.tokenizer
-    anchor = encode(tok, ChatFormat.from_tokenizer(tok, DEFAULT_SYSTEM).prefix)
+    layout = PromptLayout.for_tokenizer(tok)
     text = "\n\n".join(
         json.loads(line)["text"]
         for line in (Path(__file__).parents[2] / "redknot_rag/data/sample_corpus.jsonl").read_text().splitlines()
@@ -52,9 +54,11 @@ def real_chunks(num_chunks: int, chunk_tokens: int) -> tuple[list[tuple[torch.Te
     ids = encode(tok, text)
     chunks = [ids[i * chunk_tokens : (i + 1) * chunk_tokens] for i in range(num_chunks)]
     chunks = [c for c in chunks if len(c) == chunk_tokens]
-    prefiller = ChunkPrefiller(engine, anchor)
+    prefiller = ChunkPrefiller(runner, layout.anchor_ids)
     kvs = [tuple(t.cpu() for t in prefiller.prefill([c])[0]) for c in chunks]
-    return kvs, make_fingerprint(engine, anchor), load_profile_for(engine)
+    prefiller.close()
+    fingerprint = make_fingerprint(layout, runner.weights_fingerprint, runner.dtype)
+    return kvs, fingerprint, load_profile_for(runner.name, runner.weights_fingerprint)
 
 
 def settings(profile) -> list[tuple[str, StoreConfig]]:

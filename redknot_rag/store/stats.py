@@ -133,6 +133,6 @@ class Counters:
 
 def save_stats(path: Path, stats: StoreStats) -> None:
     """Atomically write `stats.as_dict()` as JSON (read by `redknot store stats`)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(stats.as_dict(), indent=1, sort_keys=True))
     os.replace(tmp, path)
