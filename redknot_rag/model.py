@@ -6,6 +6,7 @@ over head-granular pages; K is written pre-RoPE.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +47,21 @@ class LayerWeights:
 
 
 class CausalLM:
-    """Forward over a ForwardBatch: `forward(batch, backend) → logits [M, vocab]` for `batch.logit_rows`."""
+    """Forward over a ForwardBatch: `forward(batch, backend) → logits [M, vocab]` for `batch.logit_rows`.
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    Under tensor parallelism (`redknot_rag.tp`) `cfg` is this rank's shard (its q/KV heads and
+    intermediate columns) and `reduce` sums the row-parallel o/down outputs `[N, hidden]` over ranks;
+    with one rank `reduce` is None and no collective runs.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.reduce = reduce
         w = weights
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
@@ -109,10 +121,14 @@ class CausalLM:
                 k = rms_norm(k, lw.k_norm, eps, off)
             attn.write_kv(li, k, v)
             o = F.linear(attn.run(li, q).reshape(n, hq * d), lw.o)  # [N, Hq, D] -> [N, hidden]
+            if self.reduce is not None:  # row-parallel o: partial sums over this rank's heads
+                o = self.reduce(o)
             x = x + (rms_norm(o, lw.attn_out_norm, eps, off) if lw.attn_out_norm is not None else o)
             h = rms_norm(x, lw.mlp_norm, eps, off)
             gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
             m = F.linear(act(gate) * up, lw.down)  # [N, hidden]
+            if self.reduce is not None:  # row-parallel down: partial sums over this rank's columns
+                m = self.reduce(m)
             x = x + (rms_norm(m, lw.mlp_out_norm, eps, off) if lw.mlp_out_norm is not None else m)
         if num_layers is not None and num_layers < cfg.num_layers:
             return torch.zeros(0, cfg.vocab_size)

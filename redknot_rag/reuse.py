@@ -181,7 +181,7 @@ class CacheBlendPolicy(_SelectivePolicy):
         self.layer = layer
 
     def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
-        dev = kv_deviation(runner, inp, kv, self.layer).sum(0)  # [T_ctx]
+        dev = runner.all_reduce(kv_deviation(runner, inp, kv, self.layer).sum(0))  # [T_ctx], over all ranks' heads
         n = int(round(self.ratio * (len(dev) - len(inp.anchor_ids))))
         return dev.topk(n).indices if n > 0 else torch.zeros(0, dtype=torch.int64)
 
@@ -220,7 +220,7 @@ class RedKnotPolicy(_SelectivePolicy):
         mc = runner.model_config
         if self.profile is None:
             return torch.zeros(mc.num_layers, mc.num_kv_heads, dtype=torch.bool)
-        return self.profile.class_tensor() == 0  # [L, Hkv]
+        return self.profile.class_tensor()[:, runner.kv_heads] == 0  # [L, Hkv] of this runner's heads
 
     def visibility(self, runner: KVRunner, inp: ReuseInput) -> list[torch.Tensor | None] | None:
         local = self._local(runner)
@@ -252,7 +252,8 @@ class RedKnotPolicy(_SelectivePolicy):
         attn = torch.stack([a[:, :ctx_len] for a in probe.attn])  # [nl, Hkv, T] on the pool's device
         glob = (~self._local(runner))[:nl].to(attn.device)  # [nl, Hkv]
         attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-9)
-        score = (attn * glob[:, :, None]).sum((0, 1)).cpu()  # [T]; token indices live on the host
+        score = runner.all_reduce((attn * glob[:, :, None]).sum((0, 1)))  # [T], summed over all ranks' heads
+        score = score.cpu()  # token indices live on the host
         score[: len(inp.anchor_ids)] = -1  # the anchor is exact already
         top = score.topk(min(n, ctx_len - len(inp.anchor_ids))).indices
         return torch.cat([top, *first])

@@ -11,7 +11,9 @@ loop starts); shared segments are never written; K in the pool is pre-RoPE.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -23,6 +25,8 @@ from redknot_rag.loader import LoadedModel, load_model
 from redknot_rag.model import CausalLM
 from redknot_rag.probe import ProbeBackend
 from redknot_rag.rope import Rotary
+
+_T = TypeVar("_T")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -115,6 +119,25 @@ class KVRunner:
     @property
     def max_context(self) -> int:
         return self.model_config.max_position
+
+    # ---- tensor parallelism (one rank here; `redknot_rag.tp.TPRunner` overrides these) ----------
+    tp_rank = 0
+    tp_size = 1
+
+    @property
+    def kv_heads(self) -> slice:
+        """The model's KV heads whose pages this runner's pool holds (all of them with one rank)."""
+        return slice(0, self.model_config.num_kv_heads)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank partial signal `x` (e.g. a reuse policy's per-token score `[T]`) over ranks;
+        every rank gets the same values. One rank: `x` itself, no collective."""
+        return x
+
+    def on_all_ranks(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(runner, *args)` on every rank at once (reuse policies: each rank relocates and recomputes
+        its own heads, `all_reduce` joins their selection signals). One rank: a plain call."""
+        return fn(self, *args)
 
     # ---- page lifetime (the one place that increfs / decrefs) ----------------------------------
     def new_seq_kv(self) -> SeqKV:

@@ -110,7 +110,7 @@ class Assembler:
         anchor = list(self.layout.anchor_ids)
         inp = ReuseInput(anchor, self.prefiller.anchor, [list(c) for c in chunk_ids], segs, list(tail_ids))
         t = time.perf_counter()
-        asm = policy.assemble(self.runner, inp)
+        asm = self.runner.on_all_ranks(policy.assemble, inp)  # one rank: a plain call
         timing.recompute_ms += (time.perf_counter() - t) * 1e3
         if asm.kv is not None:
             stats = {
