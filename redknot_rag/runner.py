@@ -52,12 +52,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def auto_backend(device: torch.device) -> str:
+def auto_backend(device: torch.device, cfg: ModelConfig | None = None) -> str:
     """flashinfer on CUDA when installed (it falls back to Triton per batch where it can't), else triton
-    on CUDA, else the torch reference."""
+    on CUDA, else the torch reference. Sliding-window models (Gemma-3) skip FlashInfer, which refuses them."""
     if device.type != "cuda":
         return "torch"
-    if importlib.util.find_spec("flashinfer") is not None:
+    sliding = cfg is not None and cfg.has_sliding_layers
+    if importlib.util.find_spec("flashinfer") is not None and not sliding:
         return "flashinfer"
     return "triton" if importlib.util.find_spec("triton") is not None else "torch"
 
@@ -92,7 +93,7 @@ class KVRunner:
         self.page_size = cfg.page_size
         self.pool = KVPool(self._num_pages(), cfg.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.allocator = PageAllocator(self.pool.num_pages)
-        name = auto_backend(self.device) if cfg.attention_backend == "auto" else cfg.attention_backend
+        name = auto_backend(self.device, self.model_config) if cfg.attention_backend == "auto" else cfg.attention_backend
         self.backend: AttentionBackend = load_backend(name, self.model_config, self.pool, self.rotary)
 
     def _num_pages(self) -> int:

@@ -20,7 +20,7 @@ from redknot_rag.engine import Engine
 from redknot_rag.heads import HeadProfile, load_profile_for
 from redknot_rag.rag.assemble import Assembler, Timing
 from redknot_rag.rag.ingest import Ingestor, IngestSummary, Progress, parse_paths, parse_texts
-from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, make_fingerprint
+from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, chunk_key, make_fingerprint
 from redknot_rag.request import Request
 from redknot_rag.reuse import make_policy
 from redknot_rag.sampling import SamplingParams
@@ -218,6 +218,8 @@ class RagService:
         retrieve_ms = (time.perf_counter() - t0) * 1e3
         ordered = list(reversed(sources))  # most relevant chunk closest to the question
         chunk_ids = [self.layout.chunk_ids(s.text) for s in ordered]
+        if name != "full":  # start reading the chunks' blocks (layer-major) while the engine thread is busy
+            self.store.prefetch([chunk_key(c) for c in chunk_ids if chunk_key(c) not in self.assembler.cache])
         req = self.engine.call(lambda: self.assembler.build(chunk_ids, q_ids, name, params, timing))
         stats = {}
         if req.reuse is not None:
