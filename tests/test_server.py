@@ -301,6 +301,26 @@ def test_sgl_stream_and_run_batch(sgl_backend):
     sgl.flush_cache(sgl.RuntimeEndpoint(sgl_backend.base_url, api_key=ADMIN))
 
 
+def test_sgl_tool_use_program(sgl_backend):
+    """SGLang's own `tool_use` program (sglang/test/test_programs.py): gen with stop=")" feeds a tool."""
+    import sglang as sgl
+
+    def calculate(expression):
+        return f"{eval(expression, {'__builtins__': {}})}"
+
+    @sgl.function
+    def tool_use(s, lhs, rhs):
+        s += "Please perform computations using a calculator. You can use calculate(expression) to get the results.\n"
+        s += "For example,\ncalculate(1+2)=3\ncalculate(3*4)=12\n"
+        s += "Question: What is the product of " + str(lhs) + " and " + str(rhs) + "?\n"
+        s += "Answer: The answer is calculate(" + sgl.gen("expression", stop=")") + ") = "
+        with s.var_scope("answer"):
+            s += calculate(s["expression"])
+
+    ret = tool_use(lhs=257, rhs=983, temperature=0)
+    assert ")" not in ret["expression"] and int(ret["answer"]) == 257 * 983, ret.text()
+
+
 # ---- OpenAI API -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def oai(server):
@@ -343,6 +363,44 @@ def test_openai_chat(oai):
     assert set(json.loads(js.choices[0].message.content)) == {"name", "lives"}
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+
+
+def test_openai_tools(oai):
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    c = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice=named,
+                                    max_tokens=30, temperature=0)
+    ch = c.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    (call,) = ch.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    r = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice="required",
+                                    parallel_tool_calls=False, max_tokens=40, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    stream = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice=named,
+                                         max_tokens=30, temperature=0, stream=True)
+    chunks = [ch for ch in stream if ch.choices]
+    assert not "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    streamed = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == [("get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # auto: the listing is in the prompt; whatever the model wrote is either parsed calls or content
+    a = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], max_tokens=40, temperature=0)
+    m = a.choices[0].message
+    assert (a.choices[0].finish_reason == "tool_calls") == bool(m.tool_calls)
+    assert m.tool_calls or m.content
+    # a tool result in the history is rendered and answered
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "4 degrees and rain"}]
+    f = oai.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER_TOOL], tool_choice="none",
+                                    max_tokens=12, temperature=0)
+    assert f.choices[0].message.content and not f.choices[0].message.tool_calls
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 BAD = [
     ("malformed json", "POST", "/generate", b'{"text": "hi",', None, 400, "malformed JSON"),
@@ -373,7 +431,9 @@ BAD = [
     ("unknown route", "GET", "/nope", None, None, 404, "no route"),
     ("wrong method", "GET", "/generate", None, None, 405, "not allowed"),
     ("chat tools", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                    "tools": [{"type": "function"}]}, None, 400, "tools"),
+                                                    "tools": [{"type": "function"}]}, None, 400, "tools[0]"),
+    ("chat tool_choice", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                          "tool_choice": "required"}, None, 400, "non-empty tools"),
     ("chat bad role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, None,
      422, "role"),
     ("chat empty messages", "POST", "/v1/chat/completions", {"messages": []}, None, 422, "messages"),

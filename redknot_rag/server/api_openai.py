@@ -2,8 +2,9 @@
 
 Chat requests go through the model's own chat template; a prompt that contains stored chunks
 reuses their KV like any other (`usage.prompt_tokens_details.cached_tokens` reports it).
-`model` must name the served model (or be left out): any other name answers 404. `tools` answers
-400: there is no tool-call parser (use `response_format` with a JSON schema instead).
+`model` must name the served model (or be left out): any other name answers 404. `tools` /
+`tool_choice` follow the Hermes `<tool_call>` convention (server/tools.py): calls come back as
+`message.tool_calls` with finish_reason `tool_calls`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
-from redknot_rag.chat import chat_prompt_ids
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
 from redknot_rag.server.auth import Principal, principal_of
 from redknot_rag.server.constrained import JSON_OBJECT_SCHEMA
@@ -28,6 +28,7 @@ from redknot_rag.server.limits import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from redknot_rag.server.spec import request_body
+from redknot_rag.server.tools import ToolPlan, ToolStream, chat_ids, plan_tools
 
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -196,13 +197,8 @@ def make_router(rt: Runtime) -> APIRouter:
     async def chat_completions(request: HttpRequest):
         body = await read_model(request, ChatCompletionRequest, rt.settings.max_request_bytes)
         check_model(rt, body.model)
-        if body.tools:
-            raise ApiError(
-                400,
-                "tools / function calling are not supported by this server (no tool-call parser); "
-                "describe the tool in the prompt and constrain the answer with response_format json_schema",
-            )
-        messages = []
+        plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        messages: list[dict[str, Any]] = []
         for m in body.messages:
             content = (
                 m.content
@@ -210,8 +206,11 @@ def make_router(rt: Runtime) -> APIRouter:
                 else "".join(part.text for part in m.content)
             )
             role = "system" if m.role == "developer" else m.role
-            messages.append({"role": role, "content": content or ""})
-        ids = await rt.run_blocking(chat_prompt_ids, rt.tokenizer, messages)
+            msg: dict[str, Any] = {"role": role, "content": content or ""}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            messages.append(msg)
+        ids = await rt.run_blocking(chat_ids, rt.tokenizer, messages, plan)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = _params(body, max_tokens, default_max_tokens(rt, len(ids)))
         rf = body.response_format
@@ -223,6 +222,11 @@ def make_router(rt: Runtime) -> APIRouter:
                 if schema is None:
                     raise ApiError(400, "response_format.json_schema.schema is required")
                 params = replace(params, json_schema=json.dumps(schema))
+        tool_schema = plan.json_schema()
+        if tool_schema is not None:
+            if params.regex or params.json_schema or params.ebnf:
+                raise ApiError(400, f"tool_choice {plan.mode!r} constrains the output; drop response_format/regex")
+            params = replace(params, json_schema=tool_schema)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true")
         inputs = _expand([ids], params, (body.top_logprobs or 0) if body.logprobs else None, principal_of(request))
@@ -231,7 +235,7 @@ def make_router(rt: Runtime) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream_chat(rt, jobs, request, cid, created, include_usage, params.n),
+                _stream_chat(rt, jobs, request, cid, created, include_usage, params.n, plan),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
@@ -239,10 +243,14 @@ def make_router(rt: Runtime) -> APIRouter:
         rt.raise_if_failed(jobs)
         choices = []
         for i, job in enumerate(jobs):
+            content, calls = plan.read_output(job.text)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [c.as_openai() for c in calls]
             choice: dict[str, Any] = {
                 "index": i,
-                "message": {"role": "assistant", "content": job.text},
-                "finish_reason": _finish(job),
+                "message": message,
+                "finish_reason": "tool_calls" if calls else _finish(job),
                 "logprobs": None,
             }
             if body.logprobs:
@@ -346,8 +354,18 @@ async def _stream_completion(
 
 
 async def _stream_chat(
-    rt: Runtime, jobs: list[Job], request: HttpRequest, cid: str, created: int, include_usage: bool, n: int
+    rt: Runtime,
+    jobs: list[Job],
+    request: HttpRequest,
+    cid: str,
+    created: int,
+    include_usage: bool,
+    n: int,
+    plan: ToolPlan,
 ) -> AsyncIterator[bytes]:
+    """Content deltas per choice; with tools, text that may be a `<tool_call>` is held back and the
+    calls come as one `tool_calls` delta when the choice finishes (finish_reason `tool_calls`)."""
+    tool_streams = [ToolStream(plan) for _ in jobs] if plan.mode != "none" else None
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.model_name}
     for i in range(len(jobs)):
         yield sse(
@@ -362,13 +380,21 @@ async def _stream_chat(
         if job.error:
             yield sse(job.error_body())
             continue
-        d = {"content": ev.text} if ev.text else {}
+        d: dict[str, Any] = {"content": ev.text} if ev.text else {}
+        finish = _finish(job) if ev.finished else None
+        if tool_streams is not None:
+            ts = tool_streams[i]
+            d = {"content": text} if (text := ts.delta(job.text)) else {}
+            if ev.finished:
+                rest, calls = ts.finish(job.text)
+                d = {"content": d.get("content", "") + rest} if d.get("content", "") + rest else {}
+                if calls:
+                    d["tool_calls"] = [c.as_openai(index=k) for k, c in enumerate(calls)]
+                    finish = "tool_calls"
         yield sse(
             {
                 **base,
-                "choices": [
-                    {"index": i, "delta": d, "logprobs": None, "finish_reason": _finish(job) if ev.finished else None}
-                ],
+                "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}],
             }
         )
     if include_usage:
