@@ -9,7 +9,7 @@ Design (the simplest one that keeps the engine unchanged):
   ordinary runner over a shard `ModelConfig` (`num_kv_heads = Hkv/N` ...), so its page pool holds
   only its own heads' pages.
 - **Rank 0 drives.** The engine, the HTTP server, retrieval and the chunk store run on rank 0 only.
-  Every runner call that touches pages or the model (`new_seq_kv`, `attach`, `append`, `override`,
+  Every runner call that touches pages or the model (`new_seq_kv`, `attach`, `attach_many`, `append`, `override`,
   `truncate`, `release`, `write_segment`, `drop_segment`, `read_tokens`, `forward`, `append_forward`,
   `recompute`, `on_all_ranks`) is broadcast to the other ranks (a gloo group: control on the host,
   data on NCCL) and then run locally; followers (`TPRunner.follow`) replay it on their own shard.
@@ -128,6 +128,18 @@ class _Handle:
     id: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _SliceRef:
+    """A `SeqSlice` on the wire: its sequence by handle (each rank slices its own twin). `new_slots` is
+    None when they are the sequence's last `q_len` slots (appended tokens: the usual case)."""
+
+    kv: _Handle
+    q_start: int
+    q_len: int
+    num_kv: int
+    new_slots: torch.Tensor | None
+
+
 class TPRunner(KVRunner):
     """A `KVRunner` over this rank's shard; on rank 0 its pool/model calls are mirrored to the followers.
 
@@ -157,6 +169,7 @@ class TPRunner(KVRunner):
         self._depth = 0  # > 0 inside a mirrored call: nested runner calls run locally only
         self._next_handle = 0
         self._objects: dict[int, Any] = {}  # followers: handle → twin
+        self._live_kv: dict[int, weakref.ref[SeqKV]] = {}  # rank 0: handle → sequence (to name slices)
         self._forget: list[int] = []  # rank 0: handles whose object died (sent with the next call)
         self._forget_lock = threading.Lock()
         super().__init__(cfg, shard)
@@ -198,6 +211,8 @@ class TPRunner(KVRunner):
         self._next_handle += 1
         if self.tp_rank == 0:
             obj._tp_handle = h
+            if isinstance(obj, SeqKV):
+                self._live_kv[h] = weakref.ref(obj)
             weakref.finalize(obj, self._forget_later, h)
         else:
             self._objects[h] = obj
@@ -206,6 +221,17 @@ class TPRunner(KVRunner):
     def _forget_later(self, h: int) -> None:
         with self._forget_lock:
             self._forget.append(h)
+            self._live_kv.pop(h, None)
+
+    def _slice_ref(self, x: SeqSlice, by_ptr: dict[int, SeqKV]) -> _SliceRef:
+        """Name the sequence a slice views (its slot table is a view of that SeqKV's `slots`)."""
+        kv = by_ptr.get(x.kv_slots.data_ptr())
+        if kv is None:
+            raise RuntimeError("a SeqSlice not made from a sequence of this runner cannot cross ranks")
+        t = x.num_kv
+        tail = kv.slots[:, :, t - x.q_len : t]
+        same = tail.shape == x.new_slots.shape and bool(torch.equal(tail, x.new_slots.to(tail.device)))
+        return _SliceRef(_Handle(kv._tp_handle), x.q_start, x.q_len, t, None if same else x.new_slots.cpu())  # type: ignore[attr-defined]
 
     def _encode(self, x: Any) -> Any:
         if isinstance(x, (SeqKV, KVSegment)):
@@ -215,14 +241,12 @@ class TPRunner(KVRunner):
                     raise RuntimeError(f"a {type(x).__name__} not made by this runner cannot cross ranks")
                 return x  # an empty segment: by value
             return _Handle(h)
-        if isinstance(x, SeqSlice):
-            tail = x.kv.slots[:, :, x.kv.num_tokens - x.q_len : x.kv.num_tokens]
-            same = tail.shape == x.new_slots.shape and torch.equal(tail, x.new_slots)
-            return SeqSlice(self._encode(x.kv), x.q_start, x.q_len, None if same else x.new_slots)  # type: ignore[arg-type]
         if isinstance(x, ForwardBatch):  # followers need no logits
-            return ForwardBatch(
-                x.input_ids, x.positions, [self._encode(s) for s in x.seqs], torch.zeros(0, dtype=torch.int64)
-            )
+            with self._forget_lock:
+                live = [r() for r in self._live_kv.values()]
+            by_ptr = {kv.slots.data_ptr(): kv for kv in live if kv is not None}
+            seqs = [self._slice_ref(sl, by_ptr) for sl in x.seqs]
+            return ForwardBatch(x.input_ids, x.positions, seqs, torch.zeros(0, dtype=torch.int64))  # type: ignore[arg-type]
         if isinstance(x, (list, tuple)):
             return type(x)(self._encode(v) for v in x)
         if isinstance(x, dict):
@@ -238,12 +262,16 @@ class TPRunner(KVRunner):
     def _decode(self, x: Any) -> Any:
         if isinstance(x, _Handle):
             return self._objects[x.id]
-        if isinstance(x, SeqSlice):
-            kv = self._decode(x.kv)
+        if isinstance(x, _SliceRef):
+            kv = self._objects[x.kv.id]
+            if kv.num_tokens != x.num_kv:
+                raise RuntimeError(
+                    f"tensor-parallel ranks out of step: {kv.num_tokens} kv tokens, rank 0 has {x.num_kv}"
+                )
             slots = x.new_slots
             if slots is None:  # the usual case: the slots just appended at the sequence's tail
-                slots = kv.slots[:, :, kv.num_tokens - x.q_len : kv.num_tokens]
-            return SeqSlice(kv, x.q_start, x.q_len, slots)
+                slots = kv.slots[:, :, x.num_kv - x.q_len : x.num_kv]
+            return kv.slice(x.q_start, x.q_len, slots.to(kv.slots.device))
         if isinstance(x, ForwardBatch):
             return ForwardBatch(x.input_ids, x.positions, [self._decode(s) for s in x.seqs], x.logit_rows)
         if isinstance(x, (list, tuple)):
@@ -304,6 +332,9 @@ class TPRunner(KVRunner):
     ) -> None:
         self._mirrored("attach", lambda: super(TPRunner, self).attach(kv, segment, positions, visible),
                        kv, segment, positions, visible)  # fmt: skip
+
+    def attach_many(self, kv: SeqKV, items: list[tuple[KVSegment, torch.Tensor, torch.Tensor | None]]) -> None:
+        self._mirrored("attach_many", lambda: super(TPRunner, self).attach_many(kv, items), kv, items)
 
     def append(self, kv: SeqKV, positions: torch.Tensor) -> torch.Tensor:
         return self._mirrored("append", lambda: super(TPRunner, self).append(kv, positions), kv, positions)
