@@ -137,6 +137,9 @@ class KVSegment:
     pages: torch.Tensor
     num_tokens: int
     is_shared: bool = False
+    # [L, Hkv, num_tokens] bool: the tokens each head's stored KV holds (a local head's store keeps only the
+    # chunk's tail window; its other pages hold zeros and must never be read). None: every token, every head.
+    visible: torch.Tensor | None = None
     _slots_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def slots(self, page_size: int) -> torch.Tensor:

@@ -74,9 +74,14 @@ class ReusePolicy(ABC):
 def relocate(runner: KVRunner, inp: ReuseInput, visible: list[torch.Tensor | None] | None = None) -> SeqKV:
     """Attach anchor and chunk segments at their assembled positions (no copy of shared pages)."""
     kv = runner.new_seq_kv()
-    items = [(inp.anchor, torch.arange(len(inp.anchor_ids)), None)]
+    items: list[tuple[KVSegment, torch.Tensor, torch.Tensor | None]] = [
+        (inp.anchor, torch.arange(len(inp.anchor_ids)), None)
+    ]
     for i, ((s, e), seg) in enumerate(zip(inp.chunk_spans(), inp.chunks)):
-        items.append((seg, torch.arange(s, e), None if visible is None else visible[i]))
+        vis = None if visible is None else visible[i]
+        if seg.visible is not None:  # stored head-compressed: a head never reads tokens its store dropped
+            vis = seg.visible if vis is None else vis & seg.visible
+        items.append((seg, torch.arange(s, e), vis))
     runner.attach_many(kv, items)  # one device concatenation of the segments' slot tables
     return kv
 

@@ -93,7 +93,9 @@ class KVRunner:
         self.page_size = cfg.page_size
         self.pool = KVPool(self._num_pages(), cfg.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.allocator = PageAllocator(self.pool.num_pages)
-        name = auto_backend(self.device, self.model_config) if cfg.attention_backend == "auto" else cfg.attention_backend
+        name = (
+            auto_backend(self.device, self.model_config) if cfg.attention_backend == "auto" else cfg.attention_backend
+        )
         self.backend: AttentionBackend = load_backend(name, self.model_config, self.pool, self.rotary)
 
     def _num_pages(self) -> int:
@@ -172,12 +174,15 @@ class KVRunner:
         if kv is not None:
             kv.release(self.allocator)
 
-    def write_segment(self, k: torch.Tensor, v: torch.Tensor) -> KVSegment:
-        """Copy K/V `[L, Hkv, T, D]` into fresh pool pages: a shared segment whose one reference is the caller's."""
+    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> KVSegment:
+        """Copy K/V `[L, Hkv, T, D]` into fresh pool pages: a shared segment whose one reference is the caller's.
+
+        `visible` `[L, Hkv, T]` marks the tokens whose K/V exist per head (None: all); the rest is never read.
+        """
         nl, nh, t, _ = k.shape
         num_pages = -(-t // self.page_size)
         pages = torch.from_numpy(self.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
-        seg = KVSegment(pages, t, is_shared=True)
+        seg = KVSegment(pages, t, is_shared=True, visible=visible)
         slots = seg.slots(self.page_size).to(self.device)  # [L, Hkv, T]
         self.pool.k_slots[slots] = k.to(self.device, self.dtype)
         self.pool.v_slots[slots] = v.to(self.device, self.dtype)

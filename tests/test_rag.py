@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from redknot_rag.rag import RagService, chunk_key, run_query
 from redknot_rag.retrieval.docdb import UnknownNamespaceError
@@ -234,3 +235,31 @@ def test_selection_is_deterministic(rag):
             seen.append(prep.stats["recomputed_positions"])
             rag.discard(prep.request)
         assert seen[0] == seen[1] and len(seen[0]) > 0, policy
+
+
+def test_head_compressed_chunks_are_assembled_without_recompute(rag):
+    """A chunk stored with local heads keeping only its tail window is served from the store (no prefill on
+    the query path), and those heads never read the tokens their store dropped."""
+    from redknot_rag.rag.assemble import Timing
+    from redknot_rag.store.config import HeadCompression
+
+    cfg = rag.engine.model_config
+    classes = torch.ones(cfg.num_layers, cfg.num_kv_heads, dtype=torch.int64)
+    classes[:, 0] = 0  # kv head 0 of every layer is local
+    window = 8
+    text = "The Hallerby tram depot keeps its oldest car, number 31, under a blue canvas roof near gate four."
+    ids = rag.layout.chunk_ids(text)
+    k, v = rag.assembler.prefiller.prefill([ids])[0]
+    rag.store.put(chunk_key(ids), k.cpu(), v.cpu(), heads=HeadCompression.from_mask(classes, window))
+    rag.flush_cache()
+    timing = Timing()
+    seg = rag.engine.call(lambda: rag.assembler.segment(ids, timing))
+    assert timing.kv_miss_prefill_ms == 0, "a head-compressed chunk must not be re-prefilled"
+    assert seg.visible is not None and seg.visible[:, 1:].all()
+    assert seg.visible[:, 0, -window:].all() and not seg.visible[:, 0, :-window].any()
+    q = rag.layout.question_ids("Which car does the Hallerby depot keep?")
+    req = rag.engine.call(lambda: rag.assembler.build([ids], q, "naive", SamplingParams(max_new_tokens=1)))
+    kv = req.reuse.kv
+    a = rag.layout.num_anchor
+    assert not kv.visible[:, 0, a : a + len(ids) - window].any() and kv.visible[:, 1:, a : a + len(ids)].all()
+    rag.discard(req)

@@ -8,6 +8,8 @@ profiling and the benches. Runs on the runner's thread (`Engine.call`): it write
 from __future__ import annotations
 
 import time
+
+import torch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +40,23 @@ class Timing:
             "recompute_ms": self.recompute_ms,
             **self.extra,
         }
+
+
+def assemble_blocks(blocks: dict, num_tokens: int, dtype: torch.dtype):
+    """Per-head blocks `{(layer, head): KVBlock}` → K, V `[L, Hkv, T, D]` (zeros where a head holds no
+    token) and the visibility `[L, Hkv, T]` of what each head holds."""
+    nl = 1 + max(lh[0] for lh in blocks)
+    nh = 1 + max(lh[1] for lh in blocks)
+    d = next(iter(blocks.values())).k.shape[-1]
+    k = torch.zeros(nl, nh, num_tokens, d, dtype=dtype)
+    v = torch.zeros_like(k)
+    visible = torch.zeros(nl, nh, num_tokens, dtype=torch.bool)
+    for (layer, head), b in blocks.items():
+        span = slice(b.token_start, b.token_start + b.num_tokens)
+        k[layer, head, span] = b.k.to(dtype)
+        v[layer, head, span] = b.v.to(dtype)
+        visible[layer, head, span] = True
+    return k, v, None if bool(visible.all()) else visible
 
 
 class Assembler:
@@ -75,12 +94,15 @@ class Assembler:
         def load():
             got = self.store.get(key)
             if got is not None:
-                return got.k, got.v
+                return got.k, got.v, None
+            blocks = self.store.get_blocks(key)
+            if blocks is not None:  # head-compressed: local heads hold only the chunk's tail window
+                return assemble_blocks(blocks, len(ids), self.runner.dtype)
             t = time.perf_counter()
             k, v = self.prefiller.prefill([ids])[0]
             self.store.put(key, k.cpu(), v.cpu())
             timing.kv_miss_prefill_ms += (time.perf_counter() - t) * 1e3
-            return k, v
+            return k, v, None
 
         return self.cache.get(key, load)
 

@@ -15,11 +15,12 @@ import torch
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.runner import KVRunner
 
-KVLoad = Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]
+# () -> (K, V `[L, Hkv, T, D]`, visible `[L, Hkv, T]` bool or None) or None on a miss
+KVLoad = Callable[[], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None"]
 
 
 class SegmentCache:
-    """`get(key, load)` returns the pool-resident segment of a chunk, loading K/V `[L, Hkv, T, D]` on a miss."""
+    """`get(key, load)` returns the pool-resident segment of a chunk, loading it (`KVLoad`) on a miss."""
 
     def __init__(self, runner: KVRunner, max_pages: int) -> None:
         self.runner = runner
