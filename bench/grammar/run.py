@@ -11,7 +11,7 @@ full mask: it scans candidates in logit order until `keep` viable ones are found
 depends on the logits. It is timed on random logits (a model that ignores the grammar) with
 keep=1 (greedy) and keep=32 (sampling), and on logits where the target ranks first (its best case).
 
-    PYTHONPATH=$PWD python3 bench/grammar/run.py [--reps 3] [--out bench/grammar/results_cpu.json]
+    PYTHONPATH=$PWD python3 bench/grammar/run.py [--reps 3] [--out bench/grammar/results_cpu.json] [--only NAME]
 """
 
 from __future__ import annotations
@@ -116,6 +116,47 @@ class XGrammar:
                 return bool(m.accept_token(self_eos))
 
         self_eos = self.info.stop_token_ids[0]
+        return S()
+
+
+class Served:
+    """What the server runs: `GrammarBackend` + `GrammarProcessor` (xgrammar fill, numpy bit unpack)."""
+
+    name = "server GrammarProcessor (xgrammar)"
+    full_mask = True
+
+    def __init__(self, tok: Any, vocab: int) -> None:
+        from redknot_rag.server.constrained import GrammarBackend
+
+        self.backend = GrammarBackend(tok, vocab, (tok.eos_token_id,))
+
+    def compile(self, case: dict) -> Any:
+        from redknot_rag.server.constrained import Grammar
+
+        g = Grammar("json_schema" if case["kind"] == "json" else "regex", case["spec"])
+        self.backend.compile(g)  # timed; `start` gets it from xgrammar's cache
+        return g
+
+    def start(self, g: Any) -> Any:
+        proc = self.backend.processor(g)
+
+        class Req:
+            output_ids: list[int] = []
+
+        req = Req()
+        req.output_ids = []
+
+        class S:
+            def mask(self, logits: torch.Tensor) -> torch.Tensor:
+                return proc(req, logits)
+
+            def advance(self, t: int) -> None:
+                req.output_ids.append(t)
+
+            def can_end(self) -> bool:
+                proc._sync(req.output_ids)
+                return bool(proc.matcher.accept_token(proc.stop_ids[0]))
+
         return S()
 
 
@@ -287,6 +328,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results_cpu.json"))
+    ap.add_argument("--only", default="", help="run only engines whose name contains this; merge into --out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -296,16 +338,21 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(None)[0])
     vocab = len(tok)
     engines: list[tuple[Any, bool]] = []
-    for make in (XGrammar, LLGuidance, OutlinesCore):
+    for make in (Served, XGrammar, LLGuidance, OutlinesCore):
+        if args.only and args.only not in make.name:
+            continue
         t0 = time.perf_counter()
         eng = make(tok, vocab)
         print(f"{eng.name}: tokenizer setup {time.perf_counter() - t0:.2f}s", flush=True)
         engines.append((eng, False))
-    t0 = time.perf_counter()
-    engines.append((Legacy(tok, vocab, 1, "random"), False))
-    print(f"legacy: token texts {time.perf_counter() - t0:.2f}s", flush=True)
-    engines.append((Legacy(tok, vocab, 32, "random"), False))
-    engines.append((Legacy(tok, vocab, 1, "target-first"), True))
+    if not args.only or args.only in "legacy scanner":
+        t0 = time.perf_counter()
+        engines.append((Legacy(tok, vocab, 1, "random"), False))
+        print(f"legacy: token texts {time.perf_counter() - t0:.2f}s", flush=True)
+        engines.append((Legacy(tok, vocab, 32, "random"), False))
+        engines.append((Legacy(tok, vocab, 1, "target-first"), True))
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.only and out.exists() else None
     results: dict[str, Any] = {
         "machine": f"CPU: shared 2-core box ({platform.processor() or platform.machine()}), 1 torch thread",
         "tokenizer": "SmolLM2-135M-Instruct", "vocab": vocab, "reps": args.reps, "cases": {},
@@ -313,6 +360,8 @@ def main() -> None:
     for case in cases():
         ids = list(tok.encode(case["target"], add_special_tokens=False))
         row: dict[str, Any] = {"spec": case["spec"], "target": case["target"], "num_tokens": len(ids), "engines": {}}
+        if previous is not None:
+            row["engines"] = dict(previous["cases"][case["name"]]["engines"])
         for eng, target_first in engines:
             try:
                 r = run_case(eng, case, ids, vocab, args.reps, target_first)
@@ -321,7 +370,7 @@ def main() -> None:
             row["engines"][eng.name] = r
             print(case["name"], eng.name, r, flush=True)
         results["cases"][case["name"]] = row
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    out.write_text(json.dumps(results, indent=1) + "\n")
     print("wrote", args.out)
 
 

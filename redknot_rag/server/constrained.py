@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import regex
 import torch
 import xgrammar as xgr
@@ -27,6 +28,7 @@ GrammarKind = Literal["regex", "json_schema", "ebnf"]
 # Whitespace the JSON grammars allow between tokens: one character (space or newline) at each
 # place JSON allows any. Unbounded whitespace lets a small model loop on blanks until `length`.
 _JSON_MAX_WHITESPACE = 1
+_NEG_INF = torch.tensor(float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -121,21 +123,32 @@ class GrammarProcessor:
 
     def __call__(self, req: Any, logits: torch.Tensor) -> torch.Tensor:
         self._sync(req.output_ids)
-        out = logits.clone()  # the row may be a view into the batch's logits
         if self.is_dead or self.matcher.is_terminated():
-            keep = torch.full_like(out, float("-inf"))
+            keep = torch.full_like(logits, float("-inf"))
             keep[self.stop_ids] = 0.0
-            masked = out + keep
-            return masked if torch.isfinite(masked).any() else keep
+            masked = logits + keep
+            return masked if _has_finite(masked) else keep
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        xgr.apply_token_bitmask_inplace(out, self.bitmask[0], vocab_size=self.vocab_size)
-        if not torch.isfinite(out).any():  # all the grammar allows was masked upstream (min_new_tokens)
-            out = torch.zeros_like(logits)
-            xgr.apply_token_bitmask_inplace(out, self.bitmask[0], vocab_size=self.vocab_size)
+        out = self._apply(logits)
+        if not _has_finite(out):  # all the grammar allows was masked upstream (min_new_tokens)
+            out = self._apply(torch.zeros_like(logits))
         return out
 
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """A new `[vocab]` tensor: `logits` where the bitmask allows, -inf elsewhere. On CPU the bits are
+        unpacked with numpy (≈5× faster than xgrammar's CPU kernel here: bench/grammar/README.md)."""
+        if logits.device.type != "cpu":
+            out = logits.clone()  # the row may be a view into the batch's logits
+            xgr.apply_token_bitmask_inplace(out, self.bitmask[0].to(out.device), vocab_size=self.vocab_size)
+            return out
+        words = self.bitmask[0].numpy().view(np.uint8)  # little-endian int32 words: token i is bit i
+        allowed = np.unpackbits(words, bitorder="little", count=self.vocab_size).view(np.bool_)
+        return torch.where(torch.from_numpy(allowed), logits, _NEG_INF)
 
-JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI response_format {"type": "json_object"}
+
+def _has_finite(x: torch.Tensor) -> bool:
+    """Whether any entry of a `[vocab]` row is above -inf (`amax`: ~15x cheaper than `isfinite().any()`)."""
+    return bool(x.amax() > float("-inf"))
 
 
 def compile_stop_regex(pattern: str) -> regex.Pattern:
