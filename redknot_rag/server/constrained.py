@@ -146,6 +146,9 @@ class GrammarProcessor:
         return torch.where(torch.from_numpy(allowed), logits, _NEG_INF)
 
 
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI response_format {"type": "json_object"}
+
+
 def _has_finite(x: torch.Tensor) -> bool:
     """Whether any entry of a `[vocab]` row is above -inf (`amax`: ~15x cheaper than `isfinite().any()`)."""
     return bool(x.amax() > float("-inf"))
