@@ -111,7 +111,8 @@ class DecodeGraphRunner:
     """Captures `model.forward` for decode batches of each bucket size; `forward(batch)` replays.
 
     `backend` is a TritonBackend or FlashInferBackend over the model's pool. `max_kv_tokens` bounds the
-    keys per layer over the whole batch (sum over sequences and kv heads of visible tokens).
+    keys per layer over the whole batch (sum over sequences and kv heads of visible tokens) of the
+    largest bucket; smaller buckets hold proportionally fewer (`bucket_tokens`).
     """
 
     def __init__(
@@ -130,12 +131,17 @@ class DecodeGraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
 
     # -- backend-specific static metadata -------------------------------------------------------
+    def bucket_tokens(self, bs: int) -> int:
+        """Keys per layer bucket `bs` holds: `max_kv_tokens` scaled by bs / largest bucket (static
+        buffers grow with the batch, not with the largest batch times every bucket)."""
+        return max(1, self.max_kv_tokens * bs // self.batch_sizes[-1])
+
     def _make_state(self, bs: int) -> Any:
         be = self.backend
         if isinstance(be, FlashInferBackend):
             cfg, dev = be.cfg, be.pool.device
             r = bs * cfg.num_kv_heads
-            cap = self.max_kv_tokens // be.pool.page_size + 2 * r
+            cap = self.bucket_tokens(bs) // be.pool.page_size + 2 * r
             indptr = torch.arange(r + 1, dtype=torch.int32, device=dev)
             indices = torch.zeros(cfg.num_layers, cap, dtype=torch.int32, device=dev)
             lpl = torch.ones(r, dtype=torch.int32, device=dev)
@@ -149,7 +155,7 @@ class DecodeGraphRunner:
             w.plan(indptr.cpu(), indices[0, :r].cpu(), lpl.cpu(), head_dim=cfg.head_dim, **be.plan_kwargs())
             return st
         assert isinstance(be, TritonBackend)
-        return _triton_static(be, bs, self.max_kv_tokens)
+        return _triton_static(be, bs, self.bucket_tokens(bs))
 
     def _install(self, state: Any) -> None:
         be = self.backend

@@ -170,3 +170,7 @@ class EngineConfig:
     max_prefill_tokens: int = 1024
     max_queued_requests: int = 4096
     seed: int = 0
+    # decode-only steps replay CUDA graphs (CUDA, flashinfer/triton backends); their static page tables
+    # cover `cuda_graph_context` tokens per running sequence; a larger decode batch runs eagerly
+    cuda_graphs: bool = True
+    cuda_graph_context: int = 8192

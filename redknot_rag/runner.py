@@ -11,6 +11,7 @@ loop starts); shared segments are never written; K in the pool is pre-RoPE.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from redknot_rag.probe import ProbeBackend
 from redknot_rag.rope import Rotary
 
 _T = TypeVar("_T")
+log = logging.getLogger("redknot.runner")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -97,6 +99,10 @@ class KVRunner:
             auto_backend(self.device, self.model_config) if cfg.attention_backend == "auto" else cfg.attention_backend
         )
         self.backend: AttentionBackend = load_backend(name, self.model_config, self.pool, self.rotary)
+        # decode CUDA graphs: captured on the first decode-only step; `cuda_graphs` may be switched off
+        self.cuda_graphs = cfg.cuda_graphs and self.device.type == "cuda" and name in ("flashinfer", "triton")
+        self._graphs: Any = None
+        self.graph_replays = 0
 
     def _num_pages(self) -> int:
         cfg, mc = self.config, self.loaded.config
@@ -205,8 +211,36 @@ class KVRunner:
     def forward(
         self, batch: ForwardBatch, backend: AttentionBackend | None = None, num_layers: int | None = None
     ) -> torch.Tensor:
-        """Run `batch` (its KV already appended) → logits `[len(batch.logit_rows), vocab]` float32."""
+        """Run `batch` (its KV already appended) → logits `[len(batch.logit_rows), vocab]` float32.
+
+        A decode-only batch on the runner's own backend replays a captured CUDA graph when it fits the
+        graphs' static tables (page-aligned sequences, FlashInfer; any layout, Triton); else eager."""
+        if backend is None and num_layers is None and self.cuda_graphs and batch.seqs:
+            if all(s.is_decode for s in batch.seqs):
+                graphs = self._decode_graphs()
+                slot = graphs.prepare(batch) if graphs is not None else None
+                if slot is not None:
+                    self.graph_replays += 1
+                    return graphs.replay(slot, len(batch.seqs))
         return self.model.forward(batch, backend or self.backend, num_layers=num_layers)
+
+    def _decode_graphs(self) -> Any:
+        """The `DecodeGraphRunner`, captured once (buckets up to max_running_requests); None if capture failed."""
+        if self._graphs is None:
+            from redknot_rag.kernels.cuda_graph import DEFAULT_BATCH_SIZES, DecodeGraphRunner
+
+            cfg, mc = self.config, self.model_config
+            sizes = tuple(b for b in DEFAULT_BATCH_SIZES if b < cfg.max_running_requests)
+            sizes += (cfg.max_running_requests,)
+            cap = cfg.max_running_requests * mc.num_kv_heads * cfg.cuda_graph_context
+            try:
+                graphs = DecodeGraphRunner(self.model, self.backend, max_kv_tokens=cap, batch_sizes=sizes)
+                graphs.capture()
+                self._graphs = graphs
+            except Exception:  # keep serving eagerly; the reason goes to the log
+                log.exception("decode CUDA graph capture failed; decoding eagerly")
+                self.cuda_graphs = False
+        return self._graphs
 
     def append_forward(
         self,

@@ -81,27 +81,24 @@ def our_ttft(engine: Any, ids: list[int], split: dict | None = None) -> float:
 
 
 class ForwardTimer:
-    """Wraps `engine.runner.model.forward` (device synchronized around it) to split a step into the model
-    forward and the engine's host work (scheduling, slot tables, sampling)."""
+    """Wraps `engine.runner.forward` (device synchronized around it) to split a step into the forward
+    (eager or CUDA-graph replay) and the engine's host work (scheduling, slot tables, sampling)."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.model, self.s, self.times = engine, engine.runner.model, 0.0, []
-        engine.runner.model = self
+        self.engine, self.inner, self.s, self.times = engine, engine.runner.forward, 0.0, []
+        engine.runner.forward = self  # instance attribute shadows the method
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def forward(self, *a: Any, **kw: Any) -> torch.Tensor:
+    def __call__(self, *a: Any, **kw: Any) -> torch.Tensor:
         sync(self.engine.runner.device)
         t = time.perf_counter()
-        out = self.model.forward(*a, **kw)
+        out = self.inner(*a, **kw)
         sync(self.engine.runner.device)
         self.times.append(time.perf_counter() - t)
         self.s += self.times[-1]
         return out
 
     def detach(self) -> None:
-        self.engine.runner.model = self.model
+        del self.engine.runner.forward
 
 
 def our_decode(engine: Any, prompts: list[list[int]], steps: int) -> dict:
@@ -129,28 +126,6 @@ def our_decode(engine: Any, prompts: list[list[int]], steps: int) -> dict:
         batch=len(prompts), steps=steps, seconds=total, tokens_per_s=len(prompts) * steps / total,
         step_ms_median=step, forward_ms_median=fwd, host_ms_median=step - fwd,
     )  # fmt: skip
-
-
-class GraphDecodeModel:
-    """Bench-level hook: decode-only batches replay a DecodeGraphRunner graph, the rest run eagerly
-    (the Engine does not integrate CUDA graphs itself yet)."""
-
-    def __init__(self, model: Any, runner: Any) -> None:
-        self.model, self.runner = model, runner
-        self.replays = 0
-        self.eager = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def forward(self, batch: Any, attn: Any, num_layers: int | None = None) -> torch.Tensor:
-        if num_layers is None and batch.seqs and all(s.is_decode for s in batch.seqs):
-            slot = self.runner.prepare(batch)
-            if slot is not None:
-                self.replays += 1
-                return self.runner.replay(slot, len(batch.seqs))
-        self.eager += 1
-        return self.model.forward(batch, attn, num_layers)
 
 
 # ------------------------------------------------------------------------------------ transformers
@@ -408,9 +383,11 @@ def llama_part(c: Ctx) -> None:
 
     # ---- decode: eager, then CUDA graphs -----------------------------------------------------
     eager = {}
+    graphs_on, engine.runner.cuda_graphs = engine.runner.cuda_graphs, False  # eager first
     for b in batches:
         eager[b] = our_decode(engine, rand_ids(prompt_len, vocab, 100 + b, batch=b).tolist(), steps)
         log("ours eager decode", eager[b])
+    engine.runner.cuda_graphs = graphs_on
     graph: dict[int, Any] = {}
     if dev.type == "cuda" and c.backend in ("flashinfer", "triton"):
         graph = graph_decode(engine, batches, prompt_len, steps, vocab, data)
@@ -426,29 +403,27 @@ def llama_part(c: Ctx) -> None:
 
 
 def graph_decode(engine: Any, batches: list[int], prompt_len: int, steps: int, vocab: int, data: dict) -> dict:
-    from redknot_rag.kernels.cuda_graph import DecodeGraphRunner
-
+    """Decode through the engine with its own CUDA graphs (`KVRunner.cuda_graphs`, captured on the
+    first decode-only step)."""
     graph: dict[int, Any] = {}
-    model = engine.runner.model
+    r = engine.runner
+    if not r.cuda_graphs:
+        data["notes"].append("CUDA graph decode: not available for this runner (device/backend/config)")
+        return graph
     try:
-        cap = max(batches) * engine.model_config.num_kv_heads * (prompt_len + steps + 32)
         t = time.time()
-        runner = DecodeGraphRunner(model, engine.runner.backend, max_kv_tokens=cap, batch_sizes=tuple(batches))
-        runner.capture()
+        r._decode_graphs()
         data["graph_capture_s"] = time.time() - t
-        hook = GraphDecodeModel(model, runner)
-        engine.runner.model = hook
+        before = r.graph_replays
         for b in batches:
             graph[b] = our_decode(engine, rand_ids(prompt_len, vocab, 100 + b, batch=b).tolist(), steps)
             log("ours graph decode", graph[b])
-        data["graph_replays"], data["graph_eager_forwards"] = hook.replays, hook.eager
+        data["graph_replays"] = r.graph_replays - before
     except Exception as e:  # report, keep the eager numbers
         import traceback
 
         traceback.print_exc()
         data["notes"].append(f"CUDA graph decode failed: {type(e).__name__}: {e}")
-    finally:
-        engine.runner.model = model
     return graph
 
 

@@ -110,6 +110,7 @@ def build(tiny: bool, backend: str, dev: torch.device) -> tuple[Any, Any]:
     engine = engine_from_weights(
         hf.config, weights, "random-llama3-8b", device=str(dev), dtype=str(dtype).replace("torch.", ""),
         attention_backend=backend, max_prefill_tokens=8192 if not tiny else 512, cpu_kv_gib=0.5, mem_fraction=0.7,
+        max_running_requests=16, cuda_graph_context=34816,
     )  # fmt: skip
     del weights
     free_memory()
@@ -270,29 +271,21 @@ def query(engine: Any, name: str, inp: Any, args: Any) -> dict:
 
 # ------------------------------------------------------------------------------------ decode at long context
 def decode_part(engine: Any, inp: Any, ceil: dict, batches: list[int], steps: int, use_graphs: bool) -> list[dict]:
-    """Decode step time at the scenario's context: `batch` reused sequences (relocated chunks) or
-    freshly prefilled ones; eager and with the DecodeGraphRunner hook."""
+    """Decode step time at the scenario's context through `engine.step()`: `batch` reused sequences
+    (relocated chunks) or freshly prefilled ones; eager, and with the runner's own decode CUDA graphs."""
     from redknot_rag.request import ReusedContext
     from redknot_rag.reuse import relocate
     from redknot_rag.sampling import SamplingParams
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-    from run import GraphDecodeModel  # bench/engine/run.py
-
     mc = engine.model_config
     prompt = inp.context_ids + inp.question_ids
     rows = []
-    model = engine.runner.model
-    runner = None
-    if use_graphs:
-        from redknot_rag.kernels.cuda_graph import DecodeGraphRunner
-
-        cap = max(batches) * mc.num_kv_heads * (len(prompt) + steps + 64)
-        runner = DecodeGraphRunner(model, engine.runner.backend, max_kv_tokens=cap, batch_sizes=tuple(batches))
-        runner.capture()
+    r_ = engine.runner
+    graphs_on = use_graphs and r_.cuda_graphs
     for kind in ("reused", "fresh"):
         for b in batches:
-            for mode in ("eager", "graph") if runner is not None else ("eager",):
+            for mode in ("eager", "graph") if graphs_on else ("eager",):
+                r_.cuda_graphs = mode == "graph"
                 params = SamplingParams(
                     max_new_tokens=steps + b + 4, ignore_eos=True
                 )  # early ones decode while others prefill
@@ -308,27 +301,24 @@ def decode_part(engine: Any, inp: Any, ceil: dict, batches: list[int], steps: in
                     reqs.append(engine.submit(req))
                 while not all(r.output_ids for r in reqs):
                     engine.step()
-                hook = GraphDecodeModel(model, runner) if mode == "graph" else None
-                if hook is not None:
-                    engine.runner.model = hook
                 times = []
-                try:
-                    for _ in range(steps):
-                        with Timer(engine.runner.device) as t:
-                            st = engine.step()
-                        assert st.num_decode == b
-                        times.append(t.s)
-                finally:
-                    engine.runner.model = model
+                replays = r_.graph_replays
+                for _ in range(steps):
+                    with Timer(r_.device) as t:
+                        st = engine.step()
+                    assert st.num_decode == b
+                    times.append(t.s)
+                replays = r_.graph_replays - replays
                 while not all(r.is_finished for r in reqs):
                     engine.step()
                 ctx = len(prompt)
                 floor = floor_seconds(mc, [ctx] * b, ctx, ceil, num_seqs=b)["floor_s"]
                 step = statistics.median(times)
                 row = dict(kind=kind, batch=b, mode=mode, context_tokens=ctx, step_s=step, floor_s=floor,
-                           vs_floor=step / floor, replays=getattr(hook, "replays", 0))  # fmt: skip
+                           vs_floor=step / floor, replays=replays)  # fmt: skip
                 rows.append(row)
                 log("decode", row)
+    r_.cuda_graphs = graphs_on
     return rows
 
 
