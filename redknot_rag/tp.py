@@ -173,6 +173,7 @@ class TPRunner(KVRunner):
         self._forget: list[int] = []  # rank 0: handles whose object died (sent with the next call)
         self._forget_lock = threading.Lock()
         super().__init__(cfg, shard)
+        self.cuda_graphs = False  # decode graphs are captured per process; not across ranks' collectives yet
         self.model.reduce = self._reduce_sum
 
     # ---- shape ---------------------------------------------------------------------------------
