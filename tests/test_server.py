@@ -365,7 +365,8 @@ def test_openai_chat(oai):
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"]}}}
 
 
 def test_openai_tools(oai):
@@ -380,7 +381,8 @@ def test_openai_tools(oai):
     assert set(json.loads(call.function.arguments)) == {"city"}
     r = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice="required",
                                     parallel_tool_calls=False, max_tokens=40, temperature=0)
-    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
     stream = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice=named,
                                          max_tokens=30, temperature=0, stream=True)
     chunks = [ch for ch in stream if ch.choices]
@@ -479,7 +481,8 @@ def test_client_disconnect_mid_stream_aborts(server, client):
     while time.time() < deadline:
         info = client.get("/server_info").json()
         m = client.get("/metrics").text
-        if info["num_running"] == 0 and _metric(m, 'redknot_request_success_total{finished_reason="abort"}') > aborted_before:
+        aborted = _metric(m, 'redknot_request_success_total{finished_reason="abort"}')
+        if info["num_running"] == 0 and aborted > aborted_before:
             break
         time.sleep(0.2)
     else:
