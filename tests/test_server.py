@@ -341,6 +341,9 @@ def test_openai_models_and_completions(oai):
     stream = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=6, temperature=0,
                                     stream=True)
     assert "".join(ch.choices[0].text for ch in stream if ch.choices) == c.choices[0].text
+    yn = oai.completions.create(model=MODEL, prompt="Is the sky blue?", max_tokens=4, temperature=0,
+                                extra_body={"ebnf": 'root ::= "yes" | "no"'})
+    assert yn.choices[0].text in ("yes", "no") and yn.choices[0].finish_reason == "stop"
 
 
 def test_openai_chat(oai):

@@ -74,6 +74,7 @@ def _params(body: _OpenAISampling, max_tokens: int | None, default_max: int) -> 
         "skip_special_tokens": body.skip_special_tokens,
         "regex": body.regex,
         "json_schema": json.dumps(body.json_schema) if isinstance(body.json_schema, dict) else body.json_schema,
+        "ebnf": body.ebnf,
         "n": body.n,
     }
     return sampling_from_fields(fields)

@@ -128,6 +128,7 @@ class _OpenAISampling(_Strict):
     skip_special_tokens: bool | None = None
     regex: str | None = None
     json_schema: str | dict[str, Any] | None = None
+    ebnf: str | None = None
 
 
 class CompletionRequest(_OpenAISampling):
