@@ -33,6 +33,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -121,6 +124,54 @@ def init_from_env(device: str) -> tuple[int, int, int]:
     return rank, size, local
 
 
+def check_divides(model_path: str | None, tp_size: int) -> ModelConfig:
+    """Read the model's config only (no weights) and refuse a TP size its heads do not divide by."""
+    from transformers import AutoConfig
+
+    from redknot_rag.loader import resolve_model_dir
+
+    model_dir, _, _ = resolve_model_dir(model_path)
+    return shard_config(ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir)), tp_size)
+
+
+def start_ranks(tp_size: int) -> list[subprocess.Popen]:
+    """torchrun-style launch from one command: unless `WORLD_SIZE` is already set (torchrun did it), this
+    process becomes rank 0 and ranks 1..N-1 start as copies of this command line (`python -m
+    redknot_rag.cli <same args>`) with `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR/PORT` set."""
+    if "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != tp_size:
+            raise TPConfigError(f"--tp {tp_size} but WORLD_SIZE={os.environ['WORLD_SIZE']}")
+        return []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {"WORLD_SIZE": str(tp_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    children = []
+    for r in range(1, tp_size):
+        env = {**os.environ, **base, "RANK": str(r), "LOCAL_RANK": str(r)}
+        children.append(subprocess.Popen([sys.executable, "-m", "redknot_rag.cli", *sys.argv[1:]], env=env))
+    os.environ.update(base, RANK="0", LOCAL_RANK="0")
+    return children
+
+
+def launch(config: EngineConfig, tp_size: int) -> TPRunner | None:
+    """`redknot serve --tp N`: check the model shards, start the ranks, build this rank's runner. Rank 0
+    gets its `TPRunner` back (serve with it, then `close()`); a follower replays rank 0's calls until
+    it closes, then gets None."""
+    check_divides(config.model_path, tp_size)
+    children = start_ranks(tp_size)
+    _, _, local = init_from_env(config.device)
+    if pick_device(config.device).type == "cuda":
+        config = dataclasses.replace(config, device=f"cuda:{local}")
+    runner = TPRunner(config)
+    runner._children = children
+    if runner.tp_rank == 0:
+        return runner
+    runner.follow()
+    dist.destroy_process_group()
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Handle:
     """A `SeqKV` or `KVSegment` by number, the same on every rank."""
@@ -172,6 +223,7 @@ class TPRunner(KVRunner):
         self._live_kv: dict[int, weakref.ref[SeqKV]] = {}  # rank 0: handle → sequence (to name slices)
         self._forget: list[int] = []  # rank 0: handles whose object died (sent with the next call)
         self._forget_lock = threading.Lock()
+        self._children: list[subprocess.Popen] = []  # follower processes this rank started (`launch`)
         super().__init__(cfg, shard)
         self.cuda_graphs = False  # decode graphs are captured per process; not across ranks' collectives yet
         self.model.reduce = self._reduce_sum
@@ -323,6 +375,11 @@ class TPRunner(KVRunner):
         if self.tp_rank == 0 and not getattr(self, "_closed", False):
             self._closed = True
             self._send(_STOP)
+            for p in self._children:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
     # ---- the mirrored runner calls ---------------------------------------------------------------
     def new_seq_kv(self) -> SeqKV:

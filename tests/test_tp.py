@@ -200,3 +200,64 @@ def test_shard_weights_reassemble() -> None:
         assert torch.equal(torch.cat([s[key] for s in shards], dim=dim), full.weights[key])
     local = shard_config(full.config, 2)
     assert shards[1][p + "self_attn.q_proj.weight"].shape == (local.num_q_heads * local.head_dim, local.hidden_size)
+
+
+def _wait_health(url: str, proc: Any, timeout: float = 240) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("server did not come up")
+
+
+def test_serve_tp2_http_on_rank0(tp1: dict[str, Any], tmp_path: Path) -> None:
+    """`redknot serve --tp 2` starts rank 1 itself; /generate on rank 0 answers what TP=1 generates."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from redknot_rag.loader import load_model
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--tp", "2", "--model-path", "tiny-gqa"]
+    cmd += ["--device", "cpu", "--dtype", "float32", "--cpu-kv-gib", "0.02", "--port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(url, proc)
+        tok = load_model("tiny-gqa").tokenizer
+        body = {
+            "input_ids": tok.encode(PROMPTS[1]),
+            "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+        }
+        got = httpx.post(url + "/generate", json=body, timeout=60).json()
+        assert got["output_ids"] == tp1["plain"][1]
+        info = httpx.get(url + "/server_info", timeout=10).json()["engine"]
+        assert info["tp_size"] == 2 and info["kv_heads_per_rank"] == 1
+    finally:
+        proc.terminate()
+        rc = proc.wait(timeout=60)
+    assert rc == 0, (tmp_path / "serve.log").read_text()[-2000:]
+
+
+def test_serve_tp_refuses_heads_that_do_not_divide() -> None:
+    """The default model has 3 KV heads: `--tp 2` fails before any rank starts, with the reason."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--tp", "2", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "KV heads (3) do not divide by 2" in out.stderr

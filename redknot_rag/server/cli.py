@@ -92,6 +92,13 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument(
         "--health-stall-s", type=float, default=30.0, help="/health answers 503 when the engine is stuck this long"
     )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallel ranks (one process per device; KV heads must divide). Starts ranks 1..N-1 itself "
+        "unless run under torchrun; HTTP on rank 0",
+    )
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     add_store_args(p)
     add_engine_args(p)
@@ -120,13 +127,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from redknot_rag.engine import Engine
     from redknot_rag.options import engine_config_from_args
-    from redknot_rag.server.app import create_app
     from redknot_rag.server.logs import setup_json_logging
-    from redknot_rag.server.runtime import Runtime
 
     setup_json_logging(args.log_level)
     settings = settings_from_args(args)
@@ -139,7 +142,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests,
     )
-    engine = Engine(config)
+    runner = None
+    if args.tp != 1:
+        from redknot_rag.tp import launch
+
+        runner = launch(config, args.tp)
+        if runner is None:  # a follower rank: rank 0 closed it
+            return 0
+    try:
+        return _serve(Engine(config, runner=runner), settings, args)
+    finally:
+        if runner is not None:
+            runner.close()  # releases the follower ranks
+
+
+def _serve(engine: Any, settings: ServerSettings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from redknot_rag.server.app import create_app
+    from redknot_rag.server.runtime import Runtime
+
     rag = make_rag(engine, settings, store_config_for(engine, args))
     rt = Runtime(engine, settings, rag)
     app = create_app(rt)
