@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "redknot_rag.evaluation",
     "redknot_rag.demo",
     "redknot_rag.store.cli",
+    "redknot_rag.cluster",
 )
 
 

@@ -90,6 +90,15 @@ class GenerateRequest(_Strict):
     image_data: Any = None
     modalities: Any = None
     lora_path: Any = None
+    # sent by SGLang's router (sglang-router) with every request it forwards: accepted; the ones asking for
+    # output this server does not produce (hidden states, entropy, bytes, background runs) must be false
+    model: str | None = None
+    log_metrics: bool | None = None
+    no_logs: bool | None = None
+    return_hidden_states: Literal[False] | None = None
+    return_entropy: Literal[False] | None = None
+    return_bytes: Literal[False] | None = None
+    background: Literal[False] | None = None
 
 
 class AbortRequest(_Strict):
