@@ -407,14 +407,16 @@ class TPRunner(KVRunner):
         if kv is not None:
             self._mirrored("release", lambda: super(TPRunner, self).release(kv), kv)
 
-    def write_segment(self, k: torch.Tensor, v: torch.Tensor) -> KVSegment:
-        """K/V of all heads `[L, Hkv_full, T, D]` in; this rank keeps its heads `[L, Hkv/N, T, D]`."""
+    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> KVSegment:
+        """K/V of all heads `[L, Hkv_full, T, D]` (and `visible` `[L, Hkv_full, T]`) in; this rank keeps
+        its heads `[L, Hkv/N, T, D]`."""
         heads = self.kv_heads
 
         def local() -> KVSegment:
-            return self._register(super(TPRunner, self).write_segment(k[:, heads], v[:, heads]))
+            vis = None if visible is None else visible[:, heads]
+            return self._register(super(TPRunner, self).write_segment(k[:, heads], v[:, heads], vis))
 
-        return self._mirrored("write_segment", local, k, v)
+        return self._mirrored("write_segment", local, k, v, visible)
 
     def drop_segment(self, segment: KVSegment) -> None:
         self._mirrored("drop_segment", lambda: super(TPRunner, self).drop_segment(segment), segment)
