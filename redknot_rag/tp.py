@@ -11,8 +11,9 @@ Design (the simplest one that keeps the engine unchanged):
 - **Rank 0 drives.** The engine, the HTTP server, retrieval and the chunk store run on rank 0 only.
   Every runner call that touches pages or the model (`new_seq_kv`, `attach`, `attach_many`, `append`, `override`,
   `truncate`, `release`, `write_segment`, `drop_segment`, `read_tokens`, `forward`, `append_forward`,
-  `recompute`, `on_all_ranks`) is broadcast to the other ranks (a gloo group: control on the host,
-  data on NCCL) and then run locally; followers (`TPRunner.follow`) replay it on their own shard.
+  `recompute`, `on_all_ranks`) is sent to the other ranks (a gloo group: control on the host, data on
+  NCCL) and run locally; followers (`TPRunner.follow`) replay it on their own shard. Bookkeeping calls
+  queue and go with the next call that runs a collective: one broadcast per engine step.
 - **Lockstep.** Every rank runs the same allocator operations in the same order on a pool of the
   same page count, so page ids, sequence slot tables and handle numbers agree on every rank. Python
   objects (`SeqKV`, `KVSegment`) cross as handles; a follower keeps its twin of each until rank 0's
@@ -55,6 +56,8 @@ from redknot_rag.runner import ForwardResult, KVRunner, pick_device, pick_dtype
 log = logging.getLogger("redknot.tp")
 
 _STOP = "stop"
+# calls that run collectives: the followers must join them now (everything else may wait in the queue)
+_FLUSH = frozenset({"forward", "append_forward", "recompute", "read_tokens", "_run_fn"})
 _CONTROL_TIMEOUT = timedelta(days=365)  # followers wait for the next step as long as the server lives
 
 
@@ -223,6 +226,7 @@ class TPRunner(KVRunner):
         self._live_kv: dict[int, weakref.ref[SeqKV]] = {}  # rank 0: handle → sequence (to name slices)
         self._forget: list[int] = []  # rank 0: handles whose object died (sent with the next call)
         self._forget_lock = threading.Lock()
+        self._pending: list[tuple[str, Any, Any]] = []  # rank 0: queued calls without collectives
         self._children: list[subprocess.Popen] = []  # follower processes this rank started (`launch`)
         super().__init__(cfg, shard)
         self.cuda_graphs = False  # decode graphs are captured per process; not across ranks' collectives yet
@@ -343,16 +347,26 @@ class TPRunner(KVRunner):
         return box[0]
 
     def _mirrored(self, op: str, local: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        """On rank 0 at the outermost call: send `(op, args)` to the followers, then run `local()`."""
+        """On rank 0 at the outermost call: queue `(op, args)` for the followers, then run `local()`.
+
+        Page bookkeeping calls (no collective inside) only queue; a call that runs a collective (`_FLUSH`)
+        sends the queue and itself in one message, so a decode step of B sequences costs one broadcast,
+        not B + 1. Followers need to be current only when they join a collective."""
         if self.tp_rank == 0 and self._depth == 0:
-            with self._forget_lock:
-                forget, self._forget = self._forget, []
-            self._send((op, self._encode(args), self._encode(kwargs), forget))
+            self._pending.append((op, self._encode(args), self._encode(kwargs)))
+            if op in _FLUSH:
+                self._flush()
         self._depth += 1
         try:
             return local()
         finally:
             self._depth -= 1
+
+    def _flush(self) -> None:
+        with self._forget_lock:
+            forget, self._forget = self._forget, []
+        ops, self._pending = self._pending, []
+        self._send((ops, forget))
 
     def follow(self) -> None:
         """Followers: replay rank 0's calls until it sends stop (`close`)."""
@@ -362,18 +376,21 @@ class TPRunner(KVRunner):
             msg = self._send(None)
             if msg == _STOP:
                 return
-            op, args, kwargs, forget = msg
-            for h in forget:
+            ops, forget = msg
+            for op, args, kwargs in ops:
+                try:
+                    getattr(self, op)(*self._decode(args), **self._decode(kwargs))
+                except Exception:  # rank 0 met the same error in the same call (lockstep)
+                    log.exception("tensor-parallel follower: %s failed", op)
+            for h in forget:  # after the ops: they may still have named these objects
                 self._objects.pop(h, None)
-            try:
-                getattr(self, op)(*self._decode(args), **self._decode(kwargs))
-            except Exception:  # rank 0 meets the same error in the same call (lockstep)
-                log.exception("tensor-parallel follower: %s failed", op)
 
     def close(self) -> None:
         """Rank 0: release the followers (they return from `follow`). Idempotent."""
         if self.tp_rank == 0 and not getattr(self, "_closed", False):
             self._closed = True
+            if self._pending:
+                self._flush()
             self._send(_STOP)
             for p in self._children:
                 try:
