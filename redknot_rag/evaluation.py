@@ -27,9 +27,9 @@ DEFAULT_POLICIES = (
     "full",
     "naive",
     "cacheblend:0.1",
-    "redknot:0.07",
-    "redknot-dense:0.07",
-    "redknot:0.07:4:64:6",
+    "redknot:0.05",
+    "redknot-dense:0.05",
+    "redknot:0.05:4:64:6",
 )
 QUICK_POLICIES = ("full", "naive", "redknot:0.1")
 SETS = ("planted", "facts")
@@ -222,15 +222,14 @@ def summarize(records: Sequence[Record], reference: str = "full") -> dict:
     return out
 
 
-def choose_default(policies: dict[str, dict], max_recompute: float = MAX_RECOMPUTE, min_speedup: float = 0.0) -> str:
-    """The frontier rule: among reuse policies within the recompute budget, those that also reach the
-    speed-up floor if any do, the best accuracy difference to `full`, then the lowest first-token KL."""
+def choose_default(policies: dict[str, dict], max_recompute: float = MAX_RECOMPUTE) -> str:
+    """The frontier rule: among reuse policies within the recompute budget (the GPU path needs it small),
+    the best accuracy difference to `full`, then the lowest first-token KL. Speed is reported, not used:
+    on the CPU it depends mostly on context length (see `goals`)."""
     ok = {n: p for n, p in policies.items() if n != "full" and p["recompute_fraction"] <= max_recompute + 1e-9}
     if not ok:
         raise ValueError("no reuse policy within the recompute budget was measured")
-    fast = {n: p for n, p in ok.items() if p["speedup_median"] >= min_speedup}
-    pick = fast or ok
-    return max(pick, key=lambda n: (round(pick[n]["accuracy_diff"], 6), -pick[n]["first_token_kl"]))
+    return max(ok, key=lambda n: (round(ok[n]["accuracy_diff"], 6), -ok[n]["first_token_kl"]))
 
 
 def goals(p: dict, min_speedup: float) -> dict[str, bool]:
@@ -250,7 +249,7 @@ def report(records: Sequence[Record], meta: dict) -> dict:
     pooled = summarize(records)
     sets = sorted({r.set_name for r in records})
     per_set = {s: summarize([r for r in records if r.set_name == s]) for s in sets} if len(sets) > 1 else {}
-    default = choose_default(pooled, min_speedup=meta.get("min_speedup", 0.0))
+    default = choose_default(pooled)
     return {
         **meta,
         "num_cases": len({r.case_id for r in records}),
@@ -279,20 +278,25 @@ def run_eval(
     for p in policies:
         rag.assembler.policy(p)  # validate every name before any work
     cases = build_cases(set_name, n, seed, rag.engine.tokenizer)
-    done = set()
+    done: set[tuple[str, str]] = set()
     records: list[Record] = []
     if records_path is not None and records_path.exists():  # resume: keep what an earlier run measured
         for line in records_path.read_text().splitlines():
             d = json.loads(line)
             if d["policy"] in policies:
                 records.append(Record(**d))
-        done = {r.case_id for r in records}
+        done = {(r.case_id, r.policy) for r in records}
     sink = records_path.open("a") if records_path is not None else None
     try:
         for case in tqdm(cases, desc=f"eval {set_name}", disable=not progress):
-            if case.case_id in done:
+            missing = [p for p in policies if (case.case_id, p) not in done]
+            if not missing:
                 continue
-            for r in run_case(rag, case, policies, max_new_tokens):
+            # `full` is the reference of every paired metric: rerun it with whatever this case still lacks
+            run = ["full", *[p for p in missing if p != "full"]]
+            for r in run_case(rag, case, run, max_new_tokens):
+                if r.policy not in missing:
+                    continue
                 records.append(r)
                 if sink is not None:
                     sink.write(json.dumps(asdict(r)) + "\n")
