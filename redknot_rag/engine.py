@@ -266,8 +266,22 @@ class Engine:
                 toks = req.prompt_ids[req.num_computed : req.num_computed + n]
                 p0 = req.num_computed
             positions = torch.arange(p0, p0 + len(toks), dtype=torch.int64)
-            new_slots = self.runner.append(req.kv, positions)
-            slices.append(req.kv.slice(q0, len(toks), new_slots))
+            reuse = req.reuse
+            pending = reuse.pending if reuse is not None and not req.is_prefill_done else None
+            if reuse is not None and pending is not None:
+                # deferred recompute: the selected context tokens go first in this forward (queries inside
+                # the context, copy-on-write slots), then the question tokens at the tail, which see them
+                reuse.pending = None
+                cow = self.runner.override(req.kv, pending)
+                k_pos = req.kv.positions[pending.to(req.kv.device)].cpu()
+                ids.extend(req.prompt_ids[i] for i in pending.tolist())
+                pos.extend(k_pos.tolist())
+                new_slots = torch.cat([cow, self.runner.append(req.kv, positions)], dim=2)
+                slices.append(req.kv.slice(q0, int(pending.numel()) + len(toks), new_slots))
+                q0 += int(pending.numel())
+            else:
+                new_slots = self.runner.append(req.kv, positions)
+                slices.append(req.kv.slice(q0, len(toks), new_slots))
             ids.extend(toks)
             pos.extend(range(p0, p0 + len(toks)))
             rows: list[int] = []

@@ -38,6 +38,10 @@ class ReusedContext:
     policy: str
     stats: dict = field(default_factory=dict)
     phase_ms: dict[str, float] = field(default_factory=dict)  # kv_load / kv_miss_prefill / recompute (metrics)
+    # context token indices `[n]` (ascending) selected for recompute but not yet recomputed: the engine's
+    # first prefill step of this request recomputes them (copy-on-write slots) in the same forward as the
+    # first question tokens. None: nothing pending.
+    pending: torch.Tensor | None = None
 
 
 @dataclass

@@ -60,6 +60,9 @@ class Assembled:
     recompute_ms: float = 0.0
     recomputed_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     stats: dict = field(default_factory=dict)
+    # True: `recomputed_index` is selected but NOT yet recomputed; the engine recomputes those tokens in the
+    # same forward as the first question tokens (`ReusedContext.pending`)
+    deferred: bool = False
 
 
 class ReusePolicy(ABC):
@@ -68,7 +71,9 @@ class ReusePolicy(ABC):
     name: str = "base"
 
     @abstractmethod
-    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled: ...
+    def assemble(self, runner: KVRunner, inp: ReuseInput, defer_recompute: bool = False) -> Assembled:
+        """Build the context KV. With `defer_recompute`, selective policies only select the tokens to
+        recompute (`Assembled.deferred`); the engine then recomputes them in one forward with the question."""
 
 
 def relocate(runner: KVRunner, inp: ReuseInput, visible: list[torch.Tensor | None] | None = None) -> SeqKV:
@@ -103,7 +108,7 @@ class FullPolicy(ReusePolicy):
 
     name = "full"
 
-    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled:
+    def assemble(self, runner: KVRunner, inp: ReuseInput, defer_recompute: bool = False) -> Assembled:
         return Assembled(None, 0, 0, len(inp.context_ids))
 
 
@@ -112,7 +117,7 @@ class NaivePolicy(ReusePolicy):
 
     name = "naive"
 
-    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled:
+    def assemble(self, runner: KVRunner, inp: ReuseInput, defer_recompute: bool = False) -> Assembled:
         kv = relocate(runner, inp)
         n = kv.num_tokens
         return Assembled(kv, n, n - len(inp.anchor_ids), 0)
@@ -127,19 +132,21 @@ class _SelectivePolicy(ReusePolicy):
     def visibility(self, runner: KVRunner, inp: ReuseInput) -> list[torch.Tensor | None] | None:
         return None
 
-    def assemble(self, runner: KVRunner, inp: ReuseInput) -> Assembled:
+    def assemble(self, runner: KVRunner, inp: ReuseInput, defer_recompute: bool = False) -> Assembled:
         kv = relocate(runner, inp, self.visibility(runner, inp))
         try:
             t0 = time.perf_counter()
             idx = self.select(runner, inp, kv)
             idx = torch.unique(idx.to(torch.int64))  # sorted, ascending positions
-            recompute(runner, kv, inp.context_ids, idx)
+            if not defer_recompute:
+                recompute(runner, kv, inp.context_ids, idx)
             ms = (time.perf_counter() - t0) * 1e3
         except BaseException:
             runner.release(kv)
             raise
         chunk_tokens = kv.num_tokens - len(inp.anchor_ids)
-        return Assembled(kv, kv.num_tokens, chunk_tokens - int(idx.numel()), int(idx.numel()), ms, idx)
+        n = int(idx.numel())
+        return Assembled(kv, kv.num_tokens, chunk_tokens - n, n, ms, idx, deferred=defer_recompute and n > 0)
 
 
 class EpicPolicy(_SelectivePolicy):

@@ -129,3 +129,36 @@ def test_probe_truncate_returns_pages(setup):
     assert kv.num_tokens == n
     runner.release(kv)
     assert runner.allocator.num_free == free
+
+
+@pytest.mark.parametrize("policy", ["epic:8", "redknot:0.2", "epic:100000"])
+def test_recompute_in_one_forward_with_the_question_equals_two_passes(setup, policy):
+    """Deferred recompute (the selected tokens recomputed in the engine's first forward, together with the
+    question) gives the logits of recomputing first and prefilling the question after; shared pages stay
+    untouched and every page comes back."""
+    engine, pf, anchor, chunks, segs, q = setup
+    runner = engine.runner
+    free = runner.allocator.num_free
+    inp = ReuseInput(anchor, pf.anchor, chunks, segs, q)
+    prompt = inp.context_ids + q
+    before = _snapshot(engine, segs + [pf.anchor])
+    two = make_policy(policy).assemble(runner, inp)
+    _, ref = _first_logits(engine, prompt, two)
+    one = make_policy(policy).assemble(runner, inp, defer_recompute=True)
+    assert one.deferred and torch.equal(one.recomputed_index, two.recomputed_index)
+    req = engine.make_request(prompt, SamplingParams(max_new_tokens=1))
+    req.reuse = ReusedContext(one.kv, one.context_len, one.reused_tokens, one.recomputed_tokens, policy)
+    req.reuse.pending = one.recomputed_index
+    seen = []
+    req.logits_processor = lambda r, logits: seen.append(logits.clone()) or logits
+    engine.submit(req)
+    engine.step()  # the first step recomputes the pending tokens and prefills the question
+    assert req.reuse.pending is None and req.output_ids
+    while not req.is_finished:
+        engine.step()
+    diff = (seen[0] - ref).abs().max().item()
+    print(f"{policy}: one forward vs two passes, max |first-token logit diff| {diff:.2e}")
+    assert diff < 1e-3
+    after = _snapshot(engine, segs + [pf.anchor])
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(before, after))
+    assert runner.allocator.num_free == free

@@ -8,10 +8,10 @@ profiling and the benches. Runs on the runner's thread (`Engine.call`): it write
 from __future__ import annotations
 
 import time
-
-import torch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from redknot_rag.engine import Engine
 from redknot_rag.heads import HeadProfile, load_profile_for
@@ -79,6 +79,8 @@ class Assembler:
         self.prefiller: ChunkPrefiller = engine.call(lambda: ChunkPrefiller(runner, layout.anchor_ids))
         self.cache = SegmentCache(runner, max_pages=cache_pages or runner.pool.num_pages // 2)
         self._policies: dict[str, ReusePolicy] = {}
+        # recompute + question in one forward (the engine's first prefill step); False: recompute at assembly
+        self.one_forward = True
 
     def policy(self, name: str) -> ReusePolicy:
         """The policy for `name` (validated; built once per name with the model's head profile)."""
@@ -132,7 +134,9 @@ class Assembler:
         anchor = list(self.layout.anchor_ids)
         inp = ReuseInput(anchor, self.prefiller.anchor, [list(c) for c in chunk_ids], segs, list(tail_ids))
         t = time.perf_counter()
-        asm = self.runner.on_all_ranks(policy.assemble, inp)  # one rank: a plain call
+        # selection now; the recompute itself is deferred into the engine's first forward of this request,
+        # together with the question (`ReusedContext.pending`): one pass over the weights instead of two
+        asm = self.runner.on_all_ranks(policy.assemble, inp, self.one_forward)  # one rank: a plain call
         timing.recompute_ms += (time.perf_counter() - t) * 1e3
         if asm.kv is not None:
             stats = {
@@ -143,6 +147,8 @@ class Assembler:
             req.reuse = ReusedContext(
                 asm.kv, asm.context_len, asm.reused_tokens, asm.recomputed_tokens, policy_name, stats, timing.as_dict()
             )
+            if asm.deferred:
+                req.reuse.pending = asm.recomputed_index
         return req
 
     def drop_chunk(self, key: str) -> None:
