@@ -5,7 +5,7 @@ Starts, in order, and waits for each to answer before the next:
 1. `redis-server` on loopback (no persistence, `allkeys-lru` under `--redis-maxmemory`): the shared cold
    tier for chunk KV (skipped with `--redis-url`, which points at a Redis already running);
 2. N `redknot serve` replicas on consecutive ports, each with `--redis-url` (and every argument after
-   `--`, e.g. `--model-path`, `--data-dir`, `--tp`);
+   `--`, e.g. `--model-path`, `--data-dir`, `--tp`; `{replica}` in them becomes the replica's number);
 3. SGLang's router (`python -m sglang_router.launch_router`, PyPI `sglang-router`) over the replicas
    with its cache-aware policy (prompts sharing a prefix go to the same replica).
 
@@ -118,7 +118,8 @@ class Cluster:
     def _start_replica(self, i: int) -> subprocess.Popen:
         s = self.spec
         cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--host", s.host]
-        cmd += ["--port", str(s.replica_port + i), "--redis-url", s.shared_redis_url, *s.serve_args]
+        own = [a.replace("{replica}", str(i)) for a in s.serve_args]  # e.g. --data-dir /srv/rk-{replica}
+        cmd += ["--port", str(s.replica_port + i), "--redis-url", s.shared_redis_url, *own]
         return self._spawn(f"replica-{i}", cmd, env={**os.environ, "REDKNOT_REDIS_URL": s.shared_redis_url})
 
     def _start_router(self) -> None:

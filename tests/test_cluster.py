@@ -1,6 +1,8 @@
 """`redknot cluster up` on loopback: a real redis-server, 2 `redknot serve` replicas sharing it, and SGLang's
-router (sglang-router from PyPI, cache-aware policy) in front; /generate answered through the router, and
-a replica killed mid-run while the router keeps serving from the other.
+router (sglang-router from PyPI, cache-aware policy) in front. /generate is answered through the router; a
+chunk ingested through one replica is found in Redis by the other (no prefill there); that replica is killed
+mid-run while requests flow (no failure beyond those in flight), and a prompt with the chunk, sent through
+the router, is answered by the survivor with the chunk's KV reused (`cached_tokens` > 0).
 
 Replicas serve the shipped `tiny-gqa` model (random weights; `redknot_rag/tiny.py`) so that two of them
 start in seconds on a 2-core box. Missing redis-server or sglang-router skip the test, except under
@@ -21,7 +23,8 @@ import pytest
 
 pytestmark = pytest.mark.timeout(300)
 
-SERVE = ("--model-path", "tiny-gqa", "--device", "cpu", "--dtype", "float32", "--cpu-kv-gib", "0.02")
+SERVE = ("--model-path", "tiny-gqa", "--device", "cpu", "--dtype", "float32", "--cpu-kv-gib", "0.05")
+DOC = "Alice keeps the spare key of the lab under the blue flowerpot near the door. The lab opens at nine."
 PROMPTS = [f"Request number {i}: tell me about topic {i * 7}." for i in range(8)]
 
 
@@ -73,7 +76,11 @@ def _served(url: str) -> int:
 
 def test_two_replicas_behind_the_router(tmp_path: Path) -> None:
     _require()
+    import httpx
+
     from redknot_rag.cluster import Cluster, ClusterSpec
+    from redknot_rag.loader import load_model
+    from redknot_rag.rag.layout import PromptLayout
 
     router, replica, redis = _free_ports(3)
     # replica ports are replica_port + i: take two free ports in a row from a base the OS just handed out
@@ -82,7 +89,7 @@ def test_two_replicas_behind_the_router(tmp_path: Path) -> None:
         port=router,
         replica_port=replica,
         redis_port=redis,
-        serve_args=SERVE,
+        serve_args=(*SERVE, "--data-dir", str(tmp_path / "replica-{replica}")),  # own doc DB, shared Redis
         log_dir=tmp_path / "logs",
         start_timeout_s=240,
     )
@@ -103,9 +110,18 @@ def test_two_replicas_behind_the_router(tmp_path: Path) -> None:
         print("requests answered per replica:", served)
         assert sum(served) == len(PROMPTS) + len(direct)
 
-        # failure drill: kill the replica that answered most, while requests keep coming (2 at a time); only
-        # requests in flight at the kill may fail, and the router serves everything after it from the other
+        # the replica that answered most ingests a document: its chunk KV is prefilled and written to Redis;
+        # the other ingests the same document and finds the chunk there (no prefill: kv_bytes 0)
         victim = served.index(max(served))
+        survivor = 1 - victim
+        doc = {"documents": [{"doc_id": "keys", "text": DOC}]}
+        first = httpx.post(spec.replica_url(victim) + "/ingest", json=doc, timeout=120).json()["documents"]
+        second = httpx.post(spec.replica_url(survivor) + "/ingest", json=doc, timeout=120).json()["documents"]
+        assert first["kv_chunks"] == 1 and first["kv_bytes"] > 0
+        assert second["kv_chunks"] == 1 and second["kv_bytes"] == 0
+
+        # failure drill: kill that replica while requests keep coming (2 at a time); only requests in
+        # flight at the kill may fail, and the router serves everything after it from the other
         results: list[int] = []
         in_flight_at_kill = 0
         lock = threading.Lock()
@@ -134,4 +150,17 @@ def test_two_replicas_behind_the_router(tmp_path: Path) -> None:
         print(f"killed replica {victim}: {failed} failed of {len(results)}, {in_flight_at_kill} in flight at the kill")
         assert len(results) == 16
         assert failed <= in_flight_at_kill
-        assert c.replicas[1 - victim].poll() is None
+        assert c.replicas[survivor].poll() is None
+
+        # a prompt carrying the chunk, through the router: the survivor answers and reuses the chunk's KV,
+        # which only the killed replica ever computed (it came from Redis)
+        layout = PromptLayout.for_tokenizer(load_model("tiny-gqa").tokenizer)
+        got = httpx.post(spec.replica_url(survivor) + "/retrieve", json={"question": "spare key"}, timeout=60).json()
+        text = layout.format.prefix + got["context"] + "Question: Where is the spare key?" + layout.format.suffix
+        ids = layout.tokenizer.encode(text, add_special_tokens=False)
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+        r = httpx.post(spec.router_url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        cached = r.json()["meta_info"]["cached_tokens"]  # reused chunk tokens (the anchor is not counted)
+        print(f"cached_tokens {cached} of the chunk's {len(layout.chunk_ids(DOC))} tokens")
+        assert cached > 0
