@@ -178,7 +178,9 @@ async def main_async(args: argparse.Namespace) -> Report:
         pid = proc.pid
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        info = httpx.get(url + "/server_info", headers=headers, timeout=30).json()
+        r = httpx.get(url + "/server_info", headers=headers, timeout=30)
+        is_json = r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json")
+        info = r.json() if is_json else {}  # SGLang's router does not forward /server_info
         routes = ["/generate"]
         if info.get("rag") and not args.generate_only:
             if args.ingest:
