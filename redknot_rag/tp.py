@@ -57,7 +57,8 @@ log = logging.getLogger("redknot.tp")
 
 _STOP = "stop"
 # calls that run collectives: the followers must join them now (everything else may wait in the queue)
-_FLUSH = frozenset({"forward", "append_forward", "recompute", "read_tokens", "_run_fn"})
+# (`write_segment` too: its payload is a whole chunk's K/V, better sent now than piled up in the queue)
+_FLUSH = frozenset({"forward", "append_forward", "recompute", "read_tokens", "_run_fn", "write_segment"})
 _CONTROL_TIMEOUT = timedelta(days=365)  # followers wait for the next step as long as the server lives
 
 
@@ -198,7 +199,8 @@ class TPRunner(KVRunner):
     """A `KVRunner` over this rank's shard; on rank 0 its pool/model calls are mirrored to the followers.
 
     Needs `torch.distributed` initialized (`init_from_env`). `loaded` is the full model (or None: load
-    `config.model_path` onto this rank's device); it is sharded here.
+    `config.model_path` onto this rank's device); it is sharded here and its weights dict is emptied, so
+    the full tensors are freed (when the caller holds no other reference) before the pool is sized.
     """
 
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
@@ -218,6 +220,9 @@ class TPRunner(KVRunner):
             full.name,
             full.weights_fingerprint,
         )
+        full.weights = {}  # the unsharded q/k/v/o/MLP tensors go now, not after the pool took its share
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         # control messages on the host (gloo) whatever the data backend is
         self._ctrl = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
         self._depth = 0  # > 0 inside a mirrored call: nested runner calls run locally only
