@@ -31,6 +31,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt.strip():
         raise ValueError("empty prompt")
+    SamplingParams(  # bad values fail before the model loads
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    ).validate()
     engine = Engine(engine_config_from_args(args))
     tok = engine.tokenizer
     ids = encode(tok, args.prompt) if args.raw else chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
@@ -75,18 +82,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="redknot", description="RedKnot-RAG: RAG serving with per-head KV reuse")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text for one prompt")
+    helpful = argparse.ArgumentDefaultsHelpFormatter
+    g = sub.add_parser("generate", help="generate text for one prompt", formatter_class=helpful)
     g.add_argument("prompt")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (-1: all)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
     add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
-    i = sub.add_parser("info", help="model, device, dtype and KV pool size")
+    i = sub.add_parser("info", help="model, device, dtype and KV pool size", formatter_class=helpful)
     add_engine_args(i)
     i.set_defaults(func=_cmd_info)
     for name in _COMMAND_MODULES:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 DEMO_QUESTIONS = [
@@ -17,10 +19,20 @@ DEMO_MAX_DOC_CHARS = 10_000  # keep the quick start's ingestion to ~10 s of CPU
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from redknot_rag.ingest import open_service
+    from redknot_rag.ingest import open_service, require_store
+    from redknot_rag.limits import MAX_QUESTION_CHARS
     from redknot_rag.rag import run_query
+    from redknot_rag.reuse import make_policy
     from redknot_rag.sampling import SamplingParams
 
+    if not args.question.strip():
+        raise ValueError("empty question")
+    if len(args.question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"question of {len(args.question)} chars exceeds the limit of {MAX_QUESTION_CHARS}")
+    if args.reuse_policy:
+        make_policy(args.reuse_policy)
+    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature).validate()
+    require_store(args.data_dir, args.namespace)  # before the model loads; creates nothing
     rag = open_service(args, args.reuse_policy)
     res = run_query(
         rag,
@@ -45,20 +57,48 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    is_temp = args.data_dir is None
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="redknot-demo-"))
+    args.data_dir = str(data_dir)
+    try:
+        return _run_demo(args, data_dir)
+    finally:
+        if is_temp and not args.keep:
+            size = _dir_bytes(data_dir) / 2**20
+            shutil.rmtree(data_dir, ignore_errors=True)
+            print(
+                f"\nremoved the demo's temporary data folder {data_dir} ({size:.0f} MiB); "
+                "pass --data-dir DIR or --keep to keep it"
+            )
+        elif is_temp:
+            print(
+                f"\nthe demo's data stays in {data_dir} ({_dir_bytes(data_dir) / 2**20:.0f} MiB); "
+                f"try `redknot query --data-dir {data_dir} QUESTION`"
+            )
+
+
+def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
     from importlib import resources
 
     from redknot_rag.ingest import open_service
     from redknot_rag.rag import run_query
     from redknot_rag.sampling import SamplingParams
 
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="redknot-demo-"))
-    args.data_dir = str(data_dir)
     corpus = Path(str(resources.files("redknot_rag") / "data" / "sample_corpus.jsonl"))
+    print("== loading the model and the embedder", flush=True)
     rag = open_service(args)
-    print(f"== ingest {corpus.name} into {data_dir} (chunk KV precompute, stored per KV head)")
     docs = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
     docs = [d for d in docs if len(d["text"]) <= DEMO_MAX_DOC_CHARS]
+    print(
+        f"== ingest {len(docs)} documents of {corpus.name} into {data_dir}: parse, chunk, embed, then precompute "
+        "each chunk's KV (stored per KV head); ~10-30 s on a CPU",
+        flush=True,
+    )
     s = rag.ingest_texts(docs, "default")
     print(
         f"   {s.documents} documents, {s.chunks} chunks, {s.tokens} tokens, {s.kv_bytes / 2**20:.1f} MiB KV "
@@ -67,21 +107,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     rows = []
     for q in DEMO_QUESTIONS:
+        t0 = time.perf_counter()
         sources = rag.retrieve(q, top_k=args.top_k)
-        run_query(rag, q, reuse_policy="naive", sources=sources, params=SamplingParams(max_new_tokens=1))  # warm cache
+        retrieve_ms = (time.perf_counter() - t0) * 1e3
+        run_query(rag, q, reuse_policy="naive", sources=sources, params=SamplingParams(max_new_tokens=1))  # warm-up
+        rag.flush_cache()  # the measured query loads its chunks' KV from the store, as a cold query does
         out = {}
         for pol in ("full", rag.default_policy):
-            r = run_query(rag, q, reuse_policy=pol, sources=sources, params=params)
-            out[pol] = r
+            out[pol] = run_query(rag, q, reuse_policy=pol, sources=sources, params=params)
         full, reuse = out["full"], out[rag.default_policy]
         print(f"\nQ: {q}\n   sources: {', '.join(s.doc_id for s in sources)}")
         print(f"   [{rag.default_policy}] {reuse.answer.strip()[:200]}")
         print(f"   [full]    {full.answer.strip()[:200]}")
         t = reuse.timing
         print(
-            f"   TTFT {rag.default_policy}: {t['ttft_ms']:.0f} ms (retrieve {t['retrieve_ms']:.0f}, load "
-            f"{t['kv_load_ms']:.0f}, recompute {t['recompute_ms']:.0f}, question prefill "
-            f"{t['question_prefill_ms']:.0f}) vs full prefill {full.timing['ttft_ms']:.0f} ms "
+            f"   retrieve {retrieve_ms:.0f} ms, then TTFT {rag.default_policy}: {t['ttft_ms']:.0f} ms (KV load "
+            f"{t.get('kv_load_ms', 0):.0f}, recompute {t.get('recompute_ms', 0):.0f}, question prefill "
+            f"{t.get('question_prefill_ms', 0):.0f}) vs full prefill {full.timing['ttft_ms']:.0f} ms "
             f"-> {full.timing['ttft_ms'] / t['ttft_ms']:.1f}x; {reuse.usage['cached_tokens']} of "
             f"{reuse.usage['prompt_tokens']} prompt tokens reused"
         )
@@ -91,22 +133,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
-    from redknot_rag.ingest import DEFAULT_DATA_DIR
+    from redknot_rag.ingest import DEFAULT_DATA_DIR, HELP
     from redknot_rag.options import add_engine_args
 
-    q = sub.add_parser("query", help="answer one question from ingested documents (reuses stored KV)")
+    q = sub.add_parser(
+        "query", help="answer one question from ingested documents (reuses stored KV)", formatter_class=HELP
+    )
     q.add_argument("question")
-    q.add_argument("--top-k", type=int, default=6)
-    q.add_argument("--namespace", default="default")
-    q.add_argument("--reuse-policy", default=None, help="full, naive, epic[:k], cacheblend[:r], redknot[:r]")
-    q.add_argument("--max-new-tokens", type=int, default=64)
-    q.add_argument("--temperature", type=float, default=0.0)
-    q.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    q.add_argument("--top-k", type=int, default=6, help="chunks retrieved into the prompt (1-64)")
+    q.add_argument("--namespace", default="default", help="namespace to search")
+    q.add_argument(
+        "--reuse-policy",
+        default="redknot",
+        help="full, naive, epic[:k], cacheblend[:r], redknot[:r[:k[:w]]], redknot-local[:r[:k[:w]]], "
+        "redknot-dense[:r[:k]]",
+    )
+    q.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    q.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="where `redknot ingest` stored the documents")
     add_engine_args(q)
     q.set_defaults(func=_cmd_query)
-    d = sub.add_parser("demo", help="quick start: ingest the sample corpus and answer questions with reuse")
-    d.add_argument("--data-dir", default=None, help="default: a fresh temporary folder")
-    d.add_argument("--top-k", type=int, default=6)
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d = sub.add_parser(
+        "demo", help="quick start: ingest the sample corpus and answer questions with reuse", formatter_class=HELP
+    )
+    d.add_argument("--data-dir", default=None, help="keep the data here (default: a temporary folder, removed after)")
+    d.add_argument("--keep", action="store_true", help="keep the temporary data folder")
+    d.add_argument("--top-k", type=int, default=6, help="chunks retrieved into each prompt")
+    d.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
     add_engine_args(d)
     d.set_defaults(func=_cmd_demo)

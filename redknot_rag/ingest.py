@@ -8,6 +8,22 @@ import sys
 from pathlib import Path
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "redknot"
+HELP = argparse.ArgumentDefaultsHelpFormatter  # every subcommand shows its defaults in --help
+
+
+def require_store(data_dir: str | Path, namespace: str) -> None:
+    """Fail fast, before the model loads, when nothing was ingested into `namespace` under `data_dir`
+    (and create nothing there)."""
+    from redknot_rag.retrieval.docdb import DocDB
+
+    db_path = Path(data_dir) / "docs.sqlite"
+    if not db_path.is_file():
+        raise FileNotFoundError(f"no documents ingested in {data_dir} yet: run `redknot ingest PATH...` first")
+    with DocDB(db_path) as db:
+        if not db.has_namespace(namespace):
+            raise FileNotFoundError(
+                f"no namespace {namespace!r} in {data_dir}: run `redknot ingest --namespace {namespace} PATH...`"
+            )
 
 
 def open_service(args: argparse.Namespace, policy: str | None = None):
@@ -26,26 +42,42 @@ def open_service(args: argparse.Namespace, policy: str | None = None):
             kw["store_config"] = store_config_for(engine, args)
         else:
             print("warning: this RagService takes no store settings yet; --store-* flags ignored", file=sys.stderr)
+    if getattr(args, "chunk_tokens", None):
+        kw["chunk_tokens"] = args.chunk_tokens
     return RagService(engine, Path(args.data_dir), policy, **kw)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from redknot_rag.limits import InputLimits
+    from redknot_rag.retrieval.docdb import validate_namespace
+
+    validate_namespace(args.namespace)
     for p in args.paths:
+        if not str(p).strip():
+            raise ValueError("empty path: give a file or directory")
         if not Path(p).exists():
             raise FileNotFoundError(f"no such file or directory: {p}")
+    InputLimits(max_document_bytes=args.max_document_bytes).check_paths(args.paths)  # the server's limit too
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say("loading the model and the embedder...")
     rag = open_service(args)
-    bar = tqdm(total=0, unit="tok", desc="chunk KV", disable=args.quiet, dynamic_ncols=True)
+    say(f"parsing, chunking and embedding {', '.join(map(str, args.paths))} into namespace {args.namespace!r}...")
+    bars: list = []  # created on the first KV report, when the total is known
 
     def progress(stage: str, chunks: int, tokens: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="tok", desc="chunk KV", disable=args.quiet, dynamic_ncols=True))
+        bar = bars[0]
         bar.total = total
         bar.n = tokens
         bar.set_postfix(chunks=chunks)
         bar.refresh()
 
     s = rag.ingest_paths(args.paths, args.namespace, with_kv=not args.no_kv, progress=progress)
-    bar.close()
+    for bar in bars:
+        bar.close()
     out = {
         **s.__dict__,
         "tokens_per_s": round(s.tokens_per_s, 1),
@@ -58,6 +90,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_docs(args: argparse.Namespace) -> int:
     from redknot_rag.retrieval.docdb import DocDB
 
+    require_store(args.data_dir, args.namespace)
     db = DocDB(Path(args.data_dir) / "docs.sqlite")
     db.require_namespace(args.namespace)
     if args.action == "list":
@@ -94,23 +127,32 @@ def _cmd_docs(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
+    from redknot_rag.limits import MAX_DOCUMENT_BYTES
     from redknot_rag.options import add_engine_args
     from redknot_rag.store.config import add_store_args
 
-    p = sub.add_parser("ingest", help="parse, chunk, embed and index documents; precompute chunk KV")
+    p = sub.add_parser(
+        "ingest", help="parse, chunk, embed and index documents; precompute chunk KV", formatter_class=HELP
+    )
     p.add_argument("paths", nargs="+", help=".txt .md .html .jsonl files or directories")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--namespace", default="default", help="namespace to store into (1-64 chars of [A-Za-z0-9_.-])")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="documents, index and KV store")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
     p.add_argument("--no-kv", action="store_true", help="index only; KV is computed on first use")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--max-document-bytes",
+        type=int,
+        default=MAX_DOCUMENT_BYTES,
+        help="larger files (or .jsonl lines) are refused, as `redknot serve` refuses them",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     add_store_args(p)
     add_engine_args(p)
     p.set_defaults(func=_cmd_ingest)
-    d = sub.add_parser("docs", help="list, show or delete ingested documents")
+    d = sub.add_parser("docs", help="list, show or delete ingested documents", formatter_class=HELP)
     d.add_argument("action", choices=["list", "show", "delete"])
-    d.add_argument("doc_id", nargs="?")
-    d.add_argument("--namespace", default="default")
-    d.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    d.add_argument("doc_id", nargs="?", help="the document (show, delete)")
+    d.add_argument("--namespace", default="default", help="namespace to read")
+    d.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="documents, index and KV store")
     add_engine_args(d)
     d.set_defaults(func=_cmd_docs)

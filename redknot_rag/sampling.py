@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+_MAX_TEMPERATURE = 1e4  # beyond it sampling is uniform anyway; keeps -inf / temperature finite-signed
 SEED_MAX = (1 << 63) - 1  # torch.Generator.manual_seed takes 64 bits; sample k of n uses seed + k
 
 
@@ -63,8 +64,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 2:  # SGLang's range; far below it, logits overflow float32
+            raise InvalidRequestError(f"repetition_penalty must be in [0.01, 2], got {self.repetition_penalty}")
         if self.n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {self.n}")
         if self.seed is not None and (
@@ -99,7 +100,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """One token from logits `[vocab]` float32 (already penalized and masked)."""
     if params.is_greedy:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    # Invariant: the most likely token always keeps probability > 0, so every validated parameter set
+    # (however extreme: top_p 1e-300 rounds to 0 in float32, temperature 1e300 to inf) can sample.
+    logits = logits / min(params.temperature, _MAX_TEMPERATURE)
     if params.top_k > 0:
         k = min(params.top_k, logits.shape[-1])
         kth = torch.topk(logits, k).values[-1]
@@ -109,6 +112,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0)
     if params.top_p < 1:
         sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(-1) - sp < params.top_p  # always keeps the top token
+        keep = sp.cumsum(-1) - sp < params.top_p
+        keep[0] = True  # the top token, even when top_p is below float32's resolution
         probs = torch.zeros_like(probs).scatter(0, si, sp * keep)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

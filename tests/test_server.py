@@ -321,6 +321,24 @@ def test_sgl_tool_use_program(sgl_backend):
     assert ")" not in ret["expression"] and int(ret["answer"]) == 257 * 983, ret.text()
 
 
+def test_sglang_frontend_programs_stream_logprobs_and_min_new_tokens(sgl_backend, monkeypatch):
+    """SGLang's own frontend test programs that need the server's side: per-chunk streamed logprobs,
+    and `min_tokens` checked with the tokenizer loaded from `/get_model_info`'s `model_path`."""
+    import types
+
+    from sglang.test import test_programs
+    from transformers import AutoTokenizer
+
+    test_programs.test_stream_logprobs()
+    # `get_tokenizer` lives in sglang.srt, which needs the full SGLang runtime (torchvision, ...); for a
+    # local directory it is AutoTokenizer.from_pretrained, which is what matters here: model_path loads.
+    utils = types.ModuleType("sglang.srt.utils.hf_transformers_utils")
+    utils.get_tokenizer = AutoTokenizer.from_pretrained  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sglang.srt.utils.hf_transformers_utils", utils)
+    monkeypatch.setattr(sgl_backend, "endpoint", sgl_backend, raising=False)  # the program expects sgl.Runtime
+    test_programs.test_gen_min_new_tokens()
+
+
 # ---- OpenAI API -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def oai(server):
@@ -344,6 +362,25 @@ def test_openai_models_and_completions(oai):
     yn = oai.completions.create(model=MODEL, prompt="Is the sky blue?", max_tokens=4, temperature=0,
                                 extra_body={"ebnf": 'root ::= "yes" | "no"'})
     assert yn.choices[0].text in ("yes", "no") and yn.choices[0].finish_reason == "stop"
+
+
+def test_openai_echo_logprobs_offsets_and_model_name(oai):
+    import openai
+
+    name = oai.models.list().data[0].id
+    prompt = "The capital of France is"
+    c = oai.completions.create(model=name, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    ch, lp = c.choices[0], c.choices[0].logprobs
+    n_prompt = c.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 3 and ch.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and all(isinstance(x, float) for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(lp.tokens))]
+    assert "".join(lp.tokens) == ch.text  # offsets index the echoed prompt + completion
+    assert lp.text_offset[n_prompt] == len(prompt)
+    plain = oai.completions.create(model=name, prompt=prompt, max_tokens=3, temperature=0, logprobs=1)
+    assert ch.text == prompt + plain.choices[0].text  # echo adds the prompt, changes nothing else
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
 
 
 def test_openai_chat(oai):
@@ -671,3 +708,54 @@ def test_graceful_shutdown_finishes_in_flight_stream(small_server):
     assert small_server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
     log = small_server.log()
     assert '"shutting down' in log or "shutting down" in log
+
+
+# ---- drain on SIGTERM (a third server: the signal ends it) ------------------------------------
+def test_sigterm_drains_every_stream_with_an_answer_or_an_error(tmp_path):
+    """Three streams in flight at SIGTERM with a 3 s graceful window: the short one finishes, the long
+    ones end with an explicit 503 error event and [DONE]; /health and new requests answer 503 while
+    draining; the log has a `request finished` line per request."""
+    srv = start_server(tmp_path, "--max-running-requests", "4", "--graceful-timeout", "3")
+    bodies = [
+        {"text": "Count:", "rid": "short", "stream": True, "sampling_params": {"max_new_tokens": 24}},
+        *({"text": "Tell a long story:", "rid": f"long-{i}", "stream": True,
+           "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}} for i in range(2)),
+    ]
+    events: dict[str, list] = {b["rid"]: [] for b in bodies}
+    started = {b["rid"]: threading.Event() for b in bodies}
+
+    def consume(body: dict) -> None:
+        with httpx.stream("POST", srv.url + "/generate", json=body, headers=AUTH, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    started[body["rid"]].set()
+                    events[body["rid"]].append(line[6:])
+
+    threads = [threading.Thread(target=consume, args=(b,)) for b in bodies]
+    try:
+        for t in threads:
+            t.start()
+        assert all(e.wait(120) for e in started.values())
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        health = httpx.get(srv.url + "/health", timeout=10)
+        late = httpx.post(srv.url + "/generate", json={"text": "hi"}, headers=AUTH, timeout=10)
+        for t in threads:
+            t.join(60)
+        assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        stop_server(srv)
+    assert health.status_code == 503 and "draining" in health.json()["error"]["message"]
+    assert late.status_code == 503
+    short = events["short"]
+    assert short[-1] == "[DONE]" and json.loads(short[-2])["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    for rid in ("long-0", "long-1"):
+        ev = events[rid]
+        assert ev[-1] == "[DONE]", ev[-3:]
+        err = json.loads(ev[-2])["error"]
+        assert err["code"] == 503 and "shutting down" in err["message"], err
+    finished = [json.loads(x) for x in srv.log_path.read_text().splitlines()
+                if x.startswith("{") and '"request finished"' in x]
+    by_rid = {x["rid"]: x for x in finished}
+    assert set(by_rid) >= {"short", "long-0", "long-1"}
+    assert "shutting down" in by_rid["long-0"]["error"] and "error" not in by_rid["short"]

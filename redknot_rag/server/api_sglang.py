@@ -203,13 +203,18 @@ def make_router(rt: Runtime) -> APIRouter:
     router.add_api_route("/server_info", server_info, methods=["GET"])
     router.add_api_route("/get_server_info", server_info, methods=["GET"])
 
-    @router.api_route("/flush_cache", methods=["POST", "GET"])
     async def flush_cache(request: HttpRequest):
+        """Empty the pool-resident chunk KV cache (admin: it is shared by every tenant)."""
         require_admin(principal_of(request))
         flush = getattr(rt.rag, "flush_cache", None)
         if flush is not None:
             await rt.run_blocking(flush)
         return JSONResponse({"message": "Cache flushed."})
+
+    for method in ("POST", "GET"):
+        router.add_api_route(
+            "/flush_cache", flush_cache, methods=[method], operation_id=f"flush_cache_{method.lower()}"
+        )
 
     @router.post("/abort_request", openapi_extra=request_body(AbortRequest))
     async def abort_request(request: HttpRequest):

@@ -129,9 +129,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from redknot_rag.engine import Engine
     from redknot_rag.options import engine_config_from_args
-    from redknot_rag.server.logs import setup_json_logging
+    from redknot_rag.server.logs import quiet_progress_bars, setup_json_logging
 
     setup_json_logging(args.log_level)
+    quiet_progress_bars()
     settings = settings_from_args(args)
     from redknot_rag.reuse import make_policy
 

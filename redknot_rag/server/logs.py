@@ -39,3 +39,20 @@ def setup_json_logging(level: str = "info") -> None:
         lg.handlers[:] = []
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware logs each request
+    # faiss logs its normal fallback from AVX512 to AVX2 ("Could not load library ... ModuleNotFoundError")
+    # at info level, which reads like an error
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, root.level))
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars (model and embedder loading) inside a JSON log."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
