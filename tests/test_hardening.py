@@ -364,6 +364,50 @@ def test_openapi_declares_every_request_body(served):
     assert sp["n"]["anyOf"][0]["minimum"] == 1 and sp["top_p"]["anyOf"][0]["exclusiveMinimum"] == 0
 
 
+def test_health_reports_a_stalled_engine(served):
+    """/health answers 503 while the engine thread is stuck in one long piece of work, 200 again after."""
+    import dataclasses
+    import threading
+    import time
+
+    client, rt = served
+    settings = rt.settings
+    rt.settings = dataclasses.replace(settings, health_stall_s=1.5)
+    try:
+        assert client.get("/health").status_code == 200
+        busy = threading.Thread(target=rt.engine.call, args=(lambda: time.sleep(5),))
+        busy.start()
+        time.sleep(0.2)
+        codes = [client.get("/health").status_code for _ in range(3)]  # each waits up to 1 s for the probe
+        assert codes[-1] == 503, codes
+        _err(client.get("/health"), 503, "engine stalled")
+        busy.join()
+        for _ in range(20):
+            if client.get("/health").status_code == 200:
+                break
+        assert client.get("/health").status_code == 200
+    finally:
+        rt.settings = settings
+
+
+def test_cli_query_before_ingest_fails_fast_and_creates_nothing(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    empty = tmp_path / "nothing-here"
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "redknot_rag.cli", "query", "What is it?", "--data-dir", str(empty)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "redknot ingest" in r.stderr, r.stderr
+    assert not empty.exists()  # no empty store left behind
+    assert time.perf_counter() - t0 < 60  # refused before the model loads
+
+
 # ---- the served spec, fuzzed (schemathesis): no 5xx, every answer as the spec declares ----------------
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -420,7 +464,19 @@ def test_fuzz_served_spec(case):
     (`_small`) and the example count is small, so the run stays near a minute or two on a 2-core CPU."""
     from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
-    case.body = _small(case.body)
+    case.body = body = _small(case.body)
+    if isinstance(body, dict):  # absent limits would mean hundreds of tokens (defaults are tested elsewhere)
+        key = {"/v1/chat/completions": "max_tokens", "/v1/completions": "max_tokens", "/query": "max_new_tokens"}
+        k = key.get(case.path)
+        if k and body.get(k) is None and body.get("max_completion_tokens") is None:
+            body[k] = 2
+        if case.path == "/generate":
+            sp = body.get("sampling_params")
+            if sp is None:
+                body["sampling_params"] = {"max_new_tokens": 2}
+            for d in sp if isinstance(sp, list) else [sp]:
+                if isinstance(d, dict) and d.get("max_new_tokens") is None:
+                    d["max_new_tokens"] = 2
     case.call_and_validate(
         headers=ADMIN_AUTH,
         checks=[not_a_server_error, status_code_conformance, response_schema_conformance],

@@ -10,6 +10,7 @@ aborts its engine request; a request that fails only fails itself.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -123,7 +124,7 @@ class Runtime:
         self.jobs: dict[str, Job] = {}  # in flight, by rid (event loop thread only)
         self.started = time.time()
         self._reuse_takes_namespaces = rag is not None and "namespaces" in _parameters(rag.build_request)
-        self._probe: asyncio.Future | None = None
+        self._probe: concurrent.futures.Future | None = None  # a no-op engine task: done when the loop is live
         self._probe_since = 0.0
         self.model_name = settings.served_model_name or engine.runner.name
         self.model_dir, self.weights_note = _model_dir_and_note(engine)
@@ -419,12 +420,11 @@ class Runtime:
     async def engine_stalled(self) -> float | None:
         """Seconds the engine thread has not answered a no-op task (run between steps), when that
         exceeds `health_stall_s`; None when it is live. At most one probe is outstanding."""
-        loop = asyncio.get_running_loop()
         if self._probe is None or self._probe.done():
             self._probe_since = time.monotonic()
-            self._probe = loop.run_in_executor(self.executor, self.engine.call, lambda: None)
+            self._probe = self.executor.submit(self.engine.call, lambda: None)
         with contextlib.suppress(asyncio.TimeoutError, Exception):
-            await asyncio.wait_for(asyncio.shield(self._probe), 1.0)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._probe)), 1.0)  # never cancels it
         waited = time.monotonic() - self._probe_since
         if self._probe.done() or waited < self.settings.health_stall_s:
             return None
