@@ -712,14 +712,14 @@ def test_graceful_shutdown_finishes_in_flight_stream(small_server):
 
 # ---- drain on SIGTERM (a third server: the signal ends it) ------------------------------------
 def test_sigterm_drains_every_stream_with_an_answer_or_an_error(tmp_path):
-    """Three streams in flight at SIGTERM with a 3 s graceful window: the short one finishes, the long
+    """Three streams in flight at SIGTERM with a 6 s graceful window: the short one finishes, the long
     ones end with an explicit 503 error event and [DONE]; /health and new requests answer 503 while
     draining; the log has a `request finished` line per request."""
-    srv = start_server(tmp_path, "--max-running-requests", "4", "--graceful-timeout", "3")
+    srv = start_server(tmp_path, "--max-running-requests", "4", "--graceful-timeout", "6")
     bodies = [
-        {"text": "Count:", "rid": "short", "stream": True, "sampling_params": {"max_new_tokens": 24}},
+        {"text": "Count:", "rid": "short", "stream": True, "sampling_params": {"max_new_tokens": 12}},
         *({"text": "Tell a long story:", "rid": f"long-{i}", "stream": True,
-           "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}} for i in range(2)),
+           "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}} for i in range(2)),
     ]
     events: dict[str, list] = {b["rid"]: [] for b in bodies}
     started = {b["rid"]: threading.Event() for b in bodies}
