@@ -9,7 +9,10 @@ from redknot_rag.config import EngineConfig
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model-path", default=None, help="HF directory, .gguf, or packaged: smollm2-135m (default), gemma3-270m, tiny-gqa (random, 2 KV heads)"
+        "--model-path",
+        default=None,
+        help="HF directory, .gguf, or packaged: smollm2-135m (default; 4-bit Q4_1 GGUF weights, dequantized "
+        "at load), gemma3-270m, tiny-gqa (random, 2 KV heads)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")

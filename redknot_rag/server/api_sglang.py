@@ -255,10 +255,12 @@ async def _stream(
     """SSE: `data: {"text": cumulative, "meta_info": ..., "index": i}` per step, then `data: [DONE]`.
     A failed request (or one cancelled by shutdown) ends with its error event instead."""
     sent = [0] * len(jobs)  # output logprobs already sent, per job
-    async for i, job, _ in rt.merged(jobs, request):
+    async for i, job, ev in rt.merged(jobs, request):
         if job.error:
             yield sse(job.error_body())
             continue
+        if not ev.finished and job.req.is_finished:
+            continue  # its finished event is queued next and carries this text too: one last chunk, as SGLang
         n = len(job.req.output_ids)  # logprobs are appended before output_ids (engine thread)
         chunk: dict[str, Any] = {
             "text": job.text,

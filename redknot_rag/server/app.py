@@ -121,7 +121,8 @@ def create_app(rt: Runtime) -> FastAPI:
     # admin-only routes check `require_admin` themselves (the admin key also opens the user routes)
     for router in (api_sglang.make_router(rt), api_openai.make_router(rt), api_rag.make_router(rt)):
         app.include_router(router, dependencies=guarded, responses=ERROR_RESPONSES)
-    app.include_router(api_ui.make_router(rt, principal))  # the page is public; its data routes check the key
+    # the page is public; its data routes check the key
+    app.include_router(api_ui.make_router(rt, principal), responses=ERROR_RESPONSES)
     spec.install(app)
     _add_error_handlers(app)
     app.add_middleware(AccessLog, rt=rt)
