@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.timeout(600)  # a rank that hangs in a collective fails the test, not CI
+
 PROMPTS = ["The capital of France is", "Once upon a time there was a small robot who", "1, 2, 3,"]
 CHUNKS = [
     "Alice keeps the spare key of the lab under the blue flowerpot near the door.",
@@ -221,7 +223,8 @@ def _wait_health(url: str, proc: Any, timeout: float = 240) -> None:
 
 
 def test_serve_tp2_http_on_rank0(tp1: dict[str, Any], tmp_path: Path) -> None:
-    """`redknot serve --tp 2` starts rank 1 itself; /generate on rank 0 answers what TP=1 generates."""
+    """`redknot serve --tp 2` starts rank 1 itself; /generate on rank 0 answers what TP=1 generates, and
+    /ingest + /query (RAG with `redknot` reuse) run across both ranks."""
     import subprocess
     import sys
 
@@ -231,7 +234,8 @@ def test_serve_tp2_http_on_rank0(tp1: dict[str, Any], tmp_path: Path) -> None:
 
     port = _free_port()
     cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--tp", "2", "--model-path", "tiny-gqa"]
-    cmd += ["--device", "cpu", "--dtype", "float32", "--cpu-kv-gib", "0.02", "--port", str(port)]
+    cmd += ["--device", "cpu", "--dtype", "float32", "--cpu-kv-gib", "0.05", "--port", str(port)]
+    cmd += ["--data-dir", str(tmp_path / "data")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
     url = f"http://127.0.0.1:{port}"
@@ -246,6 +250,12 @@ def test_serve_tp2_http_on_rank0(tp1: dict[str, Any], tmp_path: Path) -> None:
         assert got["output_ids"] == tp1["plain"][1]
         info = httpx.get(url + "/server_info", timeout=10).json()["engine"]
         assert info["tp_size"] == 2 and info["kv_heads_per_rank"] == 1
+        docs = [{"doc_id": f"d{i}", "text": t} for i, t in enumerate(CHUNKS)]
+        ing = httpx.post(url + "/ingest", json={"documents": docs}, timeout=120).json()["documents"]
+        assert ing["kv_chunks"] == len(CHUNKS) and ing["kv_bytes"] > 0  # head-complete KV, gathered
+        body = {"question": QUESTION, "top_k": 2, "reuse_policy": "redknot:0.3", "max_new_tokens": 4}
+        ans = httpx.post(url + "/query", json=body, timeout=120).json()
+        assert ans["usage"]["cached_tokens"] > 0 and ans["reuse"]["recomputed_tokens"] > 0
     finally:
         proc.terminate()
         rc = proc.wait(timeout=60)
