@@ -299,6 +299,31 @@ def test_tenant_cannot_probe_another_namespace_through_cached_tokens(served):
         assert cached(A_AUTH) > 0  # the owner still reuses its own chunks
 
 
+def test_shared_kv_survives_a_delete_in_the_other_namespace(served):
+    """Two tenants store the same text (the same chunk KV, stored once). The admin deletes it in A; B's
+    query still finds its chunk KV stored (no re-prefill on a miss), and A's is gone from A."""
+    client, _ = served
+    text = "The Sarrow ferry crosses the fjord nine times a day. Its captain, Ilse Varn, has sailed it since 2004."
+    for ns in ("shared-a", "shared-b"):
+        r = client.post(
+            "/ingest", json={"namespace": ns, "documents": [{"doc_id": "ferry", "text": text}]}, headers=ADMIN_AUTH
+        )
+        assert r.status_code == 200, r.text
+    assert client.delete("/documents/ferry", params={"namespace": "shared-a"}, headers=ADMIN_AUTH).status_code == 200
+    client.post("/flush_cache", headers=ADMIN_AUTH)  # what B reads must come from the store, not the pool cache
+    q = client.post(
+        "/query",
+        json={"question": "Who captains the Sarrow ferry?", "namespace": "shared-b", "top_k": 1, "max_new_tokens": 2},
+        headers=ADMIN_AUTH,
+    )
+    assert q.status_code == 200, q.text
+    timing = q.json()["timing"]
+    assert q.json()["sources"][0]["doc_id"] == "ferry" and q.json()["usage"]["cached_tokens"] > 0
+    assert "kv_miss_prefill_ms" in timing and timing["kv_miss_prefill_ms"] == 0, timing
+    gone = client.get("/documents", params={"namespace": "shared-a"}, headers=ADMIN_AUTH).json()["documents"]
+    assert gone == []
+
+
 def test_abort_reaches_only_own_requests(served):
     import asyncio
 
