@@ -232,6 +232,7 @@ class TPRunner(KVRunner):
         self._forget: list[int] = []  # rank 0: handles whose object died (sent with the next call)
         self._forget_lock = threading.Lock()
         self._pending: list[tuple[str, Any, Any]] = []  # rank 0: queued calls without collectives
+        self._appended: dict[int, weakref.ref[torch.Tensor]] = {}  # rank 0: slots `append` just returned
         self._children: list[subprocess.Popen] = []  # follower processes this rank started (`launch`)
         super().__init__(cfg, shard)
         self.cuda_graphs = False  # decode graphs are captured per process; not across ranks' collectives yet
@@ -290,10 +291,10 @@ class TPRunner(KVRunner):
         kv = by_ptr.get(x.kv_slots.data_ptr())
         if kv is None:
             raise RuntimeError("a SeqSlice not made from a sequence of this runner cannot cross ranks")
-        t = x.num_kv
-        tail = kv.slots[:, :, t - x.q_len : t]
-        same = tail.shape == x.new_slots.shape and bool(torch.equal(tail, x.new_slots.to(tail.device)))
-        return _SliceRef(_Handle(kv._tp_handle), x.q_start, x.q_len, t, None if same else x.new_slots.cpu())  # type: ignore[attr-defined]
+        ref = self._appended.pop(id(x.new_slots), None)
+        is_tail = ref is not None and ref() is x.new_slots and x.num_kv == kv.num_tokens  # no device sync
+        new_slots = None if is_tail else x.new_slots.cpu()
+        return _SliceRef(_Handle(kv._tp_handle), x.q_start, x.q_len, x.num_kv, new_slots)  # type: ignore[attr-defined]
 
     def _encode(self, x: Any) -> Any:
         if isinstance(x, (SeqKV, KVSegment)):
@@ -417,7 +418,15 @@ class TPRunner(KVRunner):
         self._mirrored("attach_many", lambda: super(TPRunner, self).attach_many(kv, items), kv, items)
 
     def append(self, kv: SeqKV, positions: torch.Tensor) -> torch.Tensor:
-        return self._mirrored("append", lambda: super(TPRunner, self).append(kv, positions), kv, positions)
+        out = self._mirrored("append", lambda: super(TPRunner, self).append(kv, positions), kv, positions)
+        if self.tp_rank == 0:  # these slots are kv's tail: a slice over them crosses ranks without them
+            key = id(out)
+
+            def forget(_: weakref.ref[torch.Tensor]) -> None:
+                self._appended.pop(key, None)
+
+            self._appended[key] = weakref.ref(out, forget)
+        return out
 
     def override(self, kv: SeqKV, token_index: torch.Tensor) -> torch.Tensor:
         return self._mirrored("override", lambda: super(TPRunner, self).override(kv, token_index), kv, token_index)
