@@ -79,7 +79,7 @@ def ttft(engine: Any, prompt: list[int], reps: int) -> float:
     from redknot_rag.sampling import SamplingParams
 
     times = []
-    for _ in range(reps):
+    for rep in range(reps + 1):  # rep 0 warms up (kernel JIT, allocator), untimed
         req = engine.make_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
         sync(engine.runner.device)
         t0 = time.perf_counter()
@@ -87,7 +87,8 @@ def ttft(engine: Any, prompt: list[int], reps: int) -> float:
         while not req.output_ids:
             engine.step()
         sync(engine.runner.device)
-        times.append(time.perf_counter() - t0)
+        if rep:
+            times.append(time.perf_counter() - t0)
         while not req.is_finished:
             engine.step()
     return statistics.median(times)
@@ -96,10 +97,11 @@ def ttft(engine: Any, prompt: list[int], reps: int) -> float:
 def decode_rate(engine: Any, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
     from redknot_rag.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=steps + 2, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=steps + 3, ignore_eos=True)
     reqs = [engine.submit(engine.make_request(rand_ids(prompt_len, vocab, 100 + i), params)) for i in range(batch)]
     while not all(r.output_ids for r in reqs):  # prefill everything first
         engine.step()
+    engine.step()  # one untimed decode step at this batch size (warm-up)
     sync(engine.runner.device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -150,7 +152,7 @@ def reuse_ttft(engine: Any, args: argparse.Namespace, vocab: int) -> dict[str, A
     for name in POLICIES:
         policy = make_policy(name)
         times, recomputed = [], 0
-        for _ in range(args.reps):
+        for rep in range(args.reps + 1):  # rep 0 warms up, untimed
             sync(r.device)
             t0 = time.perf_counter()
             req = engine.make_request(inp.context_ids + question, params)
@@ -161,7 +163,8 @@ def reuse_ttft(engine: Any, args: argparse.Namespace, vocab: int) -> dict[str, A
             while not req.output_ids:
                 engine.step()
             sync(r.device)
-            times.append(time.perf_counter() - t0)
+            if rep:
+                times.append(time.perf_counter() - t0)
             recomputed = asm.recomputed_tokens
             while not req.is_finished:
                 engine.step()
