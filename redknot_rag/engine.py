@@ -224,8 +224,14 @@ class Engine:
         decodes = [r for r in self._running if r.is_prefill_done and (only is None or r.rid in only)]
         budget = max(self.config.max_prefill_tokens - len(decodes), 1)
         plan: list[tuple[Request, int]] = [(r, 1) for r in decodes]
-        for r in self._running:
-            if r.is_prefill_done or budget <= 0 or (only is not None and r.rid not in only):
+        # prefills shortest-remaining first: a short prompt that arrives while a long one is mid-prefill
+        # gets its first token within a step or two instead of waiting for the long prefill to finish
+        # (the long one yields between its chunks; an aborted one is dropped at the next step)
+        prefills = sorted(
+            (r for r in self._running if not r.is_prefill_done), key=lambda r: r.prompt_len - r.num_computed
+        )
+        for r in prefills:
+            if budget <= 0 or (only is not None and r.rid not in only):
                 continue
             take = min(r.prompt_len - r.num_computed, budget)
             plan.append((r, take))

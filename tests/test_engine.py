@@ -199,3 +199,18 @@ def test_bad_model_paths(tmp_path, monkeypatch):
         (p / "config.json").exists() for p in (tmp_path / "cache" / "models").iterdir()
     )
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_short_prompt_is_not_stuck_behind_a_long_prefill(engine):
+    """Prefill chunks go shortest-remaining first: a short request submitted while a long prompt is being
+    prefilled in chunks gets its first token before the long prompt finishes its prefill."""
+    budget = engine.config.max_prefill_tokens
+    long_req = engine.submit(engine.make_request([5] * (3 * budget), SamplingParams(max_new_tokens=1)))
+    engine.step()  # the long prompt's first chunk
+    assert not long_req.is_prefill_done
+    short = engine.submit(engine.make_request([1, 2, 3], SamplingParams(max_new_tokens=1)))
+    engine.step()
+    assert short.output_ids and not long_req.is_prefill_done
+    while not long_req.is_finished:
+        engine.step()
+    assert long_req.output_ids
