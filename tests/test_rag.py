@@ -42,6 +42,8 @@ def rag(engine, tmp_path_factory):
 
 
 def test_query_reuses_stored_kv_and_cites_sources(rag):
+    alloc, cache = rag.engine.runner.allocator, rag.assembler.cache
+    free, cached = alloc.num_free, cache.num_pages  # the session engine is shared: count relative to now
     res = run_query(
         rag,
         "What is the access code for the Dorbrecht archive?",
@@ -52,10 +54,8 @@ def test_query_reuses_stored_kv_and_cites_sources(rag):
     assert any(s.doc_id.endswith("archive.txt") for s in res.sources)
     assert res.usage["cached_tokens"] > 0
     assert {"retrieve_ms", "kv_load_ms", "recompute_ms", "question_prefill_ms", "ttft_ms"} <= set(res.timing)
-    assert (
-        rag.engine.runner.allocator.num_free + rag.assembler.cache.num_pages + 2 * 90
-        >= rag.engine.runner.allocator.num_pages - 90
-    )
+    # the finished request gave back every page; only segments the pool cache newly holds stay taken
+    assert alloc.num_free + (cache.num_pages - cached) == free
 
 
 def test_reingest_unchanged_is_noop_and_changed_replaces_kv(rag):

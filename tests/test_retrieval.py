@@ -140,7 +140,8 @@ def test_huge_single_line_bounded_time(tmp_path: Path) -> None:
         f"100MB parse {parse_s:.2f}s, first 200 chunks {first_s:.3f}s, "
         f"4MB prefix: {num_prefix} chunks in {prefix_s:.2f}s"
     )
-    assert parse_s < 15 and first_s < 2 and prefix_s < 15
+    # generous bounds: they catch a quadratic blow-up (hours), not speed (shared CI cores vary by 3x)
+    assert parse_s < 60 and first_s < 10 and prefix_s < 60
     assert all(c.num_tokens <= 256 and doc.text[c.char_start : c.char_end] == c.text for c in chunks)
 
 
