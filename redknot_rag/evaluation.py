@@ -311,6 +311,7 @@ def run_eval(
     meta = {
         "model": runner.name,
         "device": str(runner.device),
+        "dtype": str(runner.dtype).replace("torch.", ""),
         "seed": seed,
         "set": set_name,
         "max_new_tokens": max_new_tokens,
@@ -318,6 +319,19 @@ def run_eval(
         "min_speedup": MIN_SPEEDUP_CPU if runner.device.type == "cpu" else 0.0,
     }
     return report(records, meta)
+
+
+def report_from_records(records_path: Path, policies: Sequence[str], meta: dict) -> dict:
+    """The report over the cases of a records file that every policy answered (an interrupted run)."""
+    recs = [Record(**json.loads(line)) for line in records_path.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.policy in policies]
+    by_case: dict[str, set[str]] = {}
+    for r in recs:
+        by_case.setdefault(r.case_id, set()).add(r.policy)
+    complete = {c for c, ps in by_case.items() if ps >= set(policies)}
+    if not complete:
+        raise ValueError(f"no case in {records_path} has records for every policy")
+    return report([r for r in recs if r.case_id in complete], meta)
 
 
 def plot_frontier(result: dict, path: Path) -> None:
@@ -392,15 +406,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or rag.engine.runner.name
-    res = run_eval(
-        rag,
-        policies,
-        n=args.cases,
-        seed=args.seed,
-        set_name=args.set,
-        max_new_tokens=args.max_new_tokens,
-        records_path=out / f"records_{tag}.jsonl",
-    )
+    if args.report_only:  # what an interrupted run measured: every case all policies answered
+        runner = rag.engine.runner
+        meta = {
+            "model": runner.name,
+            "device": str(runner.device),
+            "dtype": str(runner.dtype).replace("torch.", ""),
+            "seed": args.seed,
+            "set": args.set,
+            "max_new_tokens": args.max_new_tokens,
+            "max_recompute": MAX_RECOMPUTE,
+            "min_speedup": MIN_SPEEDUP_CPU if runner.device.type == "cpu" else 0.0,
+        }
+        res = report_from_records(out / f"records_{tag}.jsonl", policies, meta)
+    else:
+        res = run_eval(
+            rag,
+            policies,
+            n=args.cases,
+            seed=args.seed,
+            set_name=args.set,
+            max_new_tokens=args.max_new_tokens,
+            records_path=out / f"records_{tag}.jsonl",
+        )
     (out / f"results_{tag}.json").write_text(json.dumps(res, indent=1))
     plot_frontier(res, out / f"frontier_{tag}.png")
     table = format_table(res)
@@ -445,5 +473,6 @@ def register_cli(sub) -> None:
     p.add_argument("--tag", default=None, help="file name tag (default: the model name)")
     p.add_argument("--data-dir", default=None, help="store folder (default: a new temporary one)")
     p.add_argument("--record-default", action="store_true", help="write the chosen default into the head profile")
+    p.add_argument("--report-only", action="store_true", help="report the records file's complete cases; run none")
     add_engine_args(p)
     p.set_defaults(func=_cmd_eval)
