@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from redknot_rag.retrieval.chunker import Chunker
 from redknot_rag.retrieval.docdb import ChunkRow, DocDB
 from redknot_rag.retrieval.embedder import Embedder, get_embedder

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from redknot_rag.retrieval.chunker import Chunk, Chunker
 from redknot_rag.retrieval.corpus import sample_documents, topic_texts, write_sample_corpus
 from redknot_rag.retrieval.docdb import DocDB, UnknownNamespaceError
