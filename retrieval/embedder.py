@@ -33,9 +33,7 @@ class Embedder:
 
     dim = EMBED_DIM
 
-    def __init__(
-        self, model_path: str | Path | None = None, device: str = "cpu", batch_size: int = 64
-    ) -> None:
+    def __init__(self, model_path: str | Path | None = None, device: str = "cpu", batch_size: int = 64) -> None:
         self.model_path = Path(model_path) if model_path is not None else None
         self.device = device
         self.batch_size = batch_size

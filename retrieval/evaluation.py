@@ -46,11 +46,7 @@ def measure_recall(
     ranks = []
     for case, hits in zip(cases, results, strict=True):
         rank = next(
-            (
-                r
-                for r, h in enumerate(hits)
-                if h.chunk.doc_id == case.answer_doc_id and case.answer in h.chunk.text
-            ),
+            (r for r, h in enumerate(hits) if h.chunk.doc_id == case.answer_doc_id and case.answer in h.chunk.text),
             None,
         )
         ranks.append(rank)

@@ -141,9 +141,7 @@ def _decode(path: Path, data: bytes, base_offset: int = 0, where: str = "") -> s
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise IngestError(
-            f"{path}: invalid UTF-8 at byte offset {base_offset + e.start}{where}: {e.reason}"
-        ) from None
+        raise IngestError(f"{path}: invalid UTF-8 at byte offset {base_offset + e.start}{where}: {e.reason}") from None
 
 
 def _read_text(path: Path) -> str:
@@ -179,9 +177,7 @@ def _iter_jsonl(path: Path, file_doc_id: str) -> Iterator[Document]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise IngestError(
-                    f"{path}: line {lineno}: invalid JSON: {e.msg} (column {e.colno})"
-                ) from None
+                raise IngestError(f"{path}: line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
             yield _jsonl_document(path, file_doc_id, lineno, obj)
             num_docs += 1
     if num_docs == 0:

@@ -271,9 +271,7 @@ def _ingest_worker(db_path: str, barrier, out) -> None:  # runs in a forked proc
 def test_docdb_two_processes_no_duplicates(tmp_path: Path) -> None:
     ctx = mp.get_context("fork")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [
-        ctx.Process(target=_ingest_worker, args=(str(tmp_path / "db.sqlite"), barrier, out)) for _ in range(2)
-    ]
+    procs = [ctx.Process(target=_ingest_worker, args=(str(tmp_path / "db.sqlite"), barrier, out)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -282,8 +280,7 @@ def test_docdb_two_processes_no_duplicates(tmp_path: Path) -> None:
     assert out.get() + out.get() == 40  # each document was written exactly once
     db = DocDB(tmp_path / "db.sqlite")
     expected = sum(
-        len(_CHUNKER.chunk(_doc(f"doc{i}", f"document number {i} says hello. " * (5 + i % 7))))
-        for i in range(40)
+        len(_CHUNKER.chunk(_doc(f"doc{i}", f"document number {i} says hello. " * (5 + i % 7)))) for i in range(40)
     )
     assert len(db.list_documents("shared")) == 40
     assert db.num_chunks("shared") == expected
@@ -304,8 +301,7 @@ def test_index_exact_and_hnsw(tmp_path: Path, threshold: int) -> None:
     assert index.is_hnsw == (threshold == 500) and len(index) == 1000
     hits = [index.search(vecs[i], 3)[0] for i in range(0, 1000, 37)]
     assert all(
-        h[0] == i and h[1] == pytest.approx(1.0, abs=1e-4)
-        for h, i in zip(hits, range(0, 1000, 37), strict=True)
+        h[0] == i and h[1] == pytest.approx(1.0, abs=1e-4) for h, i in zip(hits, range(0, 1000, 37), strict=True)
     )
     assert index.remove([5, 6, 123456]) == 2 and len(index) == 998
     assert all(i not in (5, 6) for i, _ in index.search(vecs[5], 10))

@@ -49,8 +49,25 @@ class Server:
 
 def start_server(tmp: Path, *extra: str, data_dir: Path | None = None) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", KEY, "--admin-key", ADMIN, "--device", "cpu", "--cpu-kv-gib", "0.25", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "redknot_rag.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--admin-key",
+        ADMIN,
+        "--device",
+        "cpu",
+        "--cpu-kv-gib",
+        "0.25",
+        *extra,
+    ]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
     log_path = tmp / f"server-{port}.log"
@@ -83,8 +100,14 @@ def stop_server(srv: Server) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("server")
-    srv = start_server(tmp, "--max-new-tokens-limit", "256", "--max-request-bytes", "200000",
-                       data_dir=tmp / "data" if HAS_RAG else None)
+    srv = start_server(
+        tmp,
+        "--max-new-tokens-limit",
+        "256",
+        "--max-request-bytes",
+        "200000",
+        data_dir=tmp / "data" if HAS_RAG else None,
+    )
     yield srv
     stop_server(srv)
 
@@ -112,7 +135,7 @@ def sse_events(lines: Iterator[str]) -> list:
     out = []
     for line in lines:
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
 
@@ -135,29 +158,75 @@ def test_generate_single_batch_input_ids(client):
     meta = one["meta_info"]
     assert one["text"] and meta["completion_tokens"] == 6 and meta["prompt_tokens"] == 5
     assert meta["finish_reason"] == {"type": "length", "length": 6} and meta["cached_tokens"] == 0
-    batch = client.post("/generate", json={"text": ["The capital of France is", "1, 2, 3,"],
-                                           "sampling_params": {"max_new_tokens": 6, "temperature": 0}}).json()
+    batch = client.post(
+        "/generate",
+        json={
+            "text": ["The capital of France is", "1, 2, 3,"],
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0},
+        },
+    ).json()
     assert isinstance(batch, list) and batch[0]["text"] == one["text"]
-    lp = client.post("/generate", json={"text": "The capital of France is", "sampling_params": {
-        "max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": 0}).json()
+    lp = client.post(
+        "/generate",
+        json={
+            "text": "The capital of France is",
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        },
+    ).json()
     prompt_ids = [x[1] for x in lp["meta_info"]["input_token_logprobs"]]
-    ids = client.post("/generate", json={"input_ids": [prompt_ids, prompt_ids],
-                                         "sampling_params": {"max_new_tokens": 6, "temperature": 0}}).json()
+    ids = client.post(
+        "/generate",
+        json={"input_ids": [prompt_ids, prompt_ids], "sampling_params": {"max_new_tokens": 6, "temperature": 0}},
+    ).json()
     assert [x["text"] for x in ids] == [one["text"]] * 2  # the same 5 prompt tokens as text
-    flat = client.post("/generate", json={"input_ids": prompt_ids,
-                                          "sampling_params": {"max_new_tokens": 6, "temperature": 0}}).json()
+    flat = client.post(
+        "/generate", json={"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+    ).json()
     assert flat["text"] == one["text"]
 
 
 def test_generate_sampling_fields(client):
-    r = client.post("/generate", json={"text": "Once upon a time", "sampling_params": {
-        "max_new_tokens": 8, "temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.01, "n": 3,
-        "frequency_penalty": 0.1, "presence_penalty": 0.1, "sampling_seed": 7, "ignore_eos": True,
-        "skip_special_tokens": True, "spaces_between_special_tokens": True}}).json()
+    r = client.post(
+        "/generate",
+        json={
+            "text": "Once upon a time",
+            "sampling_params": {
+                "max_new_tokens": 8,
+                "temperature": 0.8,
+                "top_p": 0.9,
+                "top_k": 40,
+                "min_p": 0.01,
+                "n": 3,
+                "frequency_penalty": 0.1,
+                "presence_penalty": 0.1,
+                "sampling_seed": 7,
+                "ignore_eos": True,
+                "skip_special_tokens": True,
+                "spaces_between_special_tokens": True,
+            },
+        },
+    ).json()
     assert len(r) == 3 and all(x["meta_info"]["completion_tokens"] == 8 for x in r)
-    again = client.post("/generate", json={"text": "Once upon a time", "sampling_params": {
-        "max_new_tokens": 8, "temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.01, "n": 3,
-        "frequency_penalty": 0.1, "presence_penalty": 0.1, "sampling_seed": 7, "ignore_eos": True}}).json()
+    again = client.post(
+        "/generate",
+        json={
+            "text": "Once upon a time",
+            "sampling_params": {
+                "max_new_tokens": 8,
+                "temperature": 0.8,
+                "top_p": 0.9,
+                "top_k": 40,
+                "min_p": 0.01,
+                "n": 3,
+                "frequency_penalty": 0.1,
+                "presence_penalty": 0.1,
+                "sampling_seed": 7,
+                "ignore_eos": True,
+            },
+        },
+    ).json()
     assert [x["text"] for x in again] == [x["text"] for x in r]  # seeded
     full = gen(client, "1, 2, 3, 4,", max_new_tokens=12)["text"]
     stop = full.strip().split(" ")[1]
@@ -174,9 +243,17 @@ def test_generate_sampling_fields(client):
 def test_generate_logprobs_and_prefill_only(client):
     pre = gen(client, "The capital of France is", max_new_tokens=0)
     assert pre["text"] == "" and pre["meta_info"]["prompt_tokens"] == 5
-    r = client.post("/generate", json={"text": "The capital of France is", "sampling_params": {
-        "max_new_tokens": 3, "temperature": 0}, "return_logprob": True, "logprob_start_len": 0,
-        "top_logprobs_num": 2, "return_text_in_logprobs": True}).json()
+    r = client.post(
+        "/generate",
+        json={
+            "text": "The capital of France is",
+            "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": 2,
+            "return_text_in_logprobs": True,
+        },
+    ).json()
     m = r["meta_info"]
     inp, out = m["input_token_logprobs"], m["output_token_logprobs"]
     assert len(inp) == 5 and len(out) == 3
@@ -184,14 +261,18 @@ def test_generate_logprobs_and_prefill_only(client):
     assert [x[1] for x in out] == r["output_ids"]
     assert len(m["output_top_logprobs"]) == 3 and len(m["output_top_logprobs"][0]) == 2
     assert m["output_top_logprobs"][0][0][1] == out[0][1]  # greedy = the top-1
-    no_text = client.post("/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 1},
-                                             "return_logprob": True}).json()
+    no_text = client.post(
+        "/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 1}, "return_logprob": True}
+    ).json()
     assert no_text["meta_info"]["output_token_logprobs"][0][2] is None
 
 
 def test_generate_stream(client):
-    body = {"text": "The capital of France is", "stream": True,
-            "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    body = {
+        "text": "The capital of France is",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 8, "temperature": 0},
+    }
     with client.stream("POST", "/generate", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
@@ -208,8 +289,15 @@ def test_constrained_regex_and_json_schema(client):
 
     assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", r["text"]), r["text"]
     assert r["meta_info"]["finish_reason"]["type"] == "stop"
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"},
-                                               "pet": {"enum": ["cat", "dog"]}}, "required": ["name", "age", "pet"]}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "age": {"type": "integer"},
+            "pet": {"enum": ["cat", "dog"]},
+        },
+        "required": ["name", "age", "pet"],
+    }
     j = gen(client, "A JSON record about Alice:", max_new_tokens=48, json_schema=json.dumps(schema))
     obj = json.loads(j["text"])
     assert set(obj) == {"name", "age", "pet"} and isinstance(obj["age"], int) and obj["pet"] in ("cat", "dog")
@@ -221,8 +309,9 @@ def test_concurrent_requests_and_a_failing_one(client):
     def one(i: int) -> int:
         if i == 5:
             return client.post("/generate", json={"text": "x", "sampling_params": {"regex": "(unclosed"}}).status_code
-        return client.post("/generate", json={"text": f"Count to {i}:", "sampling_params": {
-            "max_new_tokens": 8, "temperature": 0}}).status_code
+        return client.post(
+            "/generate", json={"text": f"Count to {i}:", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        ).status_code
 
     with ThreadPoolExecutor(12) as ex:
         codes = list(ex.map(one, range(12)))
@@ -255,9 +344,20 @@ def test_sgl_gen_select_regex_fork(sgl_backend):
         s += sgl.user("Give a 3-digit code.")
         s += sgl.assistant(sgl.gen("code", max_tokens=8, regex=r"[0-9]{3}", temperature=0))
         s += sgl.user("Describe the city as JSON.")
-        s += sgl.assistant(sgl.gen("city", max_tokens=40, temperature=0, json_schema=json.dumps({
-            "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                             "big": {"type": "boolean"}}, "required": ["city", "big"]})))
+        s += sgl.assistant(
+            sgl.gen(
+                "city",
+                max_tokens=40,
+                temperature=0,
+                json_schema=json.dumps(
+                    {
+                        "type": "object",
+                        "properties": {"city": {"type": "string", "maxLength": 12}, "big": {"type": "boolean"}},
+                        "required": ["city", "big"],
+                    }
+                ),
+            )
+        )
 
     st = program.run(question="What is the capital of France?")
     city = json.loads(st["city"])
@@ -350,17 +450,22 @@ def oai(server):
 def test_openai_models_and_completions(oai):
     models = oai.models.list()
     name = models.data[0].id
-    c = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=6, temperature=0,
-                               logprobs=2)
+    c = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2)
     assert c.choices[0].text and c.usage.completion_tokens == 6 and c.usage.prompt_tokens == 5
     assert len(c.choices[0].logprobs.tokens) == 6
     many = oai.completions.create(model=name, prompt=["a b c", "1 2 3"], max_tokens=3, temperature=0, n=2)
     assert len(many.choices) == 4
-    stream = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=6, temperature=0,
-                                    stream=True)
+    stream = oai.completions.create(
+        model=name, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+    )
     assert "".join(ch.choices[0].text for ch in stream if ch.choices) == c.choices[0].text
-    yn = oai.completions.create(model=MODEL, prompt="Is the sky blue?", max_tokens=4, temperature=0,
-                                extra_body={"ebnf": 'root ::= "yes" | "no"'})
+    yn = oai.completions.create(
+        model=MODEL,
+        prompt="Is the sky blue?",
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ebnf": 'root ::= "yes" | "no"'},
+    )
     assert yn.choices[0].text in ("yes", "no") and yn.choices[0].finish_reason == "stop"
 
 
@@ -385,46 +490,79 @@ def test_openai_echo_logprobs_offsets_and_model_name(oai):
 
 def test_openai_chat(oai):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
-    c = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
-                                    top_logprobs=2)
+    c = oai.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
     text = c.choices[0].message.content
     assert text and c.choices[0].finish_reason in ("stop", "length")
     assert len(c.choices[0].logprobs.content) == c.usage.completion_tokens
     assert c.usage.prompt_tokens_details.cached_tokens == 0
-    chunks = list(oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
     assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
     js = oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Describe a cat as JSON."}], max_tokens=40,
-        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": {
-            "type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "lives": {"type": "integer"}},
-            "required": ["name", "lives"]}}})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        max_tokens=40,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "cat",
+                "schema": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string", "maxLength": 16}, "lives": {"type": "integer"}},
+                    "required": ["name", "lives"],
+                },
+            },
+        },
+    )
     assert set(json.loads(js.choices[0].message.content)) == {"name", "lives"}
 
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                   "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 def test_openai_tools(oai):
     ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
-    c = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice=named,
-                                    max_tokens=30, temperature=0)
+    c = oai.chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice=named, max_tokens=30, temperature=0
+    )
     ch = c.choices[0]
     assert ch.finish_reason == "tool_calls" and ch.message.content is None
     (call,) = ch.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
     assert set(json.loads(call.function.arguments)) == {"city"}
-    r = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice="required",
-                                    parallel_tool_calls=False, max_tokens=40, temperature=0)
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=ask,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=40,
+        temperature=0,
+    )
     assert r.choices[0].finish_reason == "tool_calls"
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
-    stream = oai.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice=named,
-                                         max_tokens=30, temperature=0, stream=True)
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice=named, max_tokens=30, temperature=0, stream=True
+    )
     chunks = [ch for ch in stream if ch.choices]
     assert not "".join(ch.choices[0].delta.content or "" for ch in chunks)
     streamed = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
@@ -436,10 +574,13 @@ def test_openai_tools(oai):
     assert (a.choices[0].finish_reason == "tool_calls") == bool(m.tool_calls)
     assert m.tool_calls or m.content
     # a tool result in the history is rendered and answered
-    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
-                     {"role": "tool", "tool_call_id": call.id, "content": "4 degrees and rain"}]
-    f = oai.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER_TOOL], tool_choice="none",
-                                    max_tokens=12, temperature=0)
+    history = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": call.id, "content": "4 degrees and rain"},
+    ]
+    f = oai.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=12, temperature=0
+    )
     assert f.choices[0].message.content and not f.choices[0].message.tool_calls
 
 
@@ -448,39 +589,123 @@ BAD = [
     ("malformed json", "POST", "/generate", b'{"text": "hi",', None, 400, "malformed JSON"),
     ("not an object", "POST", "/generate", b"[1, 2]", None, 422, "JSON object"),
     ("unknown field", "POST", "/generate", {"text": "hi", "bogus": 1}, None, 422, "bogus: unknown field"),
-    ("unknown sampling field", "POST", "/generate", {"text": "hi", "sampling_params": {"max_tokenz": 3}}, None,
-     422, "max_tokenz: unknown field"),
-    ("wrong type", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "5"}}, None, 422,
-     "max_new_tokens"),
+    (
+        "unknown sampling field",
+        "POST",
+        "/generate",
+        {"text": "hi", "sampling_params": {"max_tokenz": 3}},
+        None,
+        422,
+        "max_tokenz: unknown field",
+    ),
+    (
+        "wrong type",
+        "POST",
+        "/generate",
+        {"text": "hi", "sampling_params": {"max_new_tokens": "5"}},
+        None,
+        422,
+        "max_new_tokens",
+    ),
     ("text and ids", "POST", "/generate", {"text": "hi", "input_ids": [1]}, None, 400, "exactly one"),
-    ("negative max_new_tokens", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}},
-     None, 422, "max_new_tokens"),
-    ("huge max_new_tokens", "POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 10**9}},
-     None, 400, "exceeds this server's limit"),
-    ("bad temperature", "POST", "/generate", {"text": "hi", "sampling_params": {"temperature": -1.0}}, None,
-     422, "temperature"),
-    ("invalid regex", "POST", "/generate", {"text": "hi", "sampling_params": {"regex": "[a-"}}, None, 400,
-     "invalid regex"),
-    ("bad json_schema", "POST", "/generate", {"text": "hi", "sampling_params": {"json_schema": "{nope"}}, None,
-     400, "json_schema"),
+    (
+        "negative max_new_tokens",
+        "POST",
+        "/generate",
+        {"text": "hi", "sampling_params": {"max_new_tokens": -1}},
+        None,
+        422,
+        "max_new_tokens",
+    ),
+    (
+        "huge max_new_tokens",
+        "POST",
+        "/generate",
+        {"text": "hi", "sampling_params": {"max_new_tokens": 10**9}},
+        None,
+        400,
+        "exceeds this server's limit",
+    ),
+    (
+        "bad temperature",
+        "POST",
+        "/generate",
+        {"text": "hi", "sampling_params": {"temperature": -1.0}},
+        None,
+        422,
+        "temperature",
+    ),
+    (
+        "invalid regex",
+        "POST",
+        "/generate",
+        {"text": "hi", "sampling_params": {"regex": "[a-"}},
+        None,
+        400,
+        "invalid regex",
+    ),
+    (
+        "bad json_schema",
+        "POST",
+        "/generate",
+        {"text": "hi", "sampling_params": {"json_schema": "{nope"}},
+        None,
+        400,
+        "json_schema",
+    ),
     ("token id out of vocab", "POST", "/generate", {"input_ids": [10**7]}, None, 400, "token ids"),
     ("prompt too long", "POST", "/generate", {"input_ids": [42] * 9000}, None, 413, "context"),
     ("body too large", "POST", "/generate", {"text": "x" * 300000}, None, 413, "exceeds the limit"),
     ("missing key", "POST", "/generate", {"text": "hi"}, {}, 401, "missing API key"),
     ("wrong key", "POST", "/generate", {"text": "hi"}, {"Authorization": "Bearer nope"}, 401, "invalid API key"),
-    ("user key on admin route", "POST", "/ingest", {"documents": [{"doc_id": "d", "text": "t"}]}, AUTH, 403,
-     "admin key"),
+    (
+        "user key on admin route",
+        "POST",
+        "/ingest",
+        {"documents": [{"doc_id": "d", "text": "t"}]},
+        AUTH,
+        403,
+        "admin key",
+    ),
     ("unknown route", "GET", "/nope", None, None, 404, "no route"),
     ("wrong method", "GET", "/generate", None, None, 405, "not allowed"),
-    ("chat tools", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                    "tools": [{"type": "function"}]}, None, 400, "tools[0]"),
-    ("chat tool_choice", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                          "tool_choice": "required"}, None, 400, "non-empty tools"),
-    ("chat bad role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, None,
-     422, "role"),
+    (
+        "chat tools",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        None,
+        400,
+        "tools[0]",
+    ),
+    (
+        "chat tool_choice",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+        None,
+        400,
+        "non-empty tools",
+    ),
+    (
+        "chat bad role",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        None,
+        422,
+        "role",
+    ),
     ("chat empty messages", "POST", "/v1/chat/completions", {"messages": []}, None, 422, "messages"),
-    ("completions negative max_tokens", "POST", "/v1/completions", {"prompt": "x", "max_tokens": -5}, None, 422,
-     "max_tokens"),
+    (
+        "completions negative max_tokens",
+        "POST",
+        "/v1/completions",
+        {"prompt": "x", "max_tokens": -5},
+        None,
+        422,
+        "max_tokens",
+    ),
 ]
 
 
@@ -507,10 +732,15 @@ def test_server_keeps_serving_after_bad_input(client):
 def test_client_disconnect_mid_stream_aborts(server, client):
     before = client.get("/metrics").text
     aborted_before = _metric(before, 'redknot_request_success_total{finished_reason="abort"}')
-    body = {"text": "Write a very long story about dragons.", "stream": True,
-            "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c, \
-            c.stream("POST", "/generate", json=body) as r:
+    body = {
+        "text": "Write a very long story about dragons.",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 250, "ignore_eos": True},
+    }
+    with (
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c,
+        c.stream("POST", "/generate", json=body) as r,
+    ):
         got = 0
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -552,8 +782,11 @@ def _parsed_metrics(client) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(client.base_url.join("/metrics")).text  # no key needed
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_metrics(client):
@@ -561,8 +794,13 @@ def test_metrics(client):
     assert client.get("/generate").status_code == 405
     assert client.get("/no/such/route").status_code == 404
     v = _parsed_metrics(client)
-    for name in ("redknot_num_requests_waiting", "redknot_num_requests_running", "redknot_kv_cache_usage_perc",
-                 "redknot_cached_tokens_total", "redknot_time_to_first_token_seconds_count"):
+    for name in (
+        "redknot_num_requests_waiting",
+        "redknot_num_requests_running",
+        "redknot_kv_cache_usage_perc",
+        "redknot_cached_tokens_total",
+        "redknot_time_to_first_token_seconds_count",
+    ):
         assert (name, ()) in v, name
     assert v[("redknot_time_to_first_token_seconds_count", ())] >= 1
     assert v[("redknot_inter_token_latency_seconds_bucket", (("le", "+Inf"),))] >= 3
@@ -573,12 +811,21 @@ def test_metrics(client):
 
 # ---- RAG routes ---------------------------------------------------------------------------------
 DOCS = [
-    {"doc_id": "lighthouse", "text": "The Varnholt lighthouse was built in 1873 by the engineer Ida Brask. "
-     "Its lamp is visible for 19 nautical miles and it is painted in red and white bands."},
-    {"doc_id": "glacier", "text": "The Skelmir glacier retreats about 31 meters per year. Researchers measure "
-     "it every August from a station at its northern edge."},
-    {"doc_id": "bakery", "text": "Mora's bakery on Linden Street sells cardamom buns every Thursday. "
-     "The oven was imported from Turin in 1998."},
+    {
+        "doc_id": "lighthouse",
+        "text": "The Varnholt lighthouse was built in 1873 by the engineer Ida Brask. "
+        "Its lamp is visible for 19 nautical miles and it is painted in red and white bands.",
+    },
+    {
+        "doc_id": "glacier",
+        "text": "The Skelmir glacier retreats about 31 meters per year. Researchers measure "
+        "it every August from a station at its northern edge.",
+    },
+    {
+        "doc_id": "bakery",
+        "text": "Mora's bakery on Linden Street sells cardamom buns every Thursday. "
+        "The oven was imported from Turin in 1998.",
+    },
 ]
 
 
@@ -596,15 +843,26 @@ def test_rag_query_documents_delete(client, ingested):
     assert client.get("/documents", params={"namespace": "test"}).status_code == 403  # admin-only
     docs = client.get("/documents", params={"namespace": "test"}, headers=ADMIN_AUTH).json()["documents"]
     assert {d["doc_id"] for d in docs} >= {"lighthouse", "glacier", "bakery"}
-    q = client.post("/query", json={"question": "Who built the Varnholt lighthouse?", "namespace": "test",
-                                    "top_k": 2, "max_new_tokens": 24}).json()
+    q = client.post(
+        "/query",
+        json={"question": "Who built the Varnholt lighthouse?", "namespace": "test", "top_k": 2, "max_new_tokens": 24},
+    ).json()
     assert q["answer"] and q["sources"] and q["sources"][0]["doc_id"] == "lighthouse"
     assert {"doc_id", "chunk_id", "score", "text"} <= set(q["sources"][0])
     for key in ("retrieve_ms", "kv_load_ms", "recompute_ms", "question_prefill_ms", "decode_ms"):
         assert any(k.startswith(key.split("_ms")[0]) for k in q["timing"]), (key, q["timing"])
     assert q["usage"]["cached_tokens"] > 0
-    with client.stream("POST", "/query", json={"question": "When is the glacier measured?", "namespace": "test",
-                                               "top_k": 2, "max_new_tokens": 16, "stream": True}) as r:
+    with client.stream(
+        "POST",
+        "/query",
+        json={
+            "question": "When is the glacier measured?",
+            "namespace": "test",
+            "top_k": 2,
+            "max_new_tokens": 16,
+            "stream": True,
+        },
+    ) as r:
         events = sse_events(r.iter_lines())
     assert events[0]["type"] == "sources" and events[-2]["type"] == "done" and events[-1] == "[DONE]"
     assert "".join(e["text"] for e in events if isinstance(e, dict) and e["type"] == "token") == events[-2]["answer"]
@@ -623,20 +881,27 @@ def test_chat_prompt_with_three_stored_chunks_reuses_kv(client, oai, ingested):
     matches a full prefill of the same prompt (reuse fidelity: same greedy first tokens)."""
     r = client.post("/ingest", json={"namespace": "test", "documents": DOCS}, headers=ADMIN_AUTH)  # re-add deleted
     assert r.status_code == 200, r.text
-    ret = client.post("/retrieve", json={"question": "lighthouse glacier bakery", "namespace": "test",
-                                         "top_k": 3}).json()
+    ret = client.post(
+        "/retrieve", json={"question": "lighthouse glacier bakery", "namespace": "test", "top_k": 3}
+    ).json()
     assert len(ret["chunks"]) == 3
     question = "Who built the Varnholt lighthouse?"
     msgs = [{"role": "system", "content": ret["system"]}, {"role": "user", "content": ret["context"] + question}]
     c = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
-    chunk_tokens = sum(gen(client, ch["text"], max_new_tokens=0)["meta_info"]["prompt_tokens"]
-                       for ch in ret["chunks"])
+    chunk_tokens = sum(gen(client, ch["text"], max_new_tokens=0)["meta_info"]["prompt_tokens"] for ch in ret["chunks"])
     # cached = stored tokens reused as-is; the default policy recomputes ~10% + 4 tokens per chunk
     assert c.usage.prompt_tokens_details.cached_tokens >= chunk_tokens * 0.75
     # the full policy: the same ChatML prompt through /generate with prompt logprobs (which disables reuse)
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs) + "<|im_start|>assistant\n"
-    full = client.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": 12,
-                       "temperature": 0}, "return_logprob": True, "logprob_start_len": 0}).json()
+    full = client.post(
+        "/generate",
+        json={
+            "text": text,
+            "sampling_params": {"max_new_tokens": 12, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        },
+    ).json()
     assert full["meta_info"]["cached_tokens"] == 0
     assert full["meta_info"]["prompt_tokens"] == c.usage.prompt_tokens
     # Fidelity bound for a single prompt: the answer starts like full prefill's (first two words). Whole-answer
@@ -648,8 +913,10 @@ def test_chat_prompt_with_three_stored_chunks_reuses_kv(client, oai, ingested):
 @needs_rag
 def test_metrics_reuse_store_and_route_templates(client, ingested):
     """After RAG traffic: reuse per policy, store tiers, and templated routes (never `unknown`)."""
-    r = client.post("/query", json={"question": "Who built the Varnholt lighthouse?", "namespace": "test",
-                                    "top_k": 2, "max_new_tokens": 4})
+    r = client.post(
+        "/query",
+        json={"question": "Who built the Varnholt lighthouse?", "namespace": "test", "top_k": 2, "max_new_tokens": 4},
+    )
     assert r.status_code == 200, r.text
     client.delete("/documents/no-such-doc", params={"namespace": "test"}, headers=ADMIN_AUTH)
     v = _parsed_metrics(client)
@@ -664,8 +931,15 @@ def test_metrics_reuse_store_and_route_templates(client, ingested):
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("small"), "--max-running-requests", "1", "--max-queued-requests",
-                       "1", "--graceful-timeout", "20")
+    srv = start_server(
+        tmp_path_factory.mktemp("small"),
+        "--max-running-requests",
+        "1",
+        "--max-queued-requests",
+        "1",
+        "--graceful-timeout",
+        "20",
+    )
     yield srv
     stop_server(srv)
 
@@ -718,8 +992,15 @@ def test_sigterm_drains_every_stream_with_an_answer_or_an_error(tmp_path):
     srv = start_server(tmp_path, "--max-running-requests", "4", "--graceful-timeout", "6")
     bodies = [
         {"text": "Count:", "rid": "short", "stream": True, "sampling_params": {"max_new_tokens": 12}},
-        *({"text": "Tell a long story:", "rid": f"long-{i}", "stream": True,
-           "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}} for i in range(2)),
+        *(
+            {
+                "text": "Tell a long story:",
+                "rid": f"long-{i}",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True},
+            }
+            for i in range(2)
+        ),
     ]
     events: dict[str, list] = {b["rid"]: [] for b in bodies}
     started = {b["rid"]: threading.Event() for b in bodies}
@@ -754,8 +1035,9 @@ def test_sigterm_drains_every_stream_with_an_answer_or_an_error(tmp_path):
         assert ev[-1] == "[DONE]", ev[-3:]
         err = json.loads(ev[-2])["error"]
         assert err["code"] == 503 and "shutting down" in err["message"], err
-    finished = [json.loads(x) for x in srv.log_path.read_text().splitlines()
-                if x.startswith("{") and '"request finished"' in x]
+    finished = [
+        json.loads(x) for x in srv.log_path.read_text().splitlines() if x.startswith("{") and '"request finished"' in x
+    ]
     by_rid = {x["rid"]: x for x in finished}
     assert set(by_rid) >= {"short", "long-0", "long-1"}
     assert "shutting down" in by_rid["long-0"]["error"] and "error" not in by_rid["short"]

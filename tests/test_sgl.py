@@ -28,9 +28,17 @@ class _Fake:
 
 
 def test_retrieve_parses_answer_and_sends_key(monkeypatch):
-    fake = _Fake(200, {"context": "A.\n\nB.\n\n", "system": "SYS", "chunks": [
-        {"doc_id": "d", "chunk_id": "d#0", "score": 0.9, "text": "A."},
-        {"doc_id": "d", "chunk_id": "d#1", "score": 0.5, "text": "B."}]})
+    fake = _Fake(
+        200,
+        {
+            "context": "A.\n\nB.\n\n",
+            "system": "SYS",
+            "chunks": [
+                {"doc_id": "d", "chunk_id": "d#0", "score": 0.9, "text": "A."},
+                {"doc_id": "d", "chunk_id": "d#1", "score": 0.5, "text": "B."},
+            ],
+        },
+    )
     monkeypatch.setattr(rk.httpx, "post", fake.post)
     got = rk.retrieve("q?", top_k=2, namespace="ns", endpoint="http://h:1/", api_key="k")
     assert got.context == "A.\n\nB.\n\n" and got.system == "SYS" and [c.chunk_id for c in got.chunks] == ["d#0", "d#1"]
@@ -80,8 +88,9 @@ def test_dsl_program_reuses_retrieved_chunks(tmp_path):
 
     srv = start_server(tmp_path, data_dir=tmp_path / "data")
     try:
-        r = httpx.post(srv.url + "/ingest", json={"namespace": "dsl", "documents": DOCS}, headers=ADMIN_AUTH,
-                       timeout=300)
+        r = httpx.post(
+            srv.url + "/ingest", json={"namespace": "dsl", "documents": DOCS}, headers=ADMIN_AUTH, timeout=300
+        )
         assert r.status_code == 200, r.text
         sgl.global_config.enable_parallel_encoding = False
         sgl.set_default_backend(sgl.RuntimeEndpoint(srv.url, api_key=KEY, chat_template_name="chatml"))

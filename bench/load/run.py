@@ -30,13 +30,22 @@ from pathlib import Path
 import httpx
 
 QUESTIONS = [
-    "What does the global interpreter lock protect?", "How do I open a file for appending?",
-    "What is a list comprehension?", "How are exceptions chained?", "What does the with statement do?",
-    "How do I format a float with two decimals?", "What is a generator?", "How does slicing work?",
+    "What does the global interpreter lock protect?",
+    "How do I open a file for appending?",
+    "What is a list comprehension?",
+    "How are exceptions chained?",
+    "What does the with statement do?",
+    "How do I format a float with two decimals?",
+    "What is a generator?",
+    "How does slicing work?",
 ]
 PROMPTS = [
-    "Write one sentence about the sea.", "List three colors:", "The capital of France is",
-    "Explain recursion briefly.", "def fibonacci(n):", "Translate 'good morning' to French:",
+    "Write one sentence about the sea.",
+    "List three colors:",
+    "The capital of France is",
+    "Explain recursion briefly.",
+    "def fibonacci(n):",
+    "Translate 'good morning' to French:",
 ]
 
 
@@ -76,8 +85,11 @@ async def one_request(client: httpx.AsyncClient, route: str, rng: random.Random,
     if route == "/query":
         body: dict = {"question": rng.choice(QUESTIONS), "top_k": 4, "max_new_tokens": max_new, "stream": True}
     else:
-        body = {"text": rng.choice(PROMPTS), "stream": True,
-                "sampling_params": {"max_new_tokens": max_new, "temperature": 0.7, "top_p": 0.9}}
+        body = {
+            "text": rng.choice(PROMPTS),
+            "stream": True,
+            "sampling_params": {"max_new_tokens": max_new, "temperature": 0.7, "top_p": 0.9},
+        }
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
@@ -85,8 +97,14 @@ async def one_request(client: httpx.AsyncClient, route: str, rng: random.Random,
         async with client.stream("POST", route, json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                return Sample(route, r.status_code, None, time.perf_counter() - t0, 0,
-                              None if r.status_code == 429 else r.text[:300])
+                return Sample(
+                    route,
+                    r.status_code,
+                    None,
+                    time.perf_counter() - t0,
+                    0,
+                    None if r.status_code == 429 else r.text[:300],
+                )
             done = False
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -110,8 +128,9 @@ async def one_request(client: httpx.AsyncClient, route: str, rng: random.Random,
         return Sample(route, 0, None, time.perf_counter() - t0, 0, f"{type(e).__name__}: {e}")
 
 
-async def client_loop(i: int, url: str, headers: dict, routes: list[str], deadline: float, max_new: int,
-                      out: list[Sample]) -> None:
+async def client_loop(
+    i: int, url: str, headers: dict, routes: list[str], deadline: float, max_new: int, out: list[Sample]
+) -> None:
     rng = random.Random(i)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
         while time.perf_counter() < deadline:
@@ -149,13 +168,26 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--port", str(port),
-           "--max-running-requests", str(args.max_running), "--max-queued-requests", str(args.max_queued),
-           "--log-level", "warning", *args.server_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "redknot_rag.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-running-requests",
+        str(args.max_running),
+        "--max-queued-requests",
+        str(args.max_queued),
+        "--log-level",
+        "warning",
+        *args.server_args,
+    ]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"),
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"), env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
@@ -184,9 +216,12 @@ async def main_async(args: argparse.Namespace) -> Report:
         routes = ["/generate"]
         if info.get("rag") and not args.generate_only:
             if args.ingest:
-                r = httpx.post(url + "/ingest", json={"namespace": "default", "paths": [args.ingest]},
-                               headers={"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {},
-                               timeout=1800)
+                r = httpx.post(
+                    url + "/ingest",
+                    json={"namespace": "default", "paths": [args.ingest]},
+                    headers={"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {},
+                    timeout=1800,
+                )
                 r.raise_for_status()
             routes = ["/query", "/generate"]
         samples: list[Sample] = []
@@ -195,8 +230,10 @@ async def main_async(args: argparse.Namespace) -> Report:
         deadline = t0 + args.duration
         await asyncio.gather(
             sample_rss(pid, deadline + 5, rss),
-            *(client_loop(i, url, headers, routes, deadline, args.max_new_tokens, samples)
-              for i in range(args.clients)),
+            *(
+                client_loop(i, url, headers, routes, deadline, args.max_new_tokens, samples)
+                for i in range(args.clients)
+            ),
         )
         wall = time.perf_counter() - t0
         metrics = httpx.get(url + "/metrics", timeout=30).text
@@ -208,19 +245,33 @@ async def main_async(args: argparse.Namespace) -> Report:
             except subprocess.TimeoutExpired:
                 proc.kill()
     rep = Report(
-        config={"clients": args.clients, "duration_s": args.duration, "routes": routes,
-                "max_new_tokens": args.max_new_tokens, "max_running_requests": args.max_running,
-                "max_queued_requests": args.max_queued, "wall_s": round(wall, 1)},
-        host={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-              "server_info": info.get("engine")},
+        config={
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "routes": routes,
+            "max_new_tokens": args.max_new_tokens,
+            "max_running_requests": args.max_running,
+            "max_queued_requests": args.max_queued,
+            "wall_s": round(wall, 1),
+        },
+        host={
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "server_info": info.get("engine"),
+        },
     )
     for route in routes:
         ok = [s for s in samples if s.route == route and s.status == 200 and s.error is None]
         ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
         lats = [s.latency_s for s in ok]
         rep.routes[route] = {
-            "ok": len(ok), "ttft_p50_s": pct(ttfts, 50), "ttft_p90_s": pct(ttfts, 90), "ttft_p99_s": pct(ttfts, 99),
-            "latency_p50_s": pct(lats, 50), "latency_p99_s": pct(lats, 99),
+            "ok": len(ok),
+            "ttft_p50_s": pct(ttfts, 50),
+            "ttft_p90_s": pct(ttfts, 90),
+            "ttft_p99_s": pct(ttfts, 99),
+            "latency_p50_s": pct(lats, 50),
+            "latency_p99_s": pct(lats, 99),
             "http_429": sum(1 for s in samples if s.route == route and s.status == 429),
         }
     rep.num_requests = len(samples)
@@ -233,9 +284,16 @@ async def main_async(args: argparse.Namespace) -> Report:
     rep.throughput_rps = round(rep.num_ok / wall, 2)
     rep.output_tokens_per_s = round(sum(s.tokens for s in samples if s.status == 200) / wall, 1)
     rep.config["server_metrics_excerpt"] = [
-        ln for ln in metrics.splitlines()
-        if ln.startswith(("redknot_request_success_total", "redknot_time_to_first_token_seconds_count",
-                          "redknot_cached_tokens_total", "redknot_rejected_requests_total"))
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith(
+            (
+                "redknot_request_success_total",
+                "redknot_time_to_first_token_seconds_count",
+                "redknot_cached_tokens_total",
+                "redknot_rejected_requests_total",
+            )
+        )
     ]
     return rep
 
