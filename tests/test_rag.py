@@ -100,15 +100,16 @@ def test_bad_input(rag, tmp_path):
     assert len(rag.list_documents("t1")) == 3  # nothing lost
 
 
-def test_automatic_reuse_from_prompt_text(rag):
+def _prompt_with_stored_chunks(rag):
+    """A chat prompt that carries two retrieved chunks verbatim: (sources, token ids)."""
     sources = rag.retrieve("Dorbrecht archive code", top_k=2, namespace="t1")
-    text = (
-        rag.layout.format.prefix
-        + rag.format_context(sources)
-        + "Question: What is the code?"
-        + rag.layout.format.suffix
-    )
-    ids = rag.engine.tokenizer.encode(text, add_special_tokens=False)
+    fmt = rag.layout.format
+    text = fmt.prefix + rag.format_context(sources) + "Question: What is the code?" + fmt.suffix
+    return sources, rag.engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_automatic_reuse_from_prompt_text(rag):
+    sources, ids = _prompt_with_stored_chunks(rag)
     req = rag.build_request(ids, SamplingParams(max_new_tokens=4))
     assert req.cached_tokens == sum(len(rag.chunk_token_ids(s.text)) for s in sources)
     rag.discard(req)
@@ -169,14 +170,7 @@ def test_shared_kv_survives_delete_in_other_namespace(rag):
 
 
 def test_automatic_reuse_is_limited_to_the_callers_namespaces(rag):
-    sources = rag.retrieve("Dorbrecht archive code", top_k=2, namespace="t1")
-    text = (
-        rag.layout.format.prefix
-        + rag.format_context(sources)
-        + "Question: What is the code?"
-        + rag.layout.format.suffix
-    )
-    ids = rag.engine.tokenizer.encode(text, add_special_tokens=False)
+    _, ids = _prompt_with_stored_chunks(rag)
     other = rag.build_request(ids, SamplingParams(max_new_tokens=4), namespaces={"t2"})
     assert other.cached_tokens == 0 and other.reuse is None
     own = rag.build_request(ids, SamplingParams(max_new_tokens=4), namespaces={"t1"})
