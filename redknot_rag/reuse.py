@@ -8,6 +8,7 @@ token's position in the assembled context, so relocation itself is exact.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from abc import ABC, abstractmethod
@@ -289,10 +290,67 @@ class BoundaryPolicy(_SelectivePolicy):
         return torch.cat(parts)
 
 
+class ApePolicy(ReusePolicy):
+    """APE-style attention temperature on reused spans, on top of a `base` policy.
+
+    Every later token (recomputed chunk tokens, the question, decoded tokens) sees the attention logit
+    of each *reused* chunk token divided by `temperature` (T < 1 sharpens attention to the context,
+    as APE does for parallel-encoded contexts). Exact and kernel-free: a logit is q·R(p)k·scale and
+    RoPE is linear, so storing k/T scales exactly that token's logit by 1/T for every query.
+    The scaled K goes to the sequence's copy-on-write slots (shared chunk pages are never written);
+    V is copied unchanged. Anchor tokens and tokens the base policy recomputes keep their own K.
+
+    APE's second knob, a log(S) bias on the reused span's total attention, is not done: a constant
+    added to q·k for every query has no exact K-side form (it needs a bias in the kernel, or a
+    correction of the context partition's log-sum-exp in the merge), so it is left out.
+    """
+
+    name = "ape"
+
+    def __init__(self, temperature: float, base: ReusePolicy) -> None:
+        if isinstance(base, (FullPolicy, ApePolicy)):
+            raise ValueError(f"APE temperature needs a reuse policy underneath, got {base.name!r}")
+        self.temperature = temperature
+        self.base = base
+
+    def assemble(self, runner: KVRunner, inp: ReuseInput, defer_recompute: bool = False) -> Assembled:
+        if self.temperature == 1.0:  # the identity: the base policy's result, bit for bit
+            return self.base.assemble(runner, inp, defer_recompute)
+        # select first (deferred): the recomputed tokens must attend to the scaled reused keys whether
+        # their recompute runs here or in the engine's first forward with the question
+        asm = self.base.assemble(runner, inp, True)
+        kv = asm.kv
+        assert kv is not None
+        try:
+            t0 = time.perf_counter()
+            a = len(inp.anchor_ids)
+            reused = torch.ones(kv.num_tokens, dtype=torch.bool)
+            reused[:a] = False
+            reused[asm.recomputed_index] = False  # recomputed (or about to be): fresh K, not reused
+            idx = reused.nonzero().flatten()  # [n] ascending context indices of reused chunk tokens
+            if idx.numel():
+                old = kv.slots[:, :, idx.to(kv.device)].to(runner.device)  # [L, Hkv, n] shared slots
+                new = runner.override(kv, idx).to(runner.device)  # [L, Hkv, n] private copies
+                pool = runner.pool
+                pool.k_slots[new] = (pool.k_slots[old].float() * (1.0 / self.temperature)).to(pool.k_slots.dtype)
+                pool.v_slots[new] = pool.v_slots[old]
+            if asm.deferred and not defer_recompute:
+                recompute(runner, kv, inp.context_ids, asm.recomputed_index)
+                asm = dataclasses.replace(asm, deferred=False)
+            ms = (time.perf_counter() - t0) * 1e3
+        except BaseException:
+            runner.release(kv)
+            raise
+        stats = {**asm.stats, "ape_temperature": self.temperature, "ape_scaled_tokens": int(idx.numel())}
+        return dataclasses.replace(asm, recompute_ms=asm.recompute_ms + ms, stats=stats)
+
+
 POLICY_NAMES = (
     "full, naive, epic[:k], cacheblend[:r], boundary[:k[:tail]], redknot[:r[:k[:w[:layers]]]], "
-    "redknot-local[:r[:k[:w[:layers]]]], redknot-dense[:r[:k[:w[:layers]]]]"
+    "redknot-local[:r[:k[:w[:layers]]]], redknot-dense[:r[:k[:w[:layers]]]], "
+    "ape:T[:base] (attention temperature T on reused tokens over base, default naive; e.g. ape:0.9:redknot:0.05)"
 )
+APE_TEMPERATURE_RANGE = (0.25, 4.0)
 
 
 def _ratio(text: str, name: str) -> float:
@@ -315,8 +373,20 @@ def _count(text: str, name: str, what: str, lo: int = 0) -> int:
     return n
 
 
+def _temperature(text: str, name: str) -> float:
+    lo, hi = APE_TEMPERATURE_RANGE
+    try:
+        t = float(text)
+    except ValueError:
+        raise ValueError(f"reuse policy {name!r}: temperature {text!r} is not a number") from None
+    if not math.isfinite(t) or not lo <= t <= hi:
+        raise ValueError(f"reuse policy {name!r}: temperature must be in [{lo}, {hi}], got {text!r}")
+    return t
+
+
 def make_policy(name: str, profile: HeadProfile | None = None) -> ReusePolicy:
-    """Policies by name, with parameters: "epic", "epic:64", "cacheblend:0.2", "redknot:0.15".
+    """Policies by name, with parameters: "epic", "epic:64", "cacheblend:0.2", "redknot:0.15", "ape:0.9",
+    "ape:0.9:redknot:0.05" (the temperature, then any reuse policy's full name as the base).
 
     `profile` is the served model's head profile (loaded once by the caller); head-aware policies use it.
     Raises ValueError with the known names for anything malformed.
@@ -324,6 +394,13 @@ def make_policy(name: str, profile: HeadProfile | None = None) -> ReusePolicy:
     if not isinstance(name, str) or not name:
         raise ValueError(f"reuse policy must be a non-empty string; known: {POLICY_NAMES}")
     base, _, arg = name.partition(":")
+    if base == "ape":
+        t_text, _, base_name = arg.partition(":")
+        if not t_text:
+            raise ValueError(f"reuse policy {name!r}: give a temperature, e.g. ape:0.9 or ape:0.9:redknot:0.05")
+        if base_name.partition(":")[0] in ("full", "ape"):
+            raise ValueError(f"reuse policy {name!r}: the base must be a reuse policy (not full or ape)")
+        return ApePolicy(_temperature(t_text, name), make_policy(base_name or "naive", profile))
     parts = arg.split(":") if arg else []
     if base in ("full", "naive"):
         if parts:

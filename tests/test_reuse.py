@@ -97,7 +97,9 @@ def _first_logits(engine, prompt, asm):
     return req, seen[0]
 
 
-@pytest.mark.parametrize("policy", ["naive", "epic:8", "cacheblend:0.2", "redknot:0.2", "epic:100000"])
+@pytest.mark.parametrize(
+    "policy", ["naive", "epic:8", "cacheblend:0.2", "redknot:0.2", "epic:100000", "ape:0.8", "ape:1.2:redknot:0.2"]
+)
 def test_policies_never_write_shared_pages_and_full_recompute_is_exact(setup, policy):
     engine, pf, anchor, chunks, segs, q = setup
     runner = engine.runner
@@ -131,7 +133,7 @@ def test_probe_truncate_returns_pages(setup):
     assert runner.allocator.num_free == free
 
 
-@pytest.mark.parametrize("policy", ["epic:8", "redknot:0.2", "epic:100000"])
+@pytest.mark.parametrize("policy", ["epic:8", "redknot:0.2", "epic:100000", "ape:0.8:redknot:0.2"])
 def test_recompute_in_one_forward_with_the_question_equals_two_passes(setup, policy):
     """Deferred recompute (the selected tokens recomputed in the engine's first forward, together with the
     question) gives the logits of recomputing first and prefilling the question after; shared pages stay
