@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from redknot_rag.loader import LoadedModel
 from redknot_rag.request import Request, RequestStatus, TokenEvent
 from redknot_rag.runner import KVRunner
 from redknot_rag.sampling import InvalidRequestError, SamplingParams, apply_penalties, sample_token
+
+if TYPE_CHECKING:
+    from redknot_rag.server.constrained import StepGrammarMask
 
 log = logging.getLogger("redknot.engine")
 
@@ -312,7 +315,12 @@ class Engine:
             slices,
             torch.tensor(logit_rows, dtype=torch.int64),
         )
-        out = self.runner.forward(batch)  # [M, vocab] float32, on the model's device
+        step_mask = self._start_grammar_masks(wants, len(logit_rows))  # filled while the forward runs
+        try:
+            out = self.runner.forward(batch)  # [M, vocab] float32, on the model's device
+        finally:
+            if step_mask is not None:
+                step_mask.wait()  # no matcher is touched again before its fill is done
         # Greedy requests without logprobs/penalties/constraints only need the argmax: skip moving
         # [M, vocab] logits to the host (at batch 64 x 128K vocab that dominated the decode step).
         needs_logits = any(
@@ -321,6 +329,11 @@ class Engine:
         )
         greedy = out.argmax(-1).tolist() if out.shape[0] else []
         logits = out.cpu() if needs_logits else None
+        if step_mask is not None and logits is not None:
+            try:
+                step_mask.apply(logits)  # one call for every constrained row
+            except Exception:  # each processor then masks its own row, and a failure fails it alone
+                log.exception("batch grammar mask failed")
         now = time.perf_counter()
         for (req, n), (_, lrows, targets, completes) in zip(plan, wants):
             was_prefill = not req.is_prefill_done
@@ -347,6 +360,29 @@ class Engine:
                     self._emit(req, None, now, token=greedy[lrows[-1]])
                 else:
                     self._emit(req, logits[lrows[-1]], now)
+
+    def _start_grammar_masks(
+        self, wants: list[tuple[Request, list[int], list[int], bool]], num_rows: int
+    ) -> StepGrammarMask | None:
+        """Start filling, on a worker thread, one bitmask `[num_rows, ceil(vocab/32)]` for every request
+        of this step that samples under a grammar (`StepGrammarMask`); None if there is none."""
+        if all(req.logits_processor is None for req, *_ in wants):
+            return None
+        from redknot_rag.server.constrained import GrammarProcessor, StepGrammarMask  # xgrammar: only when used
+
+        members = []
+        for req, lrows, _, completes in wants:
+            proc = req.logits_processor
+            if not (completes and isinstance(proc, GrammarProcessor)):
+                continue
+            try:
+                if proc.sync(req.output_ids):  # dead/terminated ones allow only stop tokens: no mask
+                    members.append((proc, lrows[-1], len(req.output_ids)))
+            except Exception:  # its own call in `_emit` fails it alone
+                log.exception("grammar sync failed", extra={"rid": req.rid})
+        if not members:
+            return None
+        return StepGrammarMask(members, num_rows, members[0][0].vocab_size).start()
 
     @staticmethod
     def _topk(lp: torch.Tensor, k: int) -> list[tuple[float, int]]:

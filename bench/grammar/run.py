@@ -154,7 +154,7 @@ class Served:
                 req.output_ids.append(t)
 
             def can_end(self) -> bool:
-                proc._sync(req.output_ids)
+                proc.sync(req.output_ids)
                 return bool(proc.matcher.accept_token(proc.stop_ids[0]))
 
         return S()
@@ -284,7 +284,7 @@ class Legacy:
                 req.output_ids.append(t)
 
             def can_end(self) -> bool:
-                return proc.is_complete(proc._sync(req.output_ids))
+                return proc.is_complete(proc.sync(req.output_ids))
 
         return S()
 

@@ -3,9 +3,15 @@
 A `Grammar` names what the output must match; `GrammarBackend` (one per tokenizer) compiles it
 once to an xgrammar `CompiledGrammar` (cached by the compiler) and hands each request a fresh
 `GrammarProcessor`. The processor is the engine's `Request.logits_processor` hook: at every
-decode step it feeds the matcher the tokens emitted since its last call, fills a `[1, ⌈vocab/32⌉]`
-int32 bitmask and sets every disallowed logit to -inf. Stop tokens are allowed exactly when
-the grammar can end here. xgrammar was chosen by measurement (bench/grammar/README.md).
+decode step it feeds the matcher the tokens emitted since its last call and sets every logit the
+grammar disallows to -inf. Stop tokens are allowed exactly when the grammar can end here.
+
+The engine fills the masks of all constrained requests of a step at once: `StepGrammarMask`
+fills one `[rows, ⌈vocab/32⌉]` int32 bitmask in a single xgrammar batch call on a worker thread
+while the forward runs, and applies it to the step's logits in one call. A processor whose row
+was masked that way only checks that something is left; called alone (no batch mask this step),
+it fills and applies its own `[1, ⌈vocab/32⌉]` mask. xgrammar was chosen by measurement
+(bench/grammar/README.md).
 
 EBNF uses xgrammar's GBNF dialect (`root ::= ...`), as SGLang's `ebnf` parameter does.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,36 +121,104 @@ class GrammarProcessor:
         self.stop_ids = list(self.matcher.stop_token_ids)
         self.is_dead = False
         self._n = 0
+        # set by `StepGrammarMask.apply`: this step's logits row is already masked by `_step_row`
+        # ([1, ceil(vocab/32)] int32, a row of the step's bitmask) for output length `_step_n`
+        self._step_n = -1
+        self._step_row: torch.Tensor | None = None
 
-    def _sync(self, output_ids: list[int]) -> None:
+    def sync(self, output_ids: list[int]) -> bool:
+        """Feed the matcher the tokens emitted since the last call; whether it still needs a mask
+        (False once it is dead or terminated: then only stop tokens are allowed)."""
         for tok in output_ids[self._n :]:
             if self.is_dead or self.matcher.is_terminated() or not self.matcher.accept_token(tok):
                 self.is_dead = True
         self._n = len(output_ids)
+        return not (self.is_dead or self.matcher.is_terminated())
 
     def __call__(self, req: Any, logits: torch.Tensor) -> torch.Tensor:
-        self._sync(req.output_ids)
-        if self.is_dead or self.matcher.is_terminated():
+        if not self.sync(req.output_ids):
             keep = torch.full_like(logits, float("-inf"))
             keep[self.stop_ids] = 0.0
             masked = logits + keep
             return masked if _has_finite(masked) else keep
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        out = self._apply(logits)
+        row = self.bitmask
+        if self._step_n == len(req.output_ids) and self._step_row is not None:
+            out, row = logits, self._step_row  # masked with the whole step (penalties keep -inf at -inf)
+        else:
+            self.matcher.fill_next_token_bitmask(self.bitmask)
+            out = self._apply(logits, row)
         if not _has_finite(out):  # all the grammar allows was masked upstream (min_new_tokens)
-            out = self._apply(torch.zeros_like(logits))
+            out = self._apply(torch.zeros_like(logits), row)
         return out
 
-    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """A new `[vocab]` tensor: `logits` where the bitmask allows, -inf elsewhere. On CPU the bits are
-        unpacked with numpy (≈5× faster than xgrammar's CPU kernel here: bench/grammar/README.md)."""
+    def _apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+        """A new `[vocab]` tensor: `logits` where `bitmask` `[1, ceil(vocab/32)]` allows, -inf elsewhere.
+        On CPU the bits are unpacked with numpy (one row: bench/grammar/README.md)."""
         if logits.device.type != "cpu":
             out = logits.clone()  # the row may be a view into the batch's logits
-            xgr.apply_token_bitmask_inplace(out, self.bitmask[0].to(out.device), vocab_size=self.vocab_size)
+            xgr.apply_token_bitmask_inplace(out, bitmask[0].to(out.device), vocab_size=self.vocab_size)
             return out
-        words = self.bitmask[0].numpy().view(np.uint8)  # little-endian int32 words: token i is bit i
+        words = bitmask[0].numpy().view(np.uint8)  # little-endian int32 words: token i is bit i
         allowed = np.unpackbits(words, bitorder="little", count=self.vocab_size).view(np.bool_)
         return torch.where(torch.from_numpy(allowed), logits, _NEG_INF)
+
+
+class StepGrammarMask:
+    """The grammar masks of one engine step: one bitmask `[num_rows, ceil(vocab/32)]` int32 whose row
+    `r` is the mask for logits row `r`, filled for the constrained requests that sample this step in a
+    single xgrammar batch call, on a worker thread that runs while the forward runs.
+
+    Invariant that makes the overlap safe: a matcher only advances in `GrammarProcessor.sync`, which
+    the engine thread runs for every member before `start` and next after this step's sampling (the
+    step's `apply` joins the fill first). So while the forward runs, only the worker reads the
+    matchers, and their state is the one after the last sampled token, the state this step's logits
+    continue. Stale masks are impossible: a matcher is never written while its row is being filled.
+    """
+
+    _pool: ThreadPoolExecutor | None = None
+    _filler: xgr.BatchGrammarMatcher | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, members: list[tuple[GrammarProcessor, int, int]], num_rows: int, vocab_size: int) -> None:
+        """`members`: (processor, logits row, output length) of each constrained request that samples
+        this step; its matcher is synced to that output length."""
+        self.members = members
+        self.vocab_size = vocab_size
+        self.bitmask = xgr.allocate_token_bitmask(num_rows, vocab_size)  # [num_rows, ceil(vocab/32)] int32
+        self.rows = [row for _, row, _ in members]
+        self._fill: Future | None = None
+
+    @classmethod
+    def _worker(cls) -> tuple[ThreadPoolExecutor, xgr.BatchGrammarMatcher]:
+        with cls._lock:
+            if cls._pool is None or cls._filler is None:
+                cls._pool = ThreadPoolExecutor(1, thread_name_prefix="redknot-grammar")
+                cls._filler = xgr.BatchGrammarMatcher(max_threads="auto")
+            return cls._pool, cls._filler
+
+    def start(self) -> StepGrammarMask:
+        """Launch the fill (xgrammar releases the GIL while it fills, so the forward proceeds)."""
+        pool, filler = self._worker()
+        matchers = [p.matcher for p, _, _ in self.members]
+        self._fill = pool.submit(filler.batch_fill_next_token_bitmask, matchers, self.bitmask, self.rows)
+        return self
+
+    def wait(self) -> bool:
+        """Join the fill; False if it failed (the members then fill their own masks, one by one, so a
+        request whose grammar fails fails alone)."""
+        assert self._fill is not None, "start() first"
+        return self._fill.exception() is None
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Join the fill and mask the members' rows of the step's logits `[num_rows, vocab]` float32 in
+        place, in one call; each member then knows its row is masked for this output length."""
+        if not self.wait():
+            return
+        bitmask = self.bitmask if logits.device.type == "cpu" else self.bitmask.to(logits.device)
+        with torch.inference_mode():  # the forward's logits are inference tensors
+            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
+        for proc, row, n in self.members:
+            proc._step_n, proc._step_row = n, self.bitmask[row : row + 1]
 
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI response_format {"type": "json_object"}
