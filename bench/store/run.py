@@ -29,7 +29,7 @@ from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.redis_tier import RedisTier
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import start_redis  # noqa: E402
+from redis_server import start_redis  # noqa: E402
 
 OUT = Path(__file__).parent
 

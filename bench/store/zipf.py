@@ -20,22 +20,44 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from redknot_rag.heads import HeadProfile, shipped_profile_path
-from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig
+from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig, StoreStats
 from redknot_rag.store.redis_tier import RedisTier
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import start_redis  # noqa: E402
+from redis_server import start_redis  # noqa: E402
 
 OUT = Path(__file__).parent
 
 
 def zipf_weights(n: int, s: float) -> list[float]:
     return [1.0 / (r + 1) ** s for r in range(n)]
+
+
+def query_stream(keys: list[str], num_queries: int, top_k: int, s: float, rng: random.Random) -> Iterator[list[str]]:
+    """`num_queries` queries of `top_k` distinct chunks each, drawn with Zipf(s) popularity over a random
+    ranking of `keys` (rank r has weight 1 / (r + 1)^s). The GPU tier bench (gpu_tiers.py) uses it too."""
+    popularity = keys[:]
+    rng.shuffle(popularity)  # rank r -> chunk
+    weights = zipf_weights(len(keys), s)
+    for _ in range(num_queries):
+        picked: list[str] = []
+        while len(picked) < top_k:
+            c = rng.choices(popularity, weights)[0]
+            if c not in picked:
+                picked.append(c)
+        yield picked
+
+
+def tier_figure(stats: StoreStats, tier: str, figure: str) -> int:
+    """One figure (`nbytes`, `block_hits`, ...) of one tier of a stats snapshot; 0 for a tier it lacks."""
+    t = stats.tier(tier)
+    return 0 if t is None else int(getattr(t, figure))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -75,19 +97,12 @@ def main() -> None:
         ingest_s = time.perf_counter() - t
         assert isinstance(store.tiers[1], RedisTier)
         corpus_bytes = store.tiers[1].stored_nbytes()
-        popularity = keys[:]
-        rng.shuffle(popularity)  # rank r -> chunk
-        weights = zipf_weights(len(keys), args.zipf_s)
+        stream = query_stream(keys, args.queries, args.top_k, args.zipf_s, rng)
         store.evict()
         before = store.stats()
         lat, first = [], []
         peak = {"host": 0, "disk": 0}
-        for _ in range(args.queries):
-            picked: list[str] = []
-            while len(picked) < args.top_k:
-                c = rng.choices(popularity, weights)[0]
-                if c not in picked:
-                    picked.append(c)
+        for picked in stream:
             t = time.perf_counter()
             pf = store.prefetch(picked)
             for layer in range(L):
@@ -97,11 +112,14 @@ def main() -> None:
                     first.append((time.perf_counter() - t) * 1e3)
             lat.append((time.perf_counter() - t) * 1e3)
             st = store.stats()
-            peak["host"] = max(peak["host"], st.tier("host").nbytes)
-            peak["disk"] = max(peak["disk"], st.tier("disk").nbytes)
+            peak["host"] = max(peak["host"], tier_figure(st, "host", "nbytes"))
+            peak["disk"] = max(peak["disk"], tier_figure(st, "disk", "nbytes"))
         after = store.stats()
         lookups = after.block_lookups - before.block_lookups
-        hits = {t: (after.tier(t).block_hits - before.tier(t).block_hits) / lookups for t in ("host", "disk", "redis")}
+        hits = {
+            t: (tier_figure(after, t, "block_hits") - tier_figure(before, t, "block_hits")) / lookups
+            for t in ("host", "disk", "redis")
+        }
         store.close()
         out = {
             "machine": f"CPU: shared 2-core box ({platform.machine()}), torch {torch.__version__}, local redis-server",

@@ -11,8 +11,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from redknot_rag.engine import Engine
 from redknot_rag.heads import HeadProfile, load_profile_for
 from redknot_rag.rag.layout import PromptLayout, chunk_key
@@ -40,23 +38,6 @@ class Timing:
             "recompute_ms": self.recompute_ms,
             **self.extra,
         }
-
-
-def assemble_blocks(blocks: dict, num_tokens: int, dtype: torch.dtype):
-    """Per-head blocks `{(layer, head): KVBlock}` → K, V `[L, Hkv, T, D]` (zeros where a head holds no
-    token) and the visibility `[L, Hkv, T]` of what each head holds."""
-    nl = 1 + max(lh[0] for lh in blocks)
-    nh = 1 + max(lh[1] for lh in blocks)
-    d = next(iter(blocks.values())).k.shape[-1]
-    k = torch.zeros(nl, nh, num_tokens, d, dtype=dtype)
-    v = torch.zeros_like(k)
-    visible = torch.zeros(nl, nh, num_tokens, dtype=torch.bool)
-    for (layer, head), b in blocks.items():
-        span = slice(b.token_start, b.token_start + b.num_tokens)
-        k[layer, head, span] = b.k.to(dtype)
-        v[layer, head, span] = b.v.to(dtype)
-        visible[layer, head, span] = True
-    return k, v, None if bool(visible.all()) else visible
 
 
 class Assembler:
@@ -90,23 +71,18 @@ class Assembler:
         return pol
 
     def segment(self, ids: Sequence[int], timing: Timing):
-        """Pool-resident segment of a chunk: hot cache → store → (miss) prefill now and store it."""
+        """Pool-resident segment of a chunk: hot cache → store (per-head blocks; on a GPU copied on the
+        cache's side stream, see `SegmentCache.ready`) → (miss) prefill now and store it."""
         key = chunk_key(ids)
 
-        def load():
-            got = self.store.get(key)
-            if got is not None:
-                return got.k, got.v, None
-            blocks = self.store.get_blocks(key)
-            if blocks is not None:  # head-compressed: local heads hold only the chunk's tail window
-                return assemble_blocks(blocks, len(ids), self.runner.dtype)
+        def prefill():
             t = time.perf_counter()
             k, v = self.prefiller.prefill([ids])[0]
             self.store.put(key, k.cpu(), v.cpu())
             timing.kv_miss_prefill_ms += (time.perf_counter() - t) * 1e3
             return k, v, None
 
-        return self.cache.get(key, load)
+        return self.cache.get_blocks(key, lambda: self.store.get_blocks(key), len(ids), fallback=prefill)
 
     def build(
         self,
@@ -130,6 +106,7 @@ class Assembler:
             return req
         t = time.perf_counter()
         segs = [self.segment(c, timing) for c in chunk_ids]
+        self.cache.ready()  # attention below reads the segments: wait (on the device) for their copies
         timing.kv_load_ms += (time.perf_counter() - t) * 1e3 - timing.kv_miss_prefill_ms
         anchor = list(self.layout.anchor_ids)
         inp = ReuseInput(anchor, self.prefiller.anchor, [list(c) for c in chunk_ids], segs, list(tail_ids))

@@ -3,24 +3,74 @@
 Keyed by `chunk_key`, like every other tier. The cache holds one reference per resident segment;
 sequences that attach a segment hold their own, so eviction (dropping the cache's reference) never
 frees pages a request still reads.
+
+On a GPU, a chunk loaded from the store's blocks (`get_blocks`) is copied host -> pool on the cache's
+side stream (from pinned host blocks the copies are asynchronous); each load records an event, and
+`ready()` makes the consumer's stream wait for them. Invariant: a segment loaded through
+`get_blocks` is read only after `ready()` (a GPU-side wait; the host never blocks). On the CPU the
+load is a plain synchronous write and `ready()` does nothing.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.runner import KVRunner
+from redknot_rag.store.tiers import KVBlock
 
 # () -> (K, V `[L, Hkv, T, D]`, visible `[L, Hkv, T]` bool or None) or None on a miss
 KVLoad = Callable[[], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None"]
+Blocks = Mapping[tuple[int, int], KVBlock]  # (layer, kv_head) -> block, as ChunkKVStore.get_blocks returns
+# () -> a chunk's blocks (every (layer, kv_head)) or None on a miss
+BlocksLoad = Callable[[], "Blocks | None"]
+
+
+def blocks_geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
+    """(num_layers, num_kv_heads, head_dim, visible `[L, Hkv, T]` bool or None when every head holds
+    every token) of a chunk's per-head blocks."""
+    nl = 1 + max(lh[0] for lh in blocks)
+    nh = 1 + max(lh[1] for lh in blocks)
+    d = next(iter(blocks.values())).k.shape[-1]
+    if len(blocks) == nl * nh and all(b.token_start == 0 and b.num_tokens == num_tokens for b in blocks.values()):
+        return nl, nh, d, None
+    visible = torch.zeros(nl, nh, num_tokens, dtype=torch.bool)
+    for (layer, head), b in blocks.items():
+        visible[layer, head, b.token_start : b.token_start + b.num_tokens] = True
+    return nl, nh, d, visible
+
+
+def assemble_blocks(
+    blocks: Blocks, num_tokens: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-head blocks → K, V `[L, Hkv, T, D]` on the host (zeros where a head holds no token) and the
+    visibility `[L, Hkv, T]` of what each head holds (None: all)."""
+    nl, nh, d, visible = blocks_geometry(blocks, num_tokens)
+    k = torch.zeros(nl, nh, num_tokens, d, dtype=dtype)
+    v = torch.zeros_like(k)
+    for (layer, head), b in blocks.items():
+        span = slice(b.token_start, b.token_start + b.num_tokens)
+        k[layer, head, span] = b.k.to(dtype)
+        v[layer, head, span] = b.v.to(dtype)
+    return k, v, visible
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i, asynchronous where src is pinned host memory; one C++ loop when
+    torch's foreach copy takes the mix of devices, else a Python loop (same result)."""
+    try:
+        torch._foreach_copy_(dst, src, non_blocking=True)
+    except Exception:  # a torch without the mixed-device foreach copy: same copies one by one
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s, non_blocking=True)
 
 
 class SegmentCache:
-    """`get(key, load)` returns the pool-resident segment of a chunk, loading it (`KVLoad`) on a miss."""
+    """`get(key, load)` returns the pool-resident segment of a chunk, loading it (`KVLoad`) on a miss;
+    `get_blocks(key, load, num_tokens)` does the same from the store's per-head blocks."""
 
     def __init__(self, runner: KVRunner, max_pages: int) -> None:
         self.runner = runner
@@ -28,6 +78,9 @@ class SegmentCache:
         self._segments: collections.OrderedDict[str, KVSegment] = collections.OrderedDict()
         self.hits = 0
         self.misses = 0
+        dev = torch.device(runner.device)
+        self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None  # host -> pool copies
+        self._pending: list[torch.cuda.Event] = []  # copies issued on `stream` that no consumer waited for
 
     @property
     def num_pages(self) -> int:
@@ -36,23 +89,96 @@ class SegmentCache:
     def __contains__(self, key: str) -> bool:
         return key in self._segments
 
+    def __len__(self) -> int:
+        return len(self._segments)
+
     def get(self, key: str, load: KVLoad) -> KVSegment | None:
+        seg = self._hit(key)
+        return seg if seg is not None else self._write(key, load)
+
+    def _write(self, key: str, load: KVLoad) -> KVSegment | None:
+        """Load K, V and write them into fresh pages on the current stream (synchronous)."""
+        kvt = load()
+        if kvt is None:
+            return None
+        self._make_room(self.runner.segment_pages(kvt[0]))
+        self.ready()  # pages freed by a segment whose side-stream copy is still queued
+        seg = self.runner.write_segment(*kvt)
+        self._segments[key] = seg
+        return seg
+
+    def get_blocks(
+        self, key: str, load: BlocksLoad, num_tokens: int, fallback: KVLoad | None = None
+    ) -> KVSegment | None:
+        """The pool-resident segment of a chunk of `num_tokens` tokens, loaded on a miss from its
+        per-head blocks (K, V `[n, D]`, token range each), or from `fallback` (like `get`'s load) when
+        `load` misses. On a GPU the blocks' copy is queued on the side stream: call `ready()` before
+        reading the segment."""
+        seg = self._hit(key)
+        if seg is not None:
+            return seg
+        blocks = load()
+        if blocks is None:
+            return None if fallback is None else self._write(key, fallback)
+        r = self.runner
+        if self.stream is None:  # CPU: a plain synchronous write
+            k, v, visible = assemble_blocks(blocks, num_tokens, r.dtype)
+            self._make_room(r.segment_pages(k))
+            seg = self._segments[key] = r.write_segment(k, v, visible)
+            return seg
+        nl, nh, d, visible = blocks_geometry(blocks, num_tokens)
+        num_pages = -(-num_tokens // r.page_size)
+        self._make_room(nl * nh * num_pages)
+        pages = torch.from_numpy(r.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
+        seg = KVSegment(pages, num_tokens, is_shared=True, visible=visible)
+        # pinned so the slot table's upload is asynchronous too: the host never waits on the side stream
+        slots_host = seg.slots(r.page_size).contiguous().pin_memory()  # [L, Hkv, T]
+        main = torch.cuda.current_stream(r.device)
+        self.stream.wait_stream(main)  # fresh pages may still be read by work queued before (a dropped segment)
+        with torch.cuda.stream(self.stream):
+            make = torch.empty if visible is None else torch.zeros  # zeros: a head's unstored tokens
+            k = make(nl, nh, num_tokens, d, dtype=r.dtype, device=r.device)  # [L, Hkv, T, D] staging
+            v = make(nl, nh, num_tokens, d, dtype=r.dtype, device=r.device)
+            if visible is None:  # every block whole: the destinations are the staging rows, in one call
+                order = [(layer, head) for layer in range(nl) for head in range(nh)]
+                dst = [*k.view(nl * nh, num_tokens, d).unbind(0), *v.view(nl * nh, num_tokens, d).unbind(0)]
+                src = [blocks[lh].k for lh in order] + [blocks[lh].v for lh in order]
+            else:
+                dst, src = [], []
+                for (layer, head), b in blocks.items():
+                    span = slice(b.token_start, b.token_start + b.num_tokens)
+                    dst += [k[layer, head, span], v[layer, head, span]]
+                    src += [b.k, b.v]
+            _copy_all(dst, src)
+            slots = slots_host.to(r.device, non_blocking=True)
+            r.pool.k_slots[slots] = k
+            r.pool.v_slots[slots] = v
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self._pending.append(done)
+        self._segments[key] = seg
+        return seg
+
+    def ready(self) -> None:
+        """Make the current stream wait for every host -> pool copy issued so far (no host wait)."""
+        if self._pending:
+            main = torch.cuda.current_stream(self.runner.device)
+            for ev in self._pending:
+                main.wait_event(ev)
+            self._pending.clear()
+
+    def _hit(self, key: str) -> KVSegment | None:
         seg = self._segments.get(key)
         if seg is not None:
             self._segments.move_to_end(key)
             self.hits += 1
             return seg
         self.misses += 1
-        kvt = load()
-        if kvt is None:
-            return None
-        self._make_room(self.runner.segment_pages(kvt[0]))
-        seg = self.runner.write_segment(*kvt)
-        self._segments[key] = seg
-        return seg
+        return None
 
     def _make_room(self, need: int) -> None:
         alloc = self.runner.allocator
+        self.ready()  # evicted pages go back to the allocator: later writers of any stream come after the copies
         while self._segments and (self.num_pages + need > self.max_pages or not alloc.can_allocate(need)):
             _, old = self._segments.popitem(last=False)
             self.runner.drop_segment(old)
@@ -60,6 +186,7 @@ class SegmentCache:
     def drop(self, key: str) -> None:
         seg = self._segments.pop(key, None)
         if seg is not None:
+            self.ready()  # see _make_room
             self.runner.drop_segment(seg)
 
     def clear(self) -> None:

@@ -1,0 +1,643 @@
+r"""TTFT with the chunks' KV in each storage tier (GPU pool, pinned host, local disk, Redis), and a Zipf
+query stream over a corpus larger than the GPU tier; random-weight Llama-3-8B shape, bf16, against
+transformers SDPA full prefill in the same run.
+
+On the GPU machine (the working directory is a copy of the repo carrying .whl/, .ficache/, .redis/):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1; mkdir -p ~/.cache && \
+      tar xzf .ficache/fi.tgz -C ~/.cache; ln -sfn ../kernels redknot_rag/kernels; \
+      ln -sfn ../retrieval redknot_rag/retrieval; python3 bench/store/gpu_tiers.py --out $OUT
+
+(one line; carry .whl (FlashInfer, crc32c, redis-py wheels), .ficache and .redis (bench/store/redis_bundle.sh)).
+
+On a CPU, the same code with a 2-layer model and short chunks (about a minute):
+
+    PYTHONPATH=$PWD python3 bench/store/gpu_tiers.py --device cpu --tiny --out /tmp/tiers
+
+Part 1, tiers. A query is `[anchor][chunk_1]...[chunk_64][question]` (64 x 512-token chunks, a 64-token
+question: 32,864 tokens). The chunks' KV (prefilled behind the anchor, untimed) is stored dense (every
+head global: random weights have no head profile) in the storage dtype. Per tier, after one warm-up
+query, `--reps` queries, each timed as
+  load      the chunks' blocks from the tier into the GPU pool: `ChunkKVStore.get_blocks` (host tier hit,
+            or a disk/Redis read, checksummed, promoted into pinned host memory) then the host -> pool
+            copy on the segment cache's side stream (`SegmentCache.get_blocks`, `ready()`); none for `gpu`
+  relocate / select / forward   bench/rag_gpu's query under `--policy` (select: the question's probe
+            pass; forward: ONE forward of the recomputed tokens and the question, to the first token)
+and TTFT = load + relocate + select + forward. `question_only_s` is the forward of the `naive` policy
+(the question alone over the reused context), so recompute ~ forward - question_only. Tiers:
+  gpu    segments already in the GPU segment cache (hot tier hit)
+  host   blocks in the store's host tier (pinned on a CUDA host); the segment cache is emptied first
+  disk   chunk files only (host tier emptied) with the page cache dropped before each query:
+         posix_fadvise(DONTNEED) on every chunk file, plus `echo 1 > /proc/sys/vm/drop_caches` where
+         permitted (the JSON says whether it was)
+  redis  a store whose only cold tier is a local redis-server (`.redis/` bundle or the system's), host
+         tier emptied first; skipped with the reason when Redis cannot start
+Bytes moved: the K/V bytes the query's blocks hold (storage dtype); GB/s = bytes / load.
+
+Part 2, Zipf. `--zipf-chunks` distinct chunks (>= 2x the segment cache's `--zipf-cache-chunks`) in a store
+of host budget `--zipf-host-chunks`, disk budget `--zipf-disk-chunks` and Redis (every chunk, write-
+through; without Redis the disk budget is lifted). `--zipf-queries` queries of `--zipf-top-k` chunks drawn
+by bench/store/zipf.py's Zipf popularity: per query TTFT (load + policy query), where each chunk came
+from (GPU cache hit, or the store tier that served its blocks), and the bytes each tier holds, asserted
+within its budget after every query.
+
+Writes results_tiers_<card>.json (+ .png) under `--out` (default: this folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # zipf, redis_server
+
+
+def _load_rag_gpu() -> Any:
+    """bench/rag_gpu/run.py as a module: its model build, query phases and transformers baseline."""
+    spec = importlib.util.spec_from_file_location("rag_gpu_run", HERE.parent / "rag_gpu" / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rag = _load_rag_gpu()  # puts bench/engine on sys.path: `common` below is bench/engine/common.py
+from common import Timer, card, free_memory, sync  # noqa: E402
+from redis_server import start_redis  # noqa: E402
+from zipf import pct, query_stream  # noqa: E402
+
+from redknot_rag.reuse import ReuseInput  # noqa: E402
+from redknot_rag.store import ChunkKVStore, KVFingerprint, StoreConfig  # noqa: E402
+from redknot_rag.store.disk import DiskTier  # noqa: E402
+from redknot_rag.store.segment_cache import SegmentCache  # noqa: E402
+
+TIERS = ("gpu", "host", "disk", "redis")
+
+
+def log(*a: Any) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------ page cache
+def drop_page_cache(root: Path) -> int:
+    """posix_fadvise(DONTNEED) on every chunk file under `root` (clean pages: the store fsyncs on
+    commit); returns the number of files."""
+    n = 0
+    for path in root.rglob("*.rkv"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        n += 1
+    return n
+
+
+def try_drop_caches() -> str:
+    """`echo 1 > /proc/sys/vm/drop_caches` (needs root): "ok" or why not."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+        return "ok"
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def read_gbps(path: Path) -> float:
+    """GB/s of one whole read of a file (what a page-cache check compares)."""
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        n = len(f.read())
+    return n / (time.perf_counter() - t) / 1e9
+
+
+def page_cache_check(root: Path, use_drop_caches: bool) -> dict:
+    """One chunk file read cold (after the drop) and warm: a cold read near the warm one means the drop
+    did not take effect."""
+    path = next(root.rglob("*.rkv"))
+    drop_page_cache(root)
+    if use_drop_caches:
+        try_drop_caches()
+    cold = read_gbps(path)
+    return dict(file_bytes=path.stat().st_size, cold_read_GBps=cold, warm_read_GBps=read_gbps(path))
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_segments(cache: SegmentCache, store: ChunkKVStore, keys: list[str], num_tokens: int) -> list[Any]:
+    """Every chunk's pool-resident segment (cache hit, or the store's blocks copied into the pool); waits
+    (on the device) for the copies. A miss anywhere is an error: the bench stored every chunk."""
+    segs = []
+    for key in keys:
+        seg = cache.get_blocks(key, functools.partial(store.get_blocks, key), num_tokens)
+        if seg is None:
+            raise RuntimeError(f"chunk {key} missing from every tier")
+        segs.append(seg)
+    cache.ready()
+    return segs
+
+
+def verify_segment(engine: Any, store: ChunkKVStore, key: str, seg: Any) -> bool:
+    """The pool holds the store's blocks of chunk `key` bit for bit (dense chunks: every token)."""
+    r = engine.runner
+    blocks = store.get_blocks(key)
+    assert blocks is not None
+    slots = seg.slots(r.page_size).to(r.device)  # [L, Hkv, T]
+    k, v = r.pool.k_slots[slots].cpu(), r.pool.v_slots[slots].cpu()  # [L, Hkv, T, D]
+    return all(
+        torch.equal(k[layer, head], b.k.cpu().to(k.dtype)) and torch.equal(v[layer, head], b.v.cpu().to(v.dtype))
+        for (layer, head), b in blocks.items()
+    )
+
+
+def tier_block_hits(store: ChunkKVStore) -> dict[str, int]:
+    return {t.name: t.block_hits for t in store.stats().tiers}
+
+
+# ------------------------------------------------------------------------------------ part 1: tiers
+def run_tiers(ctx: dict, args: Any, data: dict) -> None:
+    engine, dev, policy = ctx["engine"], ctx["dev"], args.policy
+    keys, chunks, T = ctx["keys"], ctx["chunks"], args.chunk_tokens
+    st_disk: ChunkKVStore = ctx["store_disk"]
+    st_redis: ChunkKVStore | None = ctx["store_redis"]
+    cache = SegmentCache(engine.runner, max_pages=engine.runner.pool.num_pages)
+    out: dict[str, Any] = {}
+    data["tiers"] = out
+    drop_ok = try_drop_caches() if "disk" in args.tiers else "not tried"
+    data["drop_caches"] = drop_ok
+    log("drop_caches:", drop_ok)
+    disk_root = st_disk.tiers[0].ns if isinstance(st_disk.tiers[0], DiskTier) else None
+    if "disk" in args.tiers and disk_root is not None:
+        data["page_cache_check"] = page_cache_check(disk_root, drop_ok == "ok")
+        log("page cache check", data["page_cache_check"])
+
+    def prepare(tier: str) -> ChunkKVStore:
+        """Untimed: put the chunks' KV in `tier` and nowhere warmer; returns the store to read."""
+        if tier == "gpu":
+            load_segments(cache, st_disk, keys, T)
+            return st_disk
+        cache.clear()
+        if tier == "host":
+            load = [k for k in keys if len(st_disk.memory.chunk_blocks(k)) < ctx["blocks_per_chunk"]]
+            for k in load:
+                assert st_disk.get_blocks(k) is not None
+            return st_disk
+        store = st_disk if tier == "disk" else st_redis
+        assert store is not None
+        store.evict()
+        if tier == "disk":
+            assert disk_root is not None
+            drop_page_cache(disk_root)
+            if drop_ok == "ok":
+                try_drop_caches()
+        return store
+
+    for tier in TIERS:
+        if tier not in args.tiers:
+            continue
+        if tier == "redis" and st_redis is None:
+            out[tier] = dict(skipped=ctx["redis_why"])
+            log("redis tier skipped:", ctx["redis_why"])
+            continue
+        if time.time() - ctx["start"] > args.budget_s:
+            out[tier] = dict(skipped="time budget")
+            continue
+        runs = []
+        verified = None
+        served: dict[str, int] = {}
+        for rep in range(1 + args.reps):  # rep 0: warm-up, not recorded
+            store = prepare(tier)
+            hits0 = tier_block_hits(store)
+            sync(dev)
+            t0 = time.perf_counter()
+            segs = load_segments(cache, store, keys, T)
+            sync(dev)
+            load_s = time.perf_counter() - t0
+            hits1 = tier_block_hits(store)
+            if rep == 0:
+                verified = verify_segment(engine, store, keys[0], segs[0]) and verify_segment(
+                    engine, store, keys[-1], segs[-1]
+                )
+            inp = ReuseInput(ctx["anchor"], ctx["anchor_seg"], chunks, segs, ctx["question"])
+            q = rag.query(engine, policy, inp, args)
+            if rep:
+                runs.append(dict(tier_load_s=load_s, relocate_s=q["load_s"], select_s=q["select_s"],
+                                 forward_s=q["forward_s"], after_load_s=q["ttft_s"]))  # fmt: skip
+                for name, n in hits1.items():
+                    served[name] = served.get(name, 0) + n - hits0.get(name, 0)
+        nbytes = 0 if tier == "gpu" else ctx["chunk_bytes"] * len(keys)
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        ttft = [r["tier_load_s"] + r["after_load_s"] for r in runs]
+        row = dict(
+            ttft_median_s=statistics.median(ttft),
+            ttft_all_s=ttft,
+            load_median_s=med["tier_load_s"],
+            relocate_median_s=med["relocate_s"],
+            select_median_s=med["select_s"],
+            forward_median_s=med["forward_s"],
+            bytes_moved=nbytes,
+            load_GBps=nbytes / med["tier_load_s"] / 1e9 if nbytes else None,
+            blocks_served_per_store_tier={k: n for k, n in served.items() if n},
+            pool_equals_store_bits=verified,
+        )
+        if tier == "host":
+            blk = st_disk.memory.get(next(iter(b for b in st_disk.memory.chunk_blocks(keys[0]))))
+            row["host_blocks_pinned"] = bool(blk is not None and blk.k.is_pinned())
+        if tier == "gpu":  # the question alone over the same reused context: the forward's non-recompute share
+            naive = [rag.query(engine, "naive", inp, args)["forward_s"] for _ in range(args.reps)]
+            row["question_only_s"] = statistics.median(naive)
+            row["recompute_est_s"] = row["forward_median_s"] - row["question_only_s"]
+        out[tier] = row
+        log(tier, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "ttft_all_s"})
+    cache.clear()
+    hf = data["hf_full_s"]
+    for row in out.values():
+        if "ttft_median_s" in row:
+            row["speedup_vs_hf_full"] = hf / row["ttft_median_s"]
+            if "gpu" in out and "ttft_median_s" in out["gpu"]:
+                row["vs_gpu_resident"] = row["ttft_median_s"] / out["gpu"]["ttft_median_s"]
+
+
+# ------------------------------------------------------------------------------------ part 2: Zipf
+def run_zipf(ctx: dict, args: Any, data: dict, work: Path) -> None:
+    engine, dev = ctx["engine"], ctx["dev"]
+    T = args.chunk_tokens
+    n = args.zipf_chunks
+    pages_per_chunk = ctx["pages_per_chunk"]
+    cache_pages = args.zipf_cache_chunks * pages_per_chunk
+    if n < 2 * args.zipf_cache_chunks:
+        raise SystemExit(f"--zipf-chunks {n} must be >= 2x --zipf-cache-chunks {args.zipf_cache_chunks}")
+    if args.zipf_top_k > args.zipf_cache_chunks:
+        raise SystemExit("--zipf-top-k must fit the segment cache (a query's chunks stay resident while it runs)")
+    cb, fb = ctx["chunk_bytes"], ctx["chunk_file_bytes"]
+    host_budget, disk_budget = args.zipf_host_chunks * cb, args.zipf_disk_chunks * fb
+    url = ctx["redis_url"]
+    cfg = StoreConfig(host_bytes=host_budget, disk_bytes=disk_budget if url else None, redis_url=url)
+    store = ChunkKVStore(work / "zipf", ctx["fp"], config=cfg)
+    g = torch.Generator().manual_seed(1)
+    vocab = engine.model_config.vocab_size
+    zchunks = [torch.randint(100, vocab - 1, (T,), generator=g).tolist() for _ in range(n)]
+    zkeys = [f"z{i}" for i in range(n)]
+    with Timer(dev) as t:
+        for i, (key, (k, v)) in enumerate(zip(zkeys, ctx["prefill"](zchunks), strict=True)):
+            store.put(key, k.cpu(), v.cpu(), keep_in_memory=False)
+            del k, v
+            if i % 16 == 15:
+                log(f"zipf corpus: {i + 1}/{n} chunks stored")
+    ingest_s = t.s
+    by_key = dict(zip(zkeys, zchunks, strict=True))
+    cache = SegmentCache(engine.runner, max_pages=cache_pages)
+    rng = random.Random(0)
+    rows = []
+    peak = dict(gpu_pages=0, host_bytes=0, disk_bytes=0)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    L_H = ctx["blocks_per_chunk"]
+    for qi, picked in enumerate(query_stream(zkeys, args.zipf_queries, args.zipf_top_k, args.zipf_s, rng)):
+        if time.time() - ctx["start"] > args.budget_s:
+            data.setdefault("notes", []).append(f"zipf: stopped after {qi} queries (time budget)")
+            break
+        if isinstance(store.tiers[0], DiskTier):
+            drop_page_cache(store.tiers[0].ns)
+        hits0, gpu0 = tier_block_hits(store), cache.hits
+        sync(dev)
+        t0 = time.perf_counter()
+        segs = load_segments(cache, store, picked, T)
+        sync(dev)
+        load_s = time.perf_counter() - t0
+        inp = ReuseInput(ctx["anchor"], ctx["anchor_seg"], [by_key[k] for k in picked], segs, ctx["question"])
+        q = rag.query(engine, args.policy, inp, args)
+        store.wait_fills()  # Redis -> disk copies run off the read path; settle them before the budget check
+        hits1 = tier_block_hits(store)
+        served = {name: (hits1[name] - hits0.get(name, 0)) / L_H for name in hits1}
+        served["gpu"] = cache.hits - gpu0
+        held = dict(gpu_pages=cache.num_pages, host_bytes=store.memory.nbytes, disk_bytes=store.tiers[0].nbytes)
+        for key, val in held.items():
+            peak[key] = max(peak[key], val)
+        assert held["gpu_pages"] <= cache_pages, held
+        assert held["host_bytes"] <= host_budget, held
+        assert cfg.disk_bytes is None or held["disk_bytes"] <= cfg.disk_bytes, held
+        rows.append(dict(ttft_s=load_s + q["ttft_s"], load_s=load_s, chunks_from=served))
+    store.close()
+    skip = min(args.zipf_warmup, len(rows) // 2)
+    steady = rows[skip:]
+
+    cfg_tiers = ["host", *(t.name for t in store.tiers)]
+
+    def summary(rs: list[dict]) -> dict:
+        tt = [r["ttft_s"] for r in rs]
+        ld = [r["load_s"] for r in rs]
+        total = sum(sum(r["chunks_from"].values()) for r in rs)
+        share = {name: sum(r["chunks_from"].get(name, 0) for r in rs) / max(total, 1) for name in ("gpu", *cfg_tiers)}
+        return dict(
+            queries=len(rs),
+            ttft_p50_s=pct(tt, 0.5),
+            ttft_p99_s=pct(tt, 0.99),
+            ttft_mean_s=sum(tt) / len(tt),
+            load_p50_s=pct(ld, 0.5),
+            load_p99_s=pct(ld, 0.99),
+            chunk_hit_share=share,
+        )
+
+    data["zipf"] = dict(
+        corpus_chunks=n,
+        corpus_bytes=n * cb,
+        top_k=args.zipf_top_k,
+        zipf_s=args.zipf_s,
+        tiers=["gpu", *cfg_tiers],
+        budgets=dict(
+            gpu_pages=cache_pages,
+            gpu_bytes=cache_pages * ctx["page_bytes"],
+            gpu_chunks=args.zipf_cache_chunks,
+            host_bytes=host_budget,
+            disk_bytes=cfg.disk_bytes,
+            redis="every chunk (write-through), server maxmemory unset" if url else None,
+        ),
+        corpus_over_gpu_tier=n / args.zipf_cache_chunks,
+        peak=peak,
+        within_budgets=True,  # asserted after every query
+        torch_max_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+        ingest_s=ingest_s,
+        all=summary(rows),
+        steady=dict(skipped_first=skip, **summary(steady)),
+        ttft_all_s=[r["ttft_s"] for r in rows],
+    )
+    log("zipf", {k: v for k, v in data["zipf"].items() if k != "ttft_all_s"})
+    cache.clear()
+
+
+# ------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="2-layer model, short chunks (CPU debugging)")
+    ap.add_argument("--out", default=None, help="output folder (default: $OUT, else bench/store)")
+    ap.add_argument("--work-dir", default=None, help="where the disk tier lives (default: a temp folder)")
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--policy", default="redknot:0.1", help="reuse policy (bench/rag_gpu's default)")
+    ap.add_argument("--chunks", type=int, default=None, help="chunks per query (64; tiny 16)")
+    ap.add_argument("--chunk-tokens", type=int, default=None, help="512; tiny 32")
+    ap.add_argument("--question-tokens", type=int, default=None, help="64; tiny 8")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tiers", type=lambda s: s.split(","), default=list(TIERS))
+    ap.add_argument("--probe-layers", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    ap.add_argument("--budget-s", type=float, default=240.0, help="skip what would start after this")
+    ap.add_argument("--no-zipf", action="store_true")
+    ap.add_argument("--zipf-chunks", type=int, default=None, help="corpus (128; tiny 32)")
+    ap.add_argument("--zipf-queries", type=int, default=100)
+    ap.add_argument("--zipf-top-k", type=int, default=8)
+    ap.add_argument("--zipf-s", type=float, default=1.0)
+    ap.add_argument("--zipf-cache-chunks", type=int, default=None, help="GPU segment cache (32; tiny 12)")
+    ap.add_argument("--zipf-host-chunks", type=int, default=None, help="host budget in chunks (32; tiny 8)")
+    ap.add_argument("--zipf-disk-chunks", type=int, default=None, help="disk budget in chunks (64; tiny 16)")
+    ap.add_argument("--zipf-warmup", type=int, default=20, help="queries left out of the steady summary")
+    ap.add_argument("--plot", default=None, help="only redraw the PNG of this JSON")
+    args = ap.parse_args()
+    if args.plot:
+        plot(Path(args.plot))
+        return
+    tiny = args.tiny
+    dev = torch.device(args.device)
+    if dev.type == "cpu" and not tiny:
+        raise SystemExit("on the CPU pass --tiny (the 8B shape needs a GPU)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+
+    def default(value: Any, full: Any, small: Any) -> Any:
+        return value if value is not None else (small if tiny else full)
+
+    args.chunks = default(args.chunks, 64, 16)
+    args.chunk_tokens = default(args.chunk_tokens, 512, 32)
+    args.question_tokens = default(args.question_tokens, 64, 8)
+    args.probe_layers = default(args.probe_layers, [0, 1, 2, 3], [0, 1])
+    args.zipf_chunks = default(args.zipf_chunks, 128, 32)
+    args.zipf_cache_chunks = default(args.zipf_cache_chunks, 32, 12)
+    args.zipf_host_chunks = default(args.zipf_host_chunks, 32, 8)
+    args.zipf_disk_chunks = default(args.zipf_disk_chunks, 64, 16)
+    if unknown := set(args.tiers) - set(TIERS):
+        raise SystemExit(f"unknown tiers {sorted(unknown)}; choose from {TIERS}")
+    start = time.time()
+    out_dir = Path(args.out or os.environ.get("OUT") or HERE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = card() if dev.type == "cuda" else "cpu"
+    path = out_dir / f"results_tiers_{name}{'_tiny' if tiny else ''}.json"
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="rkv-tiers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    redis_why: list[str] = []
+    proc, url = start_redis(work, redis_why)
+    log("redis:", url or redis_why)
+    backend = args.backend or rag.available_backends(dev)[0]
+    data: dict[str, Any] = dict(
+        card=name,
+        device=torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({platform.machine()}, tiny shape)",
+        torch=torch.__version__,
+        backend=backend,
+        tiny=tiny,
+        policy=args.policy,
+        chunks=args.chunks,
+        chunk_tokens=args.chunk_tokens,
+        question_tokens=args.question_tokens,
+        reps=args.reps,
+        heads="dense: every head global (random weights have no head profile)",
+        redis=url is not None,
+        redis_note=None if url else "; ".join(redis_why),
+        notes=[],
+    )
+
+    def save() -> None:
+        path.write_text(json.dumps(data, indent=1))
+
+    try:
+        hf, engine = rag.build(tiny, backend, dev)
+        mc = engine.model_config
+        anchor_len = 32
+        need = anchor_len + args.chunks * args.chunk_tokens + args.question_tokens + 64
+        engine.config = dataclasses.replace(
+            engine.config, max_prefill_tokens=max(engine.config.max_prefill_tokens, need)
+        )
+        g = torch.Generator().manual_seed(0)
+
+        def rand(n: int) -> list[int]:
+            return torch.randint(100, mc.vocab_size - 1, (n,), generator=g).tolist()
+
+        anchor = rand(anchor_len)
+        chunks = [rand(args.chunk_tokens) for _ in range(args.chunks)]
+        question = rand(args.question_tokens)
+        from redknot_rag.rag.prefill import ChunkPrefiller
+        from redknot_rag.store.fingerprint import hash_token_ids
+
+        pf = ChunkPrefiller(engine.runner, anchor)
+
+        def prefill(cs: list[list[int]]) -> Any:
+            """(K, V) `[L, Hkv, T, D]` of each chunk behind the anchor, 8 chunks per forward."""
+            for i in range(0, len(cs), 8):
+                yield from pf.prefill(cs[i : i + 8])
+
+        dtype = str(engine.runner.dtype).removeprefix("torch.")
+        fp = KVFingerprint("random-llama3-8b", "stub-tokenizer", hash_token_ids(anchor), dtype)
+        elem = torch.empty(0, dtype=engine.runner.dtype).element_size()
+        L, H, D = mc.num_layers, mc.num_kv_heads, mc.head_dim
+        chunk_bytes = 2 * L * H * args.chunk_tokens * D * elem
+        corpus = chunk_bytes * args.chunks
+        st_disk = ChunkKVStore(work / "disk", fp, config=StoreConfig(host_bytes=int(corpus * 1.05) + (1 << 20)))
+        st_redis = None
+        if url is not None:
+            from redknot_rag.store.redis_tier import RedisTier
+
+            st_redis = ChunkKVStore(
+                work / "redis-host",
+                fp,
+                cold=RedisTier.from_url(url, fp, timeout_s=30.0),
+                config=StoreConfig(host_bytes=int(corpus * 1.05) + (1 << 20)),
+            )
+        keys = [f"c{i}" for i in range(args.chunks)]
+        with Timer(dev) as t:
+            for key, (k, v) in zip(keys, prefill(chunks), strict=True):
+                kc, vc = k.cpu(), v.cpu()
+                st_disk.put(key, kc, vc)
+                if st_redis is not None:
+                    st_redis.put(key, kc, vc, keep_in_memory=False)
+                del k, v, kc, vc
+        data["ingest_s"] = t.s
+        assert isinstance(st_disk.tiers[0], DiskTier)
+        file_bytes = st_disk.tiers[0].nbytes // args.chunks
+        log(f"stored {args.chunks} chunks ({corpus / 1e9:.2f} GB of K/V) in {t.s:.1f} s")
+        ps = engine.runner.page_size
+        ctx: dict[str, Any] = dict(
+            engine=engine, dev=dev, keys=keys, chunks=chunks, anchor=anchor, anchor_seg=pf.anchor,
+            question=question, store_disk=st_disk, store_redis=st_redis, redis_url=url,
+            redis_why="; ".join(redis_why), start=start, fp=fp, prefill=prefill, chunk_bytes=chunk_bytes,
+            chunk_file_bytes=file_bytes, blocks_per_chunk=L * H, pages_per_chunk=L * H * -(-args.chunk_tokens // ps),
+            page_bytes=2 * ps * D * elem,
+        )  # fmt: skip
+        data.update(
+            context_tokens=anchor_len + args.chunks * args.chunk_tokens,
+            chunk_kv_bytes=chunk_bytes,
+            chunk_file_bytes=file_bytes,
+            bytes_per_token=chunk_bytes / args.chunk_tokens,
+            work_dir_fs=_fs_of(work),
+        )
+        prompt = anchor + [t for c in chunks for t in c] + question
+        with Timer(dev) as t:  # kernels (FlashInfer JIT from the cache), transformers, both policies
+            warm_cache = SegmentCache(engine.runner, engine.runner.pool.num_pages)
+            warm_segs = load_segments(warm_cache, st_disk, keys[:8], args.chunk_tokens)
+            warm = ReuseInput(anchor, pf.anchor, chunks[:8], warm_segs, question)
+            for p in (args.policy, "naive"):
+                rag.query(engine, p, warm, args)
+            rag.hf_full(hf, anchor + [t for c in chunks[:8] for t in c] + question)
+        warm_cache.clear()
+        del warm_segs, warm, warm_cache
+        data["warmup_s"] = t.s
+        hf_runs = [rag.hf_full(hf, prompt) for _ in range(1 + args.reps)][1:]
+        data["hf_full_s"] = statistics.median(hf_runs)
+        data["hf_full_all_s"] = hf_runs
+        log("transformers full prefill", data["hf_full_s"])
+        save()
+        run_tiers(ctx, args, data)
+        save()
+        if st_redis is not None:
+            st_redis.close()
+            for key in keys:
+                st_redis.delete(key)  # free Redis memory for part 2
+        st_disk.close()
+        shutil.rmtree(work / "disk", ignore_errors=True)
+        free_memory()
+        if not args.no_zipf:
+            if time.time() - start > args.budget_s:
+                data["notes"].append("zipf: skipped (time budget)")
+            else:
+                run_zipf(ctx, args, data, work)
+    finally:
+        data["total_s"] = time.time() - start
+        save()
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    log("wrote", path)
+    try:
+        plot(path)
+    except Exception as e:  # the JSON is what matters; a plotting failure is reported, not fatal
+        log("plot failed:", type(e).__name__, e)
+
+
+def _fs_of(path: Path) -> str:
+    """The filesystem type and device the disk tier sits on (from /proc/mounts; best effort)."""
+    best = ("?", "?", "")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fs = line.split()[:3]
+            if str(path.resolve()).startswith(mnt) and len(mnt) > len(best[2]):
+                best = (dev, fs, mnt)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[0]} (mounted at {best[2]})"
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads(Path(path).read_text())
+    tiers = {k: v for k, v in d.get("tiers", {}).items() if "ttft_median_s" in v}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax = axes[0]
+    parts = [("load_median_s", "load (tier -> GPU pool)"), ("relocate_median_s", "relocate"),
+             ("select_median_s", "select (probe)"), ("forward_median_s", "forward (recompute + question)")]  # fmt: skip
+    names = list(tiers)
+    bottom = [0.0] * len(names)
+    for key, label in parts:
+        vals = [tiers[n][key] * 1e3 for n in names]
+        ax.bar(range(len(names)), vals, bottom=bottom, label=label)
+        bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
+    for i, n in enumerate(names):
+        gbps = tiers[n].get("load_GBps")
+        ax.text(i, bottom[i], f"{tiers[n]['ttft_median_s'] * 1e3:.0f} ms" + (f"\n{gbps:.1f} GB/s" if gbps else ""),
+                ha="center", va="bottom", fontsize=7)  # fmt: skip
+    ax.axhline(d["hf_full_s"] * 1e3, color="gray", ls="--", lw=1, label="transformers full prefill")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title(f"{d['policy']}, {d['chunks']} x {d['chunk_tokens']}-token chunks, KV in each tier ({d['card']})")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    z = d.get("zipf")
+    if z:
+        tt = sorted(x * 1e3 for x in z["ttft_all_s"])
+        ax.plot(tt, [(i + 1) / len(tt) for i in range(len(tt))], label="TTFT CDF (all queries)")
+        share = z["steady"]["chunk_hit_share"]
+        text = "chunks served by (steady):\n" + "\n".join(f"{k}: {v:.0%}" for k, v in share.items())
+        ax.text(0.98, 0.05, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
+        ax.set_xlabel("TTFT (ms)")
+        ax.set_ylabel("fraction of queries")
+        ax.set_title(
+            f"Zipf s={z['zipf_s']}: {z['corpus_chunks']} chunks, GPU tier {z['budgets']['gpu_chunks']}, "
+            f"top-{z['top_k']}"
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(str(path).replace(".json", ".png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

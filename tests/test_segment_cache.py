@@ -1,0 +1,110 @@
+"""The hot tier's load from stored per-head blocks (`SegmentCache.get_blocks`): on the CPU a plain
+write; on a GPU, pinned host blocks copied into the pool on a side stream whose event the consumer's
+stream waits on (`ready()`), bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from redknot_rag.kernels.testing import random_weights, tiny_config
+from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, hash_token_ids
+from redknot_rag.store.segment_cache import SegmentCache
+from redknot_rag.store.tiers import BlockKey
+
+T = 40  # chunk tokens: not a multiple of the page size (16), so a last page is partial
+
+
+def _runner(device: str, dtype: torch.dtype):
+    from redknot_rag.config import EngineConfig
+    from redknot_rag.engine import Engine
+    from redknot_rag.loader import LoadedModel
+
+    cfg = tiny_config(head_dim=64, num_kv_heads=2, num_layers=3, vocab=128)
+    torch.manual_seed(0)
+    loaded = LoadedModel(cfg, random_weights(cfg, dtype, device), None, "tiny-random", "random:tiny")  # type: ignore[arg-type]
+    name = str(dtype).removeprefix("torch.")
+    conf = EngineConfig(device=device, dtype=name, attention_backend="torch", cpu_kv_gib=0.01, mem_fraction=0.02)
+    return Engine(conf, loaded=loaded).runner
+
+
+def _store(tmp: Path, runner, device_dtype: str) -> tuple[ChunkKVStore, torch.Tensor, torch.Tensor]:
+    mc = runner.model_config
+    fp = KVFingerprint("w", "t", hash_token_ids([1]), device_dtype)
+    store = ChunkKVStore(tmp, fp, 64 << 20)
+    g = torch.Generator().manual_seed(1)
+    shape = (mc.num_layers, mc.num_kv_heads, T, mc.head_dim)
+    k, v = (torch.randn(*shape, generator=g).to(runner.dtype) for _ in range(2))
+    store.put("dense", k, v)
+    classes = torch.ones(mc.num_layers, mc.num_kv_heads, dtype=torch.int64)
+    classes[:, 0] = 0  # kv head 0 local: only its last 8 tokens are stored
+    store.put("windowed", k, v, heads=HeadCompression.from_mask(classes, 8))
+    return store, k, v
+
+
+def _pool_kv(runner, seg) -> tuple[torch.Tensor, torch.Tensor]:
+    slots = seg.slots(runner.page_size).to(runner.device)  # [L, Hkv, T]
+    return runner.pool.k_slots[slots].cpu(), runner.pool.v_slots[slots].cpu()  # [L, Hkv, T, D]
+
+
+def _check(runner, store: ChunkKVStore, cache: SegmentCache, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Both chunks' pool bytes equal what was stored (bit for bit), only where a head holds tokens."""
+    dense = cache.get_blocks("dense", lambda: store.get_blocks("dense"), T)
+    win = cache.get_blocks("windowed", lambda: store.get_blocks("windowed"), T)
+    assert dense is not None and win is not None and dense.visible is None
+    cache.ready()
+    pk, pv = _pool_kv(runner, dense)
+    assert torch.equal(pk, k) and torch.equal(pv, v)
+    assert win.visible is not None and win.visible[:, 1:].all()
+    assert win.visible[:, 0, -8:].all() and not win.visible[:, 0, :-8].any()
+    wk, wv = _pool_kv(runner, win)
+    mask = win.visible[..., None].expand_as(wk)
+    assert torch.equal(wk[mask], k[mask]) and torch.equal(wv[mask], v[mask])
+    assert cache.get_blocks("dense", lambda: None, T) is dense and cache.hits == 1  # a hit loads nothing
+
+
+def test_get_blocks_cpu_writes_stored_bytes(tmp_path: Path) -> None:
+    runner = _runner("cpu", torch.float32)
+    store, k, v = _store(tmp_path, runner, "float32")
+    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    assert cache.stream is None
+    free = runner.allocator.num_free
+    _check(runner, store, cache, k, v)
+    assert cache.get_blocks("absent", lambda: store.get_blocks("absent"), T) is None
+    cache.clear()
+    assert runner.allocator.num_free == free
+    store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_get_blocks_gpu_pinned_side_stream(tmp_path: Path) -> None:
+    runner = _runner("cuda", torch.bfloat16)
+    store, k, v = _store(tmp_path, runner, "bfloat16")
+    assert store.memory.pin
+    for head in range(k.shape[1]):  # the host tier holds pinned blocks
+        blk = store.memory.get(BlockKey("dense", 1, head))
+        assert blk is not None and blk.k.is_pinned() and blk.v.is_pinned()
+    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    main = torch.cuda.current_stream()
+    assert cache.stream is not None and cache.stream != main
+    runner.pool.k.fill_(7.0)  # stale bytes a read that did not wait for the copy would see
+    runner.pool.v.fill_(7.0)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(cache.stream):
+        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU cycles queued ahead of the copies
+    seg = cache.get_blocks("dense", lambda: store.get_blocks("dense"), T)
+    assert seg is not None and len(cache._pending) == 1
+    done = cache._pending[0]
+    assert not done.query(), "get_blocks returned after its copy: the host waited on the side stream"
+    cache.ready()  # the main stream waits on the copy's event, the host does not
+    assert not cache._pending
+    pk, pv = _pool_kv(runner, seg)  # read on the main stream: ordered after the copy by the event
+    assert done.query()
+    assert torch.equal(pk, k) and torch.equal(pv, v)
+    cache.clear()
+    _check(runner, store, cache, k, v)  # dense and head-windowed chunks, hit path
+    cache.clear()
+    store.close()
