@@ -270,6 +270,7 @@ def run_eval(
     max_new_tokens: int = 32,
     progress: bool = True,
     records_path: Path | None = None,
+    store_setting: str | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -307,8 +308,14 @@ def run_eval(
             sink.close()
     keep = {c.case_id for c in cases}
     records = [r for r in records if r.case_id in keep and r.policy in policies]
+    return report(records, _meta(rag, seed, set_name, max_new_tokens, store_setting))
+
+
+def _meta(rag, seed: int, set_name: str, max_new_tokens: int, store_setting: str | None) -> dict:
+    from redknot_rag.storage_eval import store_footprint
+
     runner = rag.engine.runner
-    meta = {
+    return {
         "model": runner.name,
         "device": str(runner.device),
         "dtype": str(runner.dtype).replace("torch.", ""),
@@ -317,8 +324,9 @@ def run_eval(
         "max_new_tokens": max_new_tokens,
         "max_recompute": MAX_RECOMPUTE,
         "min_speedup": MIN_SPEEDUP_CPU if runner.device.type == "cpu" else 0.0,
+        "store_setting": store_setting or "dense",
+        "store": store_footprint(rag.store, runner),  # bytes per stored token of this run's store
     }
-    return report(records, meta)
 
 
 def report_from_records(records_path: Path, policies: Sequence[str], meta: dict) -> dict:
@@ -397,27 +405,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
     from redknot_rag.ingest import open_service
+    from redknot_rag.storage_eval import STORE_SETTINGS, format_store_table, store_config_for, store_report
 
+    out = Path(args.out)
+    if args.store_report:  # no model needed: the per-setting runs' files side by side
+        if not args.tag:
+            raise ValueError("--store-report needs --tag (the tag the --store-setting runs used, without suffix)")
+        rep = store_report(out, args.tag)
+        (out / f"store_{args.tag}.json").write_text(json.dumps(rep, indent=1))
+        table = format_store_table(rep)
+        (out / f"store_{args.tag}.md").write_text(table + "\n")
+        print(table)
+        return 0
     if args.quick:
         args.cases, args.policies, args.max_new_tokens = min(args.cases, 4), ",".join(QUICK_POLICIES), 8
     policies = tuple(p for p in args.policies.split(",") if p)
     args.data_dir = args.data_dir or tempfile.mkdtemp(prefix="redknot-eval-")
-    rag = open_service(args)
-    out = Path(args.out)
+    setting = args.store_setting
+
+    def setting_config(engine):
+        from redknot_rag.heads import load_profile_for
+
+        runner = engine.runner
+        return store_config_for(setting, runner, load_profile_for(runner.name, runner.weights_fingerprint))
+
+    rag = open_service(args, store_config=setting_config if setting else None)
     out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or rag.engine.runner.name
+    tag = (args.tag or rag.engine.runner.name) + (f"-{STORE_SETTINGS[setting]}" if setting else "")
     if args.report_only:  # what an interrupted run measured: every case all policies answered
-        runner = rag.engine.runner
-        meta = {
-            "model": runner.name,
-            "device": str(runner.device),
-            "dtype": str(runner.dtype).replace("torch.", ""),
-            "seed": args.seed,
-            "set": args.set,
-            "max_new_tokens": args.max_new_tokens,
-            "max_recompute": MAX_RECOMPUTE,
-            "min_speedup": MIN_SPEEDUP_CPU if runner.device.type == "cpu" else 0.0,
-        }
+        meta = _meta(rag, args.seed, args.set, args.max_new_tokens, setting)
         res = report_from_records(out / f"records_{tag}.jsonl", policies, meta)
     else:
         res = run_eval(
@@ -428,6 +444,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             set_name=args.set,
             max_new_tokens=args.max_new_tokens,
             records_path=out / f"records_{tag}.jsonl",
+            store_setting=setting,
         )
     (out / f"results_{tag}.json").write_text(json.dumps(res, indent=1))
     plot_frontier(res, out / f"frontier_{tag}.png")
@@ -461,6 +478,7 @@ def _record_default(rag, res: dict, results_path: Path) -> None:
 
 def register_cli(sub) -> None:
     from redknot_rag.options import add_engine_args
+    from redknot_rag.storage_eval import STORE_SETTINGS
 
     p = sub.add_parser("eval", help="fidelity of every reuse policy against full prefill (paired, with CIs)")
     p.add_argument("--cases", type=int, default=400, help="paired cases (default 400)")
@@ -474,5 +492,19 @@ def register_cli(sub) -> None:
     p.add_argument("--data-dir", default=None, help="store folder (default: a new temporary one)")
     p.add_argument("--record-default", action="store_true", help="write the chosen default into the head profile")
     p.add_argument("--report-only", action="store_true", help="report the records file's complete cases; run none")
+    p.add_argument(
+        "--store-setting",
+        choices=list(STORE_SETTINGS),
+        default=None,
+        help="chunk KV storage: dense (model dtype, all tokens), window (local heads keep their tail window), "
+        "int8-window (window + int8 on disk, read back decoded). Files get the tag suffix "
+        + ", ".join(f"-{v}" for v in STORE_SETTINGS.values())
+        + " (default: dense storage, plain tag)",
+    )
+    p.add_argument(
+        "--store-report",
+        action="store_true",
+        help="compare the --store-setting runs of --tag against dense storage, policy by policy (no model run)",
+    )
     add_engine_args(p)
     p.set_defaults(func=_cmd_eval)

@@ -26,14 +26,17 @@ def require_store(data_dir: str | Path, namespace: str) -> None:
             )
 
 
-def open_service(args: argparse.Namespace, policy: str | None = None):
+def open_service(args: argparse.Namespace, policy: str | None = None, store_config=None):
+    """Engine + RagService from the flags; `store_config(engine)` (optional) gives the chunk store's settings."""
     from redknot_rag.engine import Engine
     from redknot_rag.options import engine_config_from_args
     from redknot_rag.rag import RagService
 
     engine = Engine(engine_config_from_args(args))
     kw: dict = {}
-    if hasattr(args, "store_host_bytes"):
+    if store_config is not None:
+        kw["store_config"] = store_config(engine)
+    elif hasattr(args, "store_host_bytes"):
         import inspect
 
         from redknot_rag.server.cli import store_config_for
