@@ -60,6 +60,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -209,16 +210,8 @@ def run_tiers(ctx: dict, args: Any, data: dict) -> None:
                 try_drop_caches()
         return store
 
-    for tier in TIERS:
-        if tier not in args.tiers:
-            continue
-        if tier == "redis" and st_redis is None:
-            out[tier] = dict(skipped=ctx["redis_why"])
-            log("redis tier skipped:", ctx["redis_why"])
-            continue
-        if time.time() - ctx["start"] > args.budget_s:
-            out[tier] = dict(skipped="time budget")
-            continue
+    def measure(tier: str) -> dict:
+        """One warm-up query and `--reps` timed ones with the chunks' KV in `tier`."""
         runs = []
         verified = None
         served: dict[str, int] = {}
@@ -264,6 +257,24 @@ def run_tiers(ctx: dict, args: Any, data: dict) -> None:
             naive = [rag.query(engine, "naive", inp, args)["forward_s"] for _ in range(args.reps)]
             row["question_only_s"] = statistics.median(naive)
             row["recompute_est_s"] = row["forward_median_s"] - row["question_only_s"]
+        return row
+
+    for tier in TIERS:
+        if tier not in args.tiers:
+            continue
+        if tier == "redis" and st_redis is None:
+            out[tier] = dict(skipped=ctx["redis_why"])
+            log("redis tier skipped:", ctx["redis_why"])
+            continue
+        if time.time() - ctx["start"] > args.budget_s:
+            out[tier] = dict(skipped="time budget")
+            continue
+        try:
+            row = measure(tier)
+        except Exception as e:  # one tier failing (e.g. Redis refusing a 67 MB reply) must not lose the others
+            traceback.print_exc()
+            row = dict(error=f"{type(e).__name__}: {e}")
+            cache.clear()
         out[tier] = row
         log(tier, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "ttft_all_s"})
     cache.clear()
@@ -289,8 +300,13 @@ def run_zipf(ctx: dict, args: Any, data: dict, work: Path) -> None:
     cb, fb = ctx["chunk_bytes"], ctx["chunk_file_bytes"]
     host_budget, disk_budget = args.zipf_host_chunks * cb, args.zipf_disk_chunks * fb
     url = ctx["redis_url"]
-    cfg = StoreConfig(host_bytes=host_budget, disk_bytes=disk_budget if url else None, redis_url=url)
-    store = ChunkKVStore(work / "zipf", ctx["fp"], config=cfg)
+    cfg = StoreConfig(host_bytes=host_budget, disk_bytes=disk_budget if url else None)
+    redis = None
+    if url is not None:
+        from redknot_rag.store.redis_tier import RedisTier
+
+        redis = RedisTier.from_url(url, ctx["fp"], timeout_s=30.0)  # a dense 8B chunk is a 67 MB MGET reply
+    store = ChunkKVStore(work / "zipf", ctx["fp"], config=cfg, redis=redis)
     g = torch.Generator().manual_seed(1)
     vocab = engine.model_config.vocab_size
     zchunks = [torch.randint(100, vocab - 1, (T,), generator=g).tolist() for _ in range(n)]
@@ -336,6 +352,9 @@ def run_zipf(ctx: dict, args: Any, data: dict, work: Path) -> None:
         assert cfg.disk_bytes is None or held["disk_bytes"] <= cfg.disk_bytes, held
         rows.append(dict(ttft_s=load_s + q["ttft_s"], load_s=load_s, chunks_from=served))
     store.close()
+    first = [by_key[k] for k in zkeys[: args.zipf_top_k]]  # transformers at a Zipf query's context length
+    hf_prompt = ctx["anchor"] + [t for c in first for t in c] + ctx["question"]
+    hf_full_s = statistics.median(rag.hf_full(ctx["hf"], hf_prompt) for _ in range(3))
     skip = min(args.zipf_warmup, len(rows) // 2)
     steady = rows[skip:]
 
@@ -375,6 +394,7 @@ def run_zipf(ctx: dict, args: Any, data: dict, work: Path) -> None:
         within_budgets=True,  # asserted after every query
         torch_max_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
         ingest_s=ingest_s,
+        hf_full_s=hf_full_s,
         all=summary(rows),
         steady=dict(skipped_first=skip, **summary(steady)),
         ttft_all_s=[r["ttft_s"] for r in rows],
@@ -405,8 +425,8 @@ def main() -> None:
     ap.add_argument("--zipf-top-k", type=int, default=8)
     ap.add_argument("--zipf-s", type=float, default=1.0)
     ap.add_argument("--zipf-cache-chunks", type=int, default=None, help="GPU segment cache (32; tiny 12)")
-    ap.add_argument("--zipf-host-chunks", type=int, default=None, help="host budget in chunks (32; tiny 8)")
-    ap.add_argument("--zipf-disk-chunks", type=int, default=None, help="disk budget in chunks (64; tiny 16)")
+    ap.add_argument("--zipf-host-chunks", type=int, default=None, help="host budget in chunks (48; tiny 16)")
+    ap.add_argument("--zipf-disk-chunks", type=int, default=None, help="disk budget in chunks (96; tiny 24)")
     ap.add_argument("--zipf-warmup", type=int, default=20, help="queries left out of the steady summary")
     ap.add_argument("--plot", default=None, help="only redraw the PNG of this JSON")
     args = ap.parse_args()
@@ -429,8 +449,8 @@ def main() -> None:
     args.probe_layers = default(args.probe_layers, [0, 1, 2, 3], [0, 1])
     args.zipf_chunks = default(args.zipf_chunks, 128, 32)
     args.zipf_cache_chunks = default(args.zipf_cache_chunks, 32, 12)
-    args.zipf_host_chunks = default(args.zipf_host_chunks, 32, 8)
-    args.zipf_disk_chunks = default(args.zipf_disk_chunks, 64, 16)
+    args.zipf_host_chunks = default(args.zipf_host_chunks, 48, 16)
+    args.zipf_disk_chunks = default(args.zipf_disk_chunks, 96, 24)
     if unknown := set(args.tiers) - set(TIERS):
         raise SystemExit(f"unknown tiers {sorted(unknown)}; choose from {TIERS}")
     start = time.time()
@@ -438,7 +458,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = card() if dev.type == "cuda" else "cpu"
     path = out_dir / f"results_tiers_{name}{'_tiny' if tiny else ''}.json"
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="rkv-tiers-"))
+    work = Path(args.work_dir) if args.work_dir else default_work_dir()
     work.mkdir(parents=True, exist_ok=True)
     redis_why: list[str] = []
     proc, url = start_redis(work, redis_why)
@@ -521,7 +541,7 @@ def main() -> None:
         log(f"stored {args.chunks} chunks ({corpus / 1e9:.2f} GB of K/V) in {t.s:.1f} s")
         ps = engine.runner.page_size
         ctx: dict[str, Any] = dict(
-            engine=engine, dev=dev, keys=keys, chunks=chunks, anchor=anchor, anchor_seg=pf.anchor,
+            engine=engine, hf=hf, dev=dev, keys=keys, chunks=chunks, anchor=anchor, anchor_seg=pf.anchor,
             question=question, store_disk=st_disk, store_redis=st_redis, redis_url=url,
             redis_why="; ".join(redis_why), start=start, fp=fp, prefill=prefill, chunk_bytes=chunk_bytes,
             chunk_file_bytes=file_bytes, blocks_per_chunk=L * H, pages_per_chunk=L * H * -(-args.chunk_tokens // ps),
@@ -555,7 +575,8 @@ def main() -> None:
         if st_redis is not None:
             st_redis.close()
             for key in keys:
-                st_redis.delete(key)  # free Redis memory for part 2
+                st_redis.delete(key)  # free Redis and pinned host memory for part 2
+        st_disk.evict()
         st_disk.close()
         shutil.rmtree(work / "disk", ignore_errors=True)
         free_memory()
@@ -563,7 +584,11 @@ def main() -> None:
             if time.time() - start > args.budget_s:
                 data["notes"].append("zipf: skipped (time budget)")
             else:
-                run_zipf(ctx, args, data, work)
+                try:
+                    run_zipf(ctx, args, data, work)
+                except Exception as e:  # keep part 1's results; the reason goes into the JSON
+                    traceback.print_exc()
+                    data["zipf"] = dict(error=f"{type(e).__name__}: {e}")
     finally:
         data["total_s"] = time.time() - start
         save()
@@ -577,6 +602,15 @@ def main() -> None:
         plot(path)
     except Exception as e:  # the JSON is what matters; a plotting failure is reported, not fatal
         log("plot failed:", type(e).__name__, e)
+
+
+def default_work_dir() -> Path:
+    """A fresh folder for the disk tier on a real disk: the temp folder unless it is in memory (tmpfs),
+    else under the current directory."""
+    for base in (Path(tempfile.gettempdir()), Path.cwd()):
+        if _fs_of(base).split()[0] not in ("tmpfs", "ramfs"):
+            return Path(tempfile.mkdtemp(prefix="rkv-tiers-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="rkv-tiers-"))
 
 
 def _fs_of(path: Path) -> str:
@@ -625,6 +659,8 @@ def plot(path: Path) -> None:
     if z:
         tt = sorted(x * 1e3 for x in z["ttft_all_s"])
         ax.plot(tt, [(i + 1) / len(tt) for i in range(len(tt))], label="TTFT CDF (all queries)")
+        if "hf_full_s" in z:
+            ax.axvline(z["hf_full_s"] * 1e3, color="gray", ls="--", lw=1, label="transformers full prefill")
         share = z["steady"]["chunk_hit_share"]
         text = "chunks served by (steady):\n" + "\n".join(f"{k}: {v:.0%}" for k, v in share.items())
         ax.text(0.98, 0.05, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
