@@ -1,9 +1,11 @@
 """Head-profile calibration (`redknot profile-heads`): which (layer, kv_head) blocks are local.
 
-Runs planted-fact RAG prompts through the model twice per case (full prefill, and relocated
-independently-prefilled chunks) and records, per head, the question's attention locality, the reuse
-deviation of the head's output, and the attention mass on the fact sentence. The result is data:
-a `HeadProfile` file (`heads.py`).
+Runs RAG prompts through the model twice per case (full prefill, and relocated independently-prefilled
+chunks) and records, per head, the question's attention locality, the reuse deviation of the head's
+output, and the attention mass on the fact sentences. The prompts come from both case generators, on
+seeds the fidelity harness does not use: planted facts in long help-topic passages (6 chunks) and the
+`facts` set (numbers/dates, two facts, first/last chunk, 4/6/8 chunks, decoys). The result is data: a
+`HeadProfile` file (`heads.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,24 +26,58 @@ from redknot_rag.rag.prefill import ChunkPrefiller
 from redknot_rag.reuse import ReuseInput, relocate
 from redknot_rag.runner import KVRunner
 
+CALIBRATION_SEED_OFFSET = 1000  # the fidelity harness uses seeds 0..; calibration never sees its cases
+
+
+@dataclass(frozen=True)
+class CalibrationPrompt:
+    """One calibration case: chunk texts in prompt order, the question, the sentences that answer it."""
+
+    chunks: tuple[str, ...]
+    question: str
+    fact_sentences: tuple[str, ...]
+
+
+def calibration_prompts(num_cases: int, seed: int) -> list[CalibrationPrompt]:
+    """`num_cases` prompts, alternating planted-fact and `facts` cases (half each, planted first)."""
+    from redknot_rag.retrieval.fact_cases import make_fact_cases
+    from redknot_rag.retrieval.planted_facts import make_planted_cases
+
+    rng = random.Random(seed)
+    planted = []
+    for case in make_planted_cases(num_cases - num_cases // 2, seed=seed + CALIBRATION_SEED_OFFSET, num_distractors=5):
+        docs = list(case.docs)
+        rng.shuffle(docs)
+        planted.append(CalibrationPrompt(tuple(d.text for d in docs), case.question, (case.fact_sentence,)))
+    facts = [
+        CalibrationPrompt(c.chunks, c.question, c.fact_sentences)
+        for c in make_fact_cases(num_cases // 2, seed=seed + CALIBRATION_SEED_OFFSET, sizes=(4, 6, 8))
+    ]
+    out = [p for pair in zip(planted, facts) for p in pair]
+    return out + planted[len(facts) :]
+
+
+def _find_all(haystack: list[int], needle: list[int], start: int) -> list[int]:
+    """Start indices of `needle` in `haystack[start:]` (token ids)."""
+    n = len(needle)
+    return [i for i in range(start, len(haystack) - n + 1) if n and haystack[i : i + n] == needle]
+
 
 def profile_heads(
     runner: KVRunner,
-    num_cases: int = 8,
+    num_cases: int = 48,
     window: int = 64,
     locality_threshold: float = 0.8,
     seed: int = 0,
     progress: bool = True,
 ) -> HeadProfile:
-    """Calibrate on planted-fact RAG prompts (real text from the stdlib + one planted fact each).
+    """Calibrate on RAG prompts from both case generators (`calibration_prompts`).
 
     Per head: locality = question attention mass on anchor + last `window` context tokens (full
     prefill); reuse deviation = relative change of the head's output on the question when the context
-    is assembled from independently prefilled chunks; retrieval = attention mass on the fact sentence.
+    is assembled from independently prefilled chunks; retrieval = attention mass on the fact sentences.
     """
     from tqdm import tqdm
-
-    from redknot_rag.retrieval.planted_facts import make_planted_cases
 
     mc = runner.model_config
     tok = runner.tokenizer
@@ -52,20 +89,19 @@ def profile_heads(
     loc = torch.zeros(nl, nh)
     dev = torch.zeros(nl, nh)
     ret = torch.zeros(nl, nh)
-    rng = random.Random(seed)
-    cases = make_planted_cases(num_cases, seed=seed + 1000, num_distractors=5)
+    cases = calibration_prompts(num_cases, seed)
+    found = 0  # cases whose fact sentence was located in the prompt's tokens
     try:
         for case in tqdm(cases, desc="profiling heads", disable=not progress):
-            docs = list(case.docs)
-            rng.shuffle(docs)
-            chunks = [layout.chunk_ids(d.text)[:256] for d in docs]
+            chunks = [layout.chunk_ids(text)[:256] for text in case.chunks]
             q = layout.question_ids(case.question)
             ctx = layout.prompt_ids(chunks, [])
-            fact = encode(tok, case.fact_sentence)
             fact_mask = torch.zeros(len(ctx) + len(q), dtype=torch.bool)
-            for i in range(len(anchor), len(ctx) - len(fact) + 1):  # locate the fact sentence's tokens
-                if ctx[i : i + len(fact)] == fact:
-                    fact_mask[i : i + len(fact)] = True
+            for sentence in case.fact_sentences:  # locate each fact sentence's tokens (with or without a leading space)
+                for fact in (encode(tok, sentence), encode(tok, " " + sentence)):
+                    for i in _find_all(ctx, fact, len(anchor)):
+                        fact_mask[i : i + len(fact)] = True
+            found += int(bool(fact_mask.any()))
             outs = []
             for mode in ("full", "naive"):
                 segs: list[KVSegment] = []
@@ -118,8 +154,10 @@ def profile_heads(
         calibration={
             "cases": n,
             "seed": seed,
-            "chunks_per_case": 6,
-            "data": "planted facts in pydoc_data topics",
+            "chunks_per_case": "6 (planted), 4/6/8 (facts)",
+            "data": "planted facts in pydoc_data topics + the facts set (numbers/dates, two facts, decoys)",
+            "cases_with_fact_located": found,
+            "rule": f"global if locality < {locality_threshold} or retrieval in the top quartile",
             "sliding_layers_local": int(sliding.sum()),
         },
     )
@@ -145,7 +183,9 @@ def register_cli(sub) -> None:
     from redknot_rag.options import add_engine_args
 
     p = sub.add_parser("profile-heads", help="calibrate local/global KV heads for a model")
-    p.add_argument("--cases", type=int, default=8, help="calibration prompts (default 8)")
+    p.add_argument(
+        "--cases", type=int, default=48, help="calibration prompts, half from each case generator (default 48)"
+    )
     p.add_argument("--window", type=int, default=64, help="recent-window tokens a local head keeps (default 64)")
     p.add_argument("--threshold", type=float, default=0.8, help="locality above which a head is local (default 0.8)")
     p.add_argument("--out", default=None, help="profile path (default: the package's profiles/ folder)")
