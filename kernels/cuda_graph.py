@@ -162,6 +162,7 @@ class DecodeGraphRunner:
         if isinstance(be, FlashInferBackend):
             be.use_triton = False
             be.graph_mode = True
+            be.graph_prefill = None  # a prefill graph may have been installed last
             be.decode = state.wrapper
             be.indices = state.indices
             be.new_slots = state.new_slots

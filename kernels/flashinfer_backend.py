@@ -133,6 +133,7 @@ class FlashInferBackend(AttentionBackend):
         self.rope_ok = cfg.rope_scaling.kind == "default"
         self.use_triton = True
         self.graph_mode = False
+        self.graph_prefill: Any = None  # graph mode, small prefill: `PrefillGraphRunner`'s wrapper
         self.path = "none"
         self.plan_fi: FIPlan | None = None
         self.indices: torch.Tensor | None = None  # graph mode: [L, nnz] device int32
@@ -185,6 +186,7 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         self.decode = self.eager_decode if not self.emulate else None
         self.graph_mode = False
+        self.graph_prefill = None
         self._kv = None
         ok = self.rope_ok and all(s.layout.pos_is_index and s.layout.all_visible for s in batch.seqs)
         self.use_triton = not ok or not batch.seqs
@@ -375,10 +377,18 @@ class FlashInferBackend(AttentionBackend):
         return o, lse * LN2  # base 2 -> natural
 
     def _run_graph(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Decode under a CUDA graph (`DecodeGraphRunner` installed static page tables, rows (seq, head))."""
+        """Under a CUDA graph, with static page tables installed by the graph runner: decode
+        (`DecodeGraphRunner`, rows (seq, head)) or one small prefill (`PrefillGraphRunner`, rows
+        (head, real | padding) over the query rows (head, token))."""
         assert self.indices is not None
         cfg = self.cfg
         n, hkv, g, d = q.shape[0], cfg.num_kv_heads, cfg.num_kv_groups, cfg.head_dim
+        w = self.graph_prefill
+        if w is not None:
+            w._paged_kv_indices_buf = self.indices[layer]
+            qh = q.reshape(n, hkv, g, d).transpose(0, 1).reshape(hkv * n, g, d)  # rows (head, token)
+            o = w.run(qh, self.kv_cache)  # [Hkv * n, g, D]
+            return o.view(hkv, n, g, d).transpose(0, 1).reshape(n, hkv * g, d)
         self.decode._paged_kv_indices_buf = self.indices[layer]
         o = self.decode.run(q.reshape(n * hkv, g, d), self.kv_cache)  # [B*Hkv, g, D]
         return o.view(n, hkv * g, d)

@@ -174,3 +174,6 @@ class EngineConfig:
     # cover `cuda_graph_context` tokens per running sequence; a larger decode batch runs eagerly
     cuda_graphs: bool = True
     cuda_graph_context: int = 8192
+    # one-sequence prefill steps of <= 128 new tokens at the tail of a page-aligned sequence (a question
+    # after naive reuse, a short prompt) replay CUDA graphs too (flashinfer backend, under `cuda_graphs`)
+    cuda_graph_prefill: bool = True

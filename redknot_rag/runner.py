@@ -103,6 +103,10 @@ class KVRunner:
         self.cuda_graphs = cfg.cuda_graphs and self.device.type == "cuda" and name in ("flashinfer", "triton")
         self._graphs: Any = None
         self.graph_replays = 0
+        # small one-sequence prefill steps replay CUDA graphs too (flashinfer; `cuda_graphs` switches both off)
+        self.prefill_graphs = cfg.cuda_graph_prefill and name == "flashinfer"
+        self._prefill_graphs: Any = None
+        self.prefill_graph_replays = 0
 
     def _num_pages(self) -> int:
         cfg, mc = self.config, self.loaded.config
@@ -214,7 +218,8 @@ class KVRunner:
         """Run `batch` (its KV already appended) → logits `[len(batch.logit_rows), vocab]` float32.
 
         A decode-only batch on the runner's own backend replays a captured CUDA graph when it fits the
-        graphs' static tables (page-aligned sequences, FlashInfer; any layout, Triton); else eager."""
+        graphs' static tables (page-aligned sequences, FlashInfer; any layout, Triton); so does a
+        one-sequence prefill of <= 128 tail tokens of a page-aligned sequence (FlashInfer); else eager."""
         if backend is None and num_layers is None and self.cuda_graphs and batch.seqs:
             if all(s.is_decode for s in batch.seqs):
                 graphs = self._decode_graphs()
@@ -222,6 +227,12 @@ class KVRunner:
                 if slot is not None:
                     self.graph_replays += 1
                     return graphs.replay(slot, len(batch.seqs))
+            elif self.prefill_graphs and len(batch.seqs) == 1 and batch.num_tokens <= 128:
+                pg = self._prefill_graph_runner()
+                bucket = pg.prepare(batch) if pg is not None else None
+                if bucket is not None:
+                    self.prefill_graph_replays += 1
+                    return pg.replay(bucket, int(batch.logit_rows.shape[0]))
         return self.model.forward(batch, backend or self.backend, num_layers=num_layers)
 
     def _decode_graphs(self) -> Any:
@@ -241,6 +252,21 @@ class KVRunner:
                 log.exception("decode CUDA graph capture failed; decoding eagerly")
                 self.cuda_graphs = False
         return self._graphs
+
+    def _prefill_graph_runner(self) -> Any:
+        """The `PrefillGraphRunner` (buckets 16-128 tokens over up to the model's context), captured once;
+        None if capture failed (logged once; small prefills then run eagerly)."""
+        if self._prefill_graphs is None:
+            from redknot_rag.kernels.prefill_graph import PrefillGraphRunner
+
+            try:
+                graphs = PrefillGraphRunner(self.model, self.backend, max_kv_tokens=self.max_context)  # type: ignore[arg-type]
+                graphs.capture()
+                self._prefill_graphs = graphs
+            except Exception:  # keep serving eagerly; the reason goes to the log
+                log.exception("prefill CUDA graph capture failed; small prefills run eagerly")
+                self.prefill_graphs = False
+        return self._prefill_graphs
 
     def append_forward(
         self,
