@@ -9,14 +9,19 @@ page refcounts are exactly what the eager step leaves.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from redknot_rag.kernels.fi_plan import emulate_prefill
-from redknot_rag.kernels.prefill_graph import padded_requests
-from redknot_rag.kernels.testing import SeqSpec, build_batch, random_pool, random_weights, tiny_config
-from redknot_rag.kvcache import PageAllocator
-from redknot_rag.rope import Rotary
+if not torch.cuda.is_available():  # before triton is imported (the kernels package imports it)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from redknot_rag.kernels.fi_plan import emulate_prefill  # noqa: E402
+from redknot_rag.kernels.prefill_graph import padded_requests  # noqa: E402
+from redknot_rag.kernels.testing import SeqSpec, build_batch, random_pool, random_weights, tiny_config  # noqa: E402
+from redknot_rag.kvcache import PageAllocator  # noqa: E402
+from redknot_rag.rope import Rotary  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
