@@ -12,6 +12,10 @@ depends on the logits. It is timed on random logits (a model that ignores the gr
 keep=1 (greedy) and keep=32 (sampling), and on logits where the target ranks first (its best case).
 
     PYTHONPATH=$PWD python3 bench/grammar/run.py [--reps 3] [--out bench/grammar/results_cpu.json] [--only NAME]
+
+`--batch` measures instead the per-step mask of a batch of constrained requests (per-request masks vs
+the engine's one batch mask, and the fill hidden behind the forward; `step_mask.py`) and merges it
+into `--out` under "batch_step".
 """
 
 from __future__ import annotations
@@ -284,7 +288,7 @@ class Legacy:
                 req.output_ids.append(t)
 
             def can_end(self) -> bool:
-                return proc.is_complete(proc.sync(req.output_ids))
+                return proc.is_complete(proc._sync(req.output_ids))
 
         return S()
 
@@ -329,6 +333,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results_cpu.json"))
     ap.add_argument("--only", default="", help="run only engines whose name contains this; merge into --out")
+    ap.add_argument("--batch", action="store_true", help="per-step batch mask bench (step_mask.py) only")
+    ap.add_argument("--batches", default="1,16,64", help="--batch: batch sizes")
+    ap.add_argument("--steps", type=int, default=6, help="--batch: measured decode steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="--batch: rounds per batch size (modes interleaved)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -337,6 +345,18 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(None)[0])
     vocab = len(tok)
+    if args.batch:
+        import step_mask
+
+        out = Path(args.out)
+        merged = json.loads(out.read_text()) if out.exists() else {}
+        merged["batch_step"] = step_mask.run(
+            tok, vocab, cases(), [int(b) for b in args.batches.split(",")], args.steps, args.rounds, reps=20
+        )
+        merged["batch_step"]["machine"] = f"CPU: shared 2-core box ({platform.processor() or platform.machine()})"
+        out.write_text(json.dumps(merged, indent=1) + "\n")
+        print("wrote", args.out)
+        return
     engines: list[tuple[Any, bool]] = []
     for make in (Served, XGrammar, LLGuidance, OutlinesCore):
         if args.only and args.only not in make.name:

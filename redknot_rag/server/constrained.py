@@ -158,9 +158,7 @@ class GrammarProcessor:
             out = logits.clone()  # the row may be a view into the batch's logits
             xgr.apply_token_bitmask_inplace(out, bitmask[0].to(out.device), vocab_size=self.vocab_size)
             return out
-        words = bitmask[0].numpy().view(np.uint8)  # little-endian int32 words: token i is bit i
-        allowed = np.unpackbits(words, bitorder="little", count=self.vocab_size).view(np.bool_)
-        return torch.where(torch.from_numpy(allowed), logits, _NEG_INF)
+        return torch.where(_allowed(bitmask[0], self.vocab_size), logits, _NEG_INF)
 
 
 class StepGrammarMask:
@@ -211,17 +209,30 @@ class StepGrammarMask:
 
     def apply(self, logits: torch.Tensor) -> None:
         """Join the fill and mask the members' rows of the step's logits `[num_rows, vocab]` float32 in
-        place, in one call; each member then knows its row is masked for this output length."""
+        place; each member then knows its row is masked for this output length. On a GPU that is one
+        xgrammar kernel call; on CPU the rows are unpacked with numpy, 3-4x faster than xgrammar's CPU
+        kernel on real grammar masks (bench/grammar/README.md)."""
         if not self.wait():
             return
-        bitmask = self.bitmask if logits.device.type == "cpu" else self.bitmask.to(logits.device)
         with torch.inference_mode():  # the forward's logits are inference tensors
-            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
+            if logits.device.type != "cpu":
+                bitmask = self.bitmask.to(logits.device)
+                xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
+            else:
+                for row in self.rows:
+                    x = logits[row]  # [vocab] view, masked in place
+                    torch.where(_allowed(self.bitmask[row], self.vocab_size), x, _NEG_INF, out=x)
         for proc, row, n in self.members:
             proc._step_n, proc._step_row = n, self.bitmask[row : row + 1]
 
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI response_format {"type": "json_object"}
+
+
+def _allowed(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bitmask row `[ceil(vocab/32)]` int32 (little-endian words: token i is bit i) → `[vocab]` bool."""
+    bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little", count=vocab_size)
+    return torch.from_numpy(bits.view(np.bool_))
 
 
 def _has_finite(x: torch.Tensor) -> bool:
