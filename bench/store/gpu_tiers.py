@@ -7,7 +7,8 @@ On the GPU machine (the working directory is a copy of the repo carrying .whl/, 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1; mkdir -p ~/.cache && \
       tar xzf .ficache/fi.tgz -C ~/.cache; ln -sfn ../kernels redknot_rag/kernels; \
-      ln -sfn ../retrieval redknot_rag/retrieval; python3 bench/store/gpu_tiers.py --out $OUT
+      ln -sfn ../retrieval redknot_rag/retrieval; python3 -m pytest -q -p no:cacheprovider \
+      tests/test_segment_cache.py 2>&1 | tail -3; python3 bench/store/gpu_tiers.py --out $OUT
 
 (one line; carry .whl (FlashInfer, crc32c, redis-py wheels), .ficache and .redis (bench/store/redis_bundle.sh)).
 
@@ -33,7 +34,8 @@ and TTFT = load + relocate + select + forward. `question_only_s` is the forward 
          permitted (the JSON says whether it was)
   redis  a store whose only cold tier is a local redis-server (`.redis/` bundle or the system's), host
          tier emptied first; skipped with the reason when Redis cannot start
-Bytes moved: the K/V bytes the query's blocks hold (storage dtype); GB/s = bytes / load.
+Bytes moved: the K/V bytes the query's blocks hold (storage dtype); GB/s = bytes / load, beside
+`h2d_pinned_GBps` (one 1 GiB copy from pinned host memory: the ceiling of any tier's load).
 
 Part 2, Zipf. `--zipf-chunks` distinct chunks (>= 2x the segment cache's `--zipf-cache-chunks`) in a store
 of host budget `--zipf-host-chunks`, disk budget `--zipf-disk-chunks` and Redis (every chunk, write-
@@ -139,6 +141,19 @@ def page_cache_check(root: Path, use_drop_caches: bool) -> dict:
         try_drop_caches()
     cold = read_gbps(path)
     return dict(file_bytes=path.stat().st_size, cold_read_GBps=cold, warm_read_GBps=read_gbps(path))
+
+
+def h2d_ceiling(dev: torch.device, nbytes: int = 1 << 30) -> float:
+    """GB/s of one large copy from pinned host memory to the device: the floor any tier's load meets."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst.copy_(src, non_blocking=True)
+    with Timer(dev) as t:
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+    del src, dst
+    free_memory()
+    return 3 * nbytes / t.s / 1e9
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -566,6 +581,10 @@ def main() -> None:
         warm_cache.clear()
         del warm_segs, warm, warm_cache
         data["warmup_s"] = t.s
+        data["pool_gib"] = engine.runner.pool.num_bytes / 2**30
+        if dev.type == "cuda":
+            data["h2d_pinned_GBps"] = h2d_ceiling(dev)
+            log("pinned host -> device copy ceiling", data["h2d_pinned_GBps"], "GB/s")
         hf_runs = [rag.hf_full(hf, prompt) for _ in range(1 + args.reps)][1:]
         data["hf_full_s"] = statistics.median(hf_runs)
         data["hf_full_all_s"] = hf_runs
