@@ -192,8 +192,8 @@ def test_gpu_runner_question_prefill_graph_pages_and_refcounts():
             assert r.allocator.num_free == before_free
         (le, rce, fe, se), (lg, rcg, fg, sg) = res[False], res[True]
         assert _close(lg, le), (q_len, (lg - le).abs().max().item())
-        # the same pages in use with the same counts (which slot a token got depends on the free list's order)
-        assert (rce == rcg).all() and fe == fg and torch.equal(se.flatten().sort().values, sg.flatten().sort().values)
+        # the same pages in use with the same counts (which page a token got depends on the free list's order)
+        assert (rce == rcg).all() and fe == fg and torch.equal((se // 16).unique(), (sg // 16).unique())
     # and through the engine's scheduler: a short prompt's prefill step replays a graph, tokens as eager
     # (graphs first: the decode graphs are then captured right after a prefill graph was installed)
     outs = {}
