@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".jsonl", ".pdf", ".docx")
+BINARY_FORMATS = ("pdf", "docx")  # read as bytes by `parse_binary` (files on disk and uploads)
 
 # A file whose first bytes hold more than this share of control or undecodable bytes is binary.
 _BINARY_SAMPLE_BYTES = 64 * 1024
@@ -105,8 +106,8 @@ def parse_file(path: Path, doc_id: str | None = None) -> list[Document]:
     if suffix == ".jsonl":
         return list(_iter_jsonl(path, doc_id))
     if suffix in (".pdf", ".docx"):
-        text, extra = _read_pdf(path) if suffix == ".pdf" else _read_docx(path)
-        info = {"format": suffix.lstrip("."), "num_bytes": path.stat().st_size, **extra}
+        data = path.read_bytes()
+        text, info = parse_binary(data, suffix.lstrip("."), str(path))
         return [Document(doc_id=doc_id, text=text, source_path=str(path), metadata=info)]
     text = _read_text(path)
     meta: dict[str, Any] = {"format": suffix.lstrip("."), "num_bytes": path.stat().st_size}
@@ -215,12 +216,20 @@ def _clean_extracted(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def _read_pdf(path: Path) -> tuple[str, dict[str, Any]]:
+def parse_binary(data: bytes, fmt: str, path: str) -> tuple[str, dict[str, Any]]:
+    """Text and metadata ({format, num_bytes, ...}) of a PDF or DOCX file's bytes (`fmt` "pdf" or
+    "docx"): a file read from disk or uploaded. Errors are `IngestError`s that name `path`."""
+    if fmt not in BINARY_FORMATS:
+        raise IngestError(f"{path}: unsupported binary format {fmt!r} (supported: {BINARY_FORMATS})")
+    text, extra = _read_pdf(data, path) if fmt == "pdf" else _read_docx(data, path)
+    return text, {"format": fmt, "num_bytes": len(data), **extra}
+
+
+def _read_pdf(data: bytes, path: str) -> tuple[str, dict[str, Any]]:
     """Text of every page (pages separated by a blank line) and {num_pages, title?}."""
     import pypdf
     from pypdf.errors import DependencyError, FileNotDecryptedError
 
-    data = path.read_bytes()
     if not data.lstrip()[:5] == b"%PDF-":
         raise IngestError(f"{path}: not a PDF (no %PDF- header)")
     try:
@@ -246,22 +255,20 @@ def _read_pdf(path: Path) -> tuple[str, dict[str, Any]]:
     return text, meta
 
 
-def _read_docx(path: Path) -> tuple[str, dict[str, Any]]:
+def _read_docx(data: bytes, path: str) -> tuple[str, dict[str, Any]]:
     """Paragraphs and table rows in body order (cells joined by " | "), and {title?}."""
     import zipfile
 
     import docx
     from docx.opc.exceptions import PackageNotFoundError
 
-    with path.open("rb") as f:
-        head = f.read(8)
-    if head == _OLE_MAGIC:
+    if data[:8] == _OLE_MAGIC:
         raise IngestError(f"{path}: encrypted (password-protected) DOCX or a legacy .doc; save it as plain .docx")
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             if sum(i.file_size for i in z.infolist()) > _MAX_DOCX_UNZIPPED_BYTES:
                 raise IngestError(f"{path}: DOCX inflates past {_MAX_DOCX_UNZIPPED_BYTES} bytes")
-        d = docx.Document(str(path))
+        d = docx.Document(io.BytesIO(data))
         blocks = [_docx_block_text(b) for b in d.iter_inner_content()]
         title = d.core_properties.title
     except IngestError:

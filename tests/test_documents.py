@@ -205,3 +205,53 @@ def test_ingest_and_query_pdf_and_docx(engine, files, tmp_path):
     assert sorted(d["doc_id"] for d in rag.list_documents("docs")) == before
     assert "docs2" not in rag.db.list_namespaces()
     assert rag.store.stats().tiers[1].items == kv_before
+
+
+# ---- upload over HTTP (what the web page's upload box sends) ------------------------------------
+def test_upload_pdf_and_docx_over_http(engine, files, tmp_path):
+    """`/ingest` documents with `content_base64` + `format`: the server extracts the text as for a file on
+    disk. A bad file, bad base64 or a file over the size limit is refused and writes nothing."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from redknot_rag.server.app import create_app
+    from redknot_rag.server.runtime import Runtime
+    from redknot_rag.server.settings import ServerSettings
+
+    settings = ServerSettings(api_key="k", admin_key="a", max_document_bytes=60_000, log_requests=False)
+    rag = RagService(engine, tmp_path / "data", "naive")
+    admin = {"Authorization": "Bearer a"}
+
+    def doc(name: str, fmt: str | None = None) -> dict:
+        b64 = base64.b64encode(files[name].read_bytes()).decode()
+        return {"doc_id": name, "content_base64": b64, "format": fmt or name.rsplit(".", 1)[1]}
+
+    with TestClient(create_app(Runtime(engine, settings, rag)), raise_server_exceptions=False) as client:
+
+        def ingest(*docs: dict, status: int, needle: str = "") -> dict:
+            r = client.post("/ingest", json={"namespace": "up", "documents": list(docs)}, headers=admin)
+            assert r.status_code == status and needle in r.text, (r.status_code, r.text)
+            return r.json()
+
+        for bad in ("locked.pdf", "scan.pdf", "truncated.pdf", "picture.docx", "broken.docx", "notzip.docx"):
+            ingest(doc("guide.pdf"), doc(bad), status=400, needle=bad)  # the good one is not written either
+        ingest(doc("guide.pdf", "docx"), status=400, needle="guide.pdf: corrupt DOCX")
+        ingest({"doc_id": "x.pdf", "content_base64": "not base64!", "format": "pdf"}, status=400, needle="base64")
+        ingest({"doc_id": "x.pdf", "content_base64": "JVBERg=="}, status=422, needle="format")
+        ingest({"doc_id": "x.pdf", "text": "hi", "content_base64": "JVBERg==", "format": "pdf"}, status=422)
+        big = base64.b64encode(b"%PDF-" + bytes(60_000)).decode()
+        ingest({"doc_id": "big.pdf", "content_base64": big, "format": "pdf"}, status=413, needle="60000 bytes")
+        assert "up" not in rag.db.list_namespaces()
+        meta = {"filename": "guide.pdf"}
+        ingest({**doc("guide.pdf"), "metadata": meta}, doc("harbour.docx"), status=200)
+        r = client.get("/documents", params={"namespace": "up"}, headers=admin)
+        listed = {d["doc_id"]: d["metadata"] for d in r.json()["documents"]}
+        assert sorted(listed) == ["guide.pdf", "harbour.docx"]
+        assert listed["guide.pdf"] | {"num_bytes": 0} == {"format": "pdf", "num_pages": 2, "title": "Halvard guide",
+                                                        "filename": "guide.pdf", "num_bytes": 0}  # fmt: skip
+        assert listed["harbour.docx"]["format"] == "docx"
+    hits = rag.retrieve("What size is the Halvard telescope mirror?", top_k=1, namespace="up")
+    assert hits[0].doc_id == "guide.pdf" and "2.4 meter" in hits[0].text
+    hits = rag.retrieve("When does the Oskby ferry leave the north pier?", top_k=1, namespace="up")
+    assert hits[0].doc_id == "harbour.docx"

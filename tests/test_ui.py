@@ -236,6 +236,33 @@ def test_upload_document_and_find_it(page, client):
 
 
 @needs_browser
+def test_upload_pdf_and_docx(page, client):
+    """The upload box takes PDF and DOCX: the page sends their bytes and the server extracts the text;
+    a corrupt file is refused with the parser's error on the page."""
+    from test_documents import DOCX_PARAS, PDF_PAGES, make_docx, make_pdf
+
+    pdf, docx = make_pdf(PDF_PAGES, title="Halvard guide"), make_docx(DOCX_PARAS)
+    page.click("#tab-docs")
+    page.fill("#admin-key", ADMIN)
+    page.press("#admin-key", "Enter")
+    page.fill("#upload-namespace", ns := "uploads-bin")
+    page.set_input_files("#files", files=[{"name": "broken.pdf", "mimeType": "application/pdf", "buffer": pdf[:200]}])
+    page.click("#upload")
+    page.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+    assert "broken.pdf" in page.inner_text("#error-text") and "PDF" in page.inner_text("#error-text")
+    mime = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+    page.set_input_files("#files", files=[{"name": "guide.pdf", "mimeType": "application/pdf", "buffer": pdf},
+                                          {"name": "ferry.docx", "mimeType": mime, "buffer": docx}])  # fmt: skip
+    page.click("#upload")
+    wait_js(page, "document.querySelector('#upload-status').textContent.startsWith('Ingested')", WAIT_MS)
+    assert page.inner_text("#upload-status").startswith("Ingested 2 of 2")
+    admin = {"headers": ADMIN_AUTH, "params": {"namespace": ns}}
+    docs = {d["doc_id"]: d["metadata"] for d in client.get("/documents", **admin).json()["documents"]}
+    assert docs["guide.pdf"]["format"] == "pdf" and docs["guide.pdf"]["title"] == "Halvard guide"
+    assert docs["ferry.docx"]["format"] == "docx" and set(docs) == {"guide.pdf", "ferry.docx"}
+
+
+@needs_browser
 def test_wrong_api_key_shows_the_error(browser, server):
     page = open_page(browser, server, key=None)
     try:

@@ -8,6 +8,8 @@ are checked against the model context before any retrieval or KV work.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +21,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
 from redknot_rag.chat import DEFAULT_SYSTEM
-from redknot_rag.limits import InputLimits
+from redknot_rag.limits import InputLimits, TooLargeError
 from redknot_rag.retrieval.docdb import NAMESPACE_PATTERN
+from redknot_rag.retrieval.parser import parse_binary
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
 from redknot_rag.server.auth import principal_of, require_admin
 from redknot_rag.server.errors import ApiError
@@ -45,6 +48,19 @@ def to_dict(obj: Any) -> Any:
 def _source(src: Any) -> dict[str, Any]:
     d = to_dict(src)
     return {k: d.get(k) for k in ("doc_id", "chunk_id", "score", "text", "char_start", "char_end") if k in d}
+
+
+def _decode_file(doc_id: str, content_base64: str, limits: InputLimits) -> bytes:
+    """An uploaded file's bytes: bad base64 is 400, a file over the document limit 413."""
+    try:
+        data = base64.b64decode(content_base64, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, f"document {doc_id!r}: content_base64 is not valid base64 ({e})") from None
+    if len(data) > limits.max_document_bytes:
+        raise TooLargeError(
+            f"document {doc_id!r}: {len(data)} bytes exceeds the limit of {limits.max_document_bytes} bytes"
+        )
+    return data
 
 
 def _rag(rt: Runtime) -> Any:
@@ -148,7 +164,10 @@ def make_router(rt: Runtime) -> APIRouter:
         if not body.documents and not body.paths:
             raise ApiError(400, "give 'documents' (a list of {doc_id, text}) or 'paths'")
         for d in body.documents or []:
-            limits.check_text(d.doc_id, d.text)  # TooLargeError → 413
+            if d.text is not None:
+                limits.check_text(d.doc_id, d.text)  # TooLargeError → 413
+        uploads = [d for d in body.documents or [] if d.content_base64 is not None]
+        files = {d.doc_id: _decode_file(d.doc_id, d.content_base64 or "", limits) for d in uploads}
         paths = [Path(p) for p in body.paths or []]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
@@ -156,7 +175,12 @@ def make_router(rt: Runtime) -> APIRouter:
         await rt.run_blocking(limits.check_paths, paths)
         out: dict[str, Any] = {"namespace": body.namespace}
         if body.documents:
-            docs = [{"doc_id": d.doc_id, "text": d.text, "metadata": d.metadata or {}} for d in body.documents]
+            docs = []
+            for d in body.documents:  # every file parsed (IngestError → 400) before anything is written
+                text, info = d.text, dict[str, Any]()
+                if d.format is not None:
+                    text, info = await rt.run_blocking(parse_binary, files[d.doc_id], d.format, d.doc_id)
+                docs.append({"doc_id": d.doc_id, "text": text, "metadata": {**info, **(d.metadata or {})}})
             out["documents"] = to_dict(await rt.run_blocking(rag.ingest_texts, docs, body.namespace))
         if paths:
             out["paths"] = to_dict(await rt.run_blocking(rag.ingest_paths, paths, body.namespace))

@@ -209,9 +209,22 @@ class RetrieveRequest(_Strict):
 
 
 class IngestDocument(_Strict):
+    """Either `text`, or a PDF/DOCX file's bytes as `content_base64` with its `format` (the server
+    extracts the text as it does for a file on disk; the size limit applies to the decoded file)."""
+
     doc_id: DocId
-    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_BYTES, pattern=r"\S")
+    text: str | None = Field(default=None, min_length=1, max_length=MAX_DOCUMENT_BYTES, pattern=r"\S")
+    content_base64: str | None = Field(default=None, min_length=1, max_length=4 * (MAX_DOCUMENT_BYTES // 3 + 1))
+    format: Literal["pdf", "docx"] | None = None
     metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IngestDocument:
+        if (self.text is None) == (self.content_base64 is None):
+            raise ValueError(f"document {self.doc_id!r}: give exactly one of text, content_base64")
+        if (self.content_base64 is None) != (self.format is None):
+            raise ValueError(f"document {self.doc_id!r}: format ('pdf' or 'docx') goes with content_base64")
+        return self
 
 
 class IngestRequest(_Strict):

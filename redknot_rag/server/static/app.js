@@ -544,11 +544,27 @@ function pollKvProgress(ns, onProgress) {
   return { stop() { live = false; clearTimeout(timer); } };
 }
 
+/** "pdf" or "docx" for the binary formats the server parses, else null (the file is read as text). */
+function binaryFormat(name) {
+  const m = /\.(pdf|docx)$/i.exec(name);
+  return m ? m[1].toLowerCase() : null;
+}
+
+/** A file's bytes as base64 (a data: URL without its header). */
+function fileBase64(file) {
+  return new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(String(r.result).slice(String(r.result).indexOf(",") + 1));
+    r.onerror = () => reject(r.error || new Error("read failed"));
+    r.readAsDataURL(file);
+  });
+}
+
 async function upload(ev) {
   ev.preventDefault();
   const files = Array.from($("files").files || []);
   const ns = $("upload-namespace").value.trim() || "default";
-  if (!files.length) { showError("Choose one or more text files first."); $("files").focus(); return; }
+  if (!files.length) { showError("Choose one or more files first (text, PDF or DOCX)."); $("files").focus(); return; }
   clearError();
   const bar = $("upload-progress"), status = $("upload-status");
   bar.max = files.length;
@@ -558,15 +574,19 @@ async function upload(ev) {
   try {
     for (const [i, f] of files.entries()) {
       status.textContent = `File ${i + 1} of ${files.length}: ${f.name} \u2014 chunking, embedding and computing chunk KV\u2026`;
-      let text;
-      try { text = await f.text(); } catch (e) { showError(`could not read ${f.name}: ${e.message}`); continue; }
-      if (!text.trim()) { showError(`${f.name} is empty; skipped.`); bar.value = i + 1; continue; }
+      const format = binaryFormat(f.name);
+      let doc;
+      try {
+        // PDF and DOCX travel as bytes (base64) and the server extracts their text, as for a file on disk
+        doc = format ? { content_base64: await fileBase64(f), format } : { text: await f.text() };
+      } catch (e) { showError(`could not read ${f.name}: ${e.message}`); continue; }
+      if (format ? !f.size : !doc.text.trim()) { showError(`${f.name} is empty; skipped.`); bar.value = i + 1; continue; }
       const poll = pollKvProgress(ns, (frac, pending) => {
         bar.value = i + frac;
         status.textContent = `File ${i + 1} of ${files.length}: ${f.name} \u2014 computing chunk KV, ${pending} tokens to go\u2026`;
       });
       try {
-        const out = await apiJson("/ingest", { method: "POST", admin: true, body: { namespace: ns, documents: [{ doc_id: f.name, text, metadata: { filename: f.name, bytes: f.size } }] } });
+        const out = await apiJson("/ingest", { method: "POST", admin: true, body: { namespace: ns, documents: [{ doc_id: f.name, ...doc, metadata: { filename: f.name, bytes: f.size } }] } });
         const s = out.documents || {};
         ok += 1; chunks += s.chunks || 0; tokens += s.tokens || 0;
       } catch (e) { showError(`${f.name}: ${e.message}`); } finally { poll.stop(); }
