@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 import xgrammar as xgr
@@ -26,7 +27,7 @@ SCHEMA = {
 }
 CHOICES = ["Amsterdam", "Copenhagen", "Kyoto", "Nairobi", "Quebec City"]
 # (prompt, SamplingParams fields); the last two are unconstrained
-CASES = [
+CASES: list[tuple[str, dict[str, Any]]] = [
     ("Describe a person as JSON.", {"json_schema": json.dumps(SCHEMA)}),
     ("What is your phone number?", {"regex": r"\(\d{3}\) \d{3}-\d{4}"}),
     ("Name a city.", {"regex": "(" + "|".join(CHOICES) + ")"}),
