@@ -21,14 +21,13 @@ partial segment pages are addressable) or whole pages (when every slice is page-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from redknot_rag.batch import ForwardBatch, SeqSlice
 
-LN2 = math.log(2.0)
+from .fi_heads import LN2, HeadPlan, plan_heads
 
 
 @dataclass
@@ -101,7 +100,9 @@ class Prefix:
 class FIPlan:
     """The whole batch: which path each token takes. `units` `[L, M]` int32 (device): every slice's kv
     units concatenated, slice-major then head then unit; `slot_units` `[L, Ms]` int64: the same in slots
-    (part B reads slots). `fresh` lists (slice index, q rows) served from the step's own K/V."""
+    (part B reads slots). `fresh` lists (slice index, q rows) served from the step's own K/V. When a slice
+    has per-head visibility (`kv_visible`), every slice's tail queries go to `heads` (`fi_heads`) instead of
+    `causal`."""
 
     page_size: int  # unit size: 1 (slots) or the pool's page size
     units: torch.Tensor
@@ -112,6 +113,7 @@ class FIPlan:
     prefix: Prefix | None
     fresh: list[tuple[int, slice]]
     is_decode: bool
+    heads: HeadPlan | None = None  # tail queries by (layer, kv head) row when some slice has local heads
 
 
 def tail_len(q_pos: torch.Tensor, t: int) -> int:
@@ -126,19 +128,29 @@ def tail_len(q_pos: torch.Tensor, t: int) -> int:
 
 def plan_batch(
     batch: ForwardBatch, num_kv_heads: int, page_size: int, block: int, device: torch.device, fresh_ok: bool
-) -> FIPlan:
-    """Map `batch` (every slice `pos_is_index` and fully visible) onto FlashInfer requests."""
+) -> FIPlan | None:
+    """Map `batch` (every slice `pos_is_index`) onto FlashInfer requests; None where FlashInfer cannot
+    serve it (the caller runs Triton): a slice with per-head visibility whose queries are not all at its
+    tail, or whose local rows do not see their tail."""
     hkv = num_kv_heads
     positions = batch.positions.cpu()
     seqs = batch.seqs
     has_inside = False
+    has_local = False
     kinds = []  # per slice: (fresh, r, q_pos)
     for s in seqs:
         qp = positions[s.q_start : s.q_start + s.q_len]
         t = s.num_kv
-        is_fresh = fresh_ok and s.q_len == t and s.q_len > 1
+        is_local = s.kv_visible is not None
+        is_fresh = fresh_ok and s.q_len == t and s.q_len > 1 and not is_local
         r = s.q_len if is_fresh else tail_len(qp, t)
+        # Inside queries (recompute) of a slice with local heads stay on Triton: a local row's inside query
+        # sees a position-dependent prefix of its visible keys (one request per distinct prefix, or a custom
+        # mask), and part A/B of inside queries run over every head of a slice. Not built.
+        if is_local and r < s.q_len:
+            return None
         has_inside |= r < s.q_len
+        has_local |= is_local
         kinds.append((is_fresh, r, qp))
     ps = page_size if (not has_inside and all(s.layout.page_aligned for s in seqs)) else 1
     # unit tables: slice-major, then head, then unit
@@ -218,13 +230,20 @@ def plan_batch(
             causal=causal,
         )
 
+    heads = None
+    if has_local:  # causal_rq is not empty: a slice with local heads has tail queries only
+        tails = [(si, q0, n) for si, _, _, q0, n, _ in causal_rq]
+        heads = plan_heads(seqs, tails, unit_offsets, ps, hkv, positions, device)
+        if heads is None:
+            return None
+        causal_rq = []
     causal_rows = torch.cat([torch.arange(q0, q0 + n) for _, _, _, q0, n, _ in causal_rq]) if causal_rq else None
     causal = requests(causal_rq, causal_rows, None, True) if causal_rows is not None else None
     full = requests(full_rq, torch.cat(full_rows), torch.cat(full_delta), False) if full_rq else None
     inside = _plan_inside(seqs, positions, inside_blocks, full_rows, slot_offsets, hkv, block, device)
-    is_decode = not fresh and inside is None and all(s.q_len == 1 for s in seqs)
+    is_decode = not fresh and inside is None and heads is None and all(s.q_len == 1 for s in seqs)
     prefix = _plan_prefix(seqs, positions, full_rq, full_rows, device) if full_rq else None
-    return FIPlan(ps, x_units, x_slots, causal, full, inside, prefix, fresh, is_decode)
+    return FIPlan(ps, x_units, x_slots, causal, full, inside, prefix, fresh, is_decode, heads)
 
 
 def _plan_prefix(

@@ -28,6 +28,7 @@ from redknot_rag.config import ModelConfig
 from redknot_rag.kvcache import KVPool
 from redknot_rag.rope import Rotary
 
+from .fi_heads import emulate_ragged
 from .fi_plan import LN2, FIPlan, Requests, emulate_prefill, emulate_prefill_gqa, plan_batch
 from .kv_write import write_kv_pages
 from .paged_attention import merge_states, rope_tables, seg_paged_attention
@@ -144,6 +145,8 @@ class FlashInferBackend(AttentionBackend):
         self.part_a = "rotated"
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bufs: dict[str, torch.Tensor] = {}
+        self._head_bufs: list[torch.Tensor | None] = []  # per `fi_heads` group: its global rows' page indices
+        self._head_wrappers: list[tuple[Any, Any]] = []  # per group: (paged, ragged) prefill wrappers, reused
         if emulate:
             return
         fi = import_flashinfer()
@@ -188,26 +191,32 @@ class FlashInferBackend(AttentionBackend):
         self.graph_mode = False
         self.graph_prefill = None
         self._kv = None
-        ok = self.rope_ok and all(s.layout.pos_is_index and s.layout.all_visible for s in batch.seqs)
-        self.use_triton = not ok or not batch.seqs
-        if self.use_triton:
+        ok = self.rope_ok and bool(batch.seqs) and all(s.layout.pos_is_index for s in batch.seqs)
+        dev = self.pool.device
+        p = None
+        if ok:
+            block = self.block
+            if block is None:
+                longest = max(s.num_kv for s in batch.seqs)
+                block = max(512, -(-longest // (16 * 512)) * 512)
+            p = plan_batch(batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa)
+        self.use_triton = p is None
+        if p is None:
             self.path = "triton"
             self.triton.plan(batch)
             return
-        dev = self.pool.device
-        block = self.block
-        if block is None:
-            longest = max(s.num_kv for s in batch.seqs)
-            block = max(512, -(-longest // (16 * 512)) * 512)
-        p = plan_batch(batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa)
         self.plan_fi = p
         self._seqs = batch.seqs
         self.q_pos = batch.positions.to(dev, non_blocking=True)
         self.new_slots = batch.new_slots().to(dev, torch.int32).contiguous()
         if p.fresh:  # cos/sin of the step's rows, once per step (not per layer): [N, 1, D]
             self._cos_sin = self.rotary.cos_sin(self.q_pos[:, None], self.pool.dtype)
-        parts = (["sdpa"] if p.fresh else []) + (["flashinfer"] if p.causal or p.full else [])
+        parts = (["sdpa"] if p.fresh else []) + (["flashinfer"] if p.causal or p.full or p.heads else [])
+        if p.heads is not None and any(g.loc_qo_indptr is not None for g in p.heads.groups):
+            parts.append("local-ragged")
         self.path = "+".join(parts + (["triton-inside"] if p.inside else []))
+        if p.heads is not None:
+            self._plan_heads(p)
         if p.inside is not None:
             mx = int(p.inside.kv_pos.max()) if p.inside.kv_pos.numel() else 0
             if mx >= self.triton.cos.shape[0]:
@@ -242,6 +251,39 @@ class FlashInferBackend(AttentionBackend):
                 rq.qo_indptr.to(dev), rq.kv_indptr.to(dev), buf, rq.last_page_len.to(dev),
                 head_dim_qk=d, causal=rq.causal, **kw,
             )  # fmt: skip
+
+    def _plan_heads(self, p: FIPlan) -> None:
+        """One (paged, ragged) plan pair per `fi_heads` group; the paged index buffer is filled for the
+        group's first layer here and refilled per layer in `_heads`."""
+        assert p.heads is not None
+        dev, d, dt = self.pool.device, self.cfg.head_dim, self.pool.dtype
+        self._head_bufs = []
+        for gi, grp in enumerate(p.heads.groups):
+            buf = None
+            if grp.glob_qo_indptr is not None:
+                buf = torch.index_select(p.units[grp.layers[0]], 0, grp.rows[grp.layers[0]].glob_gather)
+            self._head_bufs.append(buf)
+            if self.emulate:
+                continue
+            while len(self._head_wrappers) <= gi:
+                self._head_wrappers.append((
+                    self.fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2"),
+                    self.fi.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD", backend="fa2"),
+                ))  # fmt: skip
+            paged, ragged = self._head_wrappers[gi]
+            if buf is not None:
+                assert grp.glob_kv_indptr is not None and grp.glob_last_page_len is not None
+                paged.plan(
+                    grp.glob_qo_indptr.to(dev), grp.glob_kv_indptr.to(dev), buf, grp.glob_last_page_len.to(dev),
+                    head_dim_qk=d, causal=True, **self.plan_kwargs(p.page_size),
+                )  # fmt: skip
+            if grp.loc_qo_indptr is not None:
+                assert grp.loc_kv_indptr is not None
+                ragged.plan(
+                    grp.loc_qo_indptr.to(dev), grp.loc_kv_indptr.to(dev), num_qo_heads=self.cfg.num_kv_groups,
+                    num_kv_heads=1, head_dim_qk=d, causal=True, pos_encoding_mode="NONE", q_data_type=dt,
+                    kv_data_type=dt, sm_scale=self.cfg.attn_scale,
+                )  # fmt: skip
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.use_triton:
@@ -328,6 +370,8 @@ class FlashInferBackend(AttentionBackend):
         if p.causal is not None:
             o, _ = self._requests(layer, q, p.causal, "causal", False)
             out[p.causal.q_rows] = o
+        if p.heads is not None:
+            self._heads(layer, q, out)
         ins = p.inside
         if ins is not None:
             from .paged_attention import SegPagedMeta
@@ -355,6 +399,47 @@ class FlashInferBackend(AttentionBackend):
                 o_b[sel] = o_m
             out[ins.q_rows] = o_b
         return out
+
+    def _heads(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """Tail queries by row (`fi_heads`): global rows over pool units (in-kernel RoPE), local rows over
+        their visible keys gathered, K rotated at true positions, ragged and causal. Writes `out` rows."""
+        p = self.plan_fi
+        assert p is not None and p.heads is not None
+        cfg = self.cfg
+        n, hkv, g, d = q.shape[0], cfg.num_kv_heads, cfg.num_kv_groups, cfg.head_dim
+        gi = p.heads.group_of[layer]
+        grp, rows = p.heads.groups[gi], p.heads.groups[gi].rows[layer]
+        q4, out4 = q.view(n, hkv, g, d), out.view(n, hkv, g, d)  # rows (token, kv head) hold g q heads
+        if grp.glob_qo_indptr is not None:
+            assert grp.glob_kv_indptr is not None and grp.glob_last_page_len is not None
+            buf = self._head_bufs[gi]
+            assert buf is not None
+            torch.index_select(p.units[layer], 0, rows.glob_gather, out=buf)
+            qg = q4[rows.glob_q[0], rows.glob_q[1]]  # [nq_g, g, D]
+            if self.emulate:
+                ku, vu = self._units(p.page_size)
+                o, _ = emulate_prefill(
+                    qg, ku, vu, grp.glob_qo_indptr, grp.glob_kv_indptr, buf, grp.glob_last_page_len, True,
+                    self.rotary.inv_freq, cfg.attn_scale,
+                )  # fmt: skip
+            else:
+                kv = self.kv_cache if p.page_size > 1 else (
+                    self.pool.k.view(-1, 1, 1, d), self.pool.v.view(-1, 1, 1, d)
+                )  # fmt: skip
+                o = self._head_wrappers[gi][0].run(qg, kv)
+            out4[rows.glob_q[0], rows.glob_q[1]] = o
+        if grp.loc_qo_indptr is not None:
+            assert grp.loc_kv_indptr is not None
+            rot = self.rotary.for_layer(layer)
+            k = rot.apply(self.pool.k_slots[rows.loc_slots], rows.loc_pos)[:, None]  # [nnz_l, 1, D], rotated
+            v = self.pool.v_slots[rows.loc_slots][:, None]  # [nnz_l, 1, D]
+            ql = q4[rows.loc_q[0], rows.loc_q[1]]  # [nq_l, g, D]
+            ql = rot.apply(ql.transpose(0, 1), rows.loc_q_pos).transpose(0, 1).contiguous()  # at true positions
+            if self.emulate:
+                o, _ = emulate_ragged(ql, k, v, grp.loc_qo_indptr, grp.loc_kv_indptr, True, cfg.attn_scale)
+            else:
+                o = self._head_wrappers[gi][1].run(ql, k, v)
+            out4[rows.loc_q[0], rows.loc_q[1]] = o
 
     def _prefix(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Part A over rotated contiguous K/V (`fi_plan.Prefix`): out `[nq, Hq, D]`, lse `[nq, Hq]` natural."""
