@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from redknot_rag.batch import SeqSlice
@@ -45,7 +46,7 @@ class LayerRows:
     loc_q_pos: torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass
 class HeadGroup:
     """Layers whose rows have one shape: host int32 plan arrays, `None` where the group has no such rows.
 
@@ -53,7 +54,7 @@ class HeadGroup:
     `glob_last_page_len` `[Rg]` (units of the batch's unit size). Local rows (ragged, causal, no RoPE):
     `loc_qo_indptr`, `loc_kv_indptr` `[Rl + 1]`. `rows[layer]` holds each member layer's indices."""
 
-    layers: tuple[int, ...]
+    layers: list[int]
     glob_qo_indptr: torch.Tensor | None
     glob_kv_indptr: torch.Tensor | None
     glob_last_page_len: torch.Tensor | None
@@ -70,15 +71,17 @@ class HeadPlan:
     group_of: list[int]
 
 
-def _indptr(lens: list[int]) -> torch.Tensor:
+def _indptr(lens: np.ndarray) -> torch.Tensor:
     out = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    if lens:
-        out[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    out[1:] = torch.from_numpy(np.cumsum(lens, dtype=np.int64)).to(torch.int32)
     return out
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenated `arange(start, start + len)` for each pair, int64 `[sum(lens)]`."""
+    total = int(lens.sum())
+    excl = np.cumsum(lens) - lens  # first output index of each range
+    return np.repeat(starts - excl, lens) + np.arange(total, dtype=np.int64)
 
 
 def plan_heads(
@@ -96,102 +99,83 @@ def plan_heads(
     its tail (tail alignment would be wrong; the caller falls back to Triton)."""
     hkv, ps = num_kv_heads, page_size
     num_layers = seqs[tails[0][0]].kv_slots.shape[0]
-    full: list[torch.Tensor] = []  # per tail slice: [L, Hkv] bool host, row sees every token
-    count: list[torch.Tensor] = []  # per tail slice: [L, Hkv] int64 host, visible keys per row
-    keys: list[tuple[torch.Tensor, torch.Tensor, list[int]] | None] = []  # local keys: slots, pos, layer starts
-    for si, _, r in tails:
+    n_tail = len(tails)
+    full = np.ones((n_tail, num_layers, hkv), dtype=bool)  # row sees every token
+    count = np.zeros((n_tail, num_layers, hkv), dtype=np.int64)  # visible keys per row
+    keys: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # per local slice: slots, pos, layer starts
+    for i, (si, _, r) in enumerate(tails):
         s = seqs[si]
         t = s.num_kv
+        count[i] = t
         if s.kv_visible is None:
-            full.append(torch.ones(num_layers, hkv, dtype=torch.bool))
-            count.append(torch.full((num_layers, hkv), t, dtype=torch.int64))
-            keys.append(None)
             continue
         vis = s.kv_visible  # [L, Hkv, T] device
-        stats = torch.stack([vis.all(-1).long(), vis[:, :, t - r :].all(-1).long(), vis.sum(-1)]).cpu()  # one sync
-        is_full, tail_ok, cnt = stats[0].bool(), stats[1].bool(), stats[2]
-        if not bool((is_full | tail_ok).all()):
+        stats = torch.stack([vis.all(-1).long(), vis[:, :, t - r :].all(-1).long(), vis.sum(-1)]).cpu().numpy()
+        is_full, tail_ok = stats[0].astype(bool), stats[1].astype(bool)
+        if not (is_full | tail_ok).all():
             return None
-        full.append(is_full)
-        count.append(cnt)
-        local_dev = (~is_full).to(vis.device)
+        full[i], count[i] = is_full, stats[2]
+        local_dev = torch.from_numpy(~is_full).to(vis.device)
         nz = (vis & local_dev[:, :, None]).nonzero()  # [nnz, 3] (layer, head, token), lexicographic
-        slots = s.kv_slots[nz[:, 0], nz[:, 1], nz[:, 2]]  # [nnz] pool slots, rows (layer, head) in order
-        kpos = s.kv_pos[nz[:, 2]]
-        per_layer = (cnt * (~is_full)).sum(1)  # [L] local keys per layer
-        starts = [0] + per_layer.cumsum(0).tolist()
-        keys.append((slots, kpos, starts))
+        per_layer = (stats[2] * ~is_full).sum(1)  # [L] local keys per layer
+        starts = [0] + np.cumsum(per_layer).tolist()
+        keys.append((s.kv_slots[nz[:, 0], nz[:, 1], nz[:, 2]], s.kv_pos[nz[:, 2]], starts))
+
+    q0 = np.array([q for _, q, _ in tails], dtype=np.int64)
+    rr = np.array([r for _, _, r in tails], dtype=np.int64)
+    base = np.array([unit_offsets[si][0] for si, _, _ in tails], dtype=np.int64)
+    nu = np.array([unit_offsets[si][1] for si, _, _ in tails], dtype=np.int64)
+    tlen = np.array([seqs[si].num_kv for si, _, _ in tails], dtype=np.int64)
+    pos_np = positions.numpy()
+
+    def q_rows(sl: np.ndarray, hd: np.ndarray) -> np.ndarray:  # [2, nq]: (batch row, head) per query
+        return np.stack([_ranges(q0[sl], rr[sl]), np.repeat(hd, rr[sl])])
 
     groups: list[HeadGroup] = []
     by_shape: dict[tuple, int] = {}
-    by_mask: dict[tuple, tuple[torch.Tensor, ...]] = {}  # host-built indices shared by layers of one mask
+    by_mask: dict[bytes, tuple[torch.Tensor, ...]] = {}  # indices shared by the layers of one local mask
     group_of: list[int] = []
-    members: list[list[int]] = []
-    rows_of: list[dict[int, LayerRows]] = []
     for layer in range(num_layers):
-        glob = [(i, h) for i in range(len(tails)) for h in range(hkv) if bool(full[i][layer, h])]
-        loc = [(i, h) for i in range(len(tails)) for h in range(hkv) if not bool(full[i][layer, h])]
-        shape = (tuple(i for i, _ in glob), tuple((i, int(count[i][layer, h])) for i, h in loc))
-        mask = (tuple(glob), tuple(loc))
-        if mask not in by_mask:
-            gq, gg, lq, lqp = [], [], [], []
-            for i, h in glob:
-                si, q0, r = tails[i]
-                base, nu = unit_offsets[si]
-                gq.append(torch.stack([torch.arange(q0, q0 + r), torch.full((r,), h)]))
-                gg.append(base + h * nu + torch.arange(nu))
-            for i, h in loc:
-                si, q0, r = tails[i]
-                lq.append(torch.stack([torch.arange(q0, q0 + r), torch.full((r,), h)]))
-                lqp.append(positions[q0 : q0 + r])
-            gq_t = torch.cat(gq, 1) if gq else torch.zeros(2, 0, dtype=torch.int64)
-            lq_t = torch.cat(lq, 1) if lq else torch.zeros(2, 0, dtype=torch.int64)
-            by_mask[mask] = tuple(x.to(device, non_blocking=True) for x in (gq_t, _cat(gg), lq_t, _cat(lqp)))
-        glob_q, glob_gather, loc_q, loc_q_pos = by_mask[mask]
-        slot_parts, pos_parts = [], []
-        for i, k in enumerate(keys):
-            if k is not None:
-                a, b = k[2][layer], k[2][layer + 1]
-                slot_parts.append(k[0][a:b])
-                pos_parts.append(k[1][a:b])
-        dev_empty = torch.zeros(0, dtype=torch.int64, device=device)
-        loc_slots = torch.cat(slot_parts) if slot_parts else dev_empty
-        loc_pos = torch.cat(pos_parts) if pos_parts else dev_empty
-        rows = LayerRows(glob_q, glob_gather, loc_q, loc_slots, loc_pos, loc_q_pos)
+        fl = full[:, layer, :]  # [S, Hkv]
+        g_sl, g_hd = np.nonzero(fl)  # global rows, order (slice, head)
+        l_sl, l_hd = np.nonzero(~fl)
+        l_cnt = count[:, layer, :][~fl]
+        key = fl.tobytes()
+        if key not in by_mask:
+            gq, lq = q_rows(g_sl, g_hd), q_rows(l_sl, l_hd)
+            gg = _ranges(base[g_sl] + g_hd * nu[g_sl], nu[g_sl])
+            parts = (gq, gg, lq, pos_np[lq[0]])
+            by_mask[key] = tuple(torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True) for x in parts)
+        glob_q, glob_gather, loc_q, loc_q_pos = by_mask[key]
+        slots = [k[0][k[2][layer] : k[2][layer + 1]] for k in keys]
+        kpos = [k[1][k[2][layer] : k[2][layer + 1]] for k in keys]
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        rows = LayerRows(
+            glob_q, glob_gather, loc_q,
+            slots[0] if len(slots) == 1 else (torch.cat(slots) if slots else empty),
+            kpos[0] if len(kpos) == 1 else (torch.cat(kpos) if kpos else empty),
+            loc_q_pos,
+        )  # fmt: skip
+        shape = (fl.sum(1).tobytes(), (~fl).sum(1).tobytes(), l_cnt.tobytes())
         if shape not in by_shape:
-            by_shape[shape] = len(members)
-            members.append([])
-            rows_of.append({})
-            g_qo, g_kv, g_lpl, l_qo, l_kv = [], [], [], [], []
-            for i, _ in glob:
-                si, _, r = tails[i]
-                t, nu = seqs[si].num_kv, unit_offsets[si][1]
-                g_qo.append(r)
-                g_kv.append(nu)
-                g_lpl.append(t - (nu - 1) * ps if ps > 1 else 1)
-            for i, h in loc:
-                l_qo.append(tails[i][2])
-                l_kv.append(int(count[i][layer, h]))
+            by_shape[shape] = len(groups)
+            has_g, has_l = g_sl.size > 0, l_sl.size > 0
+            lpl = tlen[g_sl] - (nu[g_sl] - 1) * ps if ps > 1 else np.ones_like(g_sl)
             groups.append(
                 HeadGroup(
-                    layers=(),
-                    glob_qo_indptr=_indptr(g_qo) if glob else None,
-                    glob_kv_indptr=_indptr(g_kv) if glob else None,
-                    glob_last_page_len=torch.tensor(g_lpl, dtype=torch.int32) if glob else None,
-                    loc_qo_indptr=_indptr(l_qo) if loc else None,
-                    loc_kv_indptr=_indptr(l_kv) if loc else None,
+                    layers=[],
+                    glob_qo_indptr=_indptr(rr[g_sl]) if has_g else None,
+                    glob_kv_indptr=_indptr(nu[g_sl]) if has_g else None,
+                    glob_last_page_len=torch.from_numpy(lpl.astype(np.int32)) if has_g else None,
+                    loc_qo_indptr=_indptr(rr[l_sl]) if has_l else None,
+                    loc_kv_indptr=_indptr(l_cnt) if has_l else None,
                     rows={},
                 )
             )
         gi = by_shape[shape]
         group_of.append(gi)
-        members[gi].append(layer)
-        rows_of[gi][layer] = rows
-    groups = [
-        HeadGroup(tuple(m), g.glob_qo_indptr, g.glob_kv_indptr, g.glob_last_page_len, g.loc_qo_indptr,
-                  g.loc_kv_indptr, rows)
-        for g, m, rows in zip(groups, members, rows_of)
-    ]  # fmt: skip
+        groups[gi].layers.append(layer)
+        groups[gi].rows[layer] = rows
     return HeadPlan(groups, group_of)
 
 

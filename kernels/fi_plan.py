@@ -4,7 +4,9 @@ the FlashInfer calls used, so the mapping is testable on the CPU.
 FlashInfer's in-kernel RoPE (`ROPE_LLAMA`) rotates key j of a request at position j and query i at
 `kv_len - qo_len + i`. Head-granular pages become `num_kv_heads=1` rows, one per (request, kv head).
 A sequence whose positions equal its kv indices (`KVLayout.pos_is_index`) and whose heads see every
-token maps as follows (queries of a slice sorted by position, `T` kv tokens):
+token maps as follows (queries of a slice sorted by position, `T` kv tokens); one whose heads see different
+tokens (local heads, `kv_visible`) maps its tail queries per (layer, kv head) row (`fi_heads`), and with
+queries inside its context runs on Triton:
 
 - fresh: the slice is all of its sequence (T == q_len): causal attention over the step's own K/V
   (no page reads; the backend runs it on contiguous tensors).
@@ -127,11 +129,19 @@ def tail_len(q_pos: torch.Tensor, t: int) -> int:
 
 
 def plan_batch(
-    batch: ForwardBatch, num_kv_heads: int, page_size: int, block: int, device: torch.device, fresh_ok: bool
+    batch: ForwardBatch,
+    num_kv_heads: int,
+    page_size: int,
+    block: int,
+    device: torch.device,
+    fresh_ok: bool,
+    max_local_slices: int = 8,
 ) -> FIPlan | None:
     """Map `batch` (every slice `pos_is_index`) onto FlashInfer requests; None where FlashInfer cannot
     serve it (the caller runs Triton): a slice with per-head visibility whose queries are not all at its
-    tail, or whose local rows do not see their tail."""
+    tail, or whose local rows do not see their tail, or more than `max_local_slices` slices with per-head
+    visibility (each costs two host syncs and per-layer index slicing in `fi_heads.plan_heads`: a large
+    decode batch of such sequences keeps Triton's device-built plan)."""
     hkv = num_kv_heads
     positions = batch.positions.cpu()
     seqs = batch.seqs
@@ -152,6 +162,8 @@ def plan_batch(
         has_inside |= r < s.q_len
         has_local |= is_local
         kinds.append((is_fresh, r, qp))
+    if has_local and sum(s.kv_visible is not None for s in seqs) > max_local_slices:
+        return None
     ps = page_size if (not has_inside and all(s.layout.page_aligned for s in seqs)) else 1
     # unit tables: slice-major, then head, then unit
     unit_offsets, slot_offsets = [], []

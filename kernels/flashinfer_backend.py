@@ -6,8 +6,10 @@ request's keys at positions 0..T-1 and its queries at the last q_len of them; `f
 batch whose positions equal kv indices onto such requests (tails, pre-rotated inside queries with a
 small Triton part and a log-sum-exp merge, fresh sequences on contiguous K/V), with kv units = whole
 pages when every sequence is page-aligned, else pool slots (page size 1 over the slot view, which
-addresses copy-on-write slots and partial segment pages). Batches with position gaps, local-head
-visibility, or llama3 RoPE scaling (not in FlashInfer's attention kernels) run on the Triton kernel.
+addresses copy-on-write slots and partial segment pages). Sequences with local-head visibility run their
+tail queries (question, decode) per (layer, kv head) row (`fi_heads`: global rows paged, local rows ragged
+over their gathered visible keys). Batches with position gaps, local-head sequences with queries inside
+the context (recompute), or llama3 RoPE scaling (not in FlashInfer's attention kernels) run on Triton.
 
 Page tables differ per layer (pages are per layer) but their shape (`indptr`, `last_page_len`) does
 not: `plan` runs once with layer 0's indices, `run(layer)` refills the same index buffer with layer
@@ -112,10 +114,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @register_backend("flashinfer")
 class FlashInferBackend(AttentionBackend):
-    """FlashInfer for every batch whose positions equal kv indices and whose heads see every token
-    (plain prefill and decode, relocated segments, copy-on-write recompute, queries inside the context;
-    see `fi_plan`), fresh prefills on contiguous K/V, Triton for the rest (position gaps, local-head
-    visibility, llama3 RoPE scaling, which FlashInfer's in-kernel RoPE does not do).
+    """FlashInfer for every batch whose positions equal kv indices (plain prefill and decode, relocated
+    segments, copy-on-write recompute, queries inside the context; see `fi_plan`; local-head visibility for
+    tail queries, see `fi_heads`), fresh prefills on contiguous K/V, Triton for the rest (position gaps,
+    recompute on sequences with local heads, more than `max_local_slices` sequences with local heads, llama3
+    RoPE scaling, which FlashInfer's in-kernel RoPE does not do).
 
     `emulate=True` replaces the FlashInfer calls by `fi_plan.emulate_prefill` (torch), so that the
     mapping runs in CPU tests. `path` names what the last `plan` chose (benchmarks report it).
@@ -125,6 +128,8 @@ class FlashInferBackend(AttentionBackend):
     # (Triton) reads at most `block` keys per query. None: about 16 blocks over the longest sequence
     # (a multiple of 512), which keeps part A's prefix re-reads and part B's share both small.
     block: int | None = None
+    # Sequences with local heads per batch served by `fi_heads` (host planning grows with their number).
+    max_local_slices: int = 8
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary, emulate: bool = False) -> None:
         require_uniform_layers(cfg, "flashinfer")
@@ -199,7 +204,9 @@ class FlashInferBackend(AttentionBackend):
             if block is None:
                 longest = max(s.num_kv for s in batch.seqs)
                 block = max(512, -(-longest // (16 * 512)) * 512)
-            p = plan_batch(batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa)
+            p = plan_batch(
+                batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa, self.max_local_slices
+            )
         self.use_triton = p is None
         if p is None:
             self.path = "triton"
@@ -272,7 +279,8 @@ class FlashInferBackend(AttentionBackend):
                 ))  # fmt: skip
             paged, ragged = self._head_wrappers[gi]
             if buf is not None:
-                assert grp.glob_kv_indptr is not None and grp.glob_last_page_len is not None
+                assert grp.glob_qo_indptr is not None and grp.glob_kv_indptr is not None
+                assert grp.glob_last_page_len is not None
                 paged.plan(
                     grp.glob_qo_indptr.to(dev), grp.glob_kv_indptr.to(dev), buf, grp.glob_last_page_len.to(dev),
                     head_dim_qk=d, causal=True, **self.plan_kwargs(p.page_size),

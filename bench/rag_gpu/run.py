@@ -19,6 +19,14 @@ also holds `hf_full_s` (transformers SDPA full prefill of the same prompt), and 
 context of the same length). `decode` holds step times at the largest context, batch 1 and 8, for
 reused and freshly prefilled sequences (eager and CUDA graph), against their floor.
 
+A policy name ending in `@local` or `@local-split` runs under a SYNTHETIC head profile (random weights have
+no measured one; `synthetic_local`): per layer 25% of the kv heads global, the rest local, seeing only the
+anchor (sink) and the last `LOCAL_WINDOW` context tokens (+ the question), as `redknot-local` assembles
+them; selection scores global heads only. `@local` keeps the ONE forward (with recompute its queries sit
+inside the context of a sequence with local heads: Triton); `@local-split` runs the recompute forward and
+then the question forward (the question's tail queries: FlashInfer, local rows over their gathered visible
+keys, `kernels/fi_heads.py`), timed apart (`recompute_s`, `question_s`).
+
 `--tiny` runs the same code on the CPU with a 2-layer model and short chunks.
 """
 
@@ -163,13 +171,36 @@ def hf_cached_forward(hf: Any, cache: Any, ctx_len: int, n: int, vocab: int) -> 
 
 
 # ------------------------------------------------------------------------------------ policies
+LOCAL_GLOBAL_FRACTION = 0.25  # synthetic profile: share of kv heads per layer that stay global
+LOCAL_WINDOW = 64  # synthetic profile: recent context tokens a local head sees (besides the anchor)
+
+
+def synthetic_local(num_layers: int, num_kv_heads: int, seed: int = 0) -> torch.Tensor:
+    """A SYNTHETIC head profile `[L, Hkv]` bool (True = local): per layer round(25% of Hkv) (at least one)
+    heads global, chosen at random (seeded) so the local heads differ from layer to layer."""
+    g = torch.Generator().manual_seed(seed)
+    n_glob = max(1, round(LOCAL_GLOBAL_FRACTION * num_kv_heads))
+    local = torch.ones(num_layers, num_kv_heads, dtype=torch.bool)
+    for layer in range(num_layers):
+        local[layer, torch.randperm(num_kv_heads, generator=g)[:n_glob]] = False
+    return local
+
+
+def local_visibility(inp: Any, local: torch.Tensor, window: int) -> list[torch.Tensor | None]:
+    """Per chunk `[L, Hkv, n]` bool: local heads see only chunk tokens among the last `window` context
+    tokens (the anchor, attached without a mask, stays visible): `RedKnotPolicy.visibility`'s rule."""
+    end = len(inp.context_ids)
+    return [~local[:, :, None] | (torch.arange(s, e) >= end - window)[None, None, :] for s, e in inp.chunk_spans()]
+
+
 def select_tokens(
-    engine: Any, name: str, inp: Any, kv: Any, ratio: float, head_tokens: int, layers: list[int]
-) -> torch.Tensor:
+    engine: Any, name: str, inp: Any, kv: Any, ratio: float, head_tokens: int, layers: list[int],
+    glob: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Context token indices to recompute (host int64, ascending). "epic": the first `head_tokens` of
     every chunk. "redknot": those plus the top `ratio` of chunk tokens by the question's attention mass
-    on `layers` (a probe pass through the first max(layers) + 1 layers on the engine's backend;
-    every head global: random weights have no head profile)."""
+    on `layers` (a probe pass through the first max(layers) + 1 layers on the engine's backend), over
+    the heads `glob` `[L, Hkv]` marks global (None: every head; random weights have no head profile)."""
     from redknot_rag.probe import ProbeBackend
 
     spans = inp.chunk_spans()
@@ -187,6 +218,9 @@ def select_tokens(
         r.truncate(kv, n_ctx)
     mass = torch.stack(probe.attn)  # [len(layers), Hkv, T]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-9)
+    if glob is not None:
+        rows = glob[layers[: mass.shape[0]]]  # [len(layers), Hkv] (layers past the model's last are not probed)
+        mass = mass * rows.to(mass.device)[:, :, None]  # global heads only
     score = mass.sum((0, 1))  # [T]
     score[: len(inp.anchor_ids)] = -1.0
     top = score.topk(n).indices.cpu()
@@ -211,6 +245,28 @@ def one_forward(engine: Any, kv: Any, ctx: list[int], idx: torch.Tensor, questio
     n = int(pos.shape[0])
     batch = ForwardBatch(ids, pos, [kv.slice(0, n, new_slots)], torch.tensor([n - 1]))
     return int(r.forward(batch).argmax(-1).item())
+
+
+def split_forwards(engine: Any, kv: Any, ctx: list[int], idx: torch.Tensor, question: list[int]) -> dict:
+    """Recompute context tokens `idx` in one forward, then prefill the question in a second; seconds each."""
+    from redknot_rag.batch import ForwardBatch
+
+    r = engine.runner
+    dev = r.device
+    out = dict(recompute_s=0.0, question_s=0.0)
+    if idx.numel():
+        with Timer(dev) as t:
+            new_slots = r.override(kv, idx)
+            ids = torch.tensor([ctx[i] for i in idx.tolist()], dtype=torch.int64)
+            n = int(idx.shape[0])
+            r.forward(ForwardBatch(ids, idx.clone(), [kv.slice(0, n, new_slots)], torch.tensor([n - 1])))
+        out["recompute_s"] = t.s
+        out["recompute_path"] = r.backend.path
+    with Timer(dev) as t:
+        one_forward(engine, kv, ctx, torch.zeros(0, dtype=torch.int64), question)
+    out["question_s"] = t.s
+    out["question_path"] = r.backend.path
+    return out
 
 
 def query(engine: Any, name: str, inp: Any, args: Any) -> dict:
@@ -256,8 +312,15 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
     part_a = getattr(be, "part_a", None)
     if variant == "prerot" and part_a is not None:
         be.part_a = "pre-rotated-q"
+    glob = vis = None
+    if variant in ("local", "local-split"):  # SYNTHETIC head profile (see the module docstring)
+        mc = engine.model_config
+        local = synthetic_local(mc.num_layers, mc.num_kv_heads)
+        glob = ~local
+        vis = local_visibility(inp, local, LOCAL_WINDOW)
+        out["synthetic_profile"] = dict(global_fraction=LOCAL_GLOBAL_FRACTION, window=LOCAL_WINDOW, seed=0)
     with Timer(dev) as t:
-        kv = relocate(engine.runner, inp)
+        kv = relocate(engine.runner, inp, vis)
     out["load_s"] = t.s
     try:
         idx = torch.zeros(0, dtype=torch.int64)
@@ -266,10 +329,13 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
                 if base == "epic":
                     idx = select_tokens(engine, "epic", inp, kv, 0.0, int(arg or 16), [])
                 else:
-                    idx = select_tokens(engine, "redknot", inp, kv, float(arg or 0.1), 4, args.probe_layers)
+                    idx = select_tokens(engine, "redknot", inp, kv, float(arg or 0.1), 4, args.probe_layers, glob)
             out["select_s"] = t.s
         with Timer(dev) as t:
-            one_forward(engine, kv, inp.context_ids, idx, inp.question_ids)
+            if variant == "local-split":
+                out |= split_forwards(engine, kv, inp.context_ids, idx, inp.question_ids)
+            else:
+                one_forward(engine, kv, inp.context_ids, idx, inp.question_ids)
         out["forward_s"] = t.s
         out["ttft_s"] = time.perf_counter() - t0
         out["path"] = engine.runner.backend.path
@@ -395,6 +461,8 @@ def main() -> None:
     default_policy = DEFAULT_POLICY if ":" in DEFAULT_POLICY else DEFAULT_POLICY + ":0.1"
     pols = ["full", "full@eager", "naive", "naive@eager", "epic:16", default_policy, "redknot:0.05", "redknot:0.02"]
     pols.append(default_policy + "@prerot")
+    # SYNTHETIC head profile (25% global heads, window 64): the local-head paths at the default policy
+    pols += ["naive@local", default_policy + "@local", default_policy + "@local-split"]
     out_dir = Path(args.out or os.environ.get("OUT") or HERE)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"results_rag_{card()}{'_tiny' if tiny else ''}.json"
@@ -406,7 +474,10 @@ def main() -> None:
         card=card(), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (tiny)",
         torch=torch.__version__, backend=backend, tiny=tiny, chunk_tokens=chunk_len, question_tokens=q_len,
         anchor_tokens=anchor_len, page_size=engine.config.page_size, pool_gib=engine.runner.pool.num_bytes / 2**30,
-        probe_layers=args.probe_layers, default_policy=default_policy, ceilings=ceil, scenarios=[], notes=[],
+        probe_layers=args.probe_layers, default_policy=default_policy, ceilings=ceil, scenarios=[],
+        notes=[f"policies @local/@local-split: SYNTHETIC head profile (random weights have none): "
+               f"{LOCAL_GLOBAL_FRACTION:.0%} of kv heads per layer global, the rest local (anchor + last "
+               f"{LOCAL_WINDOW} context tokens)"],
     )  # fmt: skip
 
     def save() -> None:
@@ -453,8 +524,9 @@ def main() -> None:
             runs = [query(engine, name, inp, args) for _ in range(args.reps)]
             best = dict(runs[0])
             qp = best.pop("q_positions")
-            for key in ("ttft_s", "load_s", "select_s", "forward_s"):
-                best[key.replace("_s", "_median_s")] = statistics.median(r[key] for r in runs)
+            for key in ("ttft_s", "load_s", "select_s", "forward_s", "recompute_s", "question_s"):
+                if key in best:
+                    best[key.replace("_s", "_median_s")] = statistics.median(r[key] for r in runs)
             best["ttft_all_s"] = [r["ttft_s"] for r in runs]
             best.update(floor_seconds(mc, qp, n_ctx, ceil))
             best["ttft_vs_floor"] = best["ttft_median_s"] / best["floor_s"]
