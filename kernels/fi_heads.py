@@ -1,8 +1,8 @@
 """Tail queries of sequences whose kv heads see different tokens (local heads: anchor sink + recent window),
 mapped onto FlashInfer per (layer, kv head) row (host planning; device index tensors).
 
-A slice with `kv_visible` whose queries all sit at its tail (the question after relocation, decode) is served
-row by row. A row that sees every token ("global") is one tail-causal request over the pool, in-kernel RoPE,
+A slice with `kv_visible` whose queries all sit at its tail (the question after relocation; decode-only
+batches only where the backend's `local_decode` is on) is served row by row. A row that sees every token ("global") is one tail-causal request over the pool, in-kernel RoPE,
 exactly as `fi_plan` maps a fully visible sequence. A row that sees a subset ("local") lists only its visible
 tokens: the backend gathers their K (rotated at their true positions) and V into a small contiguous buffer and
 runs FlashInfer's ragged prefill on it, causal, without in-kernel RoPE (q rotated at its true position). Tail

@@ -136,12 +136,15 @@ def plan_batch(
     device: torch.device,
     fresh_ok: bool,
     max_local_slices: int = 8,
+    local_decode: bool = False,
 ) -> FIPlan | None:
     """Map `batch` (every slice `pos_is_index`) onto FlashInfer requests; None where FlashInfer cannot
     serve it (the caller runs Triton): a slice with per-head visibility whose queries are not all at its
     tail, or whose local rows do not see their tail, or more than `max_local_slices` slices with per-head
     visibility (each costs two host syncs and per-layer index slicing in `fi_heads.plan_heads`: a large
-    decode batch of such sequences keeps Triton's device-built plan)."""
+    decode batch of such sequences keeps Triton's device-built plan), or, unless `local_decode`, a
+    decode-only batch with such a slice (Triton's one launch per layer over the few local keys has not been
+    measured against `fi_heads`' ~10 launches per layer yet; the question phase is what this path is for)."""
     hkv = num_kv_heads
     positions = batch.positions.cpu()
     seqs = batch.seqs
@@ -163,6 +166,8 @@ def plan_batch(
         has_local |= is_local
         kinds.append((is_fresh, r, qp))
     if has_local and sum(s.kv_visible is not None for s in seqs) > max_local_slices:
+        return None
+    if has_local and not local_decode and all(s.q_len == 1 for s in seqs):
         return None
     ps = page_size if (not has_inside and all(s.layout.page_aligned for s in seqs)) else 1
     # unit tables: slice-major, then head, then unit

@@ -7,9 +7,10 @@ batch whose positions equal kv indices onto such requests (tails, pre-rotated in
 small Triton part and a log-sum-exp merge, fresh sequences on contiguous K/V), with kv units = whole
 pages when every sequence is page-aligned, else pool slots (page size 1 over the slot view, which
 addresses copy-on-write slots and partial segment pages). Sequences with local-head visibility run their
-tail queries (question, decode) per (layer, kv head) row (`fi_heads`: global rows paged, local rows ragged
-over their gathered visible keys). Batches with position gaps, local-head sequences with queries inside
-the context (recompute), or llama3 RoPE scaling (not in FlashInfer's attention kernels) run on Triton.
+tail queries (the question; decode only with `local_decode`) per (layer, kv head) row (`fi_heads`: global
+rows paged, local rows ragged over their gathered visible keys). Batches with position gaps, local-head
+sequences with queries inside the context (recompute), or llama3 RoPE scaling (not in FlashInfer's
+attention kernels) run on Triton.
 
 Page tables differ per layer (pages are per layer) but their shape (`indptr`, `last_page_len`) does
 not: `plan` runs once with layer 0's indices, `run(layer)` refills the same index buffer with layer
@@ -130,6 +131,8 @@ class FlashInferBackend(AttentionBackend):
     block: int | None = None
     # Sequences with local heads per batch served by `fi_heads` (host planning grows with their number).
     max_local_slices: int = 8
+    # Decode-only batches with local-head sequences on `fi_heads` too (off: Triton, see `plan_batch`).
+    local_decode: bool = False
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary, emulate: bool = False) -> None:
         require_uniform_layers(cfg, "flashinfer")
@@ -205,8 +208,9 @@ class FlashInferBackend(AttentionBackend):
                 longest = max(s.num_kv for s in batch.seqs)
                 block = max(512, -(-longest // (16 * 512)) * 512)
             p = plan_batch(
-                batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa, self.max_local_slices
-            )
+                batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa,
+                self.max_local_slices, self.local_decode,
+            )  # fmt: skip
         self.use_triton = p is None
         if p is None:
             self.path = "triton"

@@ -75,12 +75,15 @@ def make_batch(cfg, pool, alloc, specs: list[dict]) -> ForwardBatch:
     )
 
 
-def compare(cfg, pool, batch: ForwardBatch, emulate: bool, atol: float) -> tuple[FlashInferBackend, float]:
+def compare(
+    cfg, pool, batch: ForwardBatch, emulate: bool, atol: float, local_decode: bool = True
+) -> tuple[FlashInferBackend, float]:
     dev, dt = pool.device, pool.dtype
     rot = Rotary(cfg, dev)
     ref = TorchBackend(cfg, pool, rot)
     be = FlashInferBackend(cfg, pool, rot, emulate=emulate)
     be.block = 8 if emulate else 64
+    be.local_decode = local_decode
     be.plan(batch)
     ref.plan(batch)
     n = batch.num_tokens
@@ -164,6 +167,29 @@ def test_fresh_and_fully_visible_slices_beside_local_heads():
     )
     be, _ = compare(cfg, pool, batch, emulate=True, atol=1e-4)
     assert be.path == "sdpa+flashinfer+local-ragged+triton-inside"
+
+
+@cpu_emulation
+def test_decode_only_batches_with_local_heads_stay_on_triton_by_default():
+    cfg, pool, alloc = _setup()
+    batch = make_batch(cfg, pool, alloc, [seq([8, 21, 13], 1), seq([8, 16], 1, local=None)])
+    assert compare(cfg, pool, batch, emulate=True, atol=1e-4, local_decode=False)[0].path == "triton"
+    batch = make_batch(cfg, pool, alloc, [seq([8, 21, 13], 1), seq([8, 16], 2, local=None)])  # a prefill in it
+    assert compare(cfg, pool, batch, emulate=True, atol=1e-4, local_decode=False)[0].path == "flashinfer+local-ragged"
+
+
+@cpu_emulation
+def test_too_many_local_slices_fall_back_to_triton():
+    cfg, pool, alloc = _setup()
+    batch = make_batch(cfg, pool, alloc, [seq([8, 13], 2) for _ in range(3)])
+    rot = Rotary(cfg, "cpu")
+    be = FlashInferBackend(cfg, pool, rot, emulate=True)
+    be.max_local_slices = 2
+    be.plan(batch)
+    assert be.path == "triton"
+    be.max_local_slices = 3
+    be.plan(batch)
+    assert be.path == "flashinfer+local-ragged"
 
 
 @cpu_emulation
