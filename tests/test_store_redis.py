@@ -48,9 +48,9 @@ def test_redis_cold_tier(tmp_path: Path) -> None:
     other = ChunkKVStore(tmp_path, fp("B"), 0, cold=RedisTier(client, fp("B")))
     assert not other.contains("c") and other.get("c") is None
     # a block Redis evicted makes the chunk a miss; a damaged block is detected and dropped
-    client.delete(tier._key("c", "b:0:0"))  # as if Redis evicted one block
+    client.delete(tier._key("c", "l:0"))  # as if Redis evicted one layer
     assert store.get("c") is None and store.get("c", layer=1) is not None
-    key = tier._key("c", "b:1:1")
+    key = tier._key("c", "l:1")
     raw = bytearray(client.get(key))
     raw[10] ^= 0xFF
     client.set(key, bytes(raw))

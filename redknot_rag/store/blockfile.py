@@ -188,36 +188,58 @@ def read_header(fd: int, expect_digest: str | None = None) -> ChunkHeader:
     return hdr
 
 
-def read_payloads(fd: int, hdr: ChunkHeader, indices: Sequence[int]) -> dict[int, bytearray]:
-    """Read and crc-check the payloads of blocks `indices`; returns {b: payload}.
+def payload_span(hdr: ChunkHeader, indices: Sequence[int]) -> int:
+    """Bytes `read_payloads` reads for blocks `indices`: each run of adjacent blocks from its first
+    block's offset to its last block's end (alignment padding inside a run included)."""
+    return sum(hdr.offsets[run[-1]] + hdr.nbytes[run[-1]] - hdr.offsets[run[0]] for run in _runs(indices))
 
-    Adjacent blocks are fetched with one preadv into per-block buffers (no copy, no foreign bytes).
+
+def _runs(indices: Sequence[int]) -> list[list[int]]:
+    """Sorted distinct block indices, split into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for b in sorted(set(indices)):
+        if runs and runs[-1][-1] + 1 == b:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def read_payloads(
+    fd: int, hdr: ChunkHeader, indices: Sequence[int], buf: memoryview | None = None
+) -> dict[int, memoryview]:
+    """Read and crc-check the payloads of blocks `indices`; returns {b: payload}, views into one buffer.
+
+    Each run of adjacent blocks is one pread (large sequential reads; the GIL is released in the
+    read and in crc32c). `buf` (writable bytes, at least `payload_span` long, e.g. pinned host
+    memory) receives the runs back to back; None allocates one.
     """
-    order = sorted(set(indices))
-    out: dict[int, bytearray] = {}
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and order[j] == order[j - 1] + 1:
-            j += 1
-        run = order[i:j]
-        bufs: list[bytearray] = []
-        blocks: list[bytearray] = []
+    runs = _runs(indices)
+    span = payload_span(hdr, indices)
+    if buf is None:
+        buf = memoryview(bytearray(span))
+    elif buf.nbytes < span:
+        raise ValueError(f"buffer of {buf.nbytes} bytes for {span} bytes of blocks")
+    out: dict[int, memoryview] = {}
+    pos = 0
+    for run in runs:
+        first, last = run[0], run[-1]
+        size = hdr.offsets[last] + hdr.nbytes[last] - hdr.offsets[first]
+        dst = buf[pos : pos + size]
+        got = 0
+        while got < size:  # a pread may return less than asked (signals, > 2 GiB)
+            n = os.preadv(fd, [dst[got:]], hdr.offsets[first] + got)
+            if n <= 0:
+                raise CorruptChunkError(f"chunk {hdr.chunk_key!r}: short read of blocks {first}..{last}")
+            got += n
         for b in run:
-            blocks.append(bytearray(hdr.nbytes[b]))
-            bufs.append(blocks[-1])
-            gap = hdr.offsets[b + 1] - hdr.offsets[b] - hdr.nbytes[b] if b + 1 < hdr.num_blocks else 0
-            if b != run[-1] and gap:
-                bufs.append(bytearray(gap))  # alignment padding between adjacent blocks
-        want = sum(len(x) for x in bufs)
-        if os.preadv(fd, bufs, hdr.offsets[run[0]]) != want:
-            raise CorruptChunkError(f"chunk {hdr.chunk_key!r}: short read of blocks {run[0]}..{run[-1]}")
-        for b, buf in zip(run, blocks, strict=True):
-            if block_crc(buf) != hdr.crcs[b]:
+            at = pos + hdr.offsets[b] - hdr.offsets[first]
+            payload = buf[at : at + hdr.nbytes[b]]
+            if block_crc(payload) != hdr.crcs[b]:
                 layer, head = divmod(b, hdr.meta.num_kv_heads)
                 raise CorruptChunkError(
                     f"chunk {hdr.chunk_key!r}: checksum mismatch in block (layer {layer}, head {head})"
                 )
-            out[b] = buf
-        i = j
+            out[b] = payload
+        pos += size
     return out

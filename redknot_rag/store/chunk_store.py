@@ -21,12 +21,13 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from redknot_rag.store.blockfile import CorruptChunkError
@@ -143,7 +144,6 @@ class ChunkKVStore:
         k, v = k.detach().cpu(), v.detach().cpu()
         metas: list[BlockMeta] = []
         payloads: list[Payload] = []
-        blocks: list[KVBlock] = []
         for layer in range(L):
             for head in range(H):
                 start, n = hc.token_range(layer, head, T) if isinstance(hc, HeadCompression) else (0, T)
@@ -152,13 +152,10 @@ class ChunkKVStore:
                 kb, vb = k[layer, head, start:], v[layer, head, start:]  # [n, D]
                 if self.codec == Codec.RAW:
                     kb, vb = kb.to(self.dtype).contiguous(), vb.to(self.dtype).contiguous()
-                    payload = encode_block(kb, vb, Codec.RAW)
-                else:  # quantize from the producer's precision; host keeps what the cold tiers decode to
-                    payload = encode_block(kb, vb, self.codec)
-                    kb, vb = decode_block(payload, bm, D, self.dtype)
+                # INT8 quantizes from the producer's precision; host keeps what the cold tiers decode to
+                payload = encode_block(kb, vb, self.codec)
                 metas.append(bm)
                 payloads.append(payload)
-                blocks.append(KVBlock(kb, vb, start, cls))
                 self._counts.add(f"stored.{cls.label}", len(payload))
         meta = ChunkMeta(chunk_key, L, H, T, D, _dtype_str(self.dtype), tuple(metas))
         self._drop_memory(chunk_key)  # the old blocks (if any) are superseded
@@ -169,8 +166,8 @@ class ChunkKVStore:
                 self._write(i, meta, payloads)
         self._remember(meta)
         if keep_in_memory:
-            for (layer, head), blk in zip(meta.every_block(), blocks, strict=True):
-                self.memory.put(BlockKey(chunk_key, layer, head), blk)
+            decoded = self._decode(meta, dict(zip(meta.every_block(), payloads, strict=True)), _Landing(False))
+            self._promote(chunk_key, meta, decoded)
         self._maybe_save_stats()
 
     def _write(self, i: int, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> bool:
@@ -371,22 +368,23 @@ class ChunkKVStore:
             if not 0 <= h < meta.num_kv_heads:
                 raise IndexError(f"kv head {h} outside [0, {meta.num_kv_heads})")
         want = [(li, h) for li in ls for h in hs]
-        self._counts.add("block_lookups", len(want))
-        for b in want:
-            self._counts.add(f"lookups.{meta.block(*b).head_class.label}")
+        counts: Counter[str] = Counter(f"lookups.{meta.block(*b).head_class.label}" for b in want)
+        counts["block_lookups"] = len(want)
         blocks: dict[Block, KVBlock] = {}
         for b in want:
             got = self.memory.get(BlockKey(chunk_key, *b))
             if got is not None:
                 blocks[b] = got
-                self._counts.add(f"hits.host.{got.head_class.label}")
+                counts[f"hits.host.{got.head_class.label}"] += 1
+        self._add_counts(counts)
         missing = [b for b in want if b not in blocks]
         num_absent = 0  # tiers that answered "no such chunk"
         for i, tier in enumerate(self.tiers):
             if not missing:
                 break
+            landing = _Landing(self.memory.pin)
             try:
-                found = tier.get_payloads(chunk_key, missing)
+                found = tier.get_payloads(chunk_key, missing, alloc=landing)
             except CorruptChunkError as e:
                 self._corrupt(chunk_key, tier, e)
                 continue
@@ -405,13 +403,9 @@ class ChunkKVStore:
             ):
                 log.error("KV chunk %r has another geometry in the %s tier; not used", chunk_key, tier.name)
                 continue
-            for b, payload in payloads.items():
-                bm = tmeta.block(*b)
-                k, v = decode_block(payload, bm, tmeta.head_dim, tmeta.torch_dtype)
-                blk = KVBlock(k.to(self.dtype), v.to(self.dtype), bm.token_start, bm.head_class)
-                placed = self.memory.put(BlockKey(chunk_key, *b), blk, owned=True)  # promotion into host memory
-                blocks[b] = placed or blk
-                self._counts.add(f"hits.{tier.name}.{bm.head_class.label}")
+            decoded = self._decode(tmeta, payloads, landing)
+            blocks.update(self._promote(chunk_key, tmeta, decoded))  # promotion into host memory
+            self._add_counts(Counter(f"hits.{tier.name}.{tmeta.block(*b).head_class.label}" for b in payloads))
             self._counts.add("promotions", len(payloads))
             if i > 0 and payloads and self.config.promote_to_disk:
                 self._schedule_fill(chunk_key, i)
@@ -422,6 +416,74 @@ class ChunkKVStore:
                 self._drop_memory(chunk_key)
             return None
         return meta, {b: blocks[b] for b in want}
+
+    def _add_counts(self, counts: Counter[str]) -> None:
+        for name, n in counts.items():
+            self._counts.add(name, n)
+
+    def _decode(self, meta: ChunkMeta, payloads: dict[Block, Payload], landing: _Landing) -> dict[Block, KVBlock]:
+        """Crc-verified payloads -> blocks in the storage dtype, all in one host buffer (pinned on a
+        CUDA host), so the pool loads the chunk in a few large copies.
+
+        RAW payloads already in `landing`'s buffer in the storage dtype become views of it (no copy);
+        otherwise every block is decoded into one fresh buffer `[sum of 2·n·D]`.
+        """
+        D, src_dtype = meta.head_dim, meta.torch_dtype
+        views = {b: landing.view(p) for b, p in payloads.items()}
+        if src_dtype == self.dtype and all(
+            meta.block(*b).codec == Codec.RAW and t is not None for b, t in views.items()
+        ):
+            out: dict[Block, KVBlock] = {}
+            for b, t in views.items():
+                bm = meta.block(*b)
+                assert t is not None
+                kv = t.view(self.dtype).view(2, bm.num_tokens, D)  # [2, n, D]: K then V
+                out[b] = KVBlock(kv[0], kv[1], bm.token_start, bm.head_class)
+            return out
+        sizes = {b: 2 * meta.block(*b).num_tokens * D for b in payloads}
+        buf = torch.empty(sum(sizes.values()), dtype=self.dtype, pin_memory=self.memory.pin)
+        out, pos = {}, 0
+        for b, p in payloads.items():
+            bm = meta.block(*b)
+            kv = buf[pos : pos + sizes[b]].view(2, bm.num_tokens, D)  # [2, n, D]
+            pos += sizes[b]
+            k, v = decode_block(p, bm, D, src_dtype)
+            kv[0].copy_(k)
+            kv[1].copy_(v)
+            out[b] = KVBlock(kv[0], kv[1], bm.token_start, bm.head_class)
+        return out
+
+    def _promote(self, chunk_key: str, meta: ChunkMeta, blocks: dict[Block, KVBlock]) -> dict[Block, KVBlock]:
+        """Put blocks into the host tier (as one group when they share a buffer); returns the held
+        blocks (the given ones where the tier kept none)."""
+        items = [(BlockKey(chunk_key, *b), blk) for b, blk in blocks.items()]
+        if self.memory.put_group(items) is not None:
+            return blocks
+        out: dict[Block, KVBlock] = {}
+        for (key, blk), b in zip(items, blocks, strict=True):
+            placed = self.memory.put(key, blk)
+            out[b] = placed or blk
+        return out
+
+    def get_blocks_many(
+        self, chunk_keys: Sequence[str], workers: int = 8
+    ) -> Iterator[tuple[str, dict[Block, KVBlock] | None]]:
+        """`(key, get_blocks(key))` for every key, in order, read by up to `workers` threads at once
+        (disk reads, checksums and Redis replies overlap; the GIL is released in file reads and
+        crc32c). The next chunks are already being read while the caller consumes one."""
+        keys = list(chunk_keys)
+        if workers <= 1 or len(keys) <= 1:
+            for key in keys:
+                yield key, self.get_blocks(key)
+            return
+        with ThreadPoolExecutor(max_workers=min(workers, len(keys)), thread_name_prefix="kv-read") as pool:
+            futures = [pool.submit(self.get_blocks, key) for key in keys]
+            try:
+                for key, fut in zip(keys, futures, strict=True):
+                    yield key, fut.result()
+            finally:
+                for fut in futures:
+                    fut.cancel()
 
     def _schedule_fill(self, chunk_key: str, i: int) -> None:
         """Copy a chunk from tier i into the tiers above it, off the read path (once per chunk at a time)."""
@@ -526,6 +588,27 @@ class ChunkKVStore:
             self._filler.shutdown(wait=True)
             self._filler = None
         self._maybe_save_stats(force=True)
+
+
+class _Landing:
+    """The host buffer one cold read lands in (pinned on a CUDA host): `alloc` for `get_payloads`."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.buf: torch.Tensor | None = None  # uint8 [nbytes]
+
+    def __call__(self, nbytes: int) -> memoryview:
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        return memoryview(self.buf.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
+
+    def view(self, payload: Payload) -> torch.Tensor | None:
+        """`payload`'s bytes as a slice of the buffer (uint8), or None when it does not lie in it."""
+        if self.buf is None or not isinstance(payload, memoryview) or payload.nbytes == 0:
+            return None
+        off = np.frombuffer(payload, dtype=np.uint8).ctypes.data - self.buf.data_ptr()
+        if off < 0 or off + payload.nbytes > self.buf.numel():
+            return None
+        return self.buf[off : off + payload.nbytes]
 
 
 def _hits(c: dict[str, int], tier: str) -> int:

@@ -23,7 +23,7 @@ from redknot_rag.store.fingerprint import dtype_from_name
 
 _F32 = 4
 
-Payload = bytes | bytearray  # one encoded block
+Payload = bytes | bytearray | memoryview  # one encoded block (a memoryview: a slice of a larger read buffer)
 
 
 class Codec(enum.IntEnum):
@@ -103,7 +103,8 @@ def decode_block(
     n, d = meta.num_tokens, head_dim
     if len(payload) != payload_nbytes(meta, d, dtype):
         raise ValueError(f"block payload is {len(payload)} bytes, expected {payload_nbytes(meta, d, dtype)}")
-    buf = payload if isinstance(payload, bytearray) else bytearray(payload)  # writable: frombuffer warns otherwise
+    writable = isinstance(payload, bytearray) or (isinstance(payload, memoryview) and not payload.readonly)
+    buf = payload if writable else bytearray(payload)  # writable: frombuffer warns otherwise
     if meta.codec == Codec.RAW:
         kv = torch.frombuffer(buf, dtype=dtype).view(2, n, d)  # [2, n, D]: K then V
         return kv[0], kv[1]

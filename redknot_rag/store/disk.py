@@ -36,6 +36,7 @@ from redknot_rag.store.blockfile import (
     CorruptChunkError,
     FingerprintMismatchError,
     encode_chunk,
+    payload_span,
     read_header,
     read_payloads,
 )
@@ -72,6 +73,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 Demote = Callable[[ChunkMeta, list[Payload]], None]
+Alloc = Callable[[int], memoryview]  # nbytes -> a writable buffer of at least that many bytes
 
 
 def old_format_dirs(root: Path) -> list[Path]:
@@ -321,12 +323,14 @@ class DiskTier:
         return got[1].meta
 
     def get_payloads(
-        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
+        self, chunk_key: str, blocks: Sequence[tuple[int, int]], alloc: Alloc | None = None
     ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None:
         """Crc-verified payloads of blocks (layer, head) of one chunk.
 
-        Reads the header and exactly the requested blocks' bytes. Raises CorruptChunkError (and
-        quarantines the file) if any requested block fails its checksum.
+        Reads the header and exactly the requested blocks' bytes, each run of adjacent blocks in one
+        pread, into one buffer (`alloc(nbytes)`, e.g. pinned host memory; default a bytearray):
+        the payloads are memoryviews into it. Raises CorruptChunkError (and quarantines the file)
+        if any requested block fails its checksum.
         """
         got = self._open(chunk_key)
         if got is None:
@@ -335,7 +339,10 @@ class DiskTier:
         kh = key_hash(chunk_key)
         try:
             idx = {hdr.block_index(layer, head): (layer, head) for layer, head in blocks}
-            raw = read_payloads(fd, hdr, list(idx))
+            if len(idx) > 1:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead on a cold file
+            buf = alloc(payload_span(hdr, list(idx))) if alloc is not None else None
+            raw = read_payloads(fd, hdr, list(idx), buf)
         except CorruptChunkError as e:
             self._quarantine(kh, str(e))
             raise

@@ -3,10 +3,12 @@
 Keys, under `<prefix>:v<format>:<fingerprint digest[:32]>:<sha256(chunk_key)>`:
     `:m`         chunk meta, JSON {chunk_key, num_layers, num_kv_heads, num_tokens, head_dim, dtype,
                  blocks: [[token_start, num_tokens, codec, head_class], ...] (row b = layer·H + head)}
-    `:b:<l>:<h>` block value: CRC-32C u32 (little-endian) + the codec's payload (codec.py)
-A chunk is written in one MULTI/EXEC (blocks, then meta), so readers see all of it or none.
-Budget and eviction belong to Redis (`maxmemory` + `allkeys-lru`): a block Redis evicted is a
-miss for that block. Keys are namespaced by format version and fingerprint, so another
+    `:l:<l>`     the blocks of layer l, heads in order, each: CRC-32C u32 (little-endian) + the
+                 codec's payload (codec.py; sizes from the meta). One value per (chunk, layer):
+                 few large values, so a chunk is one MGET of num_layers values.
+A chunk is written in one MULTI/EXEC (layers, then meta), so readers see all of it or none.
+Budget and eviction belong to Redis (`maxmemory` + `allkeys-lru`): a layer Redis evicted is a
+miss for that layer's blocks. Keys are namespaced by format version and fingerprint, so another
 fingerprint (or an older format) never reads them.
 
 Invariant: Redis is never on the critical path for correctness. Any connection or server error
@@ -139,10 +141,17 @@ class RedisTier:
     def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> list[str]:
         """Every block plus the meta, in one MULTI/EXEC. Redis does budget eviction (and persistence) itself."""
 
+        H = meta.num_kv_heads
+        if len(payloads) != meta.num_layers * H:
+            raise ValueError(f"{len(payloads)} payloads for {meta.num_layers}x{H} blocks")
+
         def write() -> None:
             pipe = self.client.pipeline(transaction=True)
-            for (layer, head), p in zip(meta.every_block(), payloads, strict=True):
-                pipe.set(self._key(meta.chunk_key, f"b:{layer}:{head}"), _CRC.pack(block_crc(p)) + bytes(p))
+            for layer in range(meta.num_layers):
+                value = b"".join(
+                    part for p in payloads[layer * H : (layer + 1) * H] for part in (_CRC.pack(block_crc(p)), p)
+                )
+                pipe.set(self._key(meta.chunk_key, f"l:{layer}"), value)
             pipe.set(self._key(meta.chunk_key, "m"), _meta_json(meta))
             pipe.execute()
 
@@ -154,24 +163,52 @@ class RedisTier:
         return None if raw is None else _meta_from_json(raw, chunk_key)
 
     def get_payloads(
-        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
+        self,
+        chunk_key: str,
+        blocks: Sequence[tuple[int, int]],
+        alloc: Callable[[int], memoryview] | None = None,
     ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None:
-        """Meta and the crc-verified payloads of the requested blocks Redis still holds (one MGET)."""
-        keys = [self._key(chunk_key, "m")] + [self._key(chunk_key, f"b:{layer}:{head}") for layer, head in blocks]
+        """Meta and the crc-verified payloads of the requested blocks Redis still holds: one MGET of
+        the meta and the requested layers' values. With `alloc`, the payloads are copied into one
+        buffer from `alloc(nbytes)` (requested blocks back to back) and returned as views of it."""
+        layers = sorted({layer for layer, _ in blocks})
+        keys = [self._key(chunk_key, "m")] + [self._key(chunk_key, f"l:{layer}") for layer in layers]
         values = self._call(lambda: self.client.mget(keys))
         if values[0] is None:
             return None
         meta = _meta_from_json(values[0], chunk_key)
-        out: dict[tuple[int, int], Payload] = {}
-        for b, raw in zip(blocks, values[1:], strict=True):
+        H = meta.num_kv_heads
+        by_layer = dict(zip(layers, values[1:], strict=True))
+        found: list[tuple[tuple[int, int], memoryview]] = []
+        for layer, head in blocks:
+            raw = by_layer.get(layer)
             if raw is None:
-                continue  # Redis evicted this block: a miss for it
-            (crc,) = _CRC.unpack_from(raw)
-            payload = bytearray(memoryview(raw)[_CRC.size :])
-            if block_crc(payload) != crc or len(payload) != meta.payload_nbytes(*b):
+                continue  # Redis evicted this layer: a miss for its blocks
+            sizes = [meta.payload_nbytes(layer, h) + _CRC.size for h in range(H)]
+            at = sum(sizes[:head])
+            if len(raw) != sum(sizes):
                 self._drop_quietly(chunk_key, meta)
-                raise CorruptChunkError(f"chunk {chunk_key!r}: redis block {b} failed its checksum")
-            out[b] = payload
+                raise CorruptChunkError(
+                    f"chunk {chunk_key!r}: redis layer {layer} is {len(raw)} bytes, not {sum(sizes)}"
+                )
+            (crc,) = _CRC.unpack_from(raw, at)
+            payload = memoryview(raw)[at + _CRC.size : at + sizes[head]]
+            if block_crc(payload) != crc:
+                self._drop_quietly(chunk_key, meta)
+                raise CorruptChunkError(f"chunk {chunk_key!r}: redis block {(layer, head)} failed its checksum")
+            found.append(((layer, head), payload))
+        buf = (
+            alloc(sum(p.nbytes for _, p in found))
+            if alloc is not None
+            else memoryview(bytearray(sum(p.nbytes for _, p in found)))
+        )
+        out: dict[tuple[int, int], Payload] = {}
+        pos = 0
+        for b, payload in found:
+            dst = buf[pos : pos + payload.nbytes]
+            dst[:] = payload
+            out[b] = dst
+            pos += payload.nbytes
         return meta, out
 
     def _drop_quietly(self, chunk_key: str, meta: ChunkMeta | None) -> None:
@@ -183,7 +220,7 @@ class RedisTier:
     def _delete(self, chunk_key: str, meta: ChunkMeta | None) -> bool:
         keys = [self._key(chunk_key, "m")]
         if meta is not None:
-            keys += [self._key(chunk_key, f"b:{layer}:{head}") for layer, head in meta.every_block()]
+            keys += [self._key(chunk_key, f"l:{layer}") for layer in range(meta.num_layers)]
         return bool(self._call(lambda: self.client.delete(*keys)))
 
     def contains_chunk(self, chunk_key: str) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -71,6 +71,8 @@ class ColdTier(Protocol):
     `put_chunk` stores every block of a chunk or none (after a crash too) and returns the chunk
     keys it evicted for its budget; `durable=False` marks a cache fill that may skip fsyncs.
     `get_payloads` returns the chunk's meta and the crc-verified payloads of the requested blocks
+    (memoryviews into one buffer from `alloc(nbytes)` when given, so a caller can land a chunk in
+    pinned memory with no further copy)
     it holds (a tier whose own LRU dropped single blocks may return fewer), None when it lacks the
     chunk or it is bound to another fingerprint, and raises
     `CorruptChunkError` (after dropping the chunk) when a requested block fails its checksum, or
@@ -82,7 +84,10 @@ class ColdTier(Protocol):
     def put_chunk(self, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> list[str]: ...
     def meta(self, chunk_key: str) -> ChunkMeta | None: ...
     def get_payloads(
-        self, chunk_key: str, blocks: Sequence[tuple[int, int]]
+        self,
+        chunk_key: str,
+        blocks: Sequence[tuple[int, int]],
+        alloc: Callable[[int], memoryview] | None = None,
     ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None: ...
     def contains_chunk(self, chunk_key: str) -> bool: ...
     def delete_chunk(self, chunk_key: str) -> bool: ...
@@ -102,8 +107,12 @@ class MemoryTier:
     more than one query (popular under a skewed load) survive a query whose blocks alone exceed
     the budget, which would flush a plain LRU.
 
-    Invariants: `nbytes` = sum of held blocks' bytes <= `budget_bytes`; every held tensor owns its
-    storage (copied in, or handed over as `owned`), so evicting a block frees exactly its bytes.
+    Invariants: `nbytes` = sum of held blocks' bytes <= `budget_bytes`. A block `put` alone owns its
+    storage (copied in, or handed over as `owned`), so evicting it frees exactly its bytes. Blocks
+    `put_group` inserts are views into one shared buffer (a chunk read from a cold tier in one
+    piece, so the GPU pool loads it in a few large copies): they are held and evicted together,
+    so evicting any of them frees the whole buffer (its bytes beyond the blocks' are alignment
+    padding: < 64 B per block).
     """
 
     def __init__(self, budget_bytes: int, device: torch.device | str = "cpu", protected_share: float = 0.8) -> None:
@@ -117,6 +126,9 @@ class MemoryTier:
         self._protected: OrderedDict[BlockKey, KVBlock] = OrderedDict()  # least recent first
         self._protected_bytes = 0
         self._by_chunk: dict[str, set[BlockKey]] = {}
+        self._group_of: dict[BlockKey, int] = {}  # put_group members -> group id
+        self._groups: dict[int, list[BlockKey]] = {}
+        self._next_group = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -164,12 +176,35 @@ class MemoryTier:
         with self._lock:
             self._drop(key)
             while self.nbytes + size > self.budget_bytes:
-                self._drop(next(iter(self._probation or self._protected)))
-                self.num_evictions += 1
+                self._evict_next()
             self._probation[key] = placed
             self._by_chunk.setdefault(key.chunk_key, set()).add(key)
             self.nbytes += size
         return placed
+
+    def put_group(self, items: Sequence[tuple[BlockKey, KVBlock]]) -> list[KVBlock] | None:
+        """Insert blocks that share one buffer (views of it, on this tier's device, pinned where this
+        tier pins) without copying; they are evicted together. Returns the held blocks, or None
+        (nothing kept) when they do not qualify or exceed the budget; the caller then `put`s them
+        one by one or serves them without caching."""
+        fits = all(t.device == self.device and (not self.pin or t.is_pinned()) for _, b in items for t in (b.k, b.v))
+        size = sum(b.nbytes for _, b in items)
+        if not items or not fits or size > self.budget_bytes or len({k for k, _ in items}) != len(items):
+            return None
+        with self._lock:
+            for key, _ in items:
+                self._drop(key)
+            while self.nbytes + size > self.budget_bytes:
+                self._evict_next()
+            gid = self._next_group
+            self._next_group += 1
+            self._groups[gid] = [k for k, _ in items]
+            for key, block in items:
+                self._probation[key] = block
+                self._group_of[key] = gid
+                self._by_chunk.setdefault(key.chunk_key, set()).add(key)
+            self.nbytes += size
+        return [b for _, b in items]
 
     def contains(self, key: BlockKey) -> bool:
         with self._lock:
@@ -190,10 +225,19 @@ class MemoryTier:
             return sum(self._drop(k) for k in list(self._by_chunk.get(chunk_key, ())))
 
     def evict(self, keys: Iterable[BlockKey] | None = None, target_bytes: int | None = None) -> int:
-        """Drop `keys`, or blocks in eviction order until `nbytes <= target_bytes`; returns bytes freed."""
+        """Drop `keys`, or blocks in eviction order until `nbytes <= target_bytes`; returns bytes freed.
+
+        Named `keys` are dropped one by one: a group they belong to is split first (its other
+        members are copied out into blocks of their own), so evicting some heads frees exactly
+        their bytes. Eviction by `target_bytes` drops whole groups.
+        """
         with self._lock:
             held = {**self._probation, **self._protected}
             victims = {k for k in keys if k in held} if keys is not None else set()
+            for gid in {self._group_of[k] for k in victims if k in self._group_of}:
+                if not set(self._groups[gid]) <= victims:
+                    self._ungroup(gid)
+            held = {**self._probation, **self._protected}
             if target_bytes is not None:
                 left = self.nbytes - sum(held[k].nbytes for k in victims)
                 for k, b in held.items():  # eviction order: probation, then protected, least recent first
@@ -202,11 +246,37 @@ class MemoryTier:
                     if k not in victims:
                         victims.add(k)
                         left -= b.nbytes
-            freed = [self._drop(k) for k in victims]
-            self.num_evictions += sum(1 for f in freed if f)
-            return sum(freed)
+            before = len(self)
+            freed = sum(self._drop(k) for k in victims)
+            self.num_evictions += before - len(self)
+            return freed
+
+    def _ungroup(self, gid: int) -> None:
+        """Give every member of a group its own storage (a copy), so each can be evicted alone.
+        Caller holds the lock."""
+        for key in self._groups.pop(gid):
+            del self._group_of[key]
+            seg = self._protected if key in self._protected else self._probation
+            b = seg[key]
+            seg[key] = KVBlock(self._place(b.k, False), self._place(b.v, False), b.token_start, b.head_class)
+
+    def _evict_next(self) -> None:
+        """Evict the next block in eviction order (with its group). Caller holds the lock."""
+        before = len(self)
+        self._drop(next(iter(self._probation or self._protected)))
+        self.num_evictions += before - len(self)
 
     def _drop(self, key: BlockKey) -> int:
+        """Drop a block and, if it belongs to a group, the whole group; returns bytes freed. Caller holds the lock."""
+        gid = self._group_of.pop(key, None)
+        if gid is None:
+            return self._drop_one(key)
+        members = self._groups.pop(gid)
+        for k in members:
+            self._group_of.pop(k, None)
+        return sum(self._drop_one(k) for k in members)
+
+    def _drop_one(self, key: BlockKey) -> int:
         """Caller holds the lock."""
         block = self._probation.pop(key, None)
         if block is None:
