@@ -4,14 +4,16 @@ stream waits on (`ready()`), bit for bit."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from redknot_rag.kernels.testing import random_weights, tiny_config
+from redknot_rag.kvcache import KVSegment
 from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, hash_token_ids
-from redknot_rag.store.segment_cache import SegmentCache
+from redknot_rag.store.segment_cache import SegmentCache, blocks_geometry, byte_runs, load_plan, run_plan
 from redknot_rag.store.tiers import BlockKey
 
 T = 40  # chunk tokens: not a multiple of the page size (16), so a last page is partial
@@ -90,15 +92,30 @@ def test_get_blocks_gpu_pinned_side_stream(tmp_path: Path) -> None:
     cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
     main = torch.cuda.current_stream()
     assert cache.stream is not None and cache.stream != main
+    # Warm the load path once, as a server's first query does: a kernel's first launch loads its
+    # module (lazy loading may wait for running kernels) and a first cudaMalloc / cudaHostAlloc of a
+    # size may synchronize; after this, device and pinned buffers come from torch's caches.
+    assert cache.get_blocks("dense", lambda: store.get_blocks("dense"), T) is not None
+    cache.ready()
+    torch.cuda.synchronize()
+    cache.clear()
     runner.pool.k.fill_(7.0)  # stale bytes a read that did not wait for the copy would see
     runner.pool.v.fill_(7.0)
     torch.cuda.synchronize()
+    cycles = 2_000_000_000
     with torch.cuda.stream(cache.stream):
-        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU cycles queued ahead of the copies
+        torch.cuda._sleep(cycles)  # ~1 s of GPU cycles queued ahead of the copies
+    t0 = time.perf_counter()
     seg = cache.get_blocks("dense", lambda: store.get_blocks("dense"), T)
+    host_s = time.perf_counter() - t0
     assert seg is not None and len(cache._pending) == 1
     done = cache._pending[0]
-    assert not done.query(), "get_blocks returned after its copy: the host waited on the side stream"
+    assert not done.query(), (
+        f"the side-stream copy had already finished when get_blocks returned after {host_s:.3f} s on the host, "
+        f"with {cycles:.0e} GPU cycles (~1 s) of sleep queued ahead of it on the side stream: something on "
+        "the load path made the host wait for the GPU (a pageable host->device copy, a first cudaMalloc / "
+        "cudaHostAlloc of a size, a lazily loaded kernel, a .item()/.cpu())"
+    )
     cache.ready()  # the main stream waits on the copy's event, the host does not
     assert not cache._pending
     pk, pv = _pool_kv(runner, seg)  # read on the main stream: ordered after the copy by the event
@@ -106,5 +123,43 @@ def test_get_blocks_gpu_pinned_side_stream(tmp_path: Path) -> None:
     assert torch.equal(pk, k) and torch.equal(pv, v)
     cache.clear()
     _check(runner, store, cache, k, v)  # dense and head-windowed chunks, hit path
+    cache.clear()
+    store.close()
+
+
+def test_load_plan_few_copies_exact_cpu(tmp_path: Path) -> None:
+    """The GPU load's plan, run on the CPU: a chunk read back from disk lands in one host buffer, so
+    its blocks are ONE copy; the pool then holds the stored bytes bit for bit, and the tokens a local
+    head does not store are zeroed (no stale bytes)."""
+    runner = _runner("cpu", torch.float32)
+    store, k, v = _store(tmp_path, runner, "float32")
+    store.evict()  # host tier empty: the next reads come from the chunk files
+    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    r = runner
+    for key in ("dense", "windowed"):
+        blocks = store.get_blocks(key)
+        assert blocks is not None
+        assert len(byte_runs([t for lh in sorted(blocks) for t in (blocks[lh].k, blocks[lh].v)])) == 1
+        _, _, _, visible = blocks_geometry(blocks, T)
+        nl, nh = k.shape[:2]
+        num_pages = -(-T // r.page_size)
+        pages = torch.from_numpy(r.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
+        seg = KVSegment(pages, T, is_shared=True, visible=visible)
+        r.pool.k.fill_(7.0)
+        r.pool.v.fill_(7.0)
+        plan = load_plan(blocks, seg.slots(r.page_size), visible)
+        run_plan(plan, r.pool.k_slots, r.pool.v_slots, plan.index)
+        pk, pv = _pool_kv(r, seg)
+        if visible is None:
+            assert torch.equal(pk, k) and torch.equal(pv, v)
+        else:
+            mask = visible[..., None].expand_as(pk)
+            assert torch.equal(pk[mask], k[mask]) and torch.equal(pv[mask], v[mask])
+            assert (pk[~mask] == 0).all() and (pv[~mask] == 0).all()
+        r.drop_segment(seg)
+    # blocks that are not back to back are copied one run each, same bytes
+    a, b = torch.arange(6.0), torch.arange(6.0, 10.0)
+    runs = byte_runs([a[:3], a[3:], b])
+    assert len(runs) == 2 and torch.equal(torch.cat(runs), torch.cat([a, b]).view(torch.uint8))
     cache.clear()
     store.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -58,14 +59,81 @@ def assemble_blocks(
     return k, v, visible
 
 
-def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """dst[i].copy_(src[i]) for all i, asynchronous where src is pinned host memory; one C++ loop when
-    torch's foreach copy takes the mix of devices, else a Python loop (same result)."""
-    try:
-        torch._foreach_copy_(dst, src, non_blocking=True)
-    except Exception:  # a torch without the mixed-device foreach copy: same copies one by one
-        for d, s in zip(dst, src, strict=True):
-            d.copy_(s, non_blocking=True)
+def byte_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The bytes of `tensors`, in order, as few uint8 `[n]` views: consecutive tensors that lie back
+    to back in one storage (a chunk's blocks read into one host buffer) merge into one view, so
+    copying the runs moves the same bytes in a few large copies. Views share the tensors'
+    storage (pinned stays pinned; the copy engine's events are recorded on it)."""
+    runs: list[torch.Tensor] = []
+    storage: torch.UntypedStorage | None = None
+    start = end = 0
+    for t in tensors:
+        t = t.contiguous()
+        st = t.untyped_storage()
+        off = t.data_ptr() - st.data_ptr()
+        n = t.numel() * t.element_size()
+        if storage is not None and st.data_ptr() == storage.data_ptr() and off == end:
+            end += n
+            continue
+        if storage is not None:
+            runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,)))
+        storage, start, end = st, off, off + n
+    if storage is not None:
+        runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,)))
+    return runs
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a chunk's blocks reach the pool: copy `runs` back to back into one device buffer, read it
+    as rows `[2·N, D]` of `dtype` (per block in `order`: its n K rows, then its n V rows; N = stored
+    tokens), then `pool.k_slots[index[:N]] = rows[index[N:2N]]`, V likewise with `index[2N:3N]`,
+    and zeros into `index[3N:]` (slots of tokens no head stores: nothing stale stays readable).
+    `index` int64 `[3N + Z]` is built on the host in one piece, so it is one upload."""
+
+    runs: list[torch.Tensor]
+    dtype: torch.dtype
+    head_dim: int
+    num_stored: int  # N
+    index: torch.Tensor  # int64 [3N + Z]: slots of stored tokens, K rows, slots of zeros ... see above
+
+
+def load_plan(blocks: Blocks, slots: torch.Tensor, visible: torch.Tensor | None) -> LoadPlan:
+    """The plan for a chunk's blocks; `slots` `[L, Hkv, T]` its pool slots, `visible` its visibility
+    (None: every block whole). Vectorized: no per-token Python work, O(blocks) Python steps."""
+    order = sorted(blocks)  # (layer, head), layer-major: the order of the rows
+    first = blocks[order[0]]
+    dtype, d = first.k.dtype, first.k.shape[-1]
+    runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
+    meta = torch.tensor([(lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order])  # [B, 4]
+    n = meta[:, 3]
+    blk = torch.repeat_interleave(torch.arange(len(order)), n)  # [N]: the block of each stored token
+    first_row = torch.cumsum(n, 0) - n  # [B]: stored tokens before the block
+    within = torch.arange(blk.numel()) - first_row[blk]  # [N]: token index within its block
+    k_rows = 2 * first_row[blk] + within  # the block's K rows come first, then its n V rows
+    tok_slots = slots[meta[blk, 0], meta[blk, 1], meta[blk, 2] + within]  # [N]
+    zero = slots[~visible] if visible is not None else slots.new_empty(0)  # [Z]
+    index = torch.cat([tok_slots.long(), k_rows, k_rows + n[blk], zero.long()])
+    return LoadPlan(runs, dtype, d, int(blk.numel()), index)
+
+
+def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index: torch.Tensor) -> None:
+    """Execute `plan` into the pool (`k_slots`, `v_slots` `[num_slots, D]`), on the current stream;
+    `index` is `plan.index` already on the pool's device. Copies are asynchronous from pinned runs."""
+    dev = k_slots.device
+    packed = torch.empty(sum(r.numel() for r in plan.runs), dtype=torch.uint8, device=dev)
+    pos = 0
+    for run in plan.runs:
+        packed[pos : pos + run.numel()].copy_(run, non_blocking=True)
+        pos += run.numel()
+    rows = packed.view(plan.dtype).view(-1, plan.head_dim).to(k_slots.dtype)  # [2N, D]
+    N = plan.num_stored
+    slots, k_rows, v_rows, zero = index[:N], index[N : 2 * N], index[2 * N : 3 * N], index[3 * N :]
+    k_slots[slots] = rows[k_rows]
+    v_slots[slots] = rows[v_rows]
+    if zero.numel():
+        k_slots[zero] = 0
+        v_slots[zero] = 0
 
 
 class SegmentCache:
@@ -131,28 +199,14 @@ class SegmentCache:
         self._make_room(nl * nh * num_pages)
         pages = torch.from_numpy(r.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
         seg = KVSegment(pages, num_tokens, is_shared=True, visible=visible)
-        # pinned so the slot table's upload is asynchronous too: the host never waits on the side stream
-        slots_host = seg.slots(r.page_size).contiguous().pin_memory()  # [L, Hkv, T]
+        plan = load_plan(blocks, seg.slots(r.page_size), visible)
+        # pinned so the index upload is asynchronous too: the host never waits on the side stream
+        index_host = plan.index.pin_memory()
         main = torch.cuda.current_stream(r.device)
         self.stream.wait_stream(main)  # fresh pages may still be read by work queued before (a dropped segment)
         with torch.cuda.stream(self.stream):
-            make = torch.empty if visible is None else torch.zeros  # zeros: a head's unstored tokens
-            k = make(nl, nh, num_tokens, d, dtype=r.dtype, device=r.device)  # [L, Hkv, T, D] staging
-            v = make(nl, nh, num_tokens, d, dtype=r.dtype, device=r.device)
-            if visible is None:  # every block whole: the destinations are the staging rows, in one call
-                order = [(layer, head) for layer in range(nl) for head in range(nh)]
-                dst = [*k.view(nl * nh, num_tokens, d).unbind(0), *v.view(nl * nh, num_tokens, d).unbind(0)]
-                src = [blocks[lh].k for lh in order] + [blocks[lh].v for lh in order]
-            else:
-                dst, src = [], []
-                for (layer, head), b in blocks.items():
-                    span = slice(b.token_start, b.token_start + b.num_tokens)
-                    dst += [k[layer, head, span], v[layer, head, span]]
-                    src += [b.k, b.v]
-            _copy_all(dst, src)
-            slots = slots_host.to(r.device, non_blocking=True)
-            r.pool.k_slots[slots] = k
-            r.pool.v_slots[slots] = v
+            index = index_host.to(r.device, non_blocking=True)
+            run_plan(plan, r.pool.k_slots, r.pool.v_slots, index)
             done = torch.cuda.Event()
             done.record(self.stream)
         self._pending.append(done)
