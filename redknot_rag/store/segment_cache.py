@@ -76,10 +76,10 @@ def byte_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             end += n
             continue
         if storage is not None:
-            runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,)))
+            runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,), (1,)))
         storage, start, end = st, off, off + n
     if storage is not None:
-        runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,)))
+        runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,), (1,)))
     return runs
 
 
