@@ -88,10 +88,35 @@ from zipf import pct, query_stream  # noqa: E402
 
 from redknot_rag.reuse import ReuseInput  # noqa: E402
 from redknot_rag.store import ChunkKVStore, KVFingerprint, StoreConfig  # noqa: E402
+from redknot_rag.store.config import HeadCompression  # noqa: E402
 from redknot_rag.store.disk import DiskTier  # noqa: E402
-from redknot_rag.store.segment_cache import SegmentCache  # noqa: E402
+from redknot_rag.store.segment_cache import SegmentCache, byte_runs  # noqa: E402
 
 TIERS = ("gpu", "host", "disk", "redis")
+SETTING_TEXT = {
+    "dense": "every head global (random weights have no head profile), raw blocks in the serving dtype",
+    "compressed": "SYNTHETIC head profile (random weights have none): a random {share:.0%} of each layer's kv heads "
+    "global, the rest local, storing only the chunk's last {window} tokens; int8 cold codec (per-channel K, "
+    "per-token V scales) on disk and in Redis, the host tier holding the decoded blocks",
+}
+
+
+def compressed_config(num_layers: int, num_kv_heads: int, args: Any, host_bytes: int) -> StoreConfig:
+    """The compressed setting: a synthetic head profile (seeded) plus the int8 cold codec."""
+    g = torch.Generator().manual_seed(2)
+    n_global = max(1, round(args.global_share * num_kv_heads))
+    classes = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64)  # [L, Hkv]: 0 local, 1 global
+    for layer in range(num_layers):
+        classes[layer, torch.randperm(num_kv_heads, generator=g)[:n_global]] = 1
+    hc = HeadCompression.from_mask(classes, args.local_window)
+    return StoreConfig(host_bytes=host_bytes, heads=hc, cold_codec="int8")
+
+
+def host_bytes_per_chunk(cfg: StoreConfig, L: int, H: int, T: int, D: int, elem: int) -> int:
+    """Bytes of one chunk's decoded blocks (what the host tier holds and copies to the GPU)."""
+    hc = cfg.heads
+    tokens = sum(hc.token_range(layer, h, T)[1] for layer in range(L) for h in range(H)) if hc else L * H * T
+    return 2 * tokens * D * elem
 
 
 def log(*a: Any) -> None:
@@ -157,15 +182,35 @@ def h2d_ceiling(dev: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_segments(cache: SegmentCache, store: ChunkKVStore, keys: list[str], num_tokens: int) -> list[Any]:
+def load_segments(
+    cache: SegmentCache, store: ChunkKVStore, keys: list[str], num_tokens: int, workers: int = 8
+) -> list[Any]:
     """Every chunk's pool-resident segment (cache hit, or the store's blocks copied into the pool); waits
-    (on the device) for the copies. A miss anywhere is an error: the bench stored every chunk."""
+    (on the device) for the copies. The chunks the cache lacks are read by `workers` threads at once
+    (`ChunkKVStore.get_blocks_many`), so while chunk i is copied to the GPU, the next ones are read.
+    A miss anywhere is an error: the bench stored every chunk."""
+    todo = [k for k in dict.fromkeys(keys) if k not in cache]
+    pending = set(todo)
+    reads = store.get_blocks_many(todo, workers)
+
+    def load(key: str) -> Any:
+        if key not in pending:  # resident when planned, evicted since by this query's own loads
+            return store.get_blocks(key)
+        pending.discard(key)
+        for k, blocks in reads:  # yields in `todo` order, the order the keys are loaded in
+            if k == key:
+                return blocks
+        return store.get_blocks(key)
+
     segs = []
-    for key in keys:
-        seg = cache.get_blocks(key, functools.partial(store.get_blocks, key), num_tokens)
-        if seg is None:
-            raise RuntimeError(f"chunk {key} missing from every tier")
-        segs.append(seg)
+    try:
+        for key in keys:
+            seg = cache.get_blocks(key, functools.partial(load, key), num_tokens)
+            if seg is None:
+                raise RuntimeError(f"chunk {key} missing from every tier")
+            segs.append(seg)
+    finally:
+        reads.close()
     cache.ready()
     return segs
 
@@ -178,7 +223,8 @@ def verify_segment(engine: Any, store: ChunkKVStore, key: str, seg: Any) -> bool
     slots = seg.slots(r.page_size).to(r.device)  # [L, Hkv, T]
     k, v = r.pool.k_slots[slots].cpu(), r.pool.v_slots[slots].cpu()  # [L, Hkv, T, D]
     return all(
-        torch.equal(k[layer, head], b.k.cpu().to(k.dtype)) and torch.equal(v[layer, head], b.v.cpu().to(v.dtype))
+        torch.equal(k[layer, head, b.token_start : b.token_start + b.num_tokens], b.k.cpu().to(k.dtype))
+        and torch.equal(v[layer, head, b.token_start : b.token_start + b.num_tokens], b.v.cpu().to(v.dtype))
         for (layer, head), b in blocks.items()
     )
 
@@ -188,26 +234,25 @@ def tier_block_hits(store: ChunkKVStore) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------ part 1: tiers
-def run_tiers(ctx: dict, args: Any, data: dict) -> None:
+def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
+    """Part 1 for one storage setting (`setting`: name, tiers, disk store, Redis store or None, bytes):
+    TTFT with the chunks' KV in each of `setting["tiers"]`; results under data["settings"][name]."""
     engine, dev, policy = ctx["engine"], ctx["dev"], args.policy
     keys, chunks, T = ctx["keys"], ctx["chunks"], args.chunk_tokens
-    st_disk: ChunkKVStore = ctx["store_disk"]
-    st_redis: ChunkKVStore | None = ctx["store_redis"]
+    st_disk: ChunkKVStore = setting["disk"]
+    st_redis: ChunkKVStore | None = setting["redis"]
     cache = SegmentCache(engine.runner, max_pages=engine.runner.pool.num_pages)
     out: dict[str, Any] = {}
-    data["tiers"] = out
-    drop_ok = try_drop_caches() if "disk" in args.tiers else "not tried"
-    data["drop_caches"] = drop_ok
-    log("drop_caches:", drop_ok)
+    data["settings"][setting["name"]]["tiers"] = out
+    drop_ok = data["drop_caches"]
     disk_root = st_disk.tiers[0].ns if isinstance(st_disk.tiers[0], DiskTier) else None
-    if "disk" in args.tiers and disk_root is not None:
-        data["page_cache_check"] = page_cache_check(disk_root, drop_ok == "ok")
-        log("page cache check", data["page_cache_check"])
+    stored = setting["stored_bytes_per_chunk"] * len(keys)  # what disk / Redis hold for the query's chunks
+    decoded = setting["host_bytes_per_chunk"] * len(keys)  # what the host tier holds and copies to the GPU
 
     def prepare(tier: str) -> ChunkKVStore:
         """Untimed: put the chunks' KV in `tier` and nowhere warmer; returns the store to read."""
         if tier == "gpu":
-            load_segments(cache, st_disk, keys, T)
+            load_segments(cache, st_disk, keys, T, args.read_workers)
             return st_disk
         cache.clear()
         if tier == "host":
@@ -226,16 +271,19 @@ def run_tiers(ctx: dict, args: Any, data: dict) -> None:
         return store
 
     def measure(tier: str) -> dict:
-        """One warm-up query and `--reps` timed ones with the chunks' KV in `tier`."""
+        """One warm-up query and up to `--reps` timed ones (fewer where the warm-up shows they would
+        take more than `--tier-s` seconds) with the chunks' KV in `tier`."""
         runs = []
         verified = None
         served: dict[str, int] = {}
-        for rep in range(1 + args.reps):  # rep 0: warm-up, not recorded
+        reps = args.reps
+        rep = 0
+        while rep <= reps:  # rep 0: warm-up, not recorded
             store = prepare(tier)
             hits0 = tier_block_hits(store)
             sync(dev)
             t0 = time.perf_counter()
-            segs = load_segments(cache, store, keys, T)
+            segs = load_segments(cache, store, keys, T, args.read_workers)
             sync(dev)
             load_s = time.perf_counter() - t0
             hits1 = tier_block_hits(store)
@@ -244,61 +292,81 @@ def run_tiers(ctx: dict, args: Any, data: dict) -> None:
                     engine, store, keys[-1], segs[-1]
                 )
             inp = ReuseInput(ctx["anchor"], ctx["anchor_seg"], chunks, segs, ctx["question"])
+            tq = time.perf_counter()
             q = rag.query(engine, policy, inp, args)
-            if rep:
+            if rep == 0:
+                one = time.perf_counter() - t0 + (time.perf_counter() - tq)  # ~ a rep with its prepare
+                reps = max(1, min(args.reps, int(args.tier_s / max(one, 1e-3))))
+            else:
                 runs.append(dict(tier_load_s=load_s, relocate_s=q["load_s"], select_s=q["select_s"],
                                  forward_s=q["forward_s"], after_load_s=q["ttft_s"]))  # fmt: skip
                 for name, n in hits1.items():
                     served[name] = served.get(name, 0) + n - hits0.get(name, 0)
-        nbytes = 0 if tier == "gpu" else ctx["chunk_bytes"] * len(keys)
+            rep += 1
+        nbytes = 0 if tier == "gpu" else decoded
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         ttft = [r["tier_load_s"] + r["after_load_s"] for r in runs]
+        load = med["tier_load_s"]
         row = dict(
             ttft_median_s=statistics.median(ttft),
             ttft_all_s=ttft,
-            load_median_s=med["tier_load_s"],
+            load_median_s=load,
             relocate_median_s=med["relocate_s"],
             select_median_s=med["select_s"],
             forward_median_s=med["forward_s"],
-            bytes_moved=nbytes,
-            load_GBps=nbytes / med["tier_load_s"] / 1e9 if nbytes else None,
-            blocks_served_per_store_tier={k: n for k, n in served.items() if n},
+            reps=len(runs),
+            bytes_moved=nbytes,  # host -> GPU: the decoded blocks (storage dtype)
+            load_GBps=nbytes / load / 1e9 if nbytes else None,
             pool_equals_store_bits=verified,
+            blocks_served_per_store_tier={k: n for k, n in served.items() if n},
         )
+        if tier in ("disk", "redis"):
+            row["bytes_read"] = stored  # what the tier held and handed over (encoded payloads)
+            row["read_GBps"] = stored / load / 1e9
+            row["dense_equivalent_GBps"] = ctx["chunk_bytes"] * len(keys) / load / 1e9
         if tier == "host":
             blk = st_disk.memory.get(next(iter(b for b in st_disk.memory.chunk_blocks(keys[0]))))
             row["host_blocks_pinned"] = bool(blk is not None and blk.k.is_pinned())
+            blocks = st_disk.get_blocks(keys[0])
+            assert blocks is not None
+            row["host_copies_per_chunk"] = len(
+                byte_runs([t for lh in sorted(blocks) for t in (blocks[lh].k, blocks[lh].v)])
+            )
         if tier == "gpu":  # the question alone over the same reused context: the forward's non-recompute share
-            naive = [rag.query(engine, "naive", inp, args)["forward_s"] for _ in range(args.reps)]
+            naive = [rag.query(engine, "naive", inp, args)["forward_s"] for _ in range(min(args.reps, 2))]
             row["question_only_s"] = statistics.median(naive)
             row["recompute_est_s"] = row["forward_median_s"] - row["question_only_s"]
         return row
 
-    for tier in TIERS:
-        if tier not in args.tiers:
-            continue
+    for tier in setting["tiers"]:
         if tier == "redis" and st_redis is None:
             out[tier] = dict(skipped=ctx["redis_why"])
             log("redis tier skipped:", ctx["redis_why"])
             continue
-        if time.time() - ctx["start"] > args.budget_s:
-            out[tier] = dict(skipped="time budget")
+        if time.time() - ctx["start"] > setting["deadline_s"]:
+            out[tier] = dict(skipped="time budget (kept for the Zipf part)")
+            log(setting["name"], tier, "skipped: time budget")
             continue
         try:
             row = measure(tier)
-        except Exception as e:  # one tier failing (e.g. Redis refusing a 67 MB reply) must not lose the others
+        except Exception as e:  # one tier failing (e.g. Redis refusing a reply) must not lose the others
             traceback.print_exc()
             row = dict(error=f"{type(e).__name__}: {e}")
             cache.clear()
         out[tier] = row
-        log(tier, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "ttft_all_s"})
+        log(
+            setting["name"],
+            tier,
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "ttft_all_s"},
+        )
     cache.clear()
     hf = data["hf_full_s"]
+    gpu = data["settings"]["dense"]["tiers"].get("gpu", {})
     for row in out.values():
         if "ttft_median_s" in row:
             row["speedup_vs_hf_full"] = hf / row["ttft_median_s"]
-            if "gpu" in out and "ttft_median_s" in out["gpu"]:
-                row["vs_gpu_resident"] = row["ttft_median_s"] / out["gpu"]["ttft_median_s"]
+            if "ttft_median_s" in gpu:
+                row["vs_gpu_resident_dense"] = row["ttft_median_s"] / gpu["ttft_median_s"]
 
 
 # ------------------------------------------------------------------------------------ part 2: Zipf
@@ -350,7 +418,7 @@ def run_zipf(ctx: dict, args: Any, data: dict, work: Path) -> None:
         hits0, gpu0 = tier_block_hits(store), cache.hits
         sync(dev)
         t0 = time.perf_counter()
-        segs = load_segments(cache, store, picked, T)
+        segs = load_segments(cache, store, picked, T, args.read_workers)
         sync(dev)
         load_s = time.perf_counter() - t0
         inp = ReuseInput(ctx["anchor"], ctx["anchor_seg"], [by_key[k] for k in picked], segs, ctx["question"])
@@ -433,16 +501,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tiers", type=lambda s: s.split(","), default=list(TIERS))
     ap.add_argument("--probe-layers", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    ap.add_argument("--budget-s", type=float, default=240.0, help="skip what would start after this")
+    ap.add_argument("--budget-s", type=float, default=250.0, help="skip what would start after this")
+    ap.add_argument("--tier-s", type=float, default=12.0, help="fewer reps where a tier's would take longer")
+    ap.add_argument("--read-workers", type=int, default=8, help="chunks read from a cold tier at once")
+    ap.add_argument("--settings", type=lambda s: s.split(","), default=["dense", "compressed"])
+    ap.add_argument("--local-window", type=int, default=None, help="compressed: local heads' window (64; tiny 8)")
+    ap.add_argument("--global-share", type=float, default=0.25, help="compressed: share of heads global")
     ap.add_argument("--no-zipf", action="store_true")
-    ap.add_argument("--zipf-chunks", type=int, default=None, help="corpus (128; tiny 32)")
-    ap.add_argument("--zipf-queries", type=int, default=100)
+    ap.add_argument("--zipf-reserve-s", type=float, default=None, help="time kept for the Zipf part (85; tiny 30)")
+    ap.add_argument("--zipf-chunks", type=int, default=None, help="corpus (80; tiny 32)")
+    ap.add_argument("--zipf-queries", type=int, default=60)
     ap.add_argument("--zipf-top-k", type=int, default=8)
     ap.add_argument("--zipf-s", type=float, default=1.0)
     ap.add_argument("--zipf-cache-chunks", type=int, default=None, help="GPU segment cache (32; tiny 12)")
     ap.add_argument("--zipf-host-chunks", type=int, default=None, help="host budget in chunks (48; tiny 16)")
-    ap.add_argument("--zipf-disk-chunks", type=int, default=None, help="disk budget in chunks (96; tiny 24)")
-    ap.add_argument("--zipf-warmup", type=int, default=20, help="queries left out of the steady summary")
+    ap.add_argument("--zipf-disk-chunks", type=int, default=None, help="disk budget in chunks (64; tiny 24)")
+    ap.add_argument("--zipf-warmup", type=int, default=10, help="queries left out of the steady summary")
     ap.add_argument("--plot", default=None, help="only redraw the PNG of this JSON")
     args = ap.parse_args()
     if args.plot:
@@ -462,10 +536,16 @@ def main() -> None:
     args.chunk_tokens = default(args.chunk_tokens, 512, 32)
     args.question_tokens = default(args.question_tokens, 64, 8)
     args.probe_layers = default(args.probe_layers, [0, 1, 2, 3], [0, 1])
-    args.zipf_chunks = default(args.zipf_chunks, 128, 32)
-    args.zipf_cache_chunks = default(args.zipf_cache_chunks, 32, 12)
+    args.zipf_chunks = default(args.zipf_chunks, 80, 32)
+    args.local_window = default(args.local_window, 64, 8)
+    args.zipf_reserve_s = default(args.zipf_reserve_s, 85.0, 30.0)
+    if unknown_settings := set(args.settings) - set(SETTING_TEXT):
+        raise SystemExit(f"unknown settings {sorted(unknown_settings)}; choose from {sorted(SETTING_TEXT)}")
+    if "dense" not in args.settings:
+        raise SystemExit("--settings must include dense (the GPU-resident baseline and the Zipf part use it)")
+    args.zipf_cache_chunks = default(args.zipf_cache_chunks, 32, 12)  # the corpus is 2.5x the GPU tier
     args.zipf_host_chunks = default(args.zipf_host_chunks, 48, 16)
-    args.zipf_disk_chunks = default(args.zipf_disk_chunks, 96, 24)
+    args.zipf_disk_chunks = default(args.zipf_disk_chunks, 64, 24)
     if unknown := set(args.tiers) - set(TIERS):
         raise SystemExit(f"unknown tiers {sorted(unknown)}; choose from {TIERS}")
     start = time.time()
@@ -490,7 +570,7 @@ def main() -> None:
         chunk_tokens=args.chunk_tokens,
         question_tokens=args.question_tokens,
         reps=args.reps,
-        heads="dense: every head global (random weights have no head profile)",
+        heads="dense: every head global; compressed: a SYNTHETIC head profile (random weights have none)",
         redis=url is not None,
         redis_server=" ".join(redis_command() or []) or None,
         redis_note=None if url else "; ".join(redis_why),
@@ -532,29 +612,39 @@ def main() -> None:
         L, H, D = mc.num_layers, mc.num_kv_heads, mc.head_dim
         chunk_bytes = 2 * L * H * args.chunk_tokens * D * elem
         corpus = chunk_bytes * args.chunks
-        st_disk = ChunkKVStore(work / "disk", fp, config=StoreConfig(host_bytes=int(corpus * 1.05) + (1 << 20)))
-        st_redis = None
-        if url is not None:
-            from redknot_rag.store.redis_tier import RedisTier
+        host_cfg = StoreConfig(host_bytes=int(corpus * 1.05) + (1 << 20))
+        comp = compressed_config(L, H, args, host_cfg.host_bytes)
+        settings = {"dense": host_cfg, "compressed": comp}
+        stores: dict[str, dict[str, ChunkKVStore | None]] = {}
+        for name in args.settings:
+            cfg = settings[name]
+            redis_store = None
+            if url is not None:
+                from redknot_rag.store.redis_tier import RedisTier
 
-            st_redis = ChunkKVStore(
-                work / "redis-host",
-                fp,
-                cold=RedisTier.from_url(url, fp, timeout_s=30.0),
-                config=StoreConfig(host_bytes=int(corpus * 1.05) + (1 << 20)),
-            )
+                cold = RedisTier.from_url(url, fp, timeout_s=30.0, prefix=f"rkv-{name}")
+                redis_store = ChunkKVStore(work / f"redis-host-{name}", fp, cold=cold, config=cfg)
+            stores[name] = dict(disk=ChunkKVStore(work / f"disk-{name}", fp, config=cfg), redis=redis_store)
+        st_disk = stores["dense"]["disk"]
+        st_redis = stores["dense"]["redis"]
+        assert st_disk is not None
         keys = [f"c{i}" for i in range(args.chunks)]
+        put_s = {name: 0.0 for name in stores}
         with Timer(dev) as t:
             for key, (k, v) in zip(keys, prefill(chunks), strict=True):
                 kc, vc = k.cpu(), v.cpu()
-                st_disk.put(key, kc, vc)
-                if st_redis is not None:
-                    st_redis.put(key, kc, vc, keep_in_memory=False)
+                for name, pair in stores.items():
+                    t0 = time.perf_counter()
+                    for which, st in pair.items():
+                        if st is not None:  # the dense disk store keeps them in host memory: the host tier
+                            st.put(key, kc, vc, keep_in_memory=name == "dense" and which == "disk")
+                    put_s[name] += time.perf_counter() - t0
                 del k, v, kc, vc
         data["ingest_s"] = t.s
+        data["put_s"] = put_s
         assert isinstance(st_disk.tiers[0], DiskTier)
         file_bytes = st_disk.tiers[0].nbytes // args.chunks
-        log(f"stored {args.chunks} chunks ({corpus / 1e9:.2f} GB of K/V) in {t.s:.1f} s")
+        log(f"stored {args.chunks} chunks ({corpus / 1e9:.2f} GB of K/V) in {t.s:.1f} s", put_s)
         ps = engine.runner.page_size
         ctx: dict[str, Any] = dict(
             engine=engine, hf=hf, dev=dev, keys=keys, chunks=chunks, anchor=anchor, anchor_seg=pf.anchor,
@@ -590,18 +680,47 @@ def main() -> None:
         data["hf_full_all_s"] = hf_runs
         log("transformers full prefill", data["hf_full_s"])
         save()
-        run_tiers(ctx, args, data)
-        save()
-        if st_redis is not None:
-            st_redis.close()
-            for key in keys:
-                st_redis.delete(key)  # free Redis and pinned host memory for part 2
-        st_disk.evict()
-        st_disk.close()
-        shutil.rmtree(work / "disk", ignore_errors=True)
-        free_memory()
+        drop_ok = try_drop_caches() if "disk" in args.tiers else "not tried"
+        data["drop_caches"] = drop_ok
+        log("drop_caches:", drop_ok)
+        if "disk" in args.tiers:
+            data["page_cache_check"] = page_cache_check(st_disk.tiers[0].ns, drop_ok == "ok")
+            log("page cache check", data["page_cache_check"])
+        # the Zipf part always runs: the settings' tiers start only while its reserve is left
+        reserve = 0.0 if args.no_zipf else args.zipf_reserve_s
+        deadlines = {"dense": args.budget_s - reserve - 25.0, "compressed": args.budget_s - reserve}
+        data["settings"] = {}
+        for name, pair in stores.items():
+            d_store, r_store = pair["disk"], pair["redis"]
+            assert d_store is not None and isinstance(d_store.tiers[0], DiskTier)
+            cst = d_store.stats().class_stored_bytes
+            data["settings"][name] = dict(
+                description=SETTING_TEXT[name].format(window=args.local_window, share=args.global_share),
+                config=dict(cold_codec=settings[name].cold_codec, heads=None if settings[name].heads is None else dict(
+                    window=settings[name].heads.window, local_heads=settings[name].heads.num_local, kv_heads=L * H)),
+                stored_bytes_per_chunk=sum(cst.values()) / args.chunks,
+                stored_bytes_by_class=cst,
+                file_bytes_per_chunk=d_store.tiers[0].nbytes / args.chunks,
+                host_bytes_per_chunk=host_bytes_per_chunk(settings[name], L, H, args.chunk_tokens, D, elem),
+                vs_dense_stored=sum(cst.values()) / (chunk_bytes * args.chunks),
+                put_s=put_s[name],
+            )  # fmt: skip
+            setting = dict(name=name, tiers=[t for t in TIERS if t in args.tiers and (name == "dense" or t != "gpu")],
+                           disk=d_store, redis=r_store, deadline_s=deadlines[name],
+                           **{k: data["settings"][name][k] for k in ("stored_bytes_per_chunk",
+                                                                     "host_bytes_per_chunk")})  # fmt: skip
+            run_tiers(ctx, args, data, setting)
+            save()
+            if r_store is not None:
+                r_store.close()
+                for key in keys:
+                    r_store.delete(key)  # free Redis and pinned host memory for the next part
+            d_store.evict()
+            d_store.close()
+            shutil.rmtree(work / f"disk-{name}", ignore_errors=True)
+            free_memory()
         if not args.no_zipf:
-            if time.time() - start > args.budget_s - 45:  # its corpus alone takes tens of seconds to store
+            if time.time() - start > args.budget_s - 30:
                 data["notes"].append("zipf: skipped (time budget)")
             else:
                 try:
