@@ -147,7 +147,8 @@ def test_load_plan_few_copies_exact_cpu(tmp_path: Path) -> None:
         seg = KVSegment(pages, T, is_shared=True, visible=visible)
         r.pool.k.fill_(7.0)
         r.pool.v.fill_(7.0)
-        plan = load_plan(blocks, seg.slots(r.page_size), visible)
+        plan = load_plan(blocks, pages, r.page_size, T, visible)
+        assert plan.dense == (visible is None)
         run_plan(plan, r.pool.k_slots, r.pool.v_slots, plan.index)
         pk, pv = _pool_kv(r, seg)
         if visible is None:

@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import threading
@@ -27,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from redknot_rag.store.blockfile import CorruptChunkError
@@ -368,15 +368,14 @@ class ChunkKVStore:
             if not 0 <= h < meta.num_kv_heads:
                 raise IndexError(f"kv head {h} outside [0, {meta.num_kv_heads})")
         want = [(li, h) for li in ls for h in hs]
-        counts: Counter[str] = Counter(f"lookups.{meta.block(*b).head_class.label}" for b in want)
-        counts["block_lookups"] = len(want)
-        blocks: dict[Block, KVBlock] = {}
-        for b in want:
-            got = self.memory.get(BlockKey(chunk_key, *b))
-            if got is not None:
-                blocks[b] = got
-                counts[f"hits.host.{got.head_class.label}"] += 1
-        self._add_counts(counts)
+        H = meta.num_kv_heads
+        lookups = Counter(meta.blocks[li * H + h].head_class for li, h in want)
+        held = self.memory.get_many([BlockKey(chunk_key, li, h) for li, h in want])
+        blocks: dict[Block, KVBlock] = {b: got for b, got in zip(want, held, strict=True) if got is not None}
+        host_hits = Counter(got.head_class for got in blocks.values())
+        self._counts.add("block_lookups", len(want))
+        self._add_counts({f"lookups.{c.label}": n for c, n in lookups.items()})
+        self._add_counts({f"hits.host.{c.label}": n for c, n in host_hits.items()})
         missing = [b for b in want if b not in blocks]
         num_absent = 0  # tiers that answered "no such chunk"
         for i, tier in enumerate(self.tiers):
@@ -405,7 +404,8 @@ class ChunkKVStore:
                 continue
             decoded = self._decode(tmeta, payloads, landing)
             blocks.update(self._promote(chunk_key, tmeta, decoded))  # promotion into host memory
-            self._add_counts(Counter(f"hits.{tier.name}.{tmeta.block(*b).head_class.label}" for b in payloads))
+            tier_hits = Counter(tmeta.blocks[li * H + h].head_class for li, h in payloads)
+            self._add_counts({f"hits.{tier.name}.{c.label}": n for c, n in tier_hits.items()})
             self._counts.add("promotions", len(payloads))
             if i > 0 and payloads and self.config.promote_to_disk:
                 self._schedule_fill(chunk_key, i)
@@ -417,7 +417,7 @@ class ChunkKVStore:
             return None
         return meta, {b: blocks[b] for b in want}
 
-    def _add_counts(self, counts: Counter[str]) -> None:
+    def _add_counts(self, counts: dict[str, int]) -> None:
         for name, n in counts.items():
             self._counts.add(name, n)
 
@@ -599,13 +599,14 @@ class _Landing:
 
     def __call__(self, nbytes: int) -> memoryview:
         self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        self._base = self.buf.data_ptr()
         return memoryview(self.buf.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
 
     def view(self, payload: Payload) -> torch.Tensor | None:
         """`payload`'s bytes as a slice of the buffer (uint8), or None when it does not lie in it."""
-        if self.buf is None or not isinstance(payload, memoryview) or payload.nbytes == 0:
+        if self.buf is None or not isinstance(payload, memoryview) or payload.readonly or payload.nbytes == 0:
             return None
-        off = np.frombuffer(payload, dtype=np.uint8).ctypes.data - self.buf.data_ptr()
+        off = ctypes.addressof(ctypes.c_char.from_buffer(payload)) - self._base
         if off < 0 or off + payload.nbytes > self.buf.numel():
             return None
         return self.buf[off : off + payload.nbytes]

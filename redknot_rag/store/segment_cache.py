@@ -60,51 +60,81 @@ def assemble_blocks(
 
 
 def byte_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The bytes of `tensors`, in order, as few uint8 `[n]` views: consecutive tensors that lie back
-    to back in one storage (a chunk's blocks read into one host buffer) merge into one view, so
+    """The bytes of `tensors`, in order, as few uint8 `[n]` views: consecutive tensors of one storage
+    that lie back to back (a chunk's blocks read into one host buffer) merge into one view, so
     copying the runs moves the same bytes in a few large copies. Views share the tensors'
     storage (pinned stays pinned; the copy engine's events are recorded on it)."""
     runs: list[torch.Tensor] = []
-    storage: torch.UntypedStorage | None = None
-    start = end = 0
+    first: torch.Tensor | None = None  # the run's first tensor
+    owner = start = end = 0  # the run's storage (its data address) and byte range
     for t in tensors:
-        t = t.contiguous()
-        st = t.untyped_storage()
-        off = t.data_ptr() - st.data_ptr()
-        n = t.numel() * t.element_size()
-        if storage is not None and st.data_ptr() == storage.data_ptr() and off == end:
-            end += n
+        if not t.is_contiguous():
+            t = t.contiguous()
+        key = t.untyped_storage().data_ptr()  # same key: same allocation
+        ptr = t.data_ptr()
+        if first is not None and key == owner and ptr == end:
+            end += t.numel() * t.element_size()
             continue
-        if storage is not None:
-            runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,), (1,)))
-        storage, start, end = st, off, off + n
-    if storage is not None:
-        runs.append(torch.empty(0, dtype=torch.uint8).set_(storage, start, (end - start,), (1,)))
+        if first is not None:
+            runs.append(_bytes_view(first, start, end))
+        first, owner, start, end = t, key, ptr, ptr + t.numel() * t.element_size()
+    if first is not None:
+        runs.append(_bytes_view(first, start, end))
     return runs
+
+
+def _bytes_view(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """uint8 view of addresses [start, end) inside `t`'s storage."""
+    st = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8).set_(st, start - st.data_ptr(), (end - start,), (1,))
+
+
+def page_slots(pages: torch.Tensor, page_size: int, num_tokens: int) -> torch.Tensor:
+    """Pool slot of every token of a segment of `pages` `[L, Hkv, P]`: `[L, Hkv, num_tokens]`, on
+    `pages`' device (as `KVSegment.slots`)."""
+    nl, nh, npages = pages.shape
+    offsets = torch.arange(page_size, dtype=pages.dtype, device=pages.device)
+    slots = pages[:, :, :, None] * page_size + offsets  # [L, Hkv, P, page_size]
+    return slots.view(nl, nh, npages * page_size)[:, :, :num_tokens]
 
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """How a chunk's blocks reach the pool: copy `runs` back to back into one device buffer, read it
-    as rows `[2·N, D]` of `dtype` (per block in `order`: its n K rows, then its n V rows; N = stored
-    tokens), then `pool.k_slots[index[:N]] = rows[index[N:2N]]`, V likewise with `index[2N:3N]`,
-    and zeros into `index[3N:]` (slots of tokens no head stores: nothing stale stays readable).
-    `index` int64 `[3N + Z]` is built on the host in one piece, so it is one upload."""
+    """How a chunk's blocks reach the pool: copy `runs` back to back into one device buffer and read
+    it as rows `[2·N, D]` of `dtype` (per block, layer-major: its n K rows, then its n V rows; N =
+    stored tokens). Then, with `index` (int64, built on the host in one piece: one upload):
+
+    dense (every block whole): `index` is the segment's pages `[L·Hkv·P]`; the slots are computed
+        on the device, and rows `[L·Hkv, 2, T, D]` are written to them (no per-token index upload).
+    else: `index` is `[3N + Z]`: `pool.k_slots[index[:N]] = rows[index[N:2N]]`, V likewise with
+        `index[2N:3N]`, and zeros into `index[3N:]` (slots of tokens no head stores: nothing stale
+        stays readable).
+    """
 
     runs: list[torch.Tensor]
     dtype: torch.dtype
     head_dim: int
     num_stored: int  # N
-    index: torch.Tensor  # int64 [3N + Z]: slots of stored tokens, K rows, slots of zeros ... see above
+    index: torch.Tensor
+    dense: bool
+    shape: tuple[int, int, int, int]  # (L, Hkv, P, T)
+    page_size: int
 
 
-def load_plan(blocks: Blocks, slots: torch.Tensor, visible: torch.Tensor | None) -> LoadPlan:
-    """The plan for a chunk's blocks; `slots` `[L, Hkv, T]` its pool slots, `visible` its visibility
-    (None: every block whole). Vectorized: no per-token Python work, O(blocks) Python steps."""
+def load_plan(
+    blocks: Blocks, pages: torch.Tensor, page_size: int, num_tokens: int, visible: torch.Tensor | None
+) -> LoadPlan:
+    """The plan for a chunk's blocks into the segment of `pages` `[L, Hkv, P]` (host), `visible` its
+    visibility (None: every block whole). Vectorized: O(blocks) Python steps, no per-token ones."""
     order = sorted(blocks)  # (layer, head), layer-major: the order of the rows
     first = blocks[order[0]]
     dtype, d = first.k.dtype, first.k.shape[-1]
     runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
+    nl, nh, npages = pages.shape
+    shape = (nl, nh, npages, num_tokens)
+    if visible is None:  # every (layer, head) block whole, in order
+        return LoadPlan(runs, dtype, d, nl * nh * num_tokens, pages.reshape(-1).long(), True, shape, page_size)
+    slots = page_slots(pages, page_size, num_tokens)  # [L, Hkv, T]
     meta = torch.tensor([(lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order])  # [B, 4]
     n = meta[:, 3]
     blk = torch.repeat_interleave(torch.arange(len(order)), n)  # [N]: the block of each stored token
@@ -112,9 +142,9 @@ def load_plan(blocks: Blocks, slots: torch.Tensor, visible: torch.Tensor | None)
     within = torch.arange(blk.numel()) - first_row[blk]  # [N]: token index within its block
     k_rows = 2 * first_row[blk] + within  # the block's K rows come first, then its n V rows
     tok_slots = slots[meta[blk, 0], meta[blk, 1], meta[blk, 2] + within]  # [N]
-    zero = slots[~visible] if visible is not None else slots.new_empty(0)  # [Z]
+    zero = slots[~visible]  # [Z]
     index = torch.cat([tok_slots.long(), k_rows, k_rows + n[blk], zero.long()])
-    return LoadPlan(runs, dtype, d, int(blk.numel()), index)
+    return LoadPlan(runs, dtype, d, int(blk.numel()), index, False, shape, page_size)
 
 
 def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index: torch.Tensor) -> None:
@@ -127,7 +157,14 @@ def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index
         packed[pos : pos + run.numel()].copy_(run, non_blocking=True)
         pos += run.numel()
     rows = packed.view(plan.dtype).view(-1, plan.head_dim).to(k_slots.dtype)  # [2N, D]
-    N = plan.num_stored
+    N, d = plan.num_stored, plan.head_dim
+    if plan.dense:
+        nl, nh, npages, T = plan.shape
+        slots = page_slots(index.view(nl, nh, npages), plan.page_size, T).reshape(-1)  # [L·Hkv·T]
+        kv = rows.view(nl * nh, 2, T, d)  # per block: K rows then V rows
+        k_slots[slots] = kv[:, 0].reshape(N, d)
+        v_slots[slots] = kv[:, 1].reshape(N, d)
+        return
     slots, k_rows, v_rows, zero = index[:N], index[N : 2 * N], index[2 * N : 3 * N], index[3 * N :]
     k_slots[slots] = rows[k_rows]
     v_slots[slots] = rows[v_rows]
@@ -199,7 +236,7 @@ class SegmentCache:
         self._make_room(nl * nh * num_pages)
         pages = torch.from_numpy(r.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
         seg = KVSegment(pages, num_tokens, is_shared=True, visible=visible)
-        plan = load_plan(blocks, seg.slots(r.page_size), visible)
+        plan = load_plan(blocks, pages, r.page_size, num_tokens, visible)
         # pinned so the index upload is asynchronous too: the host never waits on the side stream
         index_host = plan.index.pin_memory()
         main = torch.cuda.current_stream(r.device)

@@ -71,10 +71,9 @@ class ColdTier(Protocol):
     `put_chunk` stores every block of a chunk or none (after a crash too) and returns the chunk
     keys it evicted for its budget; `durable=False` marks a cache fill that may skip fsyncs.
     `get_payloads` returns the chunk's meta and the crc-verified payloads of the requested blocks
-    (memoryviews into one buffer from `alloc(nbytes)` when given, so a caller can land a chunk in
-    pinned memory with no further copy)
-    it holds (a tier whose own LRU dropped single blocks may return fewer), None when it lacks the
-    chunk or it is bound to another fingerprint, and raises
+    it holds (a tier whose own LRU dropped single blocks may return fewer; with `alloc`, memoryviews
+    into one buffer from `alloc(nbytes)`, so a caller lands a chunk in pinned memory with no further
+    copy), None when it lacks the chunk or it is bound to another fingerprint, and raises
     `CorruptChunkError` (after dropping the chunk) when a requested block fails its checksum, or
     `TierUnavailableError` when it cannot be reached.
     """
@@ -146,20 +145,29 @@ class MemoryTier:
     def get(self, key: BlockKey) -> KVBlock | None:
         """The block (a hit: it moves to, or within, the protected segment), or None."""
         with self._lock:
-            block = self._protected.get(key)
-            if block is not None:
-                self._protected.move_to_end(key)
-                return block
-            block = self._probation.pop(key, None)
-            if block is None:
-                return None
-            self._protected[key] = block
-            self._protected_bytes += block.nbytes
-            while self._protected_bytes > self.protected_bytes_cap and len(self._protected) > 1:
-                old, b = self._protected.popitem(last=False)
-                self._protected_bytes -= b.nbytes
-                self._probation[old] = b  # back to probation's recent end
+            return self._get(key)
+
+    def get_many(self, keys: Sequence[BlockKey]) -> list[KVBlock | None]:
+        """`get` of each key, under one lock acquisition."""
+        with self._lock:
+            return [self._get(key) for key in keys]
+
+    def _get(self, key: BlockKey) -> KVBlock | None:
+        """Caller holds the lock."""
+        block = self._protected.get(key)
+        if block is not None:
+            self._protected.move_to_end(key)
             return block
+        block = self._probation.pop(key, None)
+        if block is None:
+            return None
+        self._protected[key] = block
+        self._protected_bytes += block.nbytes
+        while self._protected_bytes > self.protected_bytes_cap and len(self._protected) > 1:
+            old, b = self._protected.popitem(last=False)
+            self._protected_bytes -= b.nbytes
+            self._probation[old] = b  # back to probation's recent end
+        return block
 
     def put(self, key: BlockKey, block: KVBlock, owned: bool = False) -> KVBlock | None:
         """Insert (or replace) a block into probation, evicting to fit; returns the held block.
