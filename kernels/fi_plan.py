@@ -137,14 +137,16 @@ def plan_batch(
     fresh_ok: bool,
     max_local_slices: int = 8,
     local_decode: bool = False,
+    local_inside: bool = True,
 ) -> FIPlan | None:
     """Map `batch` (every slice `pos_is_index`) onto FlashInfer requests; None where FlashInfer cannot
     serve it (the caller runs Triton): a slice with per-head visibility whose queries are not all at its
-    tail, or whose local rows do not see their tail, or more than `max_local_slices` slices with per-head
-    visibility (each costs two host syncs and per-layer index slicing in `fi_heads.plan_heads`: a large
-    decode batch of such sequences keeps Triton's device-built plan), or, unless `local_decode`, a
-    decode-only batch with such a slice (Triton's one launch per layer over the few local keys has not been
-    measured against `fi_heads`' ~10 launches per layer yet; the question phase is what this path is for)."""
+    tail unless `local_inside`, or whose local rows do not see their tail, or more than `max_local_slices`
+    slices with per-head visibility (each costs two host syncs and per-layer index slicing in
+    `fi_heads.plan_heads`: a large decode batch of such sequences keeps Triton's device-built plan), or,
+    unless `local_decode`, a decode-only batch with such a slice (Triton's one launch per layer over the
+    few local keys has not been measured against `fi_heads`' ~10 launches per layer yet; the question phase
+    is what this path is for)."""
     hkv = num_kv_heads
     positions = batch.positions.cpu()
     seqs = batch.seqs
@@ -157,10 +159,11 @@ def plan_batch(
         is_local = s.kv_visible is not None
         is_fresh = fresh_ok and s.q_len == t and s.q_len > 1 and not is_local
         r = s.q_len if is_fresh else tail_len(qp, t)
-        # Inside queries (recompute) of a slice with local heads stay on Triton: a local row's inside query
-        # sees a position-dependent prefix of its visible keys (one request per distinct prefix, or a custom
-        # mask), and part A/B of inside queries run over every head of a slice. Not built.
-        if is_local and r < s.q_len:
+        # Inside queries (recompute) of a slice with local heads: its global rows take part A/B below, its
+        # local rows (every query) run on Triton over their few visible keys (`fi_heads.LocalInside`): a local
+        # row's inside query sees a position-dependent prefix of its visible keys, one FlashInfer request
+        # per distinct prefix. `local_inside=False`: the whole batch on Triton.
+        if is_local and r < s.q_len and not local_inside:
             return None
         has_inside |= r < s.q_len
         has_local |= is_local
@@ -248,9 +251,10 @@ def plan_batch(
         )
 
     heads = None
-    if has_local:  # causal_rq is not empty: a slice with local heads has tail queries only
+    if has_local:
         tails = [(si, q0, n) for si, _, _, q0, n, _ in causal_rq]
-        heads = plan_heads(seqs, tails, unit_offsets, ps, hkv, positions, device)
+        local_in = [i for i, (s, k) in enumerate(zip(seqs, kinds)) if s.kv_visible is not None and k[1] < s.q_len]
+        heads = plan_heads(seqs, tails, local_in, unit_offsets, ps, hkv, positions, device)
         if heads is None:
             return None
         causal_rq = []

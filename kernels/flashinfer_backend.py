@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -133,6 +134,8 @@ class FlashInferBackend(AttentionBackend):
     max_local_slices: int = 8
     # Decode-only batches with local-head sequences on `fi_heads` too (off: Triton, see `plan_batch`).
     local_decode: bool = False
+    # Recompute on local-head sequences: global rows on part A/B, local rows on Triton (off: all on Triton).
+    local_inside: bool = True
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary, emulate: bool = False) -> None:
         require_uniform_layers(cfg, "flashinfer")
@@ -155,6 +158,8 @@ class FlashInferBackend(AttentionBackend):
         self._bufs: dict[str, torch.Tensor] = {}
         self._head_bufs: list[torch.Tensor | None] = []  # per `fi_heads` group: its global rows' page indices
         self._head_wrappers: list[tuple[Any, Any]] = []  # per group: (paged, ragged) prefill wrappers, reused
+        self._rot_wrappers: dict[int, Any] = {}  # part A over n < Hkv kv heads (layers with local heads)
+        self._pre_heads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if emulate:
             return
         fi = import_flashinfer()
@@ -209,7 +214,7 @@ class FlashInferBackend(AttentionBackend):
                 block = max(512, -(-longest // (16 * 512)) * 512)
             p = plan_batch(
                 batch, self.cfg.num_kv_heads, self.pool.page_size, block, dev, self.fresh_sdpa,
-                self.max_local_slices, self.local_decode,
+                self.max_local_slices, self.local_decode, self.local_inside,
             )  # fmt: skip
         self.use_triton = p is None
         if p is None:
@@ -225,23 +230,38 @@ class FlashInferBackend(AttentionBackend):
         parts = (["sdpa"] if p.fresh else []) + (["flashinfer"] if p.causal or p.full or p.heads else [])
         if p.heads is not None and any(g.loc_qo_indptr is not None for g in p.heads.groups):
             parts.append("local-ragged")
-        self.path = "+".join(parts + (["triton-inside"] if p.inside else []))
+        local_in = p.heads.inside if p.heads is not None else None
+        self.path = "+".join(
+            parts + (["triton-inside"] if p.inside else []) + (["triton-local-inside"] if local_in else [])
+        )
         if p.heads is not None:
             self._plan_heads(p)
-        if p.inside is not None:
-            mx = int(p.inside.kv_pos.max()) if p.inside.kv_pos.numel() else 0
+        if p.inside is not None or local_in is not None:
+            mx = int(p.inside.kv_pos.max()) if p.inside is not None and p.inside.kv_pos.numel() else 0
+            mx = max(mx, local_in.max_pos if local_in is not None else 0)
             if mx >= self.triton.cos.shape[0]:
                 self.triton.cos, self.triton.sin = rope_tables(self.triton.inv_freq, 2 * mx + 1, self.pool.dtype)
         pre = p.prefix if self.part_a == "rotated" else None
+        self._pre_heads = None
         if pre is not None:
-            hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
-            self._kbuf = torch.empty(pre.buf_len, hkv, d, dtype=self.pool.dtype, device=dev)
+            hkv, d, g = self.cfg.num_kv_heads, self.cfg.head_dim, self.cfg.num_kv_groups
+            # flat: viewed [buf_len, n, D] for a layer whose part A runs n kv heads
+            self._kbuf = torch.empty(pre.buf_len * hkv * d, dtype=self.pool.dtype, device=dev)
             self._vbuf = torch.empty_like(self._kbuf)
-            if not self.emulate:
-                self.prefill_rot.plan(
+            self._pre_heads = self._prefix_heads(p)
+            sizes = {hkv} if self._pre_heads is None else {int(kh.numel()) for kh, _ in self._pre_heads} - {0}
+            for n_h in sorted(sizes) if not self.emulate else ():
+                if n_h == hkv:
+                    w = self.prefill_rot
+                else:
+                    w = self._rot_wrappers.get(n_h)
+                    if w is None:
+                        w = self.fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+                        self._rot_wrappers[n_h] = w
+                w.plan(
                     pre.qo_indptr.to(dev), pre.kv_indptr.to(dev), pre.indices,
                     torch.ones(pre.qo_indptr.shape[0] - 1, dtype=torch.int32, device=dev),
-                    num_qo_heads=self.cfg.num_q_heads, num_kv_heads=hkv, head_dim_qk=d, page_size=1,
+                    num_qo_heads=n_h * g, num_kv_heads=n_h, head_dim_qk=d, page_size=1,
                     causal=False, pos_encoding_mode="NONE", q_data_type=self.pool.dtype,
                     kv_data_type=self.pool.dtype, sm_scale=self.cfg.attn_scale,
                 )  # fmt: skip
@@ -400,17 +420,51 @@ class FlashInferBackend(AttentionBackend):
             )  # fmt: skip
             if p.full is not None:
                 lse_a: torch.Tensor | None
+                qh: torch.Tensor | None = None  # q heads part A ran (None: all)
                 if self.part_a == "rotated":
-                    o_a, lse_a = self._prefix(layer, q)
+                    o_a, lse_a, qh = self._prefix(layer, q)
                 else:
                     o_a, lse_a = self._requests(layer, q, p.full, "full", True)
                 assert lse_a is not None
                 sel = ins.part_a
                 ai = ins.a_index[sel]
-                o_m, _ = merge_states(o_a[ai], lse_a[ai], o_b[sel], lse_b[sel])
-                o_b[sel] = o_m
+                if qh is None:
+                    o_m, _ = merge_states(o_a[ai], lse_a[ai], o_b[sel], lse_b[sel])
+                    o_b[sel] = o_m
+                elif qh.numel():  # other heads: local rows, overwritten by `_local_inside`
+                    ob, lb = o_b[sel], lse_b[sel]  # [n_a, Hq, D], [n_a, Hq] (copies)
+                    ob[:, qh], _ = merge_states(o_a[ai], lse_a[ai], ob[:, qh], lb[:, qh])
+                    o_b[sel] = ob
             out[ins.q_rows] = o_b
+        if p.heads is not None and p.heads.inside is not None:
+            self._local_inside(layer, q, out)  # after part A/B: it overwrites their local heads
         return out
+
+    def _local_inside(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """Local rows of local-head slices with inside queries (`fi_heads.LocalInside`): every query of the
+        slice over the row's visible keys, causal by position (Triton). Writes those (row, head) results."""
+        from .paged_attention import SegPagedMeta
+
+        p = self.plan_fi
+        assert p is not None and p.heads is not None and p.heads.inside is not None
+        li = p.heads.inside
+        ly = li.layers[layer]
+        if not ly.row_head.numel():
+            return
+        cfg = self.cfg
+        hkv, g, d = cfg.num_kv_heads, cfg.num_kv_groups, cfg.head_dim
+        meta = SegPagedMeta(
+            q_pos=li.q_pos, row_q_start=ly.row_q_start, row_q_len=ly.row_q_len, row_head=ly.row_head,
+            kv_indptr=ly.kv_indptr, kv_slots=ly.kv_slots, kv_pos=ly.kv_pos, max_q_len=li.max_q_len,
+        )  # fmt: skip
+        q_in = q[li.q_rows].contiguous()  # [n, Hq, D]
+        o, _ = seg_paged_attention(
+            q_in, self.pool.k_slots, self.pool.v_slots, meta, self.triton.cos, self.triton.sin, g,
+            sm_scale=cfg.attn_scale,
+        )  # fmt: skip
+        n = q_in.shape[0]
+        o4 = o.view(n, hkv, g, d)  # only the listed (row, head) pairs are defined
+        out.view(out.shape[0], hkv, g, d)[li.q_rows[ly.out_q[0]], ly.out_q[1]] = o4[ly.out_q[0], ly.out_q[1]]
 
     def _heads(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """Tail queries by row (`fi_heads`): global rows over pool units (in-kernel RoPE), local rows over
@@ -453,25 +507,59 @@ class FlashInferBackend(AttentionBackend):
                 o = self._head_wrappers[gi][1].run(ql, k, v)
             out4[rows.loc_q[0], rows.loc_q[1]] = o
 
-    def _prefix(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Part A over rotated contiguous K/V (`fi_plan.Prefix`): out `[nq, Hq, D]`, lse `[nq, Hq]` natural."""
+    def _prefix_heads(self, p: FIPlan) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer, the kv heads part A must run (a global row in some part-A slice) and their q heads
+        (device int64); None when that is every head of every layer. A head left out is local in every
+        part-A slice, so `_local_inside` serves all its queries."""
+        pre, hp = p.prefix, p.heads
+        if pre is None or hp is None:
+            return None
+        cfg = self.cfg
+        need = np.zeros((cfg.num_layers, cfg.num_kv_heads), dtype=bool)
+        for si, _, _ in pre.slices:
+            full = hp.is_full.get(si)
+            need |= True if full is None else full
+        if need.all():
+            return None
+        dev, g = self.pool.device, cfg.num_kv_groups
+        by_mask: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for row in need:
+            if row.tobytes() not in by_mask:
+                kh = np.nonzero(row)[0]
+                qh = (kh[:, None] * g + np.arange(g)).reshape(-1)
+                by_mask[row.tobytes()] = (torch.from_numpy(kh).to(dev), torch.from_numpy(qh).to(dev))
+            out.append(by_mask[row.tobytes()])
+        return out
+
+    def _prefix(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Part A over rotated contiguous K/V (`fi_plan.Prefix`) for the layer's part-A heads
+        (`_prefix_heads`): out `[nq, n * g, D]`, lse `[nq, n * g]` natural, and those q heads `[n * g]`
+        (None: all heads, n = Hkv)."""
         p = self.plan_fi
         assert p is not None and p.prefix is not None
-        pre, rot, d = p.prefix, self.rotary.for_layer(layer), self.cfg.head_dim
+        pre, rot, d, hkv = p.prefix, self.rotary.for_layer(layer), self.cfg.head_dim, self.cfg.num_kv_heads
+        kh, qh = self._pre_heads[layer] if self._pre_heads is not None else (None, None)
+        n_h = hkv if kh is None else int(kh.numel())
+        if n_h == 0:
+            empty = q.new_zeros(0, 0, d)
+            return empty, empty[:, :, 0].float(), qh
+        kbuf = self._kbuf[: pre.buf_len * n_h * d].view(pre.buf_len, n_h, d)
+        vbuf = self._vbuf[: pre.buf_len * n_h * d].view(pre.buf_len, n_h, d)
         for si, off, t in pre.slices:  # K rotated once per layer (not per query tile), V made contiguous
             slots = self._seqs[si].kv_slots[layer]  # [Hkv, T]
-            self._kbuf[off : off + t] = rot.apply(self.pool.k_slots[slots], self._seqs[si].kv_pos).transpose(0, 1)
-            self._vbuf[off : off + t] = self.pool.v_slots[slots].transpose(0, 1)
-        qa = rot.apply(q[pre.q_rows].transpose(0, 1), pre.q_pos).transpose(0, 1).contiguous()  # [nq, Hq, D]
+            if kh is not None:
+                slots = slots[kh]  # [n, T]
+            kbuf[off : off + t] = rot.apply(self.pool.k_slots[slots], self._seqs[si].kv_pos).transpose(0, 1)
+            vbuf[off : off + t] = self.pool.v_slots[slots].transpose(0, 1)
+        qs = q[pre.q_rows] if qh is None else q[pre.q_rows][:, qh]  # [nq, n * g, D]
+        qa = rot.apply(qs.transpose(0, 1), pre.q_pos).transpose(0, 1).contiguous()
         if self.emulate:
-            o, lse = emulate_prefill_gqa(
-                qa, self._kbuf, self._vbuf, pre.qo_indptr, pre.kv_indptr, pre.indices, self.cfg.attn_scale
-            )
+            o, lse = emulate_prefill_gqa(qa, kbuf, vbuf, pre.qo_indptr, pre.kv_indptr, pre.indices, self.cfg.attn_scale)
         else:
-            hkv = self.cfg.num_kv_heads
-            kv = (self._kbuf.view(-1, 1, hkv, d), self._vbuf.view(-1, 1, hkv, d))
-            o, lse = self.prefill_rot.run(qa, kv, return_lse=True)
-        return o, lse * LN2  # base 2 -> natural
+            w = self.prefill_rot if n_h == hkv else self._rot_wrappers[n_h]
+            o, lse = w.run(qa, (kbuf.view(-1, 1, n_h, d), vbuf.view(-1, 1, n_h, d)), return_lse=True)
+        return o, lse * LN2, qh  # base 2 -> natural
 
     def _run_graph(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Under a CUDA graph, with static page tables installed by the graph runner: decode

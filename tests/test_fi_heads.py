@@ -76,7 +76,7 @@ def make_batch(cfg, pool, alloc, specs: list[dict]) -> ForwardBatch:
 
 
 def compare(
-    cfg, pool, batch: ForwardBatch, emulate: bool, atol: float, local_decode: bool = True
+    cfg, pool, batch: ForwardBatch, emulate: bool, atol: float, local_decode: bool = True, part_a: str = "rotated"
 ) -> tuple[FlashInferBackend, float]:
     dev, dt = pool.device, pool.dtype
     rot = Rotary(cfg, dev)
@@ -84,6 +84,7 @@ def compare(
     be = FlashInferBackend(cfg, pool, rot, emulate=emulate)
     be.block = 8 if emulate else 64
     be.local_decode = local_decode
+    be.part_a = part_a
     be.plan(batch)
     ref.plan(batch)
     n = batch.num_tokens
@@ -193,11 +194,29 @@ def test_too_many_local_slices_fall_back_to_triton():
 
 
 @cpu_emulation
-def test_local_heads_with_inside_queries_fall_back_to_triton():
-    """Recompute (queries inside the context) on a slice with local heads stays on Triton (see fi_plan)."""
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [seq([8, 21, 13], 5, recompute=(9, 10, 30))],  # recompute + question: inside and tail queries
+        [seq([8, 21, 13], 0, recompute=(9, 10, 30, 38, 40))],  # recompute only, some in the window
+        [seq([8, 21, 13], 3, recompute=(2, 17, 39, 40, 41), window=0)],  # window 0, a recomputed anchor token
+        [seq([8, 21, 13], 4, recompute=(12, 35)), seq([8, 16], 3, window=9), seq([8, 30], 2, local=None,
+                                                                                  recompute=(15, 16))],
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("part_a", ["rotated", "pre-rotated-q"])
+def test_local_heads_with_inside_queries(specs, part_a):
+    """Recompute (queries inside the context) on slices with local heads: global rows on part A/B and the
+    tail path, local rows (every query) on Triton over their visible keys; with `local_inside` off, all Triton."""
     cfg, pool, alloc = _setup()
-    batch = make_batch(cfg, pool, alloc, [seq([8, 21, 13], 5, recompute=(9, 10, 30))])
-    be, _ = compare(cfg, pool, batch, emulate=True, atol=1e-4)
+    batch = make_batch(cfg, pool, alloc, specs)
+    be, _ = compare(cfg, pool, batch, emulate=True, atol=1e-4, part_a=part_a)
+    assert "triton-local-inside" in be.path and be.path.startswith("flashinfer")
+    # rotated part A skips heads local in every part-A slice (a fully visible slice with recompute needs all)
+    all_heads = part_a != "rotated" or any(sp["local"] is None and sp["recompute"] for sp in specs)
+    assert (be._pre_heads is None) == all_heads
+    be.local_inside = False
+    be.plan(batch)
     assert be.path == "triton"
 
 
@@ -233,6 +252,14 @@ GPU_MIXED = torch.tensor([[False, True], [True, True], [False, False], [True, Fa
              seq([32, 700], 20, sink=32, window=100, local=GPU_MIXED), seq([32, 400], 33, local=None)],
             3,
         ),  # several slices, one fully visible
+        ([seq([32, 512, 300, 512], 64, sink=32, window=64, local=GPU_MIXED,
+              recompute=(5, 40, 41, 42, 600, 601, 900, 1300, 1320))], 3),  # recompute + question, one forward
+        ([seq([32, 512, 512], 0, sink=32, window=64, local=GPU_MIXED, recompute=tuple(range(32, 48)))], 1),
+        (
+            [seq([32, 512, 300], 64, sink=32, window=64, local=GPU_MIXED, recompute=(100, 101, 700, 840)),
+             seq([32, 700], 20, local=None, recompute=(40, 300))],
+            3,
+        ),  # recompute on a local-head and a fully visible slice
     ],
 )  # fmt: skip
 def test_gpu_local_heads_tail_on_flashinfer(specs, groups):
@@ -245,3 +272,4 @@ def test_gpu_local_heads_tail_on_flashinfer(specs, groups):
     p = be.plan_fi
     assert p is not None and p.heads is not None and len(p.heads.groups) == groups
     assert be.path.startswith("flashinfer")
+    assert ("triton-local-inside" in be.path) == any(sp["recompute"] and sp["local"] is not None for sp in specs)

@@ -19,13 +19,15 @@ also holds `hf_full_s` (transformers SDPA full prefill of the same prompt), and 
 context of the same length). `decode` holds step times at the largest context, batch 1 and 8, for
 reused and freshly prefilled sequences (eager and CUDA graph), against their floor.
 
-A policy name ending in `@local` or `@local-split` runs under a SYNTHETIC head profile (random weights have
-no measured one; `synthetic_local`): per layer 25% of the kv heads global, the rest local, seeing only the
-anchor (sink) and the last `LOCAL_WINDOW` context tokens (+ the question), as `redknot-local` assembles
-them; selection scores global heads only. `@local` keeps the ONE forward (with recompute its queries sit
-inside the context of a sequence with local heads: Triton); `@local-split` runs the recompute forward and
-then the question forward (the question's tail queries: FlashInfer, local rows over their gathered visible
-keys, `kernels/fi_heads.py`), timed apart (`recompute_s`, `question_s`).
+A policy name ending in `@local`, `@local-triton` or `@local-split` runs under a SYNTHETIC head profile
+(random weights have no measured one; `synthetic_local`): per layer 25% of the kv heads global, the rest
+local, seeing only the anchor (sink) and the last `LOCAL_WINDOW` context tokens (+ the question), as
+`redknot-local` assembles them; selection scores global heads only. `@local` keeps the ONE forward
+(`kernels/fi_heads.py`: the question's tail on FlashInfer per (layer, kv head) row; recompute's inside
+queries: global rows on part A (FlashInfer, global heads only) + part B, local rows on Triton over their
+visible keys); `@local-triton` is the same forward all on Triton (`FlashInferBackend.local_inside = False`,
+the fallback); `@local-split` runs the recompute forward and then the question forward, timed apart
+(`recompute_s`, `question_s`).
 
 `--tiny` runs the same code on the CPU with a 2-layer model and short chunks.
 """
@@ -313,7 +315,10 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
     if variant == "prerot" and part_a is not None:
         be.part_a = "pre-rotated-q"
     glob = vis = None
-    if variant in ("local", "local-split"):  # SYNTHETIC head profile (see the module docstring)
+    local_inside = getattr(be, "local_inside", None)
+    if variant == "local-triton" and local_inside is not None:
+        be.local_inside = False
+    if variant in ("local", "local-split", "local-triton"):  # SYNTHETIC head profile (see the module docstring)
         mc = engine.model_config
         local = synthetic_local(mc.num_layers, mc.num_kv_heads)
         glob = ~local
@@ -346,6 +351,8 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
         engine.runner.release(kv)
         if part_a is not None:
             be.part_a = part_a
+        if local_inside is not None:
+            be.local_inside = local_inside
     return out
 
 
@@ -462,7 +469,7 @@ def main() -> None:
     pols = ["full", "full@eager", "naive", "naive@eager", "epic:16", default_policy, "redknot:0.05", "redknot:0.02"]
     pols.append(default_policy + "@prerot")
     # SYNTHETIC head profile (25% global heads, window 64): the local-head paths at the default policy
-    pols += ["naive@local", default_policy + "@local", default_policy + "@local-split"]
+    pols += ["naive@local"] + [default_policy + v for v in ("@local", "@local-triton", "@local-split")]
     out_dir = Path(args.out or os.environ.get("OUT") or HERE)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"results_rag_{card()}{'_tiny' if tiny else ''}.json"
@@ -475,7 +482,7 @@ def main() -> None:
         torch=torch.__version__, backend=backend, tiny=tiny, chunk_tokens=chunk_len, question_tokens=q_len,
         anchor_tokens=anchor_len, page_size=engine.config.page_size, pool_gib=engine.runner.pool.num_bytes / 2**30,
         probe_layers=args.probe_layers, default_policy=default_policy, ceilings=ceil, scenarios=[],
-        notes=[f"policies @local/@local-split: SYNTHETIC head profile (random weights have none): "
+        notes=[f"policies @local/@local-triton/@local-split: SYNTHETIC head profile (random weights have none): "
                f"{LOCAL_GLOBAL_FRACTION:.0%} of kv heads per layer global, the rest local (anchor + last "
                f"{LOCAL_WINDOW} context tokens)"],
     )  # fmt: skip
