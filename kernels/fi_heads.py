@@ -265,17 +265,24 @@ def _plan_local_inside(
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=torch.int32, non_blocking=True)
 
     layers = []
+    by_rows: dict[tuple[bytes, bytes], tuple[torch.Tensor, ...]] = {}  # row metadata shared by equal layers
     for layer in range(num_layers):
-        sl, hd = np.nonzero(~full[:, layer, :])  # local rows, order (slice, head)
-        cnt = count[:, layer, :][~full[:, layer, :]]
+        loc = ~full[:, layer, :]  # [S, Hkv]
+        cnt = count[:, layer, :][loc]
+        key = (loc.tobytes(), cnt.tobytes())
+        if key not in by_rows:
+            sl, hd = np.nonzero(loc)  # local rows, order (slice, head)
+            out_q = np.stack([_ranges(qoff[sl], qlen[sl]), np.repeat(hd, qlen[sl])])
+            by_rows[key] = (
+                i32(qoff[sl]), i32(qlen[sl]), i32(hd), i32(np.concatenate([[0], np.cumsum(cnt)])),
+                torch.from_numpy(out_q).to(device, non_blocking=True),
+            )  # fmt: skip
+        row_q_start, row_q_len, row_head, kv_indptr, out_q_t = by_rows[key]
         slots, kpos = _layer_keys(keys, layer, device)
-        out_q = np.stack([_ranges(qoff[sl], qlen[sl]), np.repeat(hd, qlen[sl])])
         layers.append(
             LocalLayer(
-                row_q_start=i32(qoff[sl]), row_q_len=i32(qlen[sl]), row_head=i32(hd),
-                kv_indptr=i32(np.concatenate([[0], np.cumsum(cnt)])),
-                kv_slots=slots.to(torch.int32), kv_pos=kpos.to(torch.int32),
-                out_q=torch.from_numpy(out_q).to(device, non_blocking=True),
+                row_q_start=row_q_start, row_q_len=row_q_len, row_head=row_head, kv_indptr=kv_indptr,
+                kv_slots=slots.to(torch.int32), kv_pos=kpos.to(torch.int32), out_q=out_q_t,
             )
         )  # fmt: skip
     return LocalInside(
