@@ -242,6 +242,14 @@ def test_upload_pdf_and_docx_over_http(engine, files, tmp_path):
         ingest({"doc_id": "x.pdf", "text": "hi", "content_base64": "JVBERg==", "format": "pdf"}, status=422)
         big = base64.b64encode(b"%PDF-" + bytes(60_000)).decode()
         ingest({"doc_id": "big.pdf", "content_base64": big, "format": "pdf"}, status=413, needle="60000 bytes")
+        # a text plus a bad file on the server's disk: both are parsed before any write, so neither is written
+        body = {
+            "namespace": "up",
+            "documents": [{"doc_id": "t", "text": "Some text."}],
+            "paths": [str(files["locked.pdf"])],
+        }
+        r = client.post("/ingest", json=body, headers=admin)
+        assert r.status_code == 400 and "locked.pdf" in r.text, (r.status_code, r.text)
         assert "up" not in rag.db.list_namespaces()
         meta = {"filename": "guide.pdf"}
         ingest({**doc("guide.pdf"), "metadata": meta}, doc("harbour.docx"), status=200)

@@ -160,6 +160,17 @@ class RagService:
     ) -> IngestSummary:
         return self.ingestor.ingest(parse_texts(docs), namespace, with_kv, progress)
 
+    def ingest_texts_and_paths(
+        self, docs: Sequence[dict], paths: Sequence[str | Path], namespace: str = "default"
+    ) -> tuple[IngestSummary | None, IngestSummary | None]:
+        """Both kinds in one call, all or nothing at parsing: every text and every file is parsed before
+        anything is written, so a bad file (IngestError) or text (ValueError) leaves the store as it was."""
+        parsed_docs = parse_texts(docs) if docs else None
+        parsed_paths = parse_paths(paths) if paths else None
+        out_docs = self.ingestor.ingest(parsed_docs, namespace, True, None) if parsed_docs else None
+        out_paths = self.ingestor.ingest(parsed_paths, namespace, True, None) if parsed_paths else None
+        return out_docs, out_paths
+
     def list_documents(self, namespace: str = "default") -> list[dict]:
         self.db.require_namespace(namespace)
         return [asdict(d) for d in self.db.list_documents(namespace)]

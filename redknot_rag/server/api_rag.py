@@ -174,16 +174,17 @@ def make_router(rt: Runtime) -> APIRouter:
             raise ApiError(400, f"paths not found on the server: {', '.join(missing[:5])}")
         await rt.run_blocking(limits.check_paths, paths)
         out: dict[str, Any] = {"namespace": body.namespace}
-        if body.documents:
-            docs = []
-            for d in body.documents:  # every file parsed (IngestError → 400) before anything is written
-                text, info = d.text, dict[str, Any]()
-                if d.format is not None:
-                    text, info = await rt.run_blocking(parse_binary, files[d.doc_id], d.format, d.doc_id)
-                docs.append({"doc_id": d.doc_id, "text": text, "metadata": {**info, **(d.metadata or {})}})
-            out["documents"] = to_dict(await rt.run_blocking(rag.ingest_texts, docs, body.namespace))
-        if paths:
-            out["paths"] = to_dict(await rt.run_blocking(rag.ingest_paths, paths, body.namespace))
+        docs = []
+        for d in body.documents or []:  # every upload and every path parsed (IngestError → 400) before any write
+            text, info = d.text, dict[str, Any]()
+            if d.format is not None:
+                text, info = await rt.run_blocking(parse_binary, files[d.doc_id], d.format, d.doc_id)
+            docs.append({"doc_id": d.doc_id, "text": text, "metadata": {**info, **(d.metadata or {})}})
+        from_docs, from_paths = await rt.run_blocking(rag.ingest_texts_and_paths, docs, paths, body.namespace)
+        if from_docs is not None:
+            out["documents"] = to_dict(from_docs)
+        if from_paths is not None:
+            out["paths"] = to_dict(from_paths)
         return out
 
     @router.get("/documents")
