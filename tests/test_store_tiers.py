@@ -414,3 +414,66 @@ def test_host_tier_keeps_reused_blocks_through_a_scan() -> None:
     assert all(mem.contains(key) for key in hot)  # a plain LRU would have flushed them
     assert not mem.contains(BlockKey("scan0", 0, 0)) and mem.contains(BlockKey("scan49", 0, 0))
     assert len(mem) == 10 and mem.evict(target_bytes=0) == 10 * blk.nbytes and len(mem) == 0
+
+
+def _one_buffer(blocks: dict) -> bool:
+    """Whether every block's K and V lie back to back in one storage (one host -> GPU copy)."""
+    from redknot_rag.store.segment_cache import byte_runs
+
+    return len(byte_runs([t for lh in sorted(blocks) for t in (blocks[lh].k, blocks[lh].v)])) == 1
+
+
+@pytest.mark.parametrize("tier", ["disk", "redis"])
+def test_cold_read_lands_in_one_buffer_evicted_as_a_group(tmp_path: Path, tier: str) -> None:
+    """A chunk read from disk or Redis is one host buffer (views, same bits as stored, compressed
+    and int8 too); the host tier evicts it as a unit by budget, and named heads alone (the others
+    keep their bits and bytes)."""
+    client = fakeredis.FakeRedis()
+    heads = HeadCompression.from_mask(CLASSES, WINDOW)
+    for codec in ("raw", "int8"):
+        cfg = StoreConfig(cold_codec=codec, heads=heads, host_bytes=1 << 20)
+        cold = RedisTier(client, fp(), prefix=f"t-{codec}") if tier == "redis" else None
+        store = ChunkKVStore(tmp_path / codec, fp(), config=cfg, cold=cold)
+        k, v = kv(50)
+        store.put("c", k, v)
+        want = {lh: (b.k.clone(), b.v.clone()) for lh, b in store.get_blocks("c").items()}  # type: ignore[union-attr]
+        store.evict()
+        got = store.get_blocks("c")
+        assert (
+            got is not None
+            and _one_buffer(got)
+            and store.stats().tiers[0].nbytes == sum(b.nbytes for b in got.values())
+        )
+        assert all(torch.equal(got[lh].k, wk) and torch.equal(got[lh].v, wv) for lh, (wk, wv) in want.items())
+        if codec == "raw":  # stored bits, exactly: global heads whole, local heads their tail window
+            assert all(torch.equal(got[(la, h)].k, k[la, h, -got[(la, h)].num_tokens :]) for la, h in got)
+        one = got[(1, 2)].nbytes
+        freed = store.evict("c", layer=1, heads=[2])  # a named head alone: the group is split first
+        assert freed == one and store.stats().memory_blocks == L * H - 1
+        again = store.get_blocks("c")
+        assert again is not None and all(torch.equal(again[lh].k, wk) for lh, (wk, _) in want.items())
+        assert store.evict(target_bytes=0) > 0 and store.stats().memory_blocks == 0
+        store.close()
+
+
+def test_get_blocks_many_in_order_and_corruption_is_a_miss(tmp_path: Path) -> None:
+    """Parallel reads return each chunk's blocks in request order, same bits as one by one; a flipped
+    byte inside a multi-block read run is caught by its block's CRC-32C: that chunk misses (None),
+    quarantined, never served; the others are unaffected."""
+    store = ChunkKVStore(tmp_path, fp(), 1 << 20)
+    data = {f"c{i}": kv(60 + i) for i in range(6)}
+    for key, (k, v) in data.items():
+        store.put(key, k, v, keep_in_memory=False)
+    corrupt_block(disk_of(store)._path(key_hash("c3")), 2, 1)
+    keys = ["c5", "c0", "absent", "c3", "c1", "c2", "c4"]
+    got = list(store.get_blocks_many(keys, workers=4))
+    assert [key for key, _ in got] == keys
+    for key, blocks in got:
+        if key in ("absent", "c3"):
+            assert blocks is None
+            continue
+        assert blocks is not None and _one_buffer(blocks)
+        k, v = data[key]
+        assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in blocks.items())
+    assert store.stats().corrupt == 1 and (disk_of(store).quarantine_dir / f"{key_hash('c3')}.rkv").exists()
+    store.close()

@@ -36,6 +36,7 @@ from redknot_rag.store.tiers import TierUnavailableError
 log = logging.getLogger(__name__)
 
 _CRC = struct.Struct("<I")
+_READ_SIZE = 4 << 20  # socket reads of up to 4 MiB: a chunk's reply is tens of MB of layer values
 _T = TypeVar("_T")
 
 
@@ -94,7 +95,9 @@ class RedisTier:
         """A tier over `redis.Redis.from_url(url)` with socket timeouts, so a hung server is a miss."""
         import redis
 
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, socket_read_size=_READ_SIZE
+        )
         return cls(client, fingerprint, **kw)
 
     def _key(self, chunk_key: str, suffix: str) -> str:
@@ -180,19 +183,22 @@ class RedisTier:
         H = meta.num_kv_heads
         by_layer = dict(zip(layers, values[1:], strict=True))
         found: list[tuple[tuple[int, int], memoryview]] = []
+        starts: dict[int, list[int]] = {}  # layer -> value offset of each head's entry, then the value's size
         for layer, head in blocks:
             raw = by_layer.get(layer)
             if raw is None:
                 continue  # Redis evicted this layer: a miss for its blocks
-            sizes = [meta.payload_nbytes(layer, h) + _CRC.size for h in range(H)]
-            at = sum(sizes[:head])
-            if len(raw) != sum(sizes):
+            if layer not in starts:
+                sizes = [meta.payload_nbytes(layer, h) + _CRC.size for h in range(H)]
+                starts[layer] = [sum(sizes[:h]) for h in range(H + 1)]
+            at, nxt = starts[layer][head], starts[layer][head + 1]
+            if len(raw) != starts[layer][H]:
                 self._drop_quietly(chunk_key, meta)
                 raise CorruptChunkError(
-                    f"chunk {chunk_key!r}: redis layer {layer} is {len(raw)} bytes, not {sum(sizes)}"
+                    f"chunk {chunk_key!r}: redis layer {layer} is {len(raw)} bytes, not {starts[layer][H]}"
                 )
             (crc,) = _CRC.unpack_from(raw, at)
-            payload = memoryview(raw)[at + _CRC.size : at + sizes[head]]
+            payload = memoryview(raw)[at + _CRC.size : nxt]
             if block_crc(payload) != crc:
                 self._drop_quietly(chunk_key, meta)
                 raise CorruptChunkError(f"chunk {chunk_key!r}: redis block {(layer, head)} failed its checksum")
