@@ -17,9 +17,12 @@ On a CPU, the same code with a 2-layer model and short chunks (about a minute):
     PYTHONPATH=$PWD python3 bench/store/gpu_tiers.py --device cpu --tiny --out /tmp/tiers
 
 Part 1, tiers. A query is `[anchor][chunk_1]...[chunk_64][question]` (64 x 512-token chunks, a 64-token
-question: 32,864 tokens). The chunks' KV (prefilled behind the anchor, untimed) is stored dense (every
-head global: random weights have no head profile) in the storage dtype. Per tier, after one warm-up
-query, `--reps` queries, each timed as
+question: 32,864 tokens). The chunks' KV (prefilled behind the anchor, untimed) is stored under two
+settings (`--settings`): `dense` (every head global: random weights have no head profile; raw blocks
+in the storage dtype) and `compressed` (a SYNTHETIC head profile: a seeded random `--global-share` of
+each layer's kv heads global, the others local keeping the chunk's last `--local-window` tokens; int8
+cold codec). Per setting and tier, after one warm-up query, up to `--reps` queries (fewer where the
+warm-up shows they would take longer than `--tier-s`), each timed as
   load      the chunks' blocks from the tier into the GPU pool: `ChunkKVStore.get_blocks` (host tier hit,
             or a disk/Redis read, checksummed, promoted into pinned host memory) then the host -> pool
             copy on the segment cache's side stream (`SegmentCache.get_blocks`, `ready()`); none for `gpu`
@@ -34,8 +37,11 @@ and TTFT = load + relocate + select + forward. `question_only_s` is the forward 
          permitted (the JSON says whether it was)
   redis  a store whose only cold tier is a local redis-server (`.redis/` bundle or the system's), host
          tier emptied first; skipped with the reason when Redis cannot start
-Bytes moved: the K/V bytes the query's blocks hold (storage dtype); GB/s = bytes / load, beside
-`h2d_pinned_GBps` (one 1 GiB copy from pinned host memory: the ceiling of any tier's load).
+Bytes moved: the decoded K/V bytes of the query's blocks copied to the GPU (storage dtype); GB/s =
+bytes / load, beside `h2d_pinned_GBps` (one 1 GiB copy from pinned host memory: the ceiling of any
+tier's load); for disk and Redis also `bytes_read` (the encoded payloads the tier holds) and
+`read_GBps`. Cold tiers are read `--read-workers` chunks at a time (`ChunkKVStore.get_blocks_many`).
+The tier parts start only while `--zipf-reserve-s` of `--budget-s` is left, so part 2 always runs.
 
 Part 2, Zipf. `--zipf-chunks` distinct chunks (>= 2x the segment cache's `--zipf-cache-chunks`) in a store
 of host budget `--zipf-host-chunks`, disk budget `--zipf-disk-chunks` and Redis (every chunk, write-
@@ -772,7 +778,11 @@ def plot(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     d = json.loads(Path(path).read_text())
-    tiers = {k: v for k, v in d.get("tiers", {}).items() if "ttft_median_s" in v}
+    if "settings" in d:  # one bar per (setting, tier)
+        rows = {f"{n[0]}:{t}": r for n, st in d["settings"].items() for t, r in st.get("tiers", {}).items()}
+    else:  # results from before the storage settings
+        rows = d.get("tiers", {})
+    tiers = {k: v for k, v in rows.items() if "ttft_median_s" in v}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
     parts = [("load_median_s", "load (tier -> GPU pool)"), ("relocate_median_s", "relocate"),
