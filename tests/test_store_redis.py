@@ -195,3 +195,39 @@ def test_killed_redis_mid_read_degrades_to_a_miss(
     st = store.stats()
     assert st.tier_errors >= 1 and st.misses >= 1 and st.block_misses > 0
     store.close()
+
+
+def test_raw_bulk_reads_match_redis_py_and_detect_damage(tmp_path: Path, redis_server) -> None:
+    """The tier's raw MGET path (`resp.py`, reads straight into the caller's buffer) returns the same
+    bits as the redis-py path; an evicted layer is a miss for its blocks only; a flipped payload byte
+    or a value of the wrong size is caught (corrupt, dropped, never served); the connection is
+    usable after each of these."""
+    _, url = redis_server()
+    raw_tier = RedisTier.from_url(url, fp(), timeout_s=5.0)
+    assert raw_tier.resp is not None
+    py_tier = RedisTier(redis.Redis.from_url(url), fp())
+    store = ChunkKVStore(tmp_path, fp(), 0, cold=raw_tier)
+    data = {f"c{i}": kv(30 + i, shape=(4, 3, 16, 8)) for i in range(3)}
+    for key, (k, v) in data.items():
+        store.put(key, k, v)
+    for key, (k, v) in data.items():
+        blocks = store.get_blocks(key)
+        assert blocks is not None
+        assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in blocks.items())
+        raw_meta, raw_p = raw_tier.get_payloads(key, [(1, 2), (3, 0), (0, 1)])  # type: ignore[misc]
+        py_meta, py_p = py_tier.get_payloads(key, [(1, 2), (3, 0), (0, 1)])  # type: ignore[misc]
+        assert raw_meta == py_meta and {b: bytes(p) for b, p in raw_p.items()} == {b: bytes(p) for b, p in py_p.items()}
+    client = redis.Redis.from_url(url)
+    client.delete(raw_tier._key("c0", "l:2"))  # as if Redis evicted one layer
+    got = raw_tier.get_payloads("c0", [(1, 0), (2, 0)])
+    assert got is not None and set(got[1]) == {(1, 0)}
+    key = raw_tier._key("c1", "l:1")
+    value = bytearray(client.get(key))  # type: ignore[arg-type]
+    value[-5] ^= 0x01  # a payload byte of the last head
+    client.set(key, bytes(value))
+    assert store.get_blocks("c1") is None and not store.contains("c1") and store.stats().corrupt == 1
+    client.set(raw_tier._key("c2", "l:3"), b"short")
+    assert store.get_blocks("c2") is None and store.stats().corrupt == 2
+    assert raw_tier.get_payloads("absent", [(0, 0)]) is None
+    assert raw_tier.get_payloads("c0", [(0, 0)]) is not None  # the same connection, still in step
+    store.close()

@@ -3,9 +3,10 @@
 Keys, under `<prefix>:v<format>:<fingerprint digest[:32]>:<sha256(chunk_key)>`:
     `:m`         chunk meta, JSON {chunk_key, num_layers, num_kv_heads, num_tokens, head_dim, dtype,
                  blocks: [[token_start, num_tokens, codec, head_class], ...] (row b = layer·H + head)}
-    `:l:<l>`     the blocks of layer l, heads in order, each: CRC-32C u32 (little-endian) + the
-                 codec's payload (codec.py; sizes from the meta). One value per (chunk, layer):
-                 few large values, so a chunk is one MGET of num_layers values.
+    `:l:<l>`     the blocks of layer l: the heads' CRC-32C u32 (little-endian), then the heads'
+                 codec payloads back to back (codec.py; sizes from the meta). One value per
+                 (chunk, layer): a chunk is one MGET of num_layers values, and its payloads land
+                 back to back in one host buffer (one host -> GPU copy).
 A chunk is written in one MULTI/EXEC (layers, then meta), so readers see all of it or none.
 Budget and eviction belong to Redis (`maxmemory` + `allkeys-lru`): a layer Redis evicted is a
 miss for that layer's blocks. Keys are namespaced by format version and fingerprint, so another
@@ -31,6 +32,7 @@ from redknot_rag.store.blockfile import CorruptChunkError, block_crc
 from redknot_rag.store.codec import BlockMeta, ChunkMeta, Codec, HeadClass, Payload
 from redknot_rag.store.disk import key_hash
 from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint
+from redknot_rag.store.resp import RespAddress, RespClient
 from redknot_rag.store.tiers import TierUnavailableError
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,22 @@ log = logging.getLogger(__name__)
 _CRC = struct.Struct("<I")
 _READ_SIZE = 4 << 20  # socket reads of up to 4 MiB: a chunk's reply is tens of MB of layer values
 _T = TypeVar("_T")
+
+
+# (meta, buffer, {layer: (offset of its payloads in the buffer, its heads' CRCs)}, layers of a wrong size)
+_Read = tuple[ChunkMeta, memoryview, dict[int, tuple[int, bytes]], list[int]]
+
+
+def _starts(meta: ChunkMeta, layer: int) -> list[int]:
+    """Offsets of a layer's head payloads within its payload bytes, then their total: `[H + 1]`."""
+    out = [0]
+    for h in range(meta.num_kv_heads):
+        out.append(out[-1] + meta.payload_nbytes(layer, h))
+    return out
+
+
+def _buffer(alloc: Callable[[int], memoryview] | None, nbytes: int) -> memoryview:
+    return alloc(nbytes) if alloc is not None else memoryview(bytearray(nbytes))
 
 
 def _meta_json(meta: ChunkMeta) -> str:
@@ -79,9 +97,15 @@ class RedisTier:
     name = "redis"
 
     def __init__(
-        self, client: Any, fingerprint: KVFingerprint, prefix: str = "rkv", retry_after_s: float = 5.0
+        self,
+        client: Any,
+        fingerprint: KVFingerprint,
+        prefix: str = "rkv",
+        retry_after_s: float = 5.0,
+        resp: RespClient | None = None,
     ) -> None:
         self.client = client
+        self.resp = resp  # raw bulk reads straight into the caller's buffer (None: through redis-py)
         self.base = f"{prefix}:v{FORMAT_VERSION}:{fingerprint.digest()[:32]}"
         self.retry_after_s = retry_after_s
         self.num_evictions = 0  # Redis evicts on its own; not observable per client
@@ -98,6 +122,9 @@ class RedisTier:
         client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, socket_read_size=_READ_SIZE
         )
+        address = RespAddress.from_url(url)
+        if address is not None and "resp" not in kw:
+            kw["resp"] = RespClient(address, timeout_s)
         return cls(client, fingerprint, **kw)
 
     def _key(self, chunk_key: str, suffix: str) -> str:
@@ -151,10 +178,9 @@ class RedisTier:
         def write() -> None:
             pipe = self.client.pipeline(transaction=True)
             for layer in range(meta.num_layers):
-                value = b"".join(
-                    part for p in payloads[layer * H : (layer + 1) * H] for part in (_CRC.pack(block_crc(p)), p)
-                )
-                pipe.set(self._key(meta.chunk_key, f"l:{layer}"), value)
+                ps = payloads[layer * H : (layer + 1) * H]
+                crcs = b"".join(_CRC.pack(block_crc(p)) for p in ps)
+                pipe.set(self._key(meta.chunk_key, f"l:{layer}"), b"".join([crcs, *ps]))
             pipe.set(self._key(meta.chunk_key, "m"), _meta_json(meta))
             pipe.execute()
 
@@ -172,50 +198,99 @@ class RedisTier:
         alloc: Callable[[int], memoryview] | None = None,
     ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None:
         """Meta and the crc-verified payloads of the requested blocks Redis still holds: one MGET of
-        the meta and the requested layers' values. With `alloc`, the payloads are copied into one
-        buffer from `alloc(nbytes)` (requested blocks back to back) and returned as views of it."""
+        the meta and the requested layers' values. The layers' payloads land back to back in one
+        buffer (`alloc(nbytes)`, default a bytearray) and are returned as views of it; with a raw
+        connection (`resp`) they are read from the socket straight into it."""
         layers = sorted({layer for layer, _ in blocks})
         keys = [self._key(chunk_key, "m")] + [self._key(chunk_key, f"l:{layer}") for layer in layers]
-        values = self._call(lambda: self.client.mget(keys))
-        if values[0] is None:
+        got = self._call(lambda: self._read_raw(chunk_key, keys, layers, alloc) if self.resp else
+                         self._read_client(chunk_key, keys, layers, alloc))  # fmt: skip
+        if got is None:
             return None
-        meta = _meta_from_json(values[0], chunk_key)
-        H = meta.num_kv_heads
-        by_layer = dict(zip(layers, values[1:], strict=True))
-        found: list[tuple[tuple[int, int], memoryview]] = []
-        starts: dict[int, list[int]] = {}  # layer -> value offset of each head's entry, then the value's size
+        meta, buf, placed, bad = got
+        if bad:
+            self._drop_quietly(chunk_key, meta)
+            raise CorruptChunkError(f"chunk {chunk_key!r}: redis layers {bad} have the wrong size")
+        out: dict[tuple[int, int], Payload] = {}
+        starts_of: dict[int, list[int]] = {}
         for layer, head in blocks:
-            raw = by_layer.get(layer)
-            if raw is None:
+            if layer not in placed:
                 continue  # Redis evicted this layer: a miss for its blocks
-            if layer not in starts:
-                sizes = [meta.payload_nbytes(layer, h) + _CRC.size for h in range(H)]
-                starts[layer] = [sum(sizes[:h]) for h in range(H + 1)]
-            at, nxt = starts[layer][head], starts[layer][head + 1]
-            if len(raw) != starts[layer][H]:
-                self._drop_quietly(chunk_key, meta)
-                raise CorruptChunkError(
-                    f"chunk {chunk_key!r}: redis layer {layer} is {len(raw)} bytes, not {starts[layer][H]}"
-                )
-            (crc,) = _CRC.unpack_from(raw, at)
-            payload = memoryview(raw)[at + _CRC.size : nxt]
+            pos, crcs = placed[layer]
+            starts = starts_of.get(layer) or starts_of.setdefault(layer, _starts(meta, layer))
+            payload = buf[pos + starts[head] : pos + starts[head + 1]]
+            (crc,) = _CRC.unpack_from(crcs, _CRC.size * head)
             if block_crc(payload) != crc:
                 self._drop_quietly(chunk_key, meta)
                 raise CorruptChunkError(f"chunk {chunk_key!r}: redis block {(layer, head)} failed its checksum")
-            found.append(((layer, head), payload))
-        buf = (
-            alloc(sum(p.nbytes for _, p in found))
-            if alloc is not None
-            else memoryview(bytearray(sum(p.nbytes for _, p in found)))
-        )
-        out: dict[tuple[int, int], Payload] = {}
-        pos = 0
-        for b, payload in found:
-            dst = buf[pos : pos + payload.nbytes]
-            dst[:] = payload
-            out[b] = dst
-            pos += payload.nbytes
+            out[(layer, head)] = payload
         return meta, out
+
+    def _read_client(
+        self, chunk_key: str, keys: list[str], layers: list[int], alloc: Callable[[int], memoryview] | None
+    ) -> _Read | None:
+        """Through redis-py: MGET, then each layer's payloads copied into the buffer."""
+        values = self.client.mget(keys)
+        if values[0] is None:
+            return None
+        meta = _meta_from_json(values[0], chunk_key)
+        buf = _buffer(alloc, sum(_starts(meta, layer)[-1] for layer in layers))
+        placed: dict[int, tuple[int, bytes]] = {}
+        bad: list[int] = []
+        pos = 0
+        for layer, raw in zip(layers, values[1:], strict=True):
+            if raw is None:
+                continue
+            head, size = _CRC.size * meta.num_kv_heads, _starts(meta, layer)[-1]
+            if len(raw) != head + size:
+                bad.append(layer)
+                continue
+            buf[pos : pos + size] = memoryview(raw)[head:]
+            placed[layer] = (pos, bytes(raw[:head]))
+            pos += size
+        return meta, buf, placed, bad
+
+    def _read_raw(
+        self, chunk_key: str, keys: list[str], layers: list[int], alloc: Callable[[int], memoryview] | None
+    ) -> _Read | None:
+        """Through the raw connection: each layer's payloads read from the socket into the buffer."""
+        assert self.resp is not None
+        try:
+            reader = self.resp.mget(keys)
+            n = reader.header(b"$")
+            if n < 0:
+                for _ in layers:
+                    if (m := reader.header(b"$")) >= 0:
+                        reader.skip(m)
+                return None
+            meta = _meta_from_json(reader.bulk_bytes(n), chunk_key)
+        except BaseException:
+            self.resp.drop()  # the stream position is unknown (or the reply is not drained)
+            raise
+        try:
+            buf = _buffer(alloc, sum(_starts(meta, layer)[-1] for layer in layers))
+            placed: dict[int, tuple[int, bytes]] = {}
+            bad: list[int] = []
+            pos = 0
+            for layer in layers:
+                m = reader.header(b"$")
+                if m < 0:
+                    continue
+                head, size = _CRC.size * meta.num_kv_heads, _starts(meta, layer)[-1]
+                if m != head + size:
+                    reader.skip(m)
+                    bad.append(layer)
+                    continue
+                crcs = bytearray(head)
+                reader.read_into(memoryview(crcs))
+                reader.read_into(buf[pos : pos + size])
+                reader.end_bulk()
+                placed[layer] = (pos, bytes(crcs))
+                pos += size
+            return meta, buf, placed, bad
+        except BaseException:
+            self.resp.drop()
+            raise
 
     def _drop_quietly(self, chunk_key: str, meta: ChunkMeta | None) -> None:
         try:
