@@ -35,6 +35,7 @@ _FIXED = struct.Struct("<8s8I16s32s")  # 88 bytes
 _ENTRY = struct.Struct("<QQIIIHH")  # 32 bytes
 _CRC = struct.Struct("<I")
 _MAX_HEADER = 64 << 20
+_WILLNEED_MIN = 1 << 20  # runs this large are announced to the kernel before they are read
 
 if sys.byteorder != "little":  # the payload is raw tensor memory
     raise ImportError("redknot_rag.store needs a little-endian host")
@@ -220,6 +221,13 @@ def read_payloads(
         buf = memoryview(bytearray(span))
     elif buf.nbytes < span:
         raise ValueError(f"buffer of {buf.nbytes} bytes for {span} bytes of blocks")
+    for run in runs:  # queue every run's pages at once (deep device queue on a cold file), then read
+        size = hdr.offsets[run[-1]] + hdr.nbytes[run[-1]] - hdr.offsets[run[0]]
+        if size >= _WILLNEED_MIN:
+            try:
+                os.posix_fadvise(fd, hdr.offsets[run[0]], size, os.POSIX_FADV_WILLNEED)
+            except OSError:  # only a hint
+                pass
     out: dict[int, memoryview] = {}
     pos = 0
     for run in runs:

@@ -339,8 +339,6 @@ class DiskTier:
         kh = key_hash(chunk_key)
         try:
             idx = {hdr.block_index(layer, head): (layer, head) for layer, head in blocks}
-            if len(idx) > 1:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead on a cold file
             buf = alloc(payload_span(hdr, list(idx))) if alloc is not None else None
             raw = read_payloads(fd, hdr, list(idx), buf)
         except CorruptChunkError as e:
