@@ -420,7 +420,8 @@ def _one_buffer(blocks: dict) -> bool:
     """Whether every block's K and V lie back to back in one storage (one host -> GPU copy)."""
     from redknot_rag.store.segment_cache import byte_runs
 
-    return len(byte_runs([t for lh in sorted(blocks) for t in (blocks[lh].k, blocks[lh].v)])) == 1
+    order = sorted(blocks, key=lambda lh: blocks[lh].k.data_ptr())  # host memory order, as load_plan copies
+    return len(byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])) == 1
 
 
 @pytest.mark.parametrize("tier", ["disk", "redis"])

@@ -440,6 +440,8 @@ class ChunkKVStore:
                 kv = t.view(self.dtype).view(2, bm.num_tokens, D)  # [2, n, D]: K then V
                 out[b] = KVBlock(kv[0], kv[1], bm.token_start, bm.head_class)
             return out
+        if all(meta.block(*b).codec == Codec.INT8 for b in payloads):
+            return self._decode_int8(meta, payloads, views)
         sizes = {b: 2 * meta.block(*b).num_tokens * D for b in payloads}
         buf = torch.empty(sum(sizes.values()), dtype=self.dtype, pin_memory=self.memory.pin)
         out, pos = {}, 0
@@ -451,6 +453,40 @@ class ChunkKVStore:
             kv[0].copy_(k)
             kv[1].copy_(v)
             out[b] = KVBlock(kv[0], kv[1], bm.token_start, bm.head_class)
+        return out
+
+    def _decode_int8(
+        self, meta: ChunkMeta, payloads: dict[Block, Payload], views: dict[Block, torch.Tensor | None]
+    ) -> dict[Block, KVBlock]:
+        """INT8 blocks decoded in batches of equal token count (a chunk has two: global heads' T and
+        local heads' window) into one fresh buffer, group after group: `[G, 2, n, D]` each. Same
+        arithmetic as `decode_block`, so the same bits; O(groups) tensor ops, not O(blocks)."""
+        D = meta.head_dim
+        groups: dict[int, list[Block]] = {}
+        for b in payloads:
+            groups.setdefault(meta.block(*b).num_tokens, []).append(b)
+        buf = torch.empty(
+            sum(2 * n * D * len(g) for n, g in groups.items()), dtype=self.dtype, pin_memory=self.memory.pin
+        )
+        out: dict[Block, KVBlock] = {}
+        pos = 0
+        for n, group in groups.items():
+            raw = []
+            for b in group:
+                t = views[b]
+                raw.append(t if t is not None else torch.frombuffer(bytearray(payloads[b]), dtype=torch.uint8))
+            u8 = torch.stack(raw)  # [G, 4·D + 4·n + 2·n·D]: K scales, V scales, K, V (codec.py)
+            ks = u8[:, : 4 * D].view(torch.float32)  # [G, D]
+            vs = u8[:, 4 * D : 4 * (D + n)].view(torch.float32)  # [G, n]
+            q = u8[:, 4 * (D + n) :].view(torch.int8).view(len(group), 2, n, D)  # [G, 2, n, D]
+            kv = buf[pos : pos + 2 * n * D * len(group)].view(len(group), 2, n, D)
+            pos += 2 * n * D * len(group)
+            src = meta.torch_dtype  # decode_block's rounding, then the storage dtype (a no-op when equal)
+            kv[:, 0] = (q[:, 0].float() * ks[:, None, :]).to(src).to(self.dtype)
+            kv[:, 1] = (q[:, 1].float() * vs[:, :, None]).to(src).to(self.dtype)
+            for i, b in enumerate(group):
+                bm = meta.block(*b)
+                out[b] = KVBlock(kv[i, 0], kv[i, 1], bm.token_start, bm.head_class)
         return out
 
     def _promote(self, chunk_key: str, meta: ChunkMeta, blocks: dict[Block, KVBlock]) -> dict[Block, KVBlock]:

@@ -101,8 +101,9 @@ def page_slots(pages: torch.Tensor, page_size: int, num_tokens: int) -> torch.Te
 @dataclass(frozen=True)
 class LoadPlan:
     """How a chunk's blocks reach the pool: copy `runs` back to back into one device buffer and read
-    it as rows `[2·N, D]` of `dtype` (per block, layer-major: its n K rows, then its n V rows; N =
-    stored tokens). Then, with `index` (int64, built on the host in one piece: one upload):
+    it as rows `[2·N, D]` of `dtype` (per block: its n K rows, then its n V rows; N = stored tokens;
+    blocks in (layer, head) order when dense, else in host memory order). Then, with `index`
+    (int64, built on the host in one piece: one upload):
 
     dense (every block whole): `index` is the segment's pages `[L·Hkv·P]`; the slots are computed
         on the device, and rows `[L·Hkv, 2, T, D]` are written to them (no per-token index upload).
@@ -126,14 +127,17 @@ def load_plan(
 ) -> LoadPlan:
     """The plan for a chunk's blocks into the segment of `pages` `[L, Hkv, P]` (host), `visible` its
     visibility (None: every block whole). Vectorized: O(blocks) Python steps, no per-token ones."""
-    order = sorted(blocks)  # (layer, head), layer-major: the order of the rows
-    first = blocks[order[0]]
-    dtype, d = first.k.dtype, first.k.shape[-1]
-    runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
     nl, nh, npages = pages.shape
     shape = (nl, nh, npages, num_tokens)
-    if visible is None:  # every (layer, head) block whole, in order
+    first = next(iter(blocks.values()))
+    dtype, d = first.k.dtype, first.k.shape[-1]
+    if visible is None:  # every (layer, head) block whole: rows in (layer, head) order
+        order = sorted(blocks)
+        runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
         return LoadPlan(runs, dtype, d, nl * nh * num_tokens, pages.reshape(-1).long(), True, shape, page_size)
+    # rows in host memory order (a decoded int8 chunk is grouped by token count), so the runs merge
+    order = sorted(blocks, key=lambda lh: blocks[lh].k.data_ptr())
+    runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
     slots = page_slots(pages, page_size, num_tokens)  # [L, Hkv, T]
     meta = torch.tensor([(lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order])  # [B, 4]
     n = meta[:, 3]
