@@ -7,8 +7,8 @@ On the GPU machine (the working directory is a copy of the repo carrying .whl/, 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1; mkdir -p ~/.cache && \
       tar xzf .ficache/fi.tgz -C ~/.cache; ln -sfn ../kernels redknot_rag/kernels; \
-      ln -sfn ../retrieval redknot_rag/retrieval; python3 -m pytest -q -p no:cacheprovider \
-      tests/test_segment_cache.py 2>&1 | tail -3; python3 bench/store/gpu_tiers.py --out $OUT
+      ln -sfn ../retrieval redknot_rag/retrieval; python3 -m pytest -q -p no:cacheprovider --tb=short \
+      tests/test_segment_cache.py tests/test_store.py 2>&1 | tail -30; python3 bench/store/gpu_tiers.py --out $OUT
 
 (one line; carry .whl (FlashInfer, crc32c, redis-py wheels), .ficache and .redis (bench/store/redis_bundle.sh)).
 
