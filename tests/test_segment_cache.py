@@ -12,7 +12,7 @@ import torch
 
 from redknot_rag.kernels.testing import random_weights, tiny_config
 from redknot_rag.kvcache import KVSegment
-from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, hash_token_ids
+from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig, hash_token_ids
 from redknot_rag.store.segment_cache import SegmentCache, blocks_geometry, byte_runs, load_plan, run_plan
 from redknot_rag.store.tiers import BlockKey
 
@@ -158,6 +158,29 @@ def test_load_plan_few_copies_exact_cpu(tmp_path: Path) -> None:
             assert torch.equal(pk[mask], k[mask]) and torch.equal(pv[mask], v[mask])
             assert (pk[~mask] == 0).all() and (pv[~mask] == 0).all()
         r.drop_segment(seg)
+    # an int8 windowed chunk: decoded grouped by token count; rows follow host memory, still one copy
+    mc = r.model_config
+    classes = torch.ones(mc.num_layers, mc.num_kv_heads, dtype=torch.int64)
+    classes[:, 0] = 0
+    cfg = StoreConfig(cold_codec="int8", heads=HeadCompression.from_mask(classes, 8), host_bytes=64 << 20)
+    q8 = ChunkKVStore(tmp_path / "int8", KVFingerprint("w", "t", hash_token_ids([1]), "float32"), config=cfg)
+    q8.put("q", k, v)
+    q8.evict()
+    blocks = q8.get_blocks("q")
+    assert blocks is not None
+    _, _, _, visible = blocks_geometry(blocks, T)
+    nl, nh = k.shape[:2]
+    pages = torch.from_numpy(r.allocator.allocate(nl * nh * -(-T // r.page_size))).view(nl, nh, -1)
+    seg = KVSegment(pages, T, is_shared=True, visible=visible)
+    plan = load_plan(blocks, pages, r.page_size, T, visible)
+    assert len(plan.runs) == 1 and not plan.dense
+    run_plan(plan, r.pool.k_slots, r.pool.v_slots, plan.index)
+    pk, pv = _pool_kv(r, seg)
+    for (layer, head), b in blocks.items():
+        span = slice(b.token_start, b.token_start + b.num_tokens)
+        assert torch.equal(pk[layer, head, span], b.k) and torch.equal(pv[layer, head, span], b.v)
+    r.drop_segment(seg)
+    q8.close()
     # blocks that are not back to back are copied one run each, same bytes
     a, b = torch.arange(6.0), torch.arange(6.0, 10.0)
     runs = byte_runs([a[:3], a[3:], b])
