@@ -218,8 +218,8 @@ def select_tokens(
         r.append_forward(kv, q, torch.arange(n_ctx, n_ctx + len(q)), backend=probe, num_layers=max(layers) + 1)
     finally:
         r.truncate(kv, n_ctx)
-    mass = torch.stack(probe.attn)  # [len(layers), Hkv, T]
-    mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-9)
+    mass = torch.stack([a[:, :n_ctx] for a in probe.attn])  # [len(layers), Hkv, T]: context keys only, never
+    mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-9)  # the question's own (as the redknot policy does)
     if glob is not None:
         rows = glob[layers[: mass.shape[0]]]  # [len(layers), Hkv] (layers past the model's last are not probed)
         mass = mass * rows.to(mass.device)[:, :, None]  # global heads only
