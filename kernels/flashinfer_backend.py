@@ -134,8 +134,10 @@ class FlashInferBackend(AttentionBackend):
     max_local_slices: int = 8
     # Decode-only batches with local-head sequences on `fi_heads` too (off: Triton, see `plan_batch`).
     local_decode: bool = False
-    # Recompute on local-head sequences: global rows on part A/B, local rows on Triton (off: all on Triton).
-    local_inside: bool = True
+    # Recompute on local-head sequences: global rows on part A/B, local rows on Triton (on), or the whole
+    # batch on Triton (off, the default: measured faster on an H200, bench/rag_gpu 2026-11-30, redknot:0.05
+    # with 75% local heads: 39 vs 97 ms at 4K, 159 vs 210 ms at 32K).
+    local_inside: bool = False
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary, emulate: bool = False) -> None:
         require_uniform_layers(cfg, "flashinfer")

@@ -84,6 +84,7 @@ def compare(
     be = FlashInferBackend(cfg, pool, rot, emulate=emulate)
     be.block = 8 if emulate else 64
     be.local_decode = local_decode
+    be.local_inside = True  # the split path under test (the default sends such batches to Triton)
     be.part_a = part_a
     be.plan(batch)
     ref.plan(batch)

@@ -25,9 +25,9 @@ local, seeing only the anchor (sink) and the last `LOCAL_WINDOW` context tokens 
 `redknot-local` assembles them; selection scores global heads only. `@local` keeps the ONE forward
 (`kernels/fi_heads.py`: the question's tail on FlashInfer per (layer, kv head) row; recompute's inside
 queries: global rows on part A (FlashInfer, global heads only) + part B, local rows on Triton over their
-visible keys); `@local-triton` is the same forward all on Triton (`FlashInferBackend.local_inside = False`,
-the fallback); `@local-split` runs the recompute forward and then the question forward, timed apart
-(`recompute_s`, `question_s`).
+visible keys; `FlashInferBackend.local_inside = True`); `@local-triton` is the same forward all on Triton
+(`local_inside = False`, the engine's default since it measured faster); `@local-split` runs the
+recompute forward and then the question forward, timed apart (`recompute_s`, `question_s`).
 
 `--tiny` runs the same code on the CPU with a 2-layer model and short chunks.
 """
@@ -316,8 +316,8 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
         be.part_a = "pre-rotated-q"
     glob = vis = None
     local_inside = getattr(be, "local_inside", None)
-    if variant == "local-triton" and local_inside is not None:
-        be.local_inside = False
+    if variant in ("local", "local-split", "local-triton") and local_inside is not None:
+        be.local_inside = variant != "local-triton"  # the split FlashInfer/Triton path, or all on Triton
     if variant in ("local", "local-split", "local-triton"):  # SYNTHETIC head profile (see the module docstring)
         mc = engine.model_config
         local = synthetic_local(mc.num_layers, mc.num_kv_heads)
