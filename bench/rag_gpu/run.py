@@ -521,6 +521,7 @@ def main() -> None:
         prompt = inp.context_ids + question
         sc: dict[str, Any] = dict(chunks=k, context_tokens=n_ctx, policies={})
         data["scenarios"].append(sc)
+        sc["default_policy"] = default_policy
         sc["hf_full_s"] = min(hf_full(hf, prompt) for _ in range(2))
         log(k, "hf full", sc["hf_full_s"])
         cache = hf_cache(hf, inp.context_ids)
