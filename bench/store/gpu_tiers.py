@@ -499,7 +499,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output folder (default: $OUT, else bench/store)")
     ap.add_argument("--work-dir", default=None, help="where the disk tier lives (default: a temp folder)")
     ap.add_argument("--backend", default=None)
-    ap.add_argument("--policy", default="redknot:0.1", help="reuse policy (bench/rag_gpu's default)")
+    ap.add_argument("--policy", default="redknot:0.05", help="reuse policy (the fidelity budget)")
     ap.add_argument("--chunks", type=int, default=None, help="chunks per query (64; tiny 16)")
     ap.add_argument("--chunk-tokens", type=int, default=None, help="512; tiny 32")
     ap.add_argument("--question-tokens", type=int, default=None, help="64; tiny 8")
