@@ -1,4 +1,5 @@
-"""Random SegPaged scenarios for kernel tests and benchmarks: pools, sequences, batches.
+"""Random SegPaged scenarios for kernel tests and benchmarks: pools, sequences, batches; the per-layer
+error of a backend against the reference, and a stand-in tokenizer for random-weight models.
 
 A scenario mixes what the product produces: private-only sequences, shared segments attached at
 arbitrary positions (position gaps, partial last pages), local heads that see only sink + window,
@@ -7,13 +8,18 @@ decode rows (q_len 1) and prefill rows (q_len > 1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from redknot_rag.batch import ForwardBatch, SeqSlice
 from redknot_rag.config import ModelConfig, RopeScaling
 from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV
+
+if TYPE_CHECKING:
+    from redknot_rag.attention import AttentionBackend
 
 
 def tiny_config(
@@ -142,6 +148,45 @@ def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: str, std: float
     return w
 
 
+def reuse_seq(
+    cfg: ModelConfig,
+    pool: KVPool,
+    alloc: PageAllocator,
+    segments: list[int],
+    recompute: Sequence[int],
+    question: int,
+    q_start: int = 0,
+    local: torch.Tensor | None = None,
+    sink: int = 0,
+    window: int = 0,
+) -> tuple[SeqSlice, torch.Tensor]:
+    """One sequence as a reuse policy builds it: shared segments of `segments` tokens attached at
+    consecutive positions, tokens `recompute` (ascending context indices) overridden to private
+    copy-on-write slots, then `question` appended; this step's queries are the recomputed tokens and
+    the question together (recompute and question in one forward), from batch row `q_start`.
+    Rows `local` `[L, Hkv]` (None: none) see only context tokens < `sink` and the last `window` context
+    tokens (as `RedKnotPolicy.visibility` builds them). Returns the slice and its query positions `[n]`."""
+    ps = pool.page_size
+    kv = SeqKV(cfg.num_layers, cfg.num_kv_heads, ps, pool.device)
+    ctx = sum(segments)
+    start = 0
+    for n in segments:
+        idx = torch.arange(start, start + n)
+        vis = None
+        if local is not None:
+            keep = (idx < sink) | (idx >= ctx - window)  # [n]
+            vis = ~local[:, :, None] | keep[None, None, :]  # [L, Hkv, n]
+        kv.attach(make_segment(cfg, alloc, ps, n), idx, alloc, vis)
+        start += n
+    ridx = torch.tensor(recompute, dtype=torch.int64)
+    cow = kv.override(ridx, alloc) if recompute else None
+    tail_pos = torch.arange(ctx, ctx + question)
+    tail = kv.append(tail_pos, alloc)
+    new_slots = tail if cow is None else torch.cat([cow, tail], dim=2)
+    q_pos = torch.cat([ridx, tail_pos])
+    return kv.slice(q_start, int(q_pos.shape[0]), new_slots), q_pos
+
+
 def reuse_batch(
     cfg: ModelConfig,
     pool: KVPool,
@@ -150,26 +195,46 @@ def reuse_batch(
     recompute: list[int],
     question: int,
 ) -> ForwardBatch:
-    """One sequence as a reuse policy builds it: shared segments of `segments` tokens attached at
-    consecutive positions, tokens `recompute` (ascending context indices) overridden to private
-    copy-on-write slots, then `question` appended; this step's queries are the recomputed tokens and
-    the question together (recompute and question in one forward)."""
-    ps = pool.page_size
-    kv = SeqKV(cfg.num_layers, cfg.num_kv_heads, ps, pool.device)
-    start = 0
-    for n in segments:
-        kv.attach(make_segment(cfg, alloc, ps, n), torch.arange(start, start + n), alloc)
-        start += n
-    idx = torch.tensor(recompute, dtype=torch.int64)
-    cow = kv.override(idx, alloc) if recompute else None
-    tail_pos = torch.arange(start, start + question)
-    tail = kv.append(tail_pos, alloc)
-    new_slots = tail if cow is None else torch.cat([cow, tail], dim=2)
-    q_pos = torch.cat([idx, tail_pos])
+    """A batch of the one sequence `reuse_seq` builds (no local rows)."""
+    s, q_pos = reuse_seq(cfg, pool, alloc, segments, recompute, question)
     n = q_pos.shape[0]
     return ForwardBatch(
         input_ids=torch.randint(0, cfg.vocab_size, (n,)),
         positions=q_pos,
-        seqs=[kv.slice(0, n, new_slots)],
+        seqs=[s],
         logit_rows=torch.tensor([n - 1]),
     )
+
+
+def layer_errors(
+    cfg: ModelConfig,
+    be: AttentionBackend,
+    ref: AttentionBackend,
+    num_tokens: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> list[float]:
+    """Per layer, max |be - ref| (in float) of one attention call: random q, k, v `[N, H, D]` (strided views
+    of one `[N, Hq + 2 * Hkv, D]` tensor, as the model's projection gives them) written by `be` only, then
+    both run. Both backends are planned on the same batch and share one pool (`ref` reads what `be` wrote)."""
+    errs = []
+    for layer in range(cfg.num_layers):
+        qkv = torch.randn(num_tokens, cfg.num_q_heads + 2 * cfg.num_kv_heads, cfg.head_dim, device=device, dtype=dtype)
+        q, k, v = qkv.split([cfg.num_q_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
+        be.write_kv(layer, k, v)
+        got = be.run(layer, q)
+        errs.append((got.float() - ref.run(layer, q).float()).abs().max().item())
+    return errs
+
+
+class StubTokenizer:
+    """Random-weight models have no tokenizer; the engine only decodes ids (as their decimal numbers)."""
+
+    eos_token_id = None
+    all_special_tokens: list[str] = []
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}

@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from redknot_rag.attention import TorchBackend  # noqa: E402
-from redknot_rag.batch import ForwardBatch, SeqSlice  # noqa: E402
+from redknot_rag.batch import ForwardBatch  # noqa: E402
 from redknot_rag.kernels.flashinfer_backend import FlashInferBackend  # noqa: E402
-from redknot_rag.kernels.testing import make_segment, random_pool, tiny_config  # noqa: E402
+from redknot_rag.kernels.testing import layer_errors, random_pool, reuse_seq, tiny_config  # noqa: E402
 from redknot_rag.kvcache import PageAllocator, SeqKV  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
 
@@ -31,39 +31,11 @@ cpu_emulation = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU emulat
 MIXED = torch.tensor([[False, True], [True, True], [False, False]])
 
 
-def local_seq(
-    cfg, pool, alloc, segments: list[int], question: int, sink: int, window: int, local: torch.Tensor | None,
-    q_start: int, recompute: tuple[int, ...] = (),
-) -> tuple[SeqSlice, torch.Tensor]:  # fmt: skip
-    """Segments attached at consecutive positions; rows `local` `[L, Hkv]` see context tokens < `sink` and the
-    last `window` context tokens (as `RedKnotPolicy.visibility` builds them); `recompute` context tokens
-    get copy-on-write slots; then `question` tokens. Returns the slice and its query positions."""
-    ps = pool.page_size
-    kv = SeqKV(cfg.num_layers, cfg.num_kv_heads, ps, pool.device)
-    ctx = sum(segments)
-    start = 0
-    for n in segments:
-        idx = torch.arange(start, start + n)
-        vis = None
-        if local is not None:
-            keep = (idx < sink) | (idx >= ctx - window)  # [n]
-            vis = ~local[:, :, None] | keep[None, None, :]  # [L, Hkv, n]
-        kv.attach(make_segment(cfg, alloc, ps, n), idx, alloc, vis)
-        start += n
-    ridx = torch.tensor(recompute, dtype=torch.int64)
-    cow = kv.override(ridx, alloc) if recompute else None
-    tail_pos = torch.arange(ctx, ctx + question)
-    tail = kv.append(tail_pos, alloc)
-    new_slots = tail if cow is None else torch.cat([cow, tail], dim=2)
-    q_pos = torch.cat([ridx, tail_pos])
-    return kv.slice(q_start, int(q_pos.shape[0]), new_slots), q_pos
-
-
 def make_batch(cfg, pool, alloc, specs: list[dict]) -> ForwardBatch:
     seqs, pos = [], []
     q0 = 0
     for sp in specs:
-        s, qp = local_seq(cfg, pool, alloc, q_start=q0, **sp)
+        s, qp = reuse_seq(cfg, pool, alloc, q_start=q0, **sp)
         seqs.append(s)
         pos.append(qp)
         q0 += s.q_len
@@ -88,14 +60,7 @@ def compare(
     be.part_a = part_a
     be.plan(batch)
     ref.plan(batch)
-    n = batch.num_tokens
-    errs = []
-    for layer in range(cfg.num_layers):
-        qkv = torch.randn(n, cfg.num_q_heads + 2 * cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=dt)
-        q, k, v = qkv.split([cfg.num_q_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        be.write_kv(layer, k, v)
-        got = be.run(layer, q)
-        errs.append((got.float() - ref.run(layer, q).float()).abs().max().item())
+    errs = layer_errors(cfg, be, ref, batch.num_tokens, dev, dt)
     assert max(errs) < atol, (be.path, errs)
     return be, max(errs)
 

@@ -19,7 +19,14 @@ if not torch.cuda.is_available():
 from redknot_rag.attention import TorchBackend  # noqa: E402
 from redknot_rag.kernels.fi_plan import plan_batch, tail_len  # noqa: E402
 from redknot_rag.kernels.flashinfer_backend import FlashInferBackend  # noqa: E402
-from redknot_rag.kernels.testing import SeqSpec, build_batch, random_pool, reuse_batch, tiny_config  # noqa: E402
+from redknot_rag.kernels.testing import (  # noqa: E402
+    SeqSpec,
+    build_batch,
+    layer_errors,
+    random_pool,
+    reuse_batch,
+    tiny_config,
+)
 from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
 
@@ -36,15 +43,8 @@ def _compare(cfg, pool, batch, block=8, atol=1e-4, part_a="rotated"):
     be.part_a = part_a
     be.plan(batch)
     ref.plan(batch)
-    n = batch.num_tokens
-    for layer in range(cfg.num_layers):
-        qkv = torch.randn(n, cfg.num_q_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
-        q, k, v = qkv.split([cfg.num_q_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        be.write_kv(layer, k, v)
-        got = be.run(layer, q)
-        want = ref.run(layer, q)
-        err = (got - want).abs().max().item()
-        assert err < atol, (layer, err, be.path)
+    errs = layer_errors(cfg, be, ref, batch.num_tokens, "cpu", torch.float32)
+    assert max(errs) < atol, (errs, be.path)
     return be
 
 
@@ -144,14 +144,7 @@ def _compare_gpu(specs_or_batch, page_size=16, block=64, part_a="rotated"):
     be.part_a = part_a
     be.plan(batch)
     ref.plan(batch)
-    n = batch.num_tokens
-    errs = []
-    for layer in range(cfg.num_layers):
-        qkv = torch.randn(n, cfg.num_q_heads + 2 * cfg.num_kv_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
-        q, k, v = qkv.split([cfg.num_q_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        be.write_kv(layer, k, v)
-        got = be.run(layer, q)
-        errs.append((got.float() - ref.run(layer, q).float()).abs().max().item())
+    errs = layer_errors(cfg, be, ref, batch.num_tokens, "cuda", torch.bfloat16)
     print(be.path, "max |diff|", max(errs))
     assert max(errs) < BF16_ATOL, (be.path, errs)
     return be

@@ -6,20 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redknot_rag.kernels.testing import random_weights, tiny_config
+from redknot_rag.kernels.testing import StubTokenizer, random_weights, tiny_config
 
 pytestmark = pytest.mark.gpu
-
-
-class _Tok:
-    eos_token_id = None
-    all_special_tokens: list[str] = []
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(str(int(i)) for i in ids)
-
-    def get_vocab(self) -> dict[str, int]:
-        return {}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +20,7 @@ def gpu_engine():
     cfg = tiny_config(head_dim=128, group=4, num_kv_heads=2, num_layers=2, vocab=512)
     torch.manual_seed(0)
     w = random_weights(cfg, torch.bfloat16, "cuda")
-    loaded = LoadedModel(cfg, w, _Tok(), "tiny-random", "random:tiny")
+    loaded = LoadedModel(cfg, w, StubTokenizer(), "tiny-random", "random:tiny")
     return Engine(
         EngineConfig(device="cuda", dtype="bfloat16", attention_backend="flashinfer", mem_fraction=0.02),
         loaded=loaded,

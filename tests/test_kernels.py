@@ -22,6 +22,7 @@ from redknot_rag.kernels.paged_attention import SegPagedMeta, merge_states, rope
 from redknot_rag.kernels.testing import (  # noqa: E402
     SeqSpec,
     build_batch,
+    layer_errors,
     random_pool,
     random_weights,
     tiny_config,
@@ -54,15 +55,7 @@ def _compare_backends(cfg, page_size, specs, dtype, device, make, atol, num_spli
         be.force_num_splits = num_splits
     ref.plan(batch)
     be.plan(batch)
-    n = batch.num_tokens
-    errs = []
-    for layer in range(cfg.num_layers):
-        qkv = torch.randn(n, cfg.num_q_heads + 2 * cfg.num_kv_heads, cfg.head_dim, device=device, dtype=dtype)
-        q, k, v = qkv.split([cfg.num_q_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)  # strided views
-        be.write_kv(layer, k, v)
-        out = be.run(layer, q)
-        want = ref.run(layer, q)
-        errs.append((out.float() - want.float()).abs().max().item())
+    errs = layer_errors(cfg, be, ref, batch.num_tokens, device, dtype)
     assert max(errs) < atol, errs
     return be
 

@@ -19,7 +19,14 @@ if not torch.cuda.is_available():  # before triton is imported (the kernels pack
 
 from redknot_rag.kernels.fi_plan import emulate_prefill  # noqa: E402
 from redknot_rag.kernels.prefill_graph import padded_requests  # noqa: E402
-from redknot_rag.kernels.testing import SeqSpec, build_batch, random_pool, random_weights, tiny_config  # noqa: E402
+from redknot_rag.kernels.testing import (  # noqa: E402
+    SeqSpec,
+    StubTokenizer,
+    build_batch,
+    random_pool,
+    random_weights,
+    tiny_config,
+)
 from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
 
@@ -132,17 +139,6 @@ def test_gpu_prefill_graph_matches_eager():
         assert runner.prepare(build_batch(cfg, pool, alloc, specs)) is None
 
 
-class _Tok:
-    eos_token_id = None
-    all_special_tokens: list[str] = []
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(str(int(i)) for i in ids)
-
-    def get_vocab(self) -> dict[str, int]:
-        return {}
-
-
 @gpu
 @pytest.mark.gpu
 def test_gpu_runner_question_prefill_graph_pages_and_refcounts():
@@ -159,7 +155,9 @@ def test_gpu_runner_question_prefill_graph_pages_and_refcounts():
 
     cfg = tiny_config(head_dim=128, group=4, num_kv_heads=2, num_layers=2, vocab=512)
     torch.manual_seed(0)
-    loaded = LoadedModel(cfg, random_weights(cfg, torch.bfloat16, "cuda"), _Tok(), "tiny-random", "random:tiny")
+    loaded = LoadedModel(
+        cfg, random_weights(cfg, torch.bfloat16, "cuda"), StubTokenizer(), "tiny-random", "random:tiny"
+    )
     e = Engine(
         EngineConfig(device="cuda", dtype="bfloat16", attention_backend="flashinfer", mem_fraction=0.02), loaded=loaded
     )
