@@ -384,15 +384,16 @@ def plot_frontier(result: dict, path: Path) -> None:
 
 
 def format_table(result: dict) -> str:
+    from redknot_rag.stats import format_diff_ci
+
     lines = [
         "| policy | accuracy | Δ vs full [95% CI] | McNemar p | first-token KL | agreement@32 | recomputed | "
         "TTFT median ms | speed-up (median) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["policies"].items():
-        lo, hi = r["accuracy_diff_ci95"]
         mark = " (default)" if name == result["default_policy"] else ""
-        diff = f"{100 * r['accuracy_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        diff = format_diff_ci(r["accuracy_diff"], r["accuracy_diff_ci95"])
         lines.append(
             f"| {name}{mark} | {r['accuracy']:.3f} | {diff} "
             f"| {r['mcnemar_p']:.3g} | {r['first_token_kl']:.3f} | {r['agreement_32']:.3f} | "

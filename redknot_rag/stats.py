@@ -94,6 +94,12 @@ def compare_paired(
     )
 
 
+def format_diff_ci(diff: float, ci95: Sequence[float]) -> str:
+    """An accuracy difference and its 95% interval in points, as the report tables print them: "+1.2 [-0.5, +3.0]"."""
+    lo, hi = ci95
+    return f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def first_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(ref ‖ other) of the next-token distributions, in nats, computed in float64.
 

@@ -160,6 +160,8 @@ def store_report(out: Path, tag: str, policies: Sequence[str] | None = None) -> 
 
 
 def format_store_table(rep: dict) -> str:
+    from redknot_rag.stats import format_diff_ci
+
     lines = [
         "| setting | bytes/token | x dense | policy | cases | accuracy | Δ vs same policy on dense [95% CI] | "
         "McNemar p | first-token KL | agreement@32 |",
@@ -169,9 +171,8 @@ def format_store_table(rep: dict) -> str:
         st = row["store"]
         size = f"{st['bytes_per_token']:.0f} | {st['vs_dense']:.3f}" if st else "n/a | n/a"
         for p, r in row["policies"].items():
-            lo, hi = r["accuracy_diff_vs_dense_ci95"]
             mark = " (default)" if p == rep["default_policy"] else ""
-            diff = f"{100 * r['accuracy_diff_vs_dense']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            diff = format_diff_ci(r["accuracy_diff_vs_dense"], r["accuracy_diff_vs_dense_ci95"])
             lines.append(
                 f"| {s} | {size} | {p}{mark} | {r['num_cases']} | {r['accuracy']:.3f} | {diff} | "
                 f"{r['mcnemar_p']:.3g} | {r['first_token_kl']:.3f} | {r['agreement_32']:.3f} |"

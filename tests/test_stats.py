@@ -1,4 +1,4 @@
-"""redknot_rag.stats: paired intervals, exact McNemar, first-token KL, agreement@k."""
+"""redknot_rag.stats: paired intervals, exact McNemar, first-token KL, agreement@k, the table cell."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from redknot_rag.stats import (
     agreement_at_k,
     compare_paired,
     first_token_kl,
+    format_diff_ci,
     mcnemar_exact_p,
     paired_bootstrap_ci,
 )
@@ -86,3 +87,8 @@ def test_agreement_at_k() -> None:
     assert agreement_at_k([], []) == 1.0 and agreement_at_k([], [1]) == 0.0
     with pytest.raises(ValueError):
         agreement_at_k(ref, ref, k=0)
+
+
+def test_format_diff_ci_in_points() -> None:
+    assert format_diff_ci(-0.113, (-0.155, -0.07)) == "-11.3 [-15.5, -7.0]"
+    assert format_diff_ci(0.0, [0.0, 0.042]) == "+0.0 [+0.0, +4.2]"  # the sign always shows
