@@ -1,14 +1,38 @@
-"""Shared fixtures: one loaded default model per test session (loading takes seconds)."""
+"""Shared fixtures: one loaded default model per test session (loading takes seconds); shared helpers
+(`from conftest import ...`: pytest puts tests/ on sys.path, spawned ranks inherit it)."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def alternating_profile(runner: Any, window: int = 8) -> Any:
+    """A `HeadProfile` for the runner's model with even KV heads local (`window`) and odd ones global, in
+    every layer (under TP=2 on tiny-gqa they land on different ranks: the full model's heads, not the rank's)."""
+    from redknot_rag.heads import HeadProfile
+
+    mc = runner.full_config if hasattr(runner, "full_config") else runner.model_config
+    grid = [[float(h) for h in range(mc.num_kv_heads)] for _ in range(mc.num_layers)]  # [L][Hkv]
+    return HeadProfile(
+        model=runner.name,
+        weights_fingerprint=runner.weights_fingerprint,
+        num_layers=mc.num_layers,
+        num_kv_heads=mc.num_kv_heads,
+        window=window,
+        locality_threshold=0.5,
+        classes=[[h % 2 for h in range(mc.num_kv_heads)] for _ in range(mc.num_layers)],  # LOCAL = 0
+        locality=grid,
+        reuse_deviation=grid,
+        retrieval=grid,
+        calibration={},
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,31 +12,12 @@ import json
 
 import pytest
 import torch
+from conftest import alternating_profile
 
 from redknot_rag.storage_eval import STORE_SETTINGS, store_config_for
 
 WINDOW = 8
 TEXT = "The Hallerby tram depot keeps its oldest car, number 31, under a blue canvas roof near gate four, locked."
-
-
-def _profile(runner):
-    from redknot_rag.heads import HeadProfile
-
-    mc = runner.model_config
-    grid = [[float(h) for h in range(mc.num_kv_heads)] for _ in range(mc.num_layers)]
-    return HeadProfile(
-        model=runner.name,
-        weights_fingerprint=runner.weights_fingerprint,
-        num_layers=mc.num_layers,
-        num_kv_heads=mc.num_kv_heads,
-        window=WINDOW,
-        locality_threshold=0.5,
-        classes=[[h % 2 for h in range(mc.num_kv_heads)] for _ in range(mc.num_layers)],  # head 0 local
-        locality=grid,
-        reuse_deviation=grid,
-        retrieval=grid,
-        calibration={},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +36,9 @@ def _read_back(engine, setting, root):
 
     runner = engine.runner
     layout = PromptLayout.for_tokenizer(engine.tokenizer)
-    cfg = store_config_for(setting, runner, _profile(runner))
+    cfg = store_config_for(setting, runner, alternating_profile(runner, WINDOW))
     store = ChunkKVStore(root, make_fingerprint(layout, runner.weights_fingerprint, runner.dtype), config=cfg)
-    asm = Assembler(engine, layout, store, profile=_profile(runner))
+    asm = Assembler(engine, layout, store, profile=alternating_profile(runner, WINDOW))
     try:
         ids = layout.chunk_ids(TEXT)
         k, v = asm.prefiller.prefill([ids])[0]
@@ -80,7 +61,7 @@ def _rel_rms(a, b):
 def test_what_attention_reads_per_setting(tiny, tmp_path):
     (k0, v0), (k, v, vis), _ = _read_back(tiny, "dense", tmp_path / "dense")
     assert vis is None and torch.equal(k, k0) and torch.equal(v, v0)  # fp32 model, fp32 storage: lossless
-    local = torch.tensor(_profile(tiny.runner).classes) == 0  # [L, Hkv]
+    local = torch.tensor(alternating_profile(tiny.runner, WINDOW).classes) == 0  # [L, Hkv]
     glob = ~local
 
     _, (kw, vw, visw), _ = _read_back(tiny, "window", tmp_path / "window")
@@ -106,7 +87,7 @@ def test_store_setting_cli_and_report(tiny, tmp_path, monkeypatch):
     import redknot_rag.heads as heads
     from redknot_rag.cli import main
 
-    monkeypatch.setattr(heads, "load_profile_for", lambda name, fp: _profile(tiny.runner))
+    monkeypatch.setattr(heads, "load_profile_for", lambda name, fp: alternating_profile(tiny.runner, WINDOW))
     out = tmp_path / "out"
     common = ["eval", "--quick", "--model-path", "tiny-gqa", "--device", "cpu", "--dtype", "float32"]
     common += ["--cpu-kv-gib", "0.02", "--out", str(out), "--tag", "tiny", "--cases", "2"]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import alternating_profile
 
 pytestmark = pytest.mark.timeout(600)  # a rank that hangs in a collective fails the test, not CI
 
@@ -37,28 +38,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _profile(runner: Any) -> Any:
-    """A head profile for tiny-gqa with one local and one global KV head per layer (they land on
-    different ranks under TP=2, so the per-rank profile slice matters)."""
-    from redknot_rag.heads import HeadProfile
-
-    mc = runner.full_config if hasattr(runner, "full_config") else runner.model_config
-    grid = [[float(h) for h in range(mc.num_kv_heads)] for _ in range(mc.num_layers)]
-    return HeadProfile(
-        model=runner.name,
-        weights_fingerprint=runner.weights_fingerprint,
-        num_layers=mc.num_layers,
-        num_kv_heads=mc.num_kv_heads,
-        window=8,
-        locality_threshold=0.5,
-        classes=[[h % 2 for h in range(mc.num_kv_heads)] for _ in range(mc.num_layers)],
-        locality=grid,
-        reuse_deviation=grid,
-        retrieval=grid,
-        calibration={},
-    )
-
-
 def _run_all(engine: Any, tmp: Path) -> dict[str, Any]:
     """Greedy plain prompts, then the RAG prompt under each reuse policy (store in `tmp`)."""
     from redknot_rag.rag.assemble import Assembler
@@ -74,7 +53,7 @@ def _run_all(engine: Any, tmp: Path) -> dict[str, Any]:
     runner = engine.runner
     layout = PromptLayout.for_tokenizer(tok)
     store = ChunkKVStore(tmp / "kv", make_fingerprint(layout, runner.weights_fingerprint, runner.dtype))
-    asm = Assembler(engine, layout, store, profile=_profile(runner))
+    asm = Assembler(engine, layout, store, profile=alternating_profile(runner))
     chunks = [layout.chunk_ids(c) for c in CHUNKS]
     for name in POLICIES:
         req = asm.build(chunks, layout.question_ids(QUESTION), name, greedy)
