@@ -75,7 +75,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # zipf, redis_server
+sys.path.insert(0, str(HERE))  # zipf, redis_server, page_cache
 
 
 def _load_rag_gpu() -> Any:
@@ -89,6 +89,7 @@ def _load_rag_gpu() -> Any:
 
 rag = _load_rag_gpu()  # puts bench/engine on sys.path: `common` below is bench/engine/common.py
 from common import Timer, card, free_memory, sync  # noqa: E402
+from page_cache import drop_page_cache  # noqa: E402
 from redis_server import redis_command, start_redis  # noqa: E402
 from zipf import pct, query_stream  # noqa: E402
 
@@ -130,20 +131,6 @@ def log(*a: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ page cache
-def drop_page_cache(root: Path) -> int:
-    """posix_fadvise(DONTNEED) on every chunk file under `root` (clean pages: the store fsyncs on
-    commit); returns the number of files."""
-    n = 0
-    for path in root.rglob("*.rkv"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        n += 1
-    return n
-
-
 def try_drop_caches() -> str:
     """`echo 1 > /proc/sys/vm/drop_caches` (needs root): "ok" or why not."""
     try:

@@ -27,18 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from page_cache import drop_page_cache  # noqa: E402
 from redis_server import start_redis  # noqa: E402
 
 from redknot_rag.store import ChunkKVStore, KVFingerprint, StoreConfig, hash_token_ids  # noqa: E402
-
-
-def drop(root: Path) -> None:
-    for path in root.rglob("*.rkv"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_all(store: ChunkKVStore, keys: list[str], workers: int) -> float:
@@ -91,7 +83,7 @@ def main() -> None:
             secs = []
             for _ in range(args.reps):
                 if cold:
-                    drop(root)
+                    drop_page_cache(root)
                 secs.append(read_all(store, keys, args.workers))
             row[name] = dict(median_s=statistics.median(secs), GBps=nbytes / statistics.median(secs) / 1e9)
             print(args.label, name, row[name], flush=True)
