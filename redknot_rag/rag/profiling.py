@@ -183,9 +183,7 @@ def register_cli(sub) -> None:
     from redknot_rag.options import add_engine_args
 
     p = sub.add_parser("profile-heads", help="calibrate local/global KV heads for a model")
-    p.add_argument(
-        "--cases", type=int, default=48, help="calibration prompts, half per case generator (default 48)"
-    )
+    p.add_argument("--cases", type=int, default=48, help="calibration prompts, half per case generator (default 48)")
     p.add_argument("--window", type=int, default=64, help="recent-window tokens a local head keeps (default 64)")
     p.add_argument("--threshold", type=float, default=0.8, help="locality above which a head is local (default 0.8)")
     p.add_argument("--out", default=None, help="profile path (default: the package's profiles/ folder)")
