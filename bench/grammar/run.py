@@ -75,6 +75,24 @@ CHOICES = [
 SELECT_REGEX = "(" + "|".join(CHOICES) + ")"
 
 
+class ProcessorWalk:
+    """A walk through one constrained output with a logits processor called as the engine calls it
+    (`proc(req, logits)` with `req.output_ids` the tokens so far); `can_end(ids)` asks whether it may stop."""
+
+    def __init__(self, proc: Any, can_end: Any) -> None:
+        self.proc, self._can_end = proc, can_end
+        self.output_ids: list[int] = []  # the processor reads `req.output_ids`: this walk is the request
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.proc(self, logits)
+
+    def advance(self, t: int) -> None:
+        self.output_ids.append(t)
+
+    def can_end(self) -> bool:
+        return bool(self._can_end(self.output_ids))
+
+
 def cases() -> list[dict[str, Any]]:
     return [
         {"name": "nested_json_schema", "kind": "json", "spec": json.dumps(NESTED_SCHEMA),
@@ -144,24 +162,11 @@ class Served:
     def start(self, g: Any) -> Any:
         proc = self.backend.processor(g)
 
-        class Req:
-            output_ids: list[int] = []
+        def can_end(ids: list[int]) -> bool:
+            proc.sync(ids)
+            return bool(proc.matcher.accept_token(proc.stop_ids[0]))
 
-        req = Req()
-        req.output_ids = []
-
-        class S:
-            def mask(self, logits: torch.Tensor) -> torch.Tensor:
-                return proc(req, logits)
-
-            def advance(self, t: int) -> None:
-                req.output_ids.append(t)
-
-            def can_end(self) -> bool:
-                proc.sync(req.output_ids)
-                return bool(proc.matcher.accept_token(proc.stop_ids[0]))
-
-        return S()
+        return ProcessorWalk(proc, can_end)
 
 
 class LLGuidance:
@@ -273,24 +278,7 @@ class Legacy:
     def start(self, pattern: str) -> Any:
         proc = legacy_scanner.RegexProcessor(pattern, self.texts, self.eos, greedy=True)
         proc.keep = self.keep
-
-        class Req:
-            output_ids: list[int] = []
-
-        req = Req()
-        req.output_ids = []
-
-        class S:
-            def mask(self, logits: torch.Tensor) -> torch.Tensor:
-                return proc(req, logits)
-
-            def advance(self, t: int) -> None:
-                req.output_ids.append(t)
-
-            def can_end(self) -> bool:
-                return proc.is_complete(proc._sync(req.output_ids))
-
-        return S()
+        return ProcessorWalk(proc, lambda ids: proc.is_complete(proc._sync(ids)))
 
 
 def run_case(engine: Any, case: dict, ids: list[int], vocab: int, reps: int, target_first: bool) -> dict:
