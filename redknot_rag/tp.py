@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +50,7 @@ from redknot_rag.batch import ForwardBatch, SeqSlice
 from redknot_rag.config import EngineConfig, ModelConfig
 from redknot_rag.kvcache import KVSegment, SeqKV
 from redknot_rag.loader import LoadedModel, load_model
+from redknot_rag.ports import free_port
 from redknot_rag.runner import ForwardResult, KVRunner, pick_device, pick_dtype
 
 log = logging.getLogger("redknot.tp")
@@ -146,9 +146,7 @@ def start_ranks(tp_size: int) -> list[subprocess.Popen]:
         if int(os.environ["WORLD_SIZE"]) != tp_size:
             raise TPConfigError(f"--tp {tp_size} but WORLD_SIZE={os.environ['WORLD_SIZE']}")
         return []
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     base = {"WORLD_SIZE": str(tp_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     children = []
     for r in range(1, tp_size):

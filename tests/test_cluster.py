@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,21 +20,13 @@ from typing import Any
 
 import pytest
 
+from redknot_rag.ports import free_ports
+
 pytestmark = pytest.mark.timeout(300)
 
 SERVE = ("--model-path", "tiny-gqa", "--device", "cpu", "--dtype", "float32", "--cpu-kv-gib", "0.05")
 DOC = "Alice keeps the spare key of the lab under the blue flowerpot near the door. The lab opens at nine."
 PROMPTS = [f"Request number {i}: tell me about topic {i * 7}." for i in range(8)]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _require() -> None:
@@ -82,7 +73,7 @@ def test_two_replicas_behind_the_router(tmp_path: Path) -> None:
     from redknot_rag.loader import load_model
     from redknot_rag.rag.layout import PromptLayout
 
-    router, replica, redis = _free_ports(3)
+    router, replica, redis = free_ports(3)
     # replica ports are replica_port + i: take two free ports in a row from a base the OS just handed out
     spec = ClusterSpec(
         replicas=2,

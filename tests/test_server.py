@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,18 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from redknot_rag.ports import free_port
+
 KEY, ADMIN = "test-key", "admin-key"
 MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the served name of the embedded default model
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 HAS_RAG = importlib.util.find_spec("redknot_rag.rag") is not None
 needs_rag = pytest.mark.skipif(not HAS_RAG, reason="redknot_rag.rag (RagService) is not in this tree yet")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

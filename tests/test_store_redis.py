@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ import torch
 fakeredis = pytest.importorskip("fakeredis")
 redis = pytest.importorskip("redis")
 
+from redknot_rag.ports import free_port  # noqa: E402
 from redknot_rag.store import ChunkKVStore, ColdTier, KVFingerprint, StoreConfig  # noqa: E402
 from redknot_rag.store.redis_tier import RedisTier  # noqa: E402
 
@@ -62,12 +62,6 @@ def test_redis_cold_tier(tmp_path: Path) -> None:
 # -- a real redis-server ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -75,7 +69,7 @@ def _start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
         if os.environ.get("REDKNOT_REQUIRE_REDIS"):  # CI: a missing server is a failure, not a skip
             pytest.fail(why)
         pytest.skip(why)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             binary,

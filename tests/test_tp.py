@@ -9,7 +9,6 @@ Each rank is a spawned process; rank 0 runs the engine and the reuse layer, rank
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import alternating_profile
+
+from redknot_rag.ports import free_port
 
 pytestmark = pytest.mark.timeout(600)  # a rank that hangs in a collective fails the test, not CI
 
@@ -30,12 +31,6 @@ CHUNKS = [
 QUESTION = "Where is the spare key of the lab?"
 POLICIES = ["naive", "cacheblend:0.3", "redknot:0.3", "redknot-local:0.3:2:8"]
 NEW_TOKENS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_all(engine: Any, tmp: Path) -> dict[str, Any]:
@@ -115,7 +110,7 @@ def tp1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def tp2(tmp_path_factory: pytest.TempPathFactory, tp1: dict[str, Any]) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     tmp = str(tmp_path_factory.mktemp("tp2"))
     procs = [ctx.Process(target=_rank, args=(r, 2, port, tmp, results)) for r in range(2)]
     for p in procs:
@@ -211,7 +206,7 @@ def test_serve_tp2_http_on_rank0(tp1: dict[str, Any], tmp_path: Path) -> None:
 
     from redknot_rag.loader import load_model
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "redknot_rag.cli", "serve", "--tp", "2", "--model-path", "tiny-gqa"]
     cmd += ["--device", "cpu", "--dtype", "float32", "--cpu-kv-gib", "0.05", "--port", str(port)]
     cmd += ["--data-dir", str(tmp_path / "data")]

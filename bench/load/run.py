@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from redknot_rag.ports import free_port
 
 QUESTIONS = [
     "What does the global interpreter lock protect?",
@@ -158,12 +159,6 @@ async def sample_rss(pid: int | None, deadline: float, series: list) -> None:
             if v is not None:
                 series.append([round(time.perf_counter() - t0, 1), round(v, 1)])
         await asyncio.sleep(1.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
