@@ -183,45 +183,22 @@ def test_generate_single_batch_input_ids(client):
 
 
 def test_generate_sampling_fields(client):
-    r = client.post(
-        "/generate",
-        json={
-            "text": "Once upon a time",
-            "sampling_params": {
-                "max_new_tokens": 8,
-                "temperature": 0.8,
-                "top_p": 0.9,
-                "top_k": 40,
-                "min_p": 0.01,
-                "n": 3,
-                "frequency_penalty": 0.1,
-                "presence_penalty": 0.1,
-                "sampling_seed": 7,
-                "ignore_eos": True,
-                "skip_special_tokens": True,
-                "spaces_between_special_tokens": True,
-            },
-        },
-    ).json()
+    params = {
+        "max_new_tokens": 8,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": 40,
+        "min_p": 0.01,
+        "n": 3,
+        "frequency_penalty": 0.1,
+        "presence_penalty": 0.1,
+        "sampling_seed": 7,
+        "ignore_eos": True,
+    }
+    special = {"skip_special_tokens": True, "spaces_between_special_tokens": True}
+    r = client.post("/generate", json={"text": "Once upon a time", "sampling_params": {**params, **special}}).json()
     assert len(r) == 3 and all(x["meta_info"]["completion_tokens"] == 8 for x in r)
-    again = client.post(
-        "/generate",
-        json={
-            "text": "Once upon a time",
-            "sampling_params": {
-                "max_new_tokens": 8,
-                "temperature": 0.8,
-                "top_p": 0.9,
-                "top_k": 40,
-                "min_p": 0.01,
-                "n": 3,
-                "frequency_penalty": 0.1,
-                "presence_penalty": 0.1,
-                "sampling_seed": 7,
-                "ignore_eos": True,
-            },
-        },
-    ).json()
+    again = client.post("/generate", json={"text": "Once upon a time", "sampling_params": params}).json()
     assert [x["text"] for x in again] == [x["text"] for x in r]  # seeded
     full = gen(client, "1, 2, 3, 4,", max_new_tokens=12)["text"]
     stop = full.strip().split(" ")[1]
