@@ -498,7 +498,8 @@ def register_cli(sub) -> None:
         choices=list(STORE_SETTINGS),
         default=None,
         help="chunk KV storage: dense (model dtype, all tokens), window (local heads keep their tail window), "
-        "int8-window (window + int8 on disk, read back decoded). Files get the tag suffix "
+        "int8-window (window + int8 on disk, read back decoded), int4 (every token, int4 on disk, read back "
+        "decoded), int4-window (window + int4). Files get the tag suffix "
         + ", ".join(f"-{v}" for v in STORE_SETTINGS.values())
         + " (default: dense storage, plain tag)",
     )

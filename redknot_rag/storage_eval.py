@@ -5,7 +5,10 @@ Settings, each on the model's dtype:
 - `window`: heads the model's head profile marks local keep only each chunk's tail window (a head reads
   no more than that at query time);
 - `int8-window`: `window` with the int8 cold codec (per-channel K, per-token V scales) and a host tier of
-  0 bytes, so every block attention sees was read from disk and decoded: the int8 path itself.
+  0 bytes, so every block attention sees was read from disk and decoded: the int8 path itself;
+- `int4`: every token of every head with the int4 cold codec (KIVI-style: K per channel over 32-token
+  groups, V per token over 32-channel groups) and a host tier of 0 bytes (read back decoded);
+- `int4-window`: `window` with the int4 cold codec, host tier 0 bytes.
 
 Each setting's records go to their own file (`records_<tag>-<suffix>.jsonl`); the report pairs every
 policy's answers under a compressed setting with the SAME policy's answers on dense storage, case by
@@ -23,25 +26,34 @@ from typing import Any
 from redknot_rag.store.config import HeadCompression, StoreConfig
 
 # setting -> suffix of its file tag (records_<tag>-<suffix>.jsonl, results_<tag>-<suffix>.json)
-STORE_SETTINGS = {"dense": "dense", "window": "window", "int8-window": "int8w"}
+STORE_SETTINGS = {
+    "dense": "dense",
+    "window": "window",
+    "int8-window": "int8w",
+    "int4": "int4",
+    "int4-window": "int4w",
+}
 MAX_BYTES_RATIO = 0.35  # the storage issue's goal: at most 0.35x dense model-dtype bytes...
 MAX_ACCURACY_LOSS = 0.01  # ...at accuracy within 1 point of uncompressed storage
 
 
 def store_config_for(setting: str, runner: Any, profile: Any) -> StoreConfig:
     """The StoreConfig of a named setting for `runner`'s model; `profile` (a heads.HeadProfile) gives the
-    local heads and their window (needed by `window` and `int8-window`)."""
+    local heads and their window (needed by the `window` settings)."""
     if setting not in STORE_SETTINGS:
         raise ValueError(f"unknown store setting {setting!r}; known: {', '.join(STORE_SETTINGS)}")
     dtype = str(runner.dtype).replace("torch.", "")
     if setting == "dense":
         return StoreConfig(dtype=dtype)
+    if setting == "int4":  # host tier 0 bytes: every block attention reads was decoded from disk
+        return StoreConfig(dtype=dtype, cold_codec="int4", host_bytes=0)
     if profile is None:
         raise ValueError(f"store setting {setting!r} needs a head profile for {runner.name} (redknot profile-heads)")
     heads = HeadCompression.from_profile(profile)
     if setting == "window":
         return StoreConfig(dtype=dtype, heads=heads)
-    return StoreConfig(dtype=dtype, cold_codec="int8", heads=heads, host_bytes=0)
+    codec = "int8" if setting == "int8-window" else "int4"
+    return StoreConfig(dtype=dtype, cold_codec=codec, heads=heads, host_bytes=0)
 
 
 def dense_bytes_per_token(runner: Any) -> int:

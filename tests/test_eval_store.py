@@ -2,7 +2,8 @@
 (fp32 CPU), with a head profile that marks one KV head per layer local (window 8):
 - what attention reads under each setting, through the eval's own path (store.put, flush, assembler.segment):
   `window` keeps global heads bit for bit and local heads' tail window bit for bit; `int8-window` is read
-  from disk (host tier 0 bytes) and differs from dense within the int8 codec's error;
+  from disk (host tier 0 bytes) and differs from dense within the int8 codec's error; `int4` falls back to
+  int8 on this model (head_dim 16) block by block;
 - the CLI wiring: each setting's files carry its tag suffix, the plain run's files are untouched, and the
   report pairs every policy with itself on dense storage, next to measured bytes per stored token."""
 
@@ -81,6 +82,14 @@ def test_what_attention_reads_per_setting(tiny, tmp_path):
         assert _rel_rms(got, ref) < 0.02  # int8 with per-channel K / per-token V scales
     assert _rel_rms(k8[local][:, -WINDOW:], k0[local][:, -WINDOW:]) < 0.02
 
+    # int4 on tiny-gqa (head_dim 16, not a multiple of 32): every block falls back to int8, all tokens
+    _, (k4, v4, vis4), store = _read_back(tiny, "int4", tmp_path / "int4")
+    meta = store.meta(next(iter(store.keys())))
+    assert meta is not None and {b.codec.name for b in meta.blocks} == {"INT8"}
+    assert vis4 is None and store.stats().tier("host").nbytes == 0
+    for got, ref in ((k4, k0), (v4, v0)):
+        assert not torch.equal(got, ref) and _rel_rms(got, ref) < 0.02
+
 
 def test_store_setting_cli_and_report(tiny, tmp_path, monkeypatch):
     """`--quick` per setting, then `--store-report`: files per suffix, bytes measured, paired vs dense."""
@@ -101,6 +110,8 @@ def test_store_setting_cli_and_report(tiny, tmp_path, monkeypatch):
     assert abs(store["dense"]["vs_dense"] - 1) < 0.05  # disk files: K/V plus small headers
     assert store["int8-window"]["vs_dense"] < store["window"]["vs_dense"] < store["dense"]["vs_dense"]
     assert store["int8-window"]["host_bytes"] == 0 and store["int8-window"]["cold_codec"] == "int8"
+    assert store["int4"]["host_bytes"] == 0 and store["int4"]["cold_codec"] == "int4"
+    assert store["int4-window"]["vs_dense"] < store["int4"]["vs_dense"] < 0.6  # int8 fallback: head_dim 16
 
     assert main(["eval", "--store-report", "--out", str(out), "--tag", "tiny"]) == 0
     rep = json.loads((out / "store_tiny.json").read_text())
@@ -109,7 +120,7 @@ def test_store_setting_cli_and_report(tiny, tmp_path, monkeypatch):
     assert set(dense) == {"naive", "redknot:0.1"}
     for p in dense.values():  # dense against itself: no difference, a zero-width interval
         assert p["num_cases"] == 2 and p["accuracy_diff_vs_dense"] == 0 and p["accuracy_diff_vs_dense_ci95"] == [0, 0]
-    for s in ("window", "int8-window"):
+    for s in ("window", "int8-window", "int4", "int4-window"):
         row = rep["settings"][s]
         assert row["store"]["vs_dense"] < 1 and set(row["policies"]) == set(dense)
         assert set(row["default_goals"]) == {"bytes_at_most_0.35x_dense", "accuracy_within_1_point_of_dense"}

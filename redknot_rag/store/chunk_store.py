@@ -31,7 +31,17 @@ from pathlib import Path
 import torch
 
 from redknot_rag.store.blockfile import CorruptChunkError
-from redknot_rag.store.codec import BlockMeta, ChunkMeta, Codec, HeadClass, Payload, decode_block, encode_block
+from redknot_rag.store.codec import (
+    BlockMeta,
+    ChunkMeta,
+    Codec,
+    CodecUnsupportedError,
+    HeadClass,
+    Payload,
+    decode_block,
+    decode_int4_batch,
+    encode_block,
+)
 from redknot_rag.store.config import HeadCompression, StoreConfig
 from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.fingerprint import KVFingerprint, dtype_from_name
@@ -148,12 +158,17 @@ class ChunkKVStore:
             for head in range(H):
                 start, n = hc.token_range(layer, head, T) if isinstance(hc, HeadCompression) else (0, T)
                 cls = hc.head_class(layer, head) if isinstance(hc, HeadCompression) else HeadClass.UNCLASSIFIED
-                bm = BlockMeta(start, n, self.codec, cls)
                 kb, vb = k[layer, head, start:], v[layer, head, start:]  # [n, D]
                 if self.codec == Codec.RAW:
                     kb, vb = kb.to(self.dtype).contiguous(), vb.to(self.dtype).contiguous()
-                # INT8 quantizes from the producer's precision; host keeps what the cold tiers decode to
-                payload = encode_block(kb, vb, self.codec)
+                # INT8/INT4 quantize from the producer's precision; host keeps what the cold tiers decode to
+                codec = self.codec
+                try:
+                    payload = encode_block(kb, vb, codec)
+                except CodecUnsupportedError:  # INT4 cannot hold this block (head_dim, f16 range): INT8
+                    codec = Codec.INT8
+                    payload = encode_block(kb, vb, codec)
+                bm = BlockMeta(start, n, codec, cls)
                 metas.append(bm)
                 payloads.append(payload)
                 self._counts.add(f"stored.{cls.label}", len(payload))
@@ -440,8 +455,8 @@ class ChunkKVStore:
                 kv = t.view(self.dtype).view(2, bm.num_tokens, D)  # [2, n, D]: K then V
                 out[b] = KVBlock(kv[0], kv[1], bm.token_start, bm.head_class)
             return out
-        if all(meta.block(*b).codec == Codec.INT8 for b in payloads):
-            return self._decode_int8(meta, payloads, views)
+        if all(meta.block(*b).codec in (Codec.INT8, Codec.INT4) for b in payloads):
+            return self._decode_quantized(meta, payloads, views)
         sizes = {b: 2 * meta.block(*b).num_tokens * D for b in payloads}
         buf = torch.empty(sum(sizes.values()), dtype=self.dtype, pin_memory=self.memory.pin)
         out, pos = {}, 0
@@ -455,35 +470,42 @@ class ChunkKVStore:
             out[b] = KVBlock(kv[0], kv[1], bm.token_start, bm.head_class)
         return out
 
-    def _decode_int8(
+    def _decode_quantized(
         self, meta: ChunkMeta, payloads: dict[Block, Payload], views: dict[Block, torch.Tensor | None]
     ) -> dict[Block, KVBlock]:
-        """INT8 blocks decoded in batches of equal token count (a chunk has two: global heads' T and
-        local heads' window) into one fresh buffer, group after group: `[G, 2, n, D]` each. Same
-        arithmetic as `decode_block`, so the same bits; O(groups) tensor ops, not O(blocks)."""
+        """INT8/INT4 blocks decoded in batches of equal (codec, token count) (a chunk has about two:
+        global heads' T and local heads' window; INT4 chunks may hold INT8 fallbacks) into one fresh
+        buffer, group after group: `[G, 2, n, D]` each. Same arithmetic as `decode_block`, so the
+        same bits; O(groups) tensor ops, not O(blocks)."""
         D = meta.head_dim
-        groups: dict[int, list[Block]] = {}
+        groups: dict[tuple[Codec, int], list[Block]] = {}
         for b in payloads:
-            groups.setdefault(meta.block(*b).num_tokens, []).append(b)
+            bm = meta.block(*b)
+            groups.setdefault((bm.codec, bm.num_tokens), []).append(b)
         buf = torch.empty(
-            sum(2 * n * D * len(g) for n, g in groups.items()), dtype=self.dtype, pin_memory=self.memory.pin
+            sum(2 * n * D * len(g) for (_, n), g in groups.items()), dtype=self.dtype, pin_memory=self.memory.pin
         )
         out: dict[Block, KVBlock] = {}
         pos = 0
-        for n, group in groups.items():
+        src = meta.torch_dtype  # decode_block's rounding, then the storage dtype (a no-op when equal)
+        for (codec, n), group in groups.items():
             raw = []
             for b in group:
                 t = views[b]
                 raw.append(t if t is not None else torch.frombuffer(bytearray(payloads[b]), dtype=torch.uint8))
-            u8 = torch.stack(raw)  # [G, 4·D + 4·n + 2·n·D]: K scales, V scales, K, V (codec.py)
-            ks = u8[:, : 4 * D].view(torch.float32)  # [G, D]
-            vs = u8[:, 4 * D : 4 * (D + n)].view(torch.float32)  # [G, n]
-            q = u8[:, 4 * (D + n) :].view(torch.int8).view(len(group), 2, n, D)  # [G, 2, n, D]
+            u8 = torch.stack(raw)  # [G, payload bytes]
             kv = buf[pos : pos + 2 * n * D * len(group)].view(len(group), 2, n, D)
             pos += 2 * n * D * len(group)
-            src = meta.torch_dtype  # decode_block's rounding, then the storage dtype (a no-op when equal)
-            kv[:, 0] = (q[:, 0].float() * ks[:, None, :]).to(src).to(self.dtype)
-            kv[:, 1] = (q[:, 1].float() * vs[:, :, None]).to(src).to(self.dtype)
+            if codec == Codec.INT4:
+                k4, v4 = decode_int4_batch(u8, n, D)  # f32 [G, n, D] each
+                kv[:, 0] = k4.to(src).to(self.dtype)
+                kv[:, 1] = v4.to(src).to(self.dtype)
+            else:  # INT8 `[G, 4·D + 4·n + 2·n·D]`: K scales, V scales, K, V (codec.py)
+                ks = u8[:, : 4 * D].view(torch.float32)  # [G, D]
+                vs = u8[:, 4 * D : 4 * (D + n)].view(torch.float32)  # [G, n]
+                q = u8[:, 4 * (D + n) :].view(torch.int8).view(len(group), 2, n, D)  # [G, 2, n, D]
+                kv[:, 0] = (q[:, 0].float() * ks[:, None, :]).to(src).to(self.dtype)
+                kv[:, 1] = (q[:, 1].float() * vs[:, :, None]).to(src).to(self.dtype)
             for i, b in enumerate(group):
                 bm = meta.block(*b)
                 out[b] = KVBlock(kv[i, 0], kv[i, 1], bm.token_start, bm.head_class)

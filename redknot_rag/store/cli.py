@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from redknot_rag.store.blockfile import CorruptChunkError, read_header
+from redknot_rag.store.codec import CODEC_NAMES
 from redknot_rag.store.disk import old_format_dirs
 from redknot_rag.store.fingerprint import FORMAT_VERSION
 
@@ -175,7 +176,7 @@ def register_cli(sub: Any) -> None:
         default=None,
         help="storage dtype (default: the dtype the KV was computed in, lossless)",
     )
-    m.add_argument("--store-cold-codec", choices=["raw", "int8"], default="raw")
+    m.add_argument("--store-cold-codec", choices=list(CODEC_NAMES), default="raw")
     m.add_argument("--delete-old", action="store_true", help="remove each v1 file once it is migrated")
     m.set_defaults(func=_cmd_migrate)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from redknot_rag.store.codec import Codec, HeadClass
+from redknot_rag.store.codec import CODEC_NAMES, Codec, HeadClass
 from redknot_rag.store.fingerprint import dtype_from_name
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -83,7 +83,8 @@ class StoreConfig:
     """How `ChunkKVStore` stores and tiers chunk KV.
 
     dtype: storage dtype name; None keeps the producer's (the fingerprint's) dtype, lossless.
-    cold_codec: "raw" or "int8" for what disk and Redis hold (host memory holds what they decode to).
+    cold_codec: "raw", "int8" or "int4" for what disk and Redis hold (host memory holds what they decode
+        to); an int4 block that cannot be int4 (head_dim not a multiple of 32, f16 range) is int8.
     heads: head-aware compression (local heads keep their tail window), None stores every token.
     host_bytes / disk_bytes: LRU budgets of the pinned-host and disk tiers (disk None: unbounded).
     redis_url: a shared Redis tier below disk (its budget is the server's maxmemory).
@@ -125,7 +126,12 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
         default="bfloat16",
         help="storage dtype of chunk KV (float32 only when asked)",
     )
-    g.add_argument("--store-cold-codec", choices=["raw", "int8"], default="raw", help="encoding on disk and Redis")
+    g.add_argument(
+        "--store-cold-codec",
+        choices=list(CODEC_NAMES),
+        default="raw",
+        help="encoding on disk and Redis: raw (storage dtype), int8, int4 (docs/kv-format.md)",
+    )
     g.add_argument(
         "--store-local-heads",
         choices=["off", "profile"],
