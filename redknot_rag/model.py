@@ -97,9 +97,16 @@ class CausalLM:
         self.device = self.embed.device
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, attn: AttentionBackend, num_layers: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        batch: ForwardBatch,
+        attn: AttentionBackend,
+        num_layers: int | None = None,
+        before_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Logits `[M, vocab]` float32 of `batch.logit_rows`; with `num_layers`, run only the first
-        `num_layers` layers (their KV is written) and return an empty tensor."""
+        `num_layers` layers (their KV is written) and return an empty tensor. `before_layer(i)` runs
+        before layer i touches the KV pool (the runner's wait for pool writes still in flight)."""
         cfg = self.cfg
         n = batch.num_tokens
         hq, hkv, d = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
@@ -119,6 +126,8 @@ class CausalLM:
             if lw.q_norm is not None and lw.k_norm is not None:
                 q = rms_norm(q, lw.q_norm, eps, off)
                 k = rms_norm(k, lw.k_norm, eps, off)
+            if before_layer is not None:
+                before_layer(li)
             attn.write_kv(li, k, v)
             o = F.linear(attn.run(li, q).reshape(n, hq * d), lw.o)  # [N, Hq, D] -> [N, hidden]
             if self.reduce is not None:  # row-parallel o: partial sums over this rank's heads

@@ -329,6 +329,7 @@ class ApePolicy(ReusePolicy):
             reused[asm.recomputed_index] = False  # recomputed (or about to be): fresh K, not reused
             idx = reused.nonzero().flatten()  # [n] ascending context indices of reused chunk tokens
             if idx.numel():
+                runner.settle_layers()  # reads the pool outside a forward
                 old = kv.slots[:, :, idx.to(kv.device)].to(runner.device)  # [L, Hkv, n] shared slots
                 new = runner.override(kv, idx).to(runner.device)  # [L, Hkv, n] private copies
                 pool = runner.pool

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -107,6 +107,8 @@ class KVRunner:
         self.prefill_graphs = cfg.cuda_graph_prefill and name == "flashinfer"
         self._prefill_graphs: Any = None
         self.prefill_graph_replays = 0
+        # per layer, events of pool writes that layer's attention must wait for (`await_layers`)
+        self._layer_gates: list[list[torch.cuda.Event]] | None = None
 
     def _num_pages(self) -> int:
         cfg, mc = self.config, self.loaded.config
@@ -208,8 +210,42 @@ class KVRunner:
 
     def read_tokens(self, kv: SeqKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of tokens [start, end) of `kv`: `[L, Hkv, T, D]` each (pre-RoPE K), on the pool's device."""
+        self.settle_layers()
         slots = kv.slots[:, :, start:end].to(self.device)
         return self.pool.k_slots[slots].clone(), self.pool.v_slots[slots].clone()
+
+    # ---- layer gates: pool writes still in flight on another stream -----------------------------
+    def await_layers(self, events: Sequence[torch.cuda.Event | None]) -> None:
+        """Make later work wait, on the device, for `events[l]` before anything reads layer l of the
+        pool: eager forwards wait per layer as they reach it (so a layer-major load overlaps the
+        forward), every other pool reader (graph replays, `read_tokens`, `settle_layers`) waits for
+        all. The host never blocks. Invariant: a gate is dropped only after the current stream waited
+        on it, and stream order keeps every later kernel behind that wait."""
+        if not any(ev is not None for ev in events):
+            return
+        if self._layer_gates is None:
+            self._layer_gates = [[] for _ in range(self.model_config.num_layers)]
+        for gate, ev in zip(self._layer_gates, events, strict=False):
+            if ev is not None:
+                gate.append(ev)
+
+    def _gate(self, layer: int) -> None:
+        """The device wait before `layer` reads the pool (model.forward's per-layer hook)."""
+        gates = self._layer_gates
+        if gates is None or not gates[layer]:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        for ev in gates[layer]:
+            stream.wait_event(ev)
+        gates[layer] = []
+        if not any(gates):
+            self._layer_gates = None
+
+    def settle_layers(self) -> None:
+        """Wait (on the device) for every gated pool write: before a reader that is not an eager forward."""
+        if self._layer_gates is not None:
+            for layer in range(len(self._layer_gates)):
+                self._gate(layer)
 
     # ---- forwards --------------------------------------------------------------------------
     def forward(
@@ -221,6 +257,7 @@ class KVRunner:
         graphs' static tables (page-aligned sequences, FlashInfer; any layout, Triton); so does a
         one-sequence prefill of <= 128 tail tokens of a page-aligned sequence (FlashInfer); else eager."""
         if backend is None and num_layers is None and self.cuda_graphs and batch.seqs:
+            self.settle_layers()  # a graph replay cannot wait per layer
             if all(s.is_decode for s in batch.seqs):
                 graphs = self._decode_graphs()
                 slot = graphs.prepare(batch) if graphs is not None else None
@@ -233,7 +270,8 @@ class KVRunner:
                 if bucket is not None:
                     self.prefill_graph_replays += 1
                     return pg.replay(bucket, int(batch.logit_rows.shape[0]))
-        return self.model.forward(batch, backend or self.backend, num_layers=num_layers)
+        gate = self._gate if self._layer_gates is not None else None
+        return self.model.forward(batch, backend or self.backend, num_layers=num_layers, before_layer=gate)
 
     def _decode_graphs(self) -> Any:
         """The `DecodeGraphRunner`, captured once (buckets up to max_running_requests); None if capture failed."""

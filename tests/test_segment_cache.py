@@ -13,7 +13,14 @@ import torch
 from redknot_rag.kernels.testing import random_weights, tiny_config
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig, hash_token_ids
-from redknot_rag.store.segment_cache import SegmentCache, blocks_geometry, byte_runs, load_plan, run_plan
+from redknot_rag.store.segment_cache import (
+    LoadPlan,
+    SegmentCache,
+    blocks_geometry,
+    byte_runs,
+    load_plan,
+    run_plan,
+)
 from redknot_rag.store.tiers import BlockKey
 
 T = 40  # chunk tokens: not a multiple of the page size (16), so a last page is partial
@@ -173,7 +180,9 @@ def test_load_plan_few_copies_exact_cpu(tmp_path: Path) -> None:
     pages = torch.from_numpy(r.allocator.allocate(nl * nh * -(-T // r.page_size))).view(nl, nh, -1)
     seg = KVSegment(pages, T, is_shared=True, visible=visible)
     plan = load_plan(blocks, pages, r.page_size, T, visible)
-    assert len(plan.runs) == 1 and not plan.dense
+    # rows go layer by layer (what a layer-major load splits on): per layer, the global heads' blocks and
+    # the local head's block are each one run of the decoded buffer (grouped by token count)
+    assert len(plan.runs) <= 2 * nl and not plan.dense
     run_plan(plan, r.pool.k_slots, r.pool.v_slots, plan.index)
     pk, pv = _pool_kv(r, seg)
     for (layer, head), b in blocks.items():
@@ -185,5 +194,108 @@ def test_load_plan_few_copies_exact_cpu(tmp_path: Path) -> None:
     a, b = torch.arange(6.0), torch.arange(6.0, 10.0)
     runs = byte_runs([a[:3], a[3:], b])
     assert len(runs) == 2 and torch.equal(torch.cat(runs), torch.cat([a, b]).view(torch.uint8))
+    cache.clear()
+    store.close()
+
+
+@pytest.mark.parametrize("layers_per_event", [1, 2, 3])
+def test_layered_load_equals_chunk_loads_cpu(tmp_path: Path, layers_per_event: int) -> None:
+    """`issue_layered` over dense, head-windowed and int8 head-windowed chunks (one batch, layer group by
+    layer group) leaves the pool exactly as `run_plan` chunk by chunk: same slots, same bits, the
+    tokens a local head does not store zeroed."""
+    from redknot_rag.store.layer_load import issue_layered, layer_groups
+
+    r = _runner("cpu", torch.float32)
+    store, k, v = _store(tmp_path, r, "float32")
+    mc = r.model_config
+    classes = torch.ones(mc.num_layers, mc.num_kv_heads, dtype=torch.int64)
+    classes[:, 0] = 0
+    cfg = StoreConfig(cold_codec="int8", heads=HeadCompression.from_mask(classes, 8), host_bytes=0)
+    q8 = ChunkKVStore(tmp_path / "int8", KVFingerprint("w", "t", hash_token_ids([1]), "float32"), config=cfg)
+    q8.put("q", k, v)
+    store.put("dense2", k.flip(2).contiguous(), v.flip(2).contiguous())
+    chunks = [(store, "dense"), (store, "windowed"), (q8, "q"), (store, "dense2")]
+
+    def plans() -> list[tuple[LoadPlan, KVSegment]]:
+        out = []
+        for st, key in chunks:
+            blocks = st.get_blocks(key)
+            assert blocks is not None
+            _, _, _, visible = blocks_geometry(blocks, T)
+            pages = torch.from_numpy(r.allocator.allocate(mc.num_layers * mc.num_kv_heads * -(-T // r.page_size)))
+            pages = pages.view(mc.num_layers, mc.num_kv_heads, -1)
+            plan = load_plan(blocks, pages, r.page_size, T, visible)
+            out.append((plan, KVSegment(pages, T, is_shared=True, visible=visible)))
+        return out
+
+    chunk_major = plans()
+    r.pool.k.fill_(7.0)
+    r.pool.v.fill_(7.0)
+    for p, _ in chunk_major:
+        run_plan(p, r.pool.k_slots, r.pool.v_slots, p.index)
+    want = [_pool_kv(r, seg) for _, seg in chunk_major]
+    layered = plans()  # fresh pages: the same layout in other slots
+    assert not {int(x) for _, s in layered for x in s.pages.flatten()} & {
+        int(x) for _, s in chunk_major for x in s.pages.flatten()
+    }
+    r.pool.k.fill_(7.0)
+    r.pool.v.fill_(7.0)
+    events = issue_layered([p for p, _ in layered], r.pool.k_slots, r.pool.v_slots, layers_per_event)
+    assert events == [None] * mc.num_layers  # CPU: written synchronously
+    for (wk, wv), (_, seg) in zip(want, layered, strict=True):
+        pk, pv = _pool_kv(r, seg)
+        assert torch.equal(pk, wk) and torch.equal(pv, wv)  # zeros where a local head stores nothing, too
+    assert not any(torch.equal(a, b) for (a, _), (b, _) in zip(want, want[1:]))  # the chunks differ
+    assert layer_groups(3, layers_per_event)[-1][1] == 3
+    with pytest.raises(ValueError, match="layers_per_event"):
+        layer_groups(3, 0)
+    q8.close()
+    store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_layered_load_gates_forward_gpu(tmp_path: Path) -> None:
+    """`get_blocks_many` queues the copies layer-major and returns without waiting for them; after
+    `ready_layers()` the runner's forward waits per layer, so with ~1 s of GPU sleep queued ahead of
+    the copies (and stale bytes in the pool) its logits still equal those of a fully waited load."""
+    runner = _runner("cuda", torch.bfloat16)
+    store, k, v = _store(tmp_path, runner, "bfloat16")
+    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    assert cache.stream is not None
+    ids = [5, 9, 17, 33]
+
+    def items() -> list:
+        return [(key, lambda key=key: store.get_blocks(key), T, None) for key in ("dense", "windowed")]
+
+    def logits(segs: list) -> torch.Tensor:
+        kv = runner.new_seq_kv()
+        pos = 0
+        for seg in segs:
+            runner.attach(kv, seg, torch.arange(pos, pos + T), seg.visible)
+            pos += T
+        try:
+            return runner.append_forward(kv, ids, torch.arange(pos, pos + len(ids)), logits=True).logits.cpu()
+        finally:
+            runner.release(kv)
+
+    segs = cache.get_blocks_many(items())  # warm-up (first launches, allocator caches)
+    cache.ready()
+    want = logits(segs)
+    cache.clear()
+    runner.pool.k.fill_(7.0)  # stale bytes a read that did not wait for the copies would see
+    runner.pool.v.fill_(7.0)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(cache.stream):
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead of the copies
+    segs = cache.get_blocks_many(items(), layers_per_event=1)
+    assert all(s is not None for s in segs) and cache._layer_events
+    events = cache._layer_events[0]
+    assert len(events) == runner.model_config.num_layers and not events[-1].query()  # the host did not wait
+    cache.ready_layers()
+    assert runner._layer_gates is not None and not cache._layer_events
+    got = logits(segs)  # the forward waited per layer on the device
+    assert runner._layer_gates is None  # every gate consumed by the full forward
+    assert torch.equal(got, want)
     cache.clear()
     store.close()

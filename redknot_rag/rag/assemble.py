@@ -19,7 +19,7 @@ from redknot_rag.request import Request, ReusedContext
 from redknot_rag.reuse import ReuseInput, ReusePolicy, make_policy
 from redknot_rag.sampling import SamplingParams
 from redknot_rag.store import ChunkKVStore
-from redknot_rag.store.segment_cache import SegmentCache
+from redknot_rag.store.segment_cache import BlocksItem, SegmentCache
 
 
 @dataclass
@@ -71,18 +71,29 @@ class Assembler:
         return pol
 
     def segment(self, ids: Sequence[int], timing: Timing):
-        """Pool-resident segment of a chunk: hot cache → store (per-head blocks; on a GPU copied on the
-        cache's side stream, see `SegmentCache.ready`) → (miss) prefill now and store it."""
-        key = chunk_key(ids)
+        """One chunk's pool-resident segment (`segments` of one chunk), its copies waited for in full."""
+        seg = self.segments([ids], timing)[0]
+        self.cache.ready()
+        return seg
 
-        def prefill():
-            t = time.perf_counter()
-            k, v = self.prefiller.prefill([ids])[0]
-            self.store.put(key, k.cpu(), v.cpu())
-            timing.kv_miss_prefill_ms += (time.perf_counter() - t) * 1e3
-            return k, v, None
+    def segments(self, chunk_ids: Sequence[Sequence[int]], timing: Timing) -> list:
+        """Pool-resident segment of every chunk: hot cache → store (per-head blocks; on a GPU copied
+        layer-major on the cache's side stream, see `SegmentCache.get_blocks_many`) → (miss) prefill
+        now and store it. Attention must wait for the copies: `SegmentCache.ready_layers`."""
 
-        return self.cache.get_blocks(key, lambda: self.store.get_blocks(key), len(ids), fallback=prefill)
+        def item(ids: Sequence[int]) -> BlocksItem:
+            key = chunk_key(ids)
+
+            def prefill():
+                t = time.perf_counter()
+                k, v = self.prefiller.prefill([ids])[0]
+                self.store.put(key, k.cpu(), v.cpu())
+                timing.kv_miss_prefill_ms += (time.perf_counter() - t) * 1e3
+                return k, v, None
+
+            return key, lambda: self.store.get_blocks(key), len(ids), prefill
+
+        return self.cache.get_blocks_many([item(c) for c in chunk_ids])
 
     def build(
         self,
@@ -105,8 +116,10 @@ class Assembler:
         if policy.name == "full" or not chunk_ids:
             return req
         t = time.perf_counter()
-        segs = [self.segment(c, timing) for c in chunk_ids]
-        self.cache.ready()  # attention below reads the segments: wait (on the device) for their copies
+        segs = self.segments(chunk_ids, timing)
+        # attention below reads the segments: the runner's forwards wait (on the device) for each layer's
+        # copies as they reach it, so the host -> pool copies overlap selection and recompute
+        self.cache.ready_layers()
         timing.kv_load_ms += (time.perf_counter() - t) * 1e3 - timing.kv_miss_prefill_ms
         anchor = list(self.layout.anchor_ids)
         inp = ReuseInput(anchor, self.prefiller.anchor, [list(c) for c in chunk_ids], segs, list(tail_ids))

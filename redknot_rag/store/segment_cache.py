@@ -14,7 +14,7 @@ load is a plain synchronous write and `ready()` does nothing.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,8 @@ KVLoad = Callable[[], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | 
 Blocks = Mapping[tuple[int, int], KVBlock]  # (layer, kv_head) -> block, as ChunkKVStore.get_blocks returns
 # () -> a chunk's blocks (every (layer, kv_head)) or None on a miss
 BlocksLoad = Callable[[], "Blocks | None"]
+# (chunk_key, load, num_tokens, fallback or None): one chunk of `SegmentCache.get_blocks_many`
+BlocksItem = tuple[str, BlocksLoad, int, "KVLoad | None"]
 
 
 def blocks_geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
@@ -110,6 +112,11 @@ class LoadPlan:
     else: `index` is `[3N + Z]`: `pool.k_slots[index[:N]] = rows[index[N:2N]]`, V likewise with
         `index[2N:3N]`, and zeros into `index[3N:]` (slots of tokens no head stores: nothing stale
         stays readable).
+
+    Layer-major invariant (what `store.layer_load` splits on): rows, stored tokens and zero slots are
+    ordered by layer, so layer l owns rows `[row_bounds[l], row_bounds[l+1])` (bytes: rows · D ·
+    elem), entries `[token_bounds[l], token_bounds[l+1])` of each of the three N-long index parts
+    and `[zero_bounds[l], zero_bounds[l+1])` of the zero slots.
     """
 
     runs: list[torch.Tensor]
@@ -120,6 +127,13 @@ class LoadPlan:
     dense: bool
     shape: tuple[int, int, int, int]  # (L, Hkv, P, T)
     page_size: int
+    row_bounds: tuple[int, ...]  # [L + 1] first row of each layer (then the end)
+    token_bounds: tuple[int, ...]  # [L + 1] first stored token of each layer (sparse plans; dense: T·Hkv·l)
+    zero_bounds: tuple[int, ...]  # [L + 1] first zero slot of each layer (dense: all 0)
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0]
 
 
 def load_plan(
@@ -134,9 +148,16 @@ def load_plan(
     if visible is None:  # every (layer, head) block whole: rows in (layer, head) order
         order = sorted(blocks)
         runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
-        return LoadPlan(runs, dtype, d, nl * nh * num_tokens, pages.reshape(-1).long(), True, shape, page_size)
-    # rows in host memory order (a decoded int8 chunk is grouped by token count), so the runs merge
-    order = sorted(blocks, key=lambda lh: blocks[lh].k.data_ptr())
+        per_layer = nh * num_tokens
+        return LoadPlan(
+            runs, dtype, d, nl * per_layer, pages.reshape(-1).long(), True, shape, page_size,
+            row_bounds=tuple(2 * per_layer * li for li in range(nl + 1)),
+            token_bounds=tuple(per_layer * li for li in range(nl + 1)),
+            zero_bounds=(0,) * (nl + 1),
+        )  # fmt: skip
+    # rows layer by layer, in host memory order within a layer (a decoded int8 chunk is grouped by token
+    # count), so the runs merge where the host buffer allows and every layer is a contiguous row range
+    order = sorted(blocks, key=lambda lh: (lh[0], blocks[lh].k.data_ptr()))
     runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
     slots = page_slots(pages, page_size, num_tokens)  # [L, Hkv, T]
     meta = torch.tensor([(lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order])  # [B, 4]
@@ -146,9 +167,18 @@ def load_plan(
     within = torch.arange(blk.numel()) - first_row[blk]  # [N]: token index within its block
     k_rows = 2 * first_row[blk] + within  # the block's K rows come first, then its n V rows
     tok_slots = slots[meta[blk, 0], meta[blk, 1], meta[blk, 2] + within]  # [N]
-    zero = slots[~visible]  # [Z]
+    zero = slots[~visible]  # [Z], in (layer, head, token) order
     index = torch.cat([tok_slots.long(), k_rows, k_rows + n[blk], zero.long()])
-    return LoadPlan(runs, dtype, d, int(blk.numel()), index, False, shape, page_size)
+    layer_tokens = torch.zeros(nl, dtype=torch.int64).index_add_(0, meta[:, 0], n)  # [L] stored per layer
+    tok_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(layer_tokens, 0)])  # [L + 1]
+    zeros = (~visible).reshape(nl, -1).sum(1)  # [L]
+    zero_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(zeros, 0)])  # [L + 1]
+    return LoadPlan(
+        runs, dtype, d, int(blk.numel()), index, False, shape, page_size,
+        row_bounds=tuple((2 * tok_bounds).tolist()),
+        token_bounds=tuple(tok_bounds.tolist()),
+        zero_bounds=tuple(zero_bounds.tolist()),
+    )  # fmt: skip
 
 
 def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index: torch.Tensor) -> None:
@@ -190,6 +220,7 @@ class SegmentCache:
         dev = torch.device(runner.device)
         self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None  # host -> pool copies
         self._pending: list[torch.cuda.Event] = []  # copies issued on `stream` that no consumer waited for
+        self._layer_events: list[list[torch.cuda.Event | None]] = []  # per layered batch: per layer
 
     @property
     def num_pages(self) -> int:
@@ -254,6 +285,91 @@ class SegmentCache:
         self._segments[key] = seg
         return seg
 
+    def get_blocks_many(self, items: Sequence[BlocksItem], layers_per_event: int = 4) -> list[KVSegment | None]:
+        """`get_blocks` for many chunks `(key, load, num_tokens, fallback)`, in order, with the GPU copies
+        issued layer-major for all of them at once (`store.layer_load`): call `ready_layers()` (the
+        runner's forwards then wait per layer, so the copies overlap the forward) or `ready()` (wait for
+        all) before reading. The loads run first, in order (a cold tier read while earlier ones plan).
+        A batch whose pages would not fit the cache beside each other is issued in parts."""
+        from redknot_rag.store.layer_load import issue_layered
+
+        r = self.runner
+        out: list[KVSegment | None] = []
+        batch: list[LoadPlan] = []
+        batch_keys: set[str] = set()
+        batch_pages = 0
+
+        def flush() -> None:
+            nonlocal batch_pages
+            if batch:
+                self._issue(lambda: issue_layered(batch, r.pool.k_slots, r.pool.v_slots, layers_per_event, self.stream))
+            batch.clear()
+            batch_keys.clear()
+            batch_pages = 0
+
+        for key, load, num_tokens, fallback in items:
+            if self.stream is None or key in batch_keys:
+                out.append(self.get_blocks(key, load, num_tokens, fallback))
+                continue
+            seg = self._hit(key)
+            if seg is not None:
+                out.append(seg)
+                continue
+            blocks = load()
+            if blocks is None:
+                out.append(None if fallback is None else self._write(key, fallback))
+                continue
+            nl, nh, _, visible = blocks_geometry(blocks, num_tokens)
+            num_pages = nl * nh * -(-num_tokens // r.page_size)
+            if batch_pages + num_pages > self.max_pages or not self._room_without(batch_keys, num_pages):
+                flush()  # the planned segments must not be evicted before their copies are queued
+            self._make_room(num_pages)
+            pages = torch.from_numpy(r.allocator.allocate(num_pages)).view(nl, nh, -1)
+            seg = self._segments[key] = KVSegment(pages, num_tokens, is_shared=True, visible=visible)
+            batch.append(load_plan(blocks, pages, r.page_size, num_tokens, visible))
+            batch_keys.add(key)
+            batch_pages += num_pages
+            out.append(seg)
+        flush()
+        return out
+
+    def _room_without(self, keep: set[str], need: int) -> bool:
+        """Whether evicting only segments outside `keep` can make room for `need` pages."""
+        if not keep:
+            return True
+        kept = sum(self._segments[k].pages.numel() for k in keep if k in self._segments)
+        free = self.runner.allocator.num_free + sum(
+            s.pages.numel() for k, s in self._segments.items() if k not in keep
+        )  # an upper bound: a dropped segment's pages free only when no sequence holds them
+        return kept + need <= self.max_pages and need <= free
+
+    def _issue(self, work: Callable[[], list[torch.cuda.Event | None]]) -> None:
+        """Run `work` (queues copies on the side stream, returns per-layer events) after the main
+        stream's earlier work; keep its events for `ready_layers` and the last one for `ready`."""
+        assert self.stream is not None
+        self.stream.wait_stream(torch.cuda.current_stream(self.runner.device))  # fresh pages may still be read
+        events = work()
+        self._layer_events.append(events)
+        last = next((ev for ev in reversed(events) if ev is not None), None)
+        if last is not None:
+            self._pending.append(last)
+
+    def ready_layers(self) -> None:
+        """Hand the layer-major loads' per-layer events to the runner: its eager forwards then wait for
+        layer l's copies only when they reach layer l (`KVRunner.await_layers`); chunk-major loads
+        (`get_blocks`) are waited for now, in full. No host wait."""
+        batches, self._layer_events = self._layer_events, []
+        layered = {id(ev) for events in batches for ev in events if ev is not None}
+        rest = [ev for ev in self._pending if id(ev) not in layered]
+        if rest:
+            main = torch.cuda.current_stream(self.runner.device)
+            for ev in rest:
+                main.wait_event(ev)
+        # the layered events stay pending too: `ready()` (eviction, another reader) still waits for them
+        self._pending = [ev for ev in self._pending if id(ev) in layered]
+        for events in batches:
+            self.runner.await_layers(events)
+
     def ready(self) -> None:
         """Make the current stream wait for every host -> pool copy issued so far (no host wait)."""
         if self._pending:
@@ -261,6 +377,7 @@ class SegmentCache:
             for ev in self._pending:
                 main.wait_event(ev)
             self._pending.clear()
+        self._layer_events.clear()
 
     def _hit(self, key: str) -> KVSegment | None:
         seg = self._segments.get(key)
