@@ -1,5 +1,5 @@
-"""Chunk KV store: bytes per stored token by setting vs dense model-dtype storage, int8 error on real
-KV, and read throughput per tier (CPU, small).
+"""Chunk KV store: bytes per stored token by setting vs dense model-dtype storage, int8 and int4 error
+on real KV, and read throughput per tier (CPU, small).
 
     PYTHONPATH=. python3 bench/store/run.py [--chunks 8] [--chunk-tokens 256] [--redis-url URL]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from redknot_rag.store import ChunkKVStore, HeadCompression, StoreConfig
-from redknot_rag.store.codec import Codec, quantize
+from redknot_rag.store.codec import BlockMeta, Codec, HeadClass, decode_block, encode_block, quantize
 from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.redis_tier import RedisTier
 
@@ -65,7 +65,7 @@ def settings(profile) -> list[tuple[str, StoreConfig]]:
     heads = HeadCompression.from_profile(profile)
     out = []
     for dtype in ("float32", "bfloat16", "float16"):
-        for codec in ("raw", "int8"):
+        for codec in ("raw", "int8", "int4"):
             for name, hc in (("all tokens", None), ("local heads: tail window", heads)):
                 out.append((f"{dtype} / {codec} / {name}", StoreConfig(dtype=dtype, cold_codec=codec, heads=hc)))
     return out
@@ -91,6 +91,24 @@ def int8_error(kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]
         "k_rel_rms_bf16": (err["k_bf16"] / err["k_norm"]) ** 0.5,
         "v_rel_rms_bf16": (err["v_bf16"] / err["v_norm"]) ** 0.5,
     }
+
+
+def int4_error(kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Relative RMS error of the int4 codec (K per channel over 32-token groups, V per token over
+    32-channel groups), decoded to f32, on real KV."""
+    err = {"k": 0.0, "v": 0.0, "k_norm": 0.0, "v_norm": 0.0}
+    for k, v in kvs:
+        L, H, T, D = k.shape
+        meta = BlockMeta(0, T, Codec.INT4, HeadClass.UNCLASSIFIED)
+        for layer in range(L):
+            for head in range(H):
+                kb, vb = k[layer, head], v[layer, head]  # [T, D]
+                kd, vd = decode_block(encode_block(kb, vb, Codec.INT4), meta, D, torch.float32)
+                err["k"] += float(((kd - kb) ** 2).sum())
+                err["v"] += float(((vd - vb) ** 2).sum())
+        err["k_norm"] += float((k**2).sum())
+        err["v_norm"] += float((v**2).sum())
+    return {"k_rel_rms_int4": (err["k"] / err["k_norm"]) ** 0.5, "v_rel_rms_int4": (err["v"] / err["v_norm"]) ** 0.5}
 
 
 def throughput(store: ChunkKVStore, keys: list[str], tier: str) -> dict[str, float]:
@@ -179,11 +197,12 @@ def main() -> None:
         },
         "dense_bytes_per_token": dense,
         "int8_error_real_kv": int8_error(kvs),
+        "int4_error_real_kv": int4_error(kvs),
         "settings": rows,
         "wall_s": time.perf_counter() - t0,
     }
     (OUT / "results_cpu.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps(out["int8_error_real_kv"], indent=1))
+    print(json.dumps({**out["int8_error_real_kv"], **out["int4_error_real_kv"]}, indent=1))
 
 
 if __name__ == "__main__":
