@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -191,41 +190,22 @@ def load_segments(
     layered: bool = False,
     layers_per_event: int = 4,
 ) -> list[Any]:
-    """Every chunk's pool-resident segment (cache hit, or the store's blocks copied into the pool). The
-    chunks the cache lacks are read by `workers` threads at once (`ChunkKVStore.get_blocks_many`).
-    Chunk-major (`layered=False`): each chunk is copied as soon as it is read and the current stream
-    waits (on the device) for all copies. Layer-major (`layered=True`, `SegmentCache.get_blocks_many`):
-    after the reads, the copies of all chunks are queued layer group by layer group and the runner's
-    forwards wait for each layer's copies only when they reach it. A miss anywhere is an error: the
-    bench stored every chunk."""
-    todo = [k for k in dict.fromkeys(keys) if k not in cache]
-    pending = set(todo)
-    reads = store.get_blocks_many(todo, workers)
-
-    def load(key: str) -> Any:
-        if key not in pending:  # resident when planned, evicted since by this query's own loads
-            return store.get_blocks(key)
-        pending.discard(key)
-        for k, blocks in reads:  # yields in `todo` order, the order the keys are loaded in
-            if k == key:
-                return blocks
-        return store.get_blocks(key)
-
-    segs = []
-    try:
-        if layered:
-            items = [(key, functools.partial(load, key), num_tokens, None) for key in keys]
-            segs = cache.get_blocks_many(items, layers_per_event)
-        else:
-            segs = [cache.get_blocks(key, functools.partial(load, key), num_tokens) for key in keys]
-    finally:
-        reads.close()
-    if any(seg is None for seg in segs):
-        raise RuntimeError("a chunk is missing from every tier")
+    """Every chunk's pool-resident segment (cache hit, or the store's blocks copied into the pool),
+    the serving path's load (`SegmentCache.get_from_store`): chunks the cache lacks are read from cold
+    tiers by `workers` threads at once. Layer-major (`layered=True`): after the reads, the copies of
+    all chunks are queued layer group by layer group and the runner's forwards wait for each layer's
+    copies only when they reach it (`ready_layers`). Chunk-major (`layered=False`): each chunk is
+    copied as soon as it is read and the current stream waits (on the device) for all copies
+    (`ready`). A miss anywhere is an error: the bench stored every chunk."""
+    chunks = [(key, num_tokens, None) for key in keys]
     if layered:
+        segs = cache.get_from_store(store, chunks, workers, layers_per_event)
         cache.ready_layers()  # the runner's forwards wait per layer: the copies overlap select and forward
     else:
+        segs = cache.get_from_store(store, chunks, workers, layers_per_event=None)
         cache.ready()
+    if any(seg is None for seg in segs):
+        raise RuntimeError("a chunk is missing from every tier")
     return segs
 
 

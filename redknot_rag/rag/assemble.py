@@ -19,7 +19,7 @@ from redknot_rag.request import Request, ReusedContext
 from redknot_rag.reuse import ReuseInput, ReusePolicy, make_policy
 from redknot_rag.sampling import SamplingParams
 from redknot_rag.store import ChunkKVStore
-from redknot_rag.store.segment_cache import BlocksItem, SegmentCache
+from redknot_rag.store.segment_cache import KVLoad, SegmentCache
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Assembler:
         self._policies: dict[str, ReusePolicy] = {}
         # recompute + question in one forward (the engine's first prefill step); False: recompute at assembly
         self.one_forward = True
+        self.read_workers = 8  # chunks read from cold tiers at once
 
     def policy(self, name: str) -> ReusePolicy:
         """The policy for `name` (validated; built once per name with the model's head profile)."""
@@ -81,7 +82,7 @@ class Assembler:
         layer-major on the cache's side stream, see `SegmentCache.get_blocks_many`) → (miss) prefill
         now and store it. Attention must wait for the copies: `SegmentCache.ready_layers`."""
 
-        def item(ids: Sequence[int]) -> BlocksItem:
+        def item(ids: Sequence[int]) -> tuple[str, int, KVLoad]:
             key = chunk_key(ids)
 
             def prefill():
@@ -91,9 +92,9 @@ class Assembler:
                 timing.kv_miss_prefill_ms += (time.perf_counter() - t) * 1e3
                 return k, v, None
 
-            return key, lambda: self.store.get_blocks(key), len(ids), prefill
+            return key, len(ids), prefill
 
-        return self.cache.get_blocks_many([item(c) for c in chunk_ids])
+        return self.cache.get_from_store(self.store, [item(c) for c in chunk_ids], self.read_workers)
 
     def build(
         self,

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,19 +475,22 @@ class ChunkKVStore:
         self, meta: ChunkMeta, payloads: dict[Block, Payload], views: dict[Block, torch.Tensor | None]
     ) -> dict[Block, KVBlock]:
         """INT8/INT4 blocks decoded in batches of equal (codec, token count) (a chunk has about two:
-        global heads' T and local heads' window; INT4 chunks may hold INT8 fallbacks) into one fresh
-        buffer, group after group: `[G, 2, n, D]` each. Same arithmetic as `decode_block`, so the
-        same bits; O(groups) tensor ops, not O(blocks)."""
+        global heads' T and local heads' window; INT4 chunks may hold INT8 fallbacks): O(groups)
+        tensor ops, not O(blocks). Same arithmetic as `decode_block`, so the same bits.
+
+        Layout invariant: the blocks lie in ONE fresh buffer in (layer, head) order, each `[2, n, D]`
+        (K rows then V rows), back to back, so a layer's blocks are one contiguous range (a GPU load
+        moves a chunk, or a layer group of it, in one copy: `store.layer_load`)."""
         D = meta.head_dim
+        order = sorted(payloads)  # (layer, head)
+        rows = [2 * meta.block(*b).num_tokens for b in order]
+        first_row = dict(zip(order, itertools.accumulate([0, *rows[:-1]]), strict=True))  # block -> first row
         groups: dict[tuple[Codec, int], list[Block]] = {}
-        for b in payloads:
+        for b in order:
             bm = meta.block(*b)
             groups.setdefault((bm.codec, bm.num_tokens), []).append(b)
-        buf = torch.empty(
-            sum(2 * n * D * len(g) for (_, n), g in groups.items()), dtype=self.dtype, pin_memory=self.memory.pin
-        )
-        out: dict[Block, KVBlock] = {}
-        pos = 0
+        buf = torch.empty(sum(rows) * D, dtype=self.dtype, pin_memory=self.memory.pin)
+        buf_rows = buf.view(-1, D)  # [sum 2·n, D]
         src = meta.torch_dtype  # decode_block's rounding, then the storage dtype (a no-op when equal)
         for (codec, n), group in groups.items():
             raw = []
@@ -494,21 +498,23 @@ class ChunkKVStore:
                 t = views[b]
                 raw.append(t if t is not None else torch.frombuffer(bytearray(payloads[b]), dtype=torch.uint8))
             u8 = torch.stack(raw)  # [G, payload bytes]
-            kv = buf[pos : pos + 2 * n * D * len(group)].view(len(group), 2, n, D)
-            pos += 2 * n * D * len(group)
             if codec == Codec.INT4:
-                k4, v4 = decode_int4_batch(u8, n, D)  # f32 [G, n, D] each
-                kv[:, 0] = k4.to(src).to(self.dtype)
-                kv[:, 1] = v4.to(src).to(self.dtype)
+                k, v = decode_int4_batch(u8, n, D)  # f32 [G, n, D] each
             else:  # INT8 `[G, 4·D + 4·n + 2·n·D]`: K scales, V scales, K, V (codec.py)
                 ks = u8[:, : 4 * D].view(torch.float32)  # [G, D]
                 vs = u8[:, 4 * D : 4 * (D + n)].view(torch.float32)  # [G, n]
                 q = u8[:, 4 * (D + n) :].view(torch.int8).view(len(group), 2, n, D)  # [G, 2, n, D]
-                kv[:, 0] = (q[:, 0].float() * ks[:, None, :]).to(src).to(self.dtype)
-                kv[:, 1] = (q[:, 1].float() * vs[:, :, None]).to(src).to(self.dtype)
-            for i, b in enumerate(group):
-                bm = meta.block(*b)
-                out[b] = KVBlock(kv[i, 0], kv[i, 1], bm.token_start, bm.head_class)
+                k = q[:, 0].float() * ks[:, None, :]
+                v = q[:, 1].float() * vs[:, :, None]
+            starts = torch.tensor([first_row[b] for b in group])  # [G]
+            k_idx = (starts[:, None] + torch.arange(n)[None, :]).reshape(-1)  # [G·n] buffer rows of K
+            buf_rows.index_copy_(0, k_idx, k.to(src).to(self.dtype).reshape(-1, D))
+            buf_rows.index_copy_(0, k_idx + n, v.to(src).to(self.dtype).reshape(-1, D))  # V follows K
+        out: dict[Block, KVBlock] = {}
+        for b in order:
+            bm = meta.block(*b)
+            r0, n = first_row[b], bm.num_tokens
+            out[b] = KVBlock(buf_rows[r0 : r0 + n], buf_rows[r0 + n : r0 + 2 * n], bm.token_start, bm.head_class)
         return out
 
     def _promote(self, chunk_key: str, meta: ChunkMeta, blocks: dict[Block, KVBlock]) -> dict[Block, KVBlock]:
@@ -525,23 +531,33 @@ class ChunkKVStore:
 
     def get_blocks_many(
         self, chunk_keys: Sequence[str], workers: int = 8
-    ) -> Iterator[tuple[str, dict[Block, KVBlock] | None]]:
+    ) -> Generator[tuple[str, dict[Block, KVBlock] | None], None, None]:
         """`(key, get_blocks(key))` for every key, in order, read by up to `workers` threads at once
         (disk reads, checksums and Redis replies overlap; the GIL is released in file reads and
-        crc32c). The next chunks are already being read while the caller consumes one."""
+        crc32c). The next chunks are already being read while the caller consumes one. Chunks whose
+        every block is in host memory are served in the caller's thread when their turn comes (a
+        thread would only add hand-over cost to a dictionary lookup)."""
         keys = list(chunk_keys)
-        if workers <= 1 or len(keys) <= 1:
+        cold = [k for k in keys if not self._in_memory(k)]
+        if workers <= 1 or len(cold) <= 1:
             for key in keys:
                 yield key, self.get_blocks(key)
             return
-        with ThreadPoolExecutor(max_workers=min(workers, len(keys)), thread_name_prefix="kv-read") as pool:
-            futures = [pool.submit(self.get_blocks, key) for key in keys]
+        with ThreadPoolExecutor(max_workers=min(workers, len(cold)), thread_name_prefix="kv-read") as pool:
+            futures = {key: pool.submit(self.get_blocks, key) for key in dict.fromkeys(cold)}
             try:
-                for key, fut in zip(keys, futures, strict=True):
-                    yield key, fut.result()
+                for key in keys:
+                    fut = futures.get(key)
+                    yield key, fut.result() if fut is not None else self.get_blocks(key)
             finally:
-                for fut in futures:
+                for fut in futures.values():
                     fut.cancel()
+
+    def _in_memory(self, chunk_key: str) -> bool:
+        """Whether the host tier holds every block of a chunk whose meta is known (no tier is asked)."""
+        with self._lock:
+            meta = self._metas.get(chunk_key)
+        return meta is not None and self.memory.num_chunk_blocks(chunk_key) == meta.num_layers * meta.num_kv_heads
 
     def _schedule_fill(self, chunk_key: str, i: int) -> None:
         """Copy a chunk from tier i into the tiers above it, off the read path (once per chunk at a time)."""

@@ -14,14 +14,20 @@ load is a plain synchronous write and `ready()` does nothing.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.runner import KVRunner
 from redknot_rag.store.tiers import KVBlock
+
+if TYPE_CHECKING:
+    from redknot_rag.store.chunk_store import ChunkKVStore
 
 # () -> (K, V `[L, Hkv, T, D]`, visible `[L, Hkv, T]` bool or None) or None on a miss
 KVLoad = Callable[[], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None"]
@@ -40,10 +46,17 @@ def blocks_geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, tor
     d = next(iter(blocks.values())).k.shape[-1]
     if len(blocks) == nl * nh and all(b.token_start == 0 and b.num_tokens == num_tokens for b in blocks.values()):
         return nl, nh, d, None
+    layout = tuple(sorted((lh[0], lh[1], b.token_start, b.num_tokens) for lh, b in blocks.items()))
+    return nl, nh, d, _visibility(layout, nl, nh, num_tokens).clone()  # a segment's own copy
+
+
+@functools.lru_cache(maxsize=64)
+def _visibility(layout: tuple[tuple[int, int, int, int], ...], nl: int, nh: int, num_tokens: int) -> torch.Tensor:
+    """`[L, Hkv, T]` bool: the tokens each (layer, head, token_start, n) block of `layout` holds."""
     visible = torch.zeros(nl, nh, num_tokens, dtype=torch.bool)
-    for (layer, head), b in blocks.items():
-        visible[layer, head, b.token_start : b.token_start + b.num_tokens] = True
-    return nl, nh, d, visible
+    for layer, head, start, count in layout:
+        visible[layer, head, start : start + count] = True
+    return visible
 
 
 def assemble_blocks(
@@ -68,18 +81,22 @@ def byte_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     storage (pinned stays pinned; the copy engine's events are recorded on it)."""
     runs: list[torch.Tensor] = []
     first: torch.Tensor | None = None  # the run's first tensor
-    owner = start = end = 0  # the run's storage (its data address) and byte range
+    lo = hi = start = end = 0  # the first tensor's storage [lo, hi) and the run's byte range
     for t in tensors:
         if not t.is_contiguous():
             t = t.contiguous()
-        key = t.untyped_storage().data_ptr()  # same key: same allocation
         ptr = t.data_ptr()
-        if first is not None and key == owner and ptr == end:
-            end += t.numel() * t.element_size()
+        size = t.nbytes
+        # back to back AND inside the run's storage: one allocation (checked by address range, which
+        # is cheaper than asking every tensor for its storage)
+        if first is not None and ptr == end and end + size <= hi:
+            end += size
             continue
         if first is not None:
             runs.append(_bytes_view(first, start, end))
-        first, owner, start, end = t, key, ptr, ptr + t.numel() * t.element_size()
+        st = t.untyped_storage()
+        first, lo, start, end = t, st.data_ptr(), ptr, ptr + size
+        hi = lo + st.nbytes()
     if first is not None:
         runs.append(_bytes_view(first, start, end))
     return runs
@@ -101,22 +118,64 @@ def page_slots(pages: torch.Tensor, page_size: int, num_tokens: int) -> torch.Te
 
 
 @dataclass(frozen=True)
+class SparseTemplate:
+    """What places a sparse plan's rows, minus the pages: per stored token (N, blocks in plan order) its
+    block `blk` (flat layer·Hkv + head), page within the block and offset in the page, its K row (its V
+    row: + `n_of_token`); per zero slot (tokens no head stores, in (layer, head, token) order) the same
+    block / page / offset. Chunks stored alike (same heads, windows and host order) share one, so a
+    chunk's plan only adds its pages; its copy to a device is made once (`on`)."""
+
+    blk: torch.Tensor
+    page: torch.Tensor
+    offset: torch.Tensor
+    k_rows: torch.Tensor
+    n_of_token: torch.Tensor
+    zero_blk: torch.Tensor
+    zero_page: torch.Tensor
+    zero_offset: torch.Tensor
+    row_bounds: tuple[int, ...]  # [L + 1] first row of each layer (then the end)
+    token_bounds: tuple[int, ...]  # [L + 1] first stored token of each layer
+    zero_bounds: tuple[int, ...]  # [L + 1] first zero slot of each layer
+    _copies: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def on(self, device: torch.device) -> SparseTemplate:
+        """This template with its tensors on `device` (made once per device, then reused)."""
+        if device.type == "cpu":
+            return self
+        key = str(device)
+        if key not in self._copies:
+            moved = {f: getattr(self, f).to(device) for f in _TEMPLATE_TENSORS}
+            self._copies[key] = dataclasses.replace(self, **moved, _copies={})
+        return self._copies[key]
+
+    def slots(
+        self, pages: torch.Tensor, page_size: int, tokens: slice, zeros: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool slots of stored tokens `tokens` and zero slots `zeros` of chunks with pages `[C, L·Hkv, P]`
+        (on this template's device): `[C, n]`, `[C, z]`."""
+        tok = pages[:, self.blk[tokens], self.page[tokens]] * page_size + self.offset[tokens]
+        zero = pages[:, self.zero_blk[zeros], self.zero_page[zeros]] * page_size + self.zero_offset[zeros]
+        return tok, zero
+
+
+_TEMPLATE_TENSORS = ("blk", "page", "offset", "k_rows", "n_of_token", "zero_blk", "zero_page", "zero_offset")
+
+
+@dataclass(frozen=True)
 class LoadPlan:
     """How a chunk's blocks reach the pool: copy `runs` back to back into one device buffer and read
     it as rows `[2·N, D]` of `dtype` (per block: its n K rows, then its n V rows; N = stored tokens;
-    blocks in (layer, head) order when dense, else in host memory order). Then, with `index`
-    (int64, built on the host in one piece: one upload):
+    blocks in (layer, head) order when dense, else layer by layer in host memory order). `index` is
+    the segment's pages `[L·Hkv·P]` (int64: one small upload); the slots are computed on the device:
 
-    dense (every block whole): `index` is the segment's pages `[L·Hkv·P]`; the slots are computed
-        on the device, and rows `[L·Hkv, 2, T, D]` are written to them (no per-token index upload).
-    else: `index` is `[3N + Z]`: `pool.k_slots[index[:N]] = rows[index[N:2N]]`, V likewise with
-        `index[2N:3N]`, and zeros into `index[3N:]` (slots of tokens no head stores: nothing stale
-        stays readable).
+    dense (every block whole): rows `[L·Hkv, 2, T, D]` go to the pages' slots.
+    else: `template` places each stored token's K and V row and lists the slots of tokens no head
+        stores, which are zeroed (nothing stale stays readable).
 
     Layer-major invariant (what `store.layer_load` splits on): rows, stored tokens and zero slots are
     ordered by layer, so layer l owns rows `[row_bounds[l], row_bounds[l+1])` (bytes: rows · D ·
-    elem), entries `[token_bounds[l], token_bounds[l+1])` of each of the three N-long index parts
-    and `[zero_bounds[l], zero_bounds[l+1])` of the zero slots.
+    elem), stored tokens `[token_bounds[l], token_bounds[l+1])` and zero slots `[zero_bounds[l],
+    zero_bounds[l+1])`.
     """
 
     runs: list[torch.Tensor]
@@ -127,9 +186,10 @@ class LoadPlan:
     dense: bool
     shape: tuple[int, int, int, int]  # (L, Hkv, P, T)
     page_size: int
-    row_bounds: tuple[int, ...]  # [L + 1] first row of each layer (then the end)
-    token_bounds: tuple[int, ...]  # [L + 1] first stored token of each layer (sparse plans; dense: T·Hkv·l)
-    zero_bounds: tuple[int, ...]  # [L + 1] first zero slot of each layer (dense: all 0)
+    row_bounds: tuple[int, ...]  # [L + 1]
+    token_bounds: tuple[int, ...]  # [L + 1] (dense: Hkv·T·l)
+    zero_bounds: tuple[int, ...]  # [L + 1] (dense: all 0)
+    template: SparseTemplate | None = None  # sparse plans
 
     @property
     def num_layers(self) -> int:
@@ -140,45 +200,64 @@ def load_plan(
     blocks: Blocks, pages: torch.Tensor, page_size: int, num_tokens: int, visible: torch.Tensor | None
 ) -> LoadPlan:
     """The plan for a chunk's blocks into the segment of `pages` `[L, Hkv, P]` (host), `visible` its
-    visibility (None: every block whole). Vectorized: O(blocks) Python steps, no per-token ones."""
+    visibility (None: every block whole). O(blocks) Python steps, no per-token ones."""
     nl, nh, npages = pages.shape
     shape = (nl, nh, npages, num_tokens)
     first = next(iter(blocks.values()))
     dtype, d = first.k.dtype, first.k.shape[-1]
+    index = pages.reshape(-1).long()
     if visible is None:  # every (layer, head) block whole: rows in (layer, head) order
         order = sorted(blocks)
         runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
         per_layer = nh * num_tokens
         return LoadPlan(
-            runs, dtype, d, nl * per_layer, pages.reshape(-1).long(), True, shape, page_size,
+            runs, dtype, d, nl * per_layer, index, True, shape, page_size,
             row_bounds=tuple(2 * per_layer * li for li in range(nl + 1)),
             token_bounds=tuple(per_layer * li for li in range(nl + 1)),
             zero_bounds=(0,) * (nl + 1),
         )  # fmt: skip
-    # rows layer by layer, in host memory order within a layer (a decoded int8 chunk is grouped by token
-    # count), so the runs merge where the host buffer allows and every layer is a contiguous row range
+    # rows layer by layer, in host memory order within a layer (a decoded chunk lies in (layer, head)
+    # order), so the runs merge where the host buffer allows and every layer is a contiguous row range
     order = sorted(blocks, key=lambda lh: (lh[0], blocks[lh].k.data_ptr()))
     runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
-    slots = page_slots(pages, page_size, num_tokens)  # [L, Hkv, T]
-    meta = torch.tensor([(lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order])  # [B, 4]
+    tpl = sparse_template(tuple((lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order),
+                          nl, nh, num_tokens, page_size)  # fmt: skip
+    return LoadPlan(
+        runs, dtype, d, int(tpl.blk.numel()), index, False, shape, page_size,
+        row_bounds=tpl.row_bounds, token_bounds=tpl.token_bounds, zero_bounds=tpl.zero_bounds, template=tpl,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def sparse_template(
+    layout: tuple[tuple[int, int, int, int], ...], nl: int, nh: int, num_tokens: int, page_size: int
+) -> SparseTemplate:
+    """The template of blocks `layout` ((layer, head, token_start, n) in plan order, layers ascending)."""
+    meta = torch.tensor(layout, dtype=torch.int64)  # [B, 4]
     n = meta[:, 3]
-    blk = torch.repeat_interleave(torch.arange(len(order)), n)  # [N]: the block of each stored token
+    bi = torch.repeat_interleave(torch.arange(len(layout)), n)  # [N]: the block of each stored token
     first_row = torch.cumsum(n, 0) - n  # [B]: stored tokens before the block
-    within = torch.arange(blk.numel()) - first_row[blk]  # [N]: token index within its block
-    k_rows = 2 * first_row[blk] + within  # the block's K rows come first, then its n V rows
-    tok_slots = slots[meta[blk, 0], meta[blk, 1], meta[blk, 2] + within]  # [N]
-    zero = slots[~visible]  # [Z], in (layer, head, token) order
-    index = torch.cat([tok_slots.long(), k_rows, k_rows + n[blk], zero.long()])
+    within = torch.arange(bi.numel()) - first_row[bi]  # [N]: token index within its block
+    pos = meta[bi, 2] + within  # [N] token of the chunk
+    visible = _visibility(tuple(sorted(layout)), nl, nh, num_tokens)
+    zl, zh, zt = (~visible).nonzero(as_tuple=True)  # [Z] each, (layer, head, token) order
     layer_tokens = torch.zeros(nl, dtype=torch.int64).index_add_(0, meta[:, 0], n)  # [L] stored per layer
     tok_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(layer_tokens, 0)])  # [L + 1]
     zeros = (~visible).reshape(nl, -1).sum(1)  # [L]
     zero_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(zeros, 0)])  # [L + 1]
-    return LoadPlan(
-        runs, dtype, d, int(blk.numel()), index, False, shape, page_size,
+    return SparseTemplate(
+        blk=meta[bi, 0] * nh + meta[bi, 1],
+        page=pos // page_size,
+        offset=pos % page_size,
+        k_rows=2 * first_row[bi] + within,  # the block's K rows come first, then its n V rows
+        n_of_token=n[bi],
+        zero_blk=zl * nh + zh,
+        zero_page=zt // page_size,
+        zero_offset=zt % page_size,
         row_bounds=tuple((2 * tok_bounds).tolist()),
         token_bounds=tuple(tok_bounds.tolist()),
         zero_bounds=tuple(zero_bounds.tolist()),
-    )  # fmt: skip
+    )
 
 
 def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index: torch.Tensor) -> None:
@@ -192,19 +271,21 @@ def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index
         pos += run.numel()
     rows = packed.view(plan.dtype).view(-1, plan.head_dim).to(k_slots.dtype)  # [2N, D]
     N, d = plan.num_stored, plan.head_dim
+    nl, nh, npages, T = plan.shape
     if plan.dense:
-        nl, nh, npages, T = plan.shape
         slots = page_slots(index.view(nl, nh, npages), plan.page_size, T).reshape(-1)  # [L·Hkv·T]
         kv = rows.view(nl * nh, 2, T, d)  # per block: K rows then V rows
         k_slots[slots] = kv[:, 0].reshape(N, d)
         v_slots[slots] = kv[:, 1].reshape(N, d)
         return
-    slots, k_rows, v_rows, zero = index[:N], index[N : 2 * N], index[2 * N : 3 * N], index[3 * N :]
-    k_slots[slots] = rows[k_rows]
-    v_slots[slots] = rows[v_rows]
+    assert plan.template is not None
+    tpl = plan.template.on(dev)
+    tok, zero = tpl.slots(index.view(1, nl * nh, npages), plan.page_size, slice(None), slice(None))
+    k_slots[tok[0]] = rows[tpl.k_rows]
+    v_slots[tok[0]] = rows[tpl.k_rows + tpl.n_of_token]
     if zero.numel():
-        k_slots[zero] = 0
-        v_slots[zero] = 0
+        k_slots[zero[0]] = 0
+        v_slots[zero[0]] = 0
 
 
 class SegmentCache:
@@ -332,6 +413,39 @@ class SegmentCache:
             out.append(seg)
         flush()
         return out
+
+    def get_from_store(
+        self,
+        store: ChunkKVStore,
+        chunks: Sequence[tuple[str, int, KVLoad | None]],
+        workers: int = 8,
+        layers_per_event: int | None = 4,
+    ) -> list[KVSegment | None]:
+        """`get_blocks_many` of chunks `(key, num_tokens, fallback)` from `store`: the chunks the cache
+        lacks are read by up to `workers` threads at once (`ChunkKVStore.get_blocks_many`: cold reads
+        overlap, host-memory hits stay in this thread), consumed in order while later ones are read.
+        `layers_per_event=None`: chunk-major instead (`get_blocks` per chunk: each chunk's copy is
+        queued as soon as it is read; wait with `ready()`)."""
+        todo = [k for k in dict.fromkeys(key for key, _, _ in chunks) if k not in self]
+        reads = store.get_blocks_many(todo, workers)
+        pending = set(todo)
+
+        def load(key: str) -> Blocks | None:
+            if key not in pending:  # resident when planned, evicted since by this batch's own loads
+                return store.get_blocks(key)
+            pending.discard(key)
+            for k, blocks in reads:  # yields in `todo` order, the order the keys are loaded in
+                if k == key:
+                    return blocks
+            return store.get_blocks(key)
+
+        items = [(key, functools.partial(load, key), n, fallback) for key, n, fallback in chunks]
+        try:
+            if layers_per_event is None:
+                return [self.get_blocks(*item) for item in items]
+            return self.get_blocks_many(items, layers_per_event)
+        finally:
+            reads.close()
 
     def _room_without(self, keep: set[str], need: int) -> bool:
         """Whether evicting only segments outside `keep` can make room for `need` pages."""

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -26,8 +26,9 @@ class TierUnavailableError(ConnectionError):
     """A shared tier (Redis) cannot be reached. The store turns it into a miss and a log line."""
 
 
-@dataclass(frozen=True, slots=True)
-class BlockKey:
+class BlockKey(NamedTuple):
+    """One block's address. A tuple (hashed in C): the host tier looks up L·Hkv of them per chunk read."""
+
     chunk_key: str
     layer: int
     head: int
@@ -221,6 +222,11 @@ class MemoryTier:
     def delete(self, key: BlockKey) -> bool:
         with self._lock:
             return self._drop(key) > 0
+
+    def num_chunk_blocks(self, chunk_key: str) -> int:
+        """How many blocks of one chunk are held here."""
+        with self._lock:
+            return len(self._by_chunk.get(chunk_key, ()))
 
     def chunk_blocks(self, chunk_key: str) -> list[BlockKey]:
         """Keys of the blocks of one chunk held here."""
