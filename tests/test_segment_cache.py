@@ -288,7 +288,11 @@ def test_layered_load_gates_forward_gpu(tmp_path: Path) -> None:
     torch.cuda.synchronize()
     with torch.cuda.stream(cache.stream):
         torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead of the copies
-    segs = cache.get_blocks_many(items(), layers_per_event=1)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call on the load path raises here
+    try:
+        segs = cache.get_blocks_many(items(), layers_per_event=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert all(s is not None for s in segs) and cache._layer_events
     events = cache._layer_events[0]
     assert len(events) == runner.model_config.num_layers and not events[-1].query()  # the host did not wait
