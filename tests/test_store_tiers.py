@@ -478,3 +478,29 @@ def test_get_blocks_many_in_order_and_corruption_is_a_miss(tmp_path: Path) -> No
         assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in blocks.items())
     assert store.stats().corrupt == 1 and (disk_of(store).quarantine_dir / f"{key_hash('c3')}.rkv").exists()
     store.close()
+
+
+def test_reader_thread_has_one_intra_op_thread() -> None:
+    """A store reader thread decodes with one intra-op thread; the calling thread keeps its own count."""
+    import threading
+
+    from redknot_rag.store.threads import _omp_set_num_threads, one_intra_op_thread
+
+    if _omp_set_num_threads() is None:
+        pytest.skip("no OpenMP runtime loaded by this torch build")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+
+        def reader() -> None:
+            one_intra_op_thread()
+            seen.append(torch.get_num_threads())
+
+        t = threading.Thread(target=reader)
+        t.start()
+        t.join()
+        assert seen == [1]
+        assert torch.get_num_threads() == 2  # this thread's pool is untouched
+    finally:
+        torch.set_num_threads(before)

@@ -164,5 +164,5 @@ def _scatter(
     k_slots[tok.reshape(-1)] = rows[k_rows.reshape(-1)]
     v_slots[tok.reshape(-1)] = rows[(k_rows + tpl.n_of_token[t0:t1]).reshape(-1)]
     if zero.numel():
-        k_slots[zero.reshape(-1)] = 0
-        v_slots[zero.reshape(-1)] = 0
+        k_slots.index_fill_(0, zero.reshape(-1), 0)  # a scalar fill (`[idx] = 0` copies a host 0: a sync)
+        v_slots.index_fill_(0, zero.reshape(-1), 0)

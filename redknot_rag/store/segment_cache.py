@@ -284,8 +284,8 @@ def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index
     k_slots[tok[0]] = rows[tpl.k_rows]
     v_slots[tok[0]] = rows[tpl.k_rows + tpl.n_of_token]
     if zero.numel():
-        k_slots[zero[0]] = 0
-        v_slots[zero[0]] = 0
+        k_slots.index_fill_(0, zero[0], 0)  # a scalar fill (`[idx] = 0` copies a host 0: a sync)
+        v_slots.index_fill_(0, zero[0], 0)
 
 
 class SegmentCache:
