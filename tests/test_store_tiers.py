@@ -504,3 +504,34 @@ def test_reader_thread_has_one_intra_op_thread() -> None:
         assert torch.get_num_threads() == 2  # this thread's pool is untouched
     finally:
         torch.set_num_threads(before)
+
+
+def test_whole_chunk_host_hit_is_one_group_read(tmp_path: Path) -> None:
+    """A chunk the host tier holds whole in one group is served by one group read (`ChunkBlocks`, the
+    same object each time, so a GPU load's byte runs are derived once) with the same blocks and the
+    same counters as the block-by-block read; once a head is evicted alone (the group split), reads
+    go block by block again and stay exact."""
+    from redknot_rag.store.tiers import ChunkBlocks
+
+    cfg = StoreConfig(cold_codec="int8", heads=HeadCompression.from_mask(CLASSES, WINDOW), host_bytes=1 << 20)
+    store = ChunkKVStore(tmp_path, fp(), config=cfg)
+    k, v = kv(60)
+    store.put("c", k, v)
+    store.evict()
+    first = store.get_blocks("c")  # from disk: decoded into one buffer, promoted as one group
+    assert first is not None and not isinstance(first, ChunkBlocks)
+    before = store._counts.snapshot()
+    whole = store.get_blocks("c")
+    after = store._counts.snapshot()
+    assert isinstance(whole, ChunkBlocks) and store.get_blocks("c") is whole
+    assert set(whole) == set(first) and all(
+        torch.equal(whole[lh].k, first[lh].k) and torch.equal(whole[lh].v, first[lh].v) for lh in first
+    )
+    grew = {n: after[n] - before.get(n, 0) for n in after if after[n] != before.get(n, 0)}
+    assert grew["block_lookups"] == L * H and grew["hits.host.local"] == NUM_LOCAL
+    assert grew["hits.host.global"] == L * H - NUM_LOCAL and grew["hits"] == 1
+    store.evict("c", layer=0, heads=[1])  # split: the group no longer holds the chunk
+    again = store.get_blocks("c")
+    assert again is not None and not isinstance(again, ChunkBlocks) and len(again) == L * H
+    assert all(torch.equal(again[lh].k, first[lh].k) for lh in first)
+    store.close()

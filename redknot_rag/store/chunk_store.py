@@ -49,7 +49,15 @@ from redknot_rag.store.fingerprint import KVFingerprint, dtype_from_name
 from redknot_rag.store.prefetch import Prefetch, Prefetcher
 from redknot_rag.store.stats import Counters, StoreStats, TierStats, save_stats
 from redknot_rag.store.threads import one_intra_op_thread
-from redknot_rag.store.tiers import BlockKey, ChunkShape, ColdTier, KVBlock, MemoryTier, TierUnavailableError
+from redknot_rag.store.tiers import (
+    BlockKey,
+    ChunkBlocks,
+    ChunkShape,
+    ColdTier,
+    KVBlock,
+    MemoryTier,
+    TierUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +125,7 @@ class ChunkKVStore:
         self.tiers: list[ColdTier] = [first, *below]
         self.cold = first
         self._lock = threading.Lock()
+        self._classes: dict[str, Counter[HeadClass]] = {}  # chunk -> blocks per head class (of `_metas`)
         self._metas: OrderedDict[str, ChunkMeta] = OrderedDict()  # recently used chunks, bounded
         self._counts = Counters()
         self._prefetcher: Prefetcher | None = None
@@ -252,13 +261,16 @@ class ChunkKVStore:
         with self._lock:
             self._metas[meta.chunk_key] = meta
             self._metas.move_to_end(meta.chunk_key)
+            self._classes.pop(meta.chunk_key, None)  # recounted from this meta when needed
             while len(self._metas) > _META_CACHE:
-                self._metas.popitem(last=False)
+                old, _ = self._metas.popitem(last=False)
+                self._classes.pop(old, None)
 
     def _drop_memory(self, chunk_key: str) -> None:
         self.memory.delete_chunk(chunk_key)
         with self._lock:
             self._metas.pop(chunk_key, None)
+            self._classes.pop(chunk_key, None)
 
     # -- read -------------------------------------------------------------------------------
 
@@ -318,10 +330,34 @@ class ChunkKVStore:
 
         This is what a pool tier above the store (GPU segment cache) calls on its miss.
         """
+        if layers is None and heads is None:
+            whole = self._host_whole(chunk_key)
+            if whole is not None:
+                self._counts.add("hits")
+                self._maybe_save_stats()
+                return whole
         got = self._read(chunk_key, layers, heads)
         self._counts.add("hits" if got is not None else "misses")
         self._maybe_save_stats()
         return None if got is None else got[1]
+
+    def _host_whole(self, chunk_key: str) -> ChunkBlocks | None:
+        """A chunk the host tier holds whole in one group, counted as `_read` counts a host hit of every
+        block (O(1) bookkeeping per chunk: the GPU load path reads 64 chunks per query)."""
+        with self._lock:
+            meta = self._metas.get(chunk_key)
+        if meta is None:
+            return None
+        blocks = self.memory.chunk_group(chunk_key, meta.num_layers * meta.num_kv_heads)
+        if blocks is None:
+            return None
+        classes = self._classes.get(chunk_key)
+        if classes is None:
+            classes = self._classes[chunk_key] = Counter(b.head_class for b in meta.blocks)
+        self._counts.add("block_lookups", len(blocks))
+        self._add_counts({f"lookups.{c.label}": n for c, n in classes.items()})
+        self._add_counts({f"hits.host.{c.label}": n for c, n in classes.items()})
+        return blocks
 
     def get(self, chunk_key: str, layer: int | None = None, heads: Sequence[int] | None = None) -> ChunkKV | None:
         """Blocks of `layer` (all if None) × `heads` (all if None) as `[L', H', T, D]` on `device`,

@@ -24,7 +24,7 @@ import torch
 
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.runner import KVRunner
-from redknot_rag.store.tiers import KVBlock
+from redknot_rag.store.tiers import ChunkBlocks, KVBlock
 
 if TYPE_CHECKING:
     from redknot_rag.store.chunk_store import ChunkKVStore
@@ -40,7 +40,20 @@ BlocksItem = tuple[str, BlocksLoad, int, "KVLoad | None"]
 
 def blocks_geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
     """(num_layers, num_kv_heads, head_dim, visible `[L, Hkv, T]` bool or None when every head holds
-    every token) of a chunk's per-head blocks."""
+    every token) of a chunk's per-head blocks (computed once per host group: `ChunkBlocks.cache`)."""
+    cache = blocks.cache if isinstance(blocks, ChunkBlocks) else None
+    key = f"geometry:{num_tokens}"
+    if cache is not None and key in cache:
+        got: tuple[int, int, int, torch.Tensor | None] = cache[key]  # type: ignore[assignment]
+        return got[0], got[1], got[2], None if got[3] is None else got[3].clone()
+    out = _geometry(blocks, num_tokens)
+    if cache is not None:
+        cache[key] = out
+        return out[0], out[1], out[2], None if out[3] is None else out[3].clone()
+    return out
+
+
+def _geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
     nl = 1 + max(lh[0] for lh in blocks)
     nh = 1 + max(lh[1] for lh in blocks)
     d = next(iter(blocks.values())).k.shape[-1]
@@ -207,8 +220,7 @@ def load_plan(
     dtype, d = first.k.dtype, first.k.shape[-1]
     index = pages.reshape(-1).long()
     if visible is None:  # every (layer, head) block whole: rows in (layer, head) order
-        order = sorted(blocks)
-        runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
+        runs = _runs(blocks, "runs:layer-head", lambda: sorted(blocks))
         per_layer = nh * num_tokens
         return LoadPlan(
             runs, dtype, d, nl * per_layer, index, True, shape, page_size,
@@ -218,14 +230,31 @@ def load_plan(
         )  # fmt: skip
     # rows layer by layer, in host memory order within a layer (a decoded chunk lies in (layer, head)
     # order), so the runs merge where the host buffer allows and every layer is a contiguous row range
-    order = sorted(blocks, key=lambda lh: (lh[0], blocks[lh].k.data_ptr()))
-    runs = byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])
-    tpl = sparse_template(tuple((lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order),
-                          nl, nh, num_tokens, page_size)  # fmt: skip
+    cache: dict[str, object] = blocks.cache if isinstance(blocks, ChunkBlocks) else {}
+    if "layout:layer-address" not in cache:
+        order = sorted(blocks, key=lambda lh: (lh[0], blocks[lh].k.data_ptr()))
+        cache["layout:layer-address"] = tuple(
+            (lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order
+        )
+    layout: tuple[tuple[int, int, int, int], ...] = cache["layout:layer-address"]  # type: ignore[assignment]
+    runs = _runs(blocks, "runs:layer-address", lambda: [(li, h) for li, h, _, _ in layout])
+    tpl = sparse_template(layout, nl, nh, num_tokens, page_size)
     return LoadPlan(
         runs, dtype, d, int(tpl.blk.numel()), index, False, shape, page_size,
         row_bounds=tpl.row_bounds, token_bounds=tpl.token_bounds, zero_bounds=tpl.zero_bounds, template=tpl,
     )  # fmt: skip
+
+
+def _runs(blocks: Blocks, key: str, order: Callable[[], list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """`byte_runs` of the blocks' K and V in `order()`, computed once per host group (`ChunkBlocks`)."""
+    cache = blocks.cache if isinstance(blocks, ChunkBlocks) else None
+    if cache is not None and key in cache:
+        return cache[key]  # type: ignore[return-value]
+    lh = order()
+    runs = byte_runs([t for b in lh for t in (blocks[b].k, blocks[b].v)])
+    if cache is not None:
+        cache[key] = runs
+    return runs
 
 
 @functools.lru_cache(maxsize=64)
@@ -366,11 +395,13 @@ class SegmentCache:
         self._segments[key] = seg
         return seg
 
-    def get_blocks_many(self, items: Sequence[BlocksItem], layers_per_event: int = 4) -> list[KVSegment | None]:
+    def get_blocks_many(
+        self, items: Sequence[BlocksItem], layers_per_event: int = 4, chunks_per_batch: int = 16
+    ) -> list[KVSegment | None]:
         """`get_blocks` for many chunks `(key, load, num_tokens, fallback)`, in order, with the GPU copies
-        issued layer-major for all of them at once (`store.layer_load`): call `ready_layers()` (the
-        runner's forwards then wait per layer, so the copies overlap the forward) or `ready()` (wait for
-        all) before reading. The loads run first, in order (a cold tier read while earlier ones plan).
+        issued layer-major (`store.layer_load`) per batch of `chunks_per_batch` chunks, so a batch's
+        copies run while the host plans the next: call `ready_layers()` (the runner's forwards then
+        wait per layer, so the copies overlap the forward) or `ready()` (wait for all) before reading.
         A batch whose pages would not fit the cache beside each other is issued in parts."""
         from redknot_rag.store.layer_load import issue_layered
 
@@ -411,6 +442,8 @@ class SegmentCache:
             batch_keys.add(key)
             batch_pages += num_pages
             out.append(seg)
+            if len(batch) >= chunks_per_batch:
+                flush()
         flush()
         return out
 

@@ -98,6 +98,16 @@ class ColdTier(Protocol):
     def num_chunks(self) -> int: ...
 
 
+class ChunkBlocks(dict):
+    """A whole chunk's blocks `{(layer, head): KVBlock}` held by the host tier as one group (one
+    buffer). The tier hands out the same object for every read of the group, read-only, so what a GPU
+    load derives from it (`cache`: byte runs, layout) is computed once per group, not once per read."""
+
+    def __init__(self, items: Iterable[tuple[tuple[int, int], KVBlock]]) -> None:
+        super().__init__(items)
+        self.cache: dict[str, object] = {}
+
+
 class MemoryTier:
     """Host tier: blocks under a byte budget on `device` (pinned when on CPU with CUDA present).
 
@@ -128,6 +138,7 @@ class MemoryTier:
         self._by_chunk: dict[str, set[BlockKey]] = {}
         self._group_of: dict[BlockKey, int] = {}  # put_group members -> group id
         self._groups: dict[int, list[BlockKey]] = {}
+        self._whole: dict[str, tuple[int, ChunkBlocks]] = {}  # chunk -> its group holding ALL its blocks
         self._next_group = 0
         self._lock = threading.Lock()
 
@@ -208,12 +219,31 @@ class MemoryTier:
             gid = self._next_group
             self._next_group += 1
             self._groups[gid] = [k for k, _ in items]
+            chunks = {k.chunk_key for k, _ in items}
+            if len(chunks) == 1:  # `chunk_group` serves it whole when it holds every block of the chunk
+                self._whole[chunks.pop()] = (gid, ChunkBlocks(((k.layer, k.head), b) for k, b in items))
             for key, block in items:
                 self._probation[key] = block
                 self._group_of[key] = gid
                 self._by_chunk.setdefault(key.chunk_key, set()).add(key)
             self.nbytes += size
         return [b for _, b in items]
+
+    def chunk_group(self, chunk_key: str, num_blocks: int) -> ChunkBlocks | None:
+        """Every block of a chunk of `num_blocks` blocks when one group holds them all (a chunk read
+        from a cold tier or stored in one piece): each counts as a `get` (LRU), at one lock
+        acquisition and no per-block allocation. None otherwise (then read block by block)."""
+        with self._lock:
+            got = self._whole.get(chunk_key)
+            if got is None:
+                return None
+            gid, blocks = got
+            members = self._groups.get(gid)
+            if members is None or len(members) != num_blocks or len(blocks) != num_blocks:
+                return None
+            for key in members:
+                self._get(key)
+            return blocks
 
     def contains(self, key: BlockKey) -> bool:
         with self._lock:
@@ -268,7 +298,9 @@ class MemoryTier:
     def _ungroup(self, gid: int) -> None:
         """Give every member of a group its own storage (a copy), so each can be evicted alone.
         Caller holds the lock."""
-        for key in self._groups.pop(gid):
+        members = self._groups.pop(gid)
+        self._forget_whole(gid, members)
+        for key in members:
             del self._group_of[key]
             seg = self._protected if key in self._protected else self._probation
             b = seg[key]
@@ -286,9 +318,18 @@ class MemoryTier:
         if gid is None:
             return self._drop_one(key)
         members = self._groups.pop(gid)
+        self._forget_whole(gid, members)
         for k in members:
             self._group_of.pop(k, None)
         return sum(self._drop_one(k) for k in members)
+
+    def _forget_whole(self, gid: int, members: list[BlockKey]) -> None:
+        """A group is gone (dropped or split): it no longer serves its chunk whole. Caller holds the lock."""
+        if members:
+            chunk = members[0].chunk_key
+            got = self._whole.get(chunk)
+            if got is not None and got[0] == gid:
+                del self._whole[chunk]
 
     def _drop_one(self, key: BlockKey) -> int:
         """Caller holds the lock."""
