@@ -146,8 +146,11 @@ def _pack4(q: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack4(p: torch.Tensor) -> torch.Tensor:
-    """u8 `[..., D/2]` -> `[..., D]` (inverse of `_pack4`)."""
-    return torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)
+    """u8 `[..., D/2]` -> f32 `[..., D]` (inverse of `_pack4`, as floats: what the decode multiplies)."""
+    out = torch.empty(*p.shape[:-1], 2 * p.shape[-1])
+    out[..., 0::2] = p & 15
+    out[..., 1::2] = p >> 4
+    return out
 
 
 def encode_int4(k: torch.Tensor, v: torch.Tensor) -> bytes:
@@ -173,18 +176,21 @@ def encode_int4(k: torch.Tensor, v: torch.Tensor) -> bytes:
 
 def decode_int4_batch(u8: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """B INT4 payloads of `n` tokens, u8 `[B, int4_nbytes(n, d)]` -> K, V f32 `[B, n, D]`:
-    x̂ = q · s + m in f32 (q · s is exact: 4 bits times an f16). One set of tensor ops for the batch,
-    elementwise, so a block decodes to the same bits alone or in any batch."""
+    x̂ = q · s + m in f32 (q · s is exact: 4 bits times an f16, so one rounding, fused or not).
+    One set of tensor ops for the batch (plus one per 32-token K group), elementwise, so a block
+    decodes to the same bits alone or in any batch."""
     B, G, c = u8.shape[0], -(-n // INT4_GROUP), d // INT4_GROUP
     sizes = [2 * G * d, 2 * G * d, 2 * n * c, 2 * n * c, n * d // 2, n * d // 2]
     ks, km, vs, vm, kp, vp = torch.split(u8, sizes, dim=1)
-    ks, km = ks.view(torch.float16).view(B, G, d).float(), km.view(torch.float16).view(B, G, d).float()
+    ks, km = ks.view(torch.float16).view(B, G, 1, d).float(), km.view(torch.float16).view(B, G, 1, d).float()
     vs, vm = vs.view(torch.float16).view(B, n, c, 1).float(), vm.view(torch.float16).view(B, n, c, 1).float()
-    rows = torch.arange(n) // INT4_GROUP  # token -> its K group
-    kq = _unpack4(kp.reshape(B, n, d // 2)).float()  # [B, n, D]
-    vq = _unpack4(vp.reshape(B, n, d // 2)).float().view(B, n, c, INT4_GROUP)
-    k = kq * ks[:, rows] + km[:, rows]
-    v = (vq * vs + vm).view(B, n, d)
+    kq = _unpack4(kp.reshape(B, n, d // 2))  # [B, n, D]
+    vq = _unpack4(vp.reshape(B, n, d // 2)).view(B, n, c, INT4_GROUP)
+    k = torch.empty(B, n, d)
+    for g in range(G):  # token group g: its K scales and mins [B, 1, D] broadcast over its tokens
+        rows = slice(g * INT4_GROUP, min(n, (g + 1) * INT4_GROUP))
+        torch.addcmul(km[:, g], kq[:, rows], ks[:, g], out=k[:, rows])
+    v = torch.addcmul(vm, vq, vs).view(B, n, d)
     return k, v
 
 
