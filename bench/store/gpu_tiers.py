@@ -555,7 +555,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tiers", type=lambda s: s.split(","), default=list(TIERS))
     ap.add_argument("--probe-layers", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    ap.add_argument("--budget-s", type=float, default=250.0, help="skip what would start after this")
+    ap.add_argument("--budget-s", type=float, default=380.0, help="skip what would start after this")
     ap.add_argument("--tier-s", type=float, default=12.0, help="fewer reps where a tier's would take longer")
     ap.add_argument("--read-workers", type=int, default=8, help="chunks read from a cold tier at once")
     ap.add_argument("--layers-per-event", type=int, default=4, help="layer-major load: layers per copy group")
