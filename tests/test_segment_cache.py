@@ -13,14 +13,8 @@ import torch
 from redknot_rag.kernels.testing import random_weights, tiny_config
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig, hash_token_ids
-from redknot_rag.store.segment_cache import (
-    LoadPlan,
-    SegmentCache,
-    blocks_geometry,
-    byte_runs,
-    load_plan,
-    run_plan,
-)
+from redknot_rag.store.load_plan import LoadPlan, blocks_geometry, byte_runs, load_plan, run_plan
+from redknot_rag.store.segment_cache import SegmentCache
 from redknot_rag.store.tiers import BlockKey
 
 T = 40  # chunk tokens: not a multiple of the page size (16), so a last page is partial

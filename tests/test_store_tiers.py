@@ -418,7 +418,7 @@ def test_host_tier_keeps_reused_blocks_through_a_scan() -> None:
 
 def _one_buffer(blocks: dict) -> bool:
     """Whether every block's K and V lie back to back in one storage (one host -> GPU copy)."""
-    from redknot_rag.store.segment_cache import byte_runs
+    from redknot_rag.store.load_plan import byte_runs
 
     order = sorted(blocks, key=lambda lh: blocks[lh].k.data_ptr())  # host memory order, as load_plan copies
     return len(byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)])) == 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from redknot_rag.store.segment_cache import LoadPlan, page_slots
+from redknot_rag.store.load_plan import LoadPlan, page_slots
 
 
 @dataclass

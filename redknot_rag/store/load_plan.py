@@ -1,0 +1,295 @@
+"""How a chunk's per-head blocks land in the page pool: the plan (byte runs to copy, rows, slots) and its
+chunk-by-chunk execution. `segment_cache` (the hot tier) and `layer_load` (layer-major execution of many
+plans) both build on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from redknot_rag.store.tiers import ChunkBlocks, KVBlock
+
+Blocks = Mapping[tuple[int, int], KVBlock]  # (layer, kv_head) -> block, as ChunkKVStore.get_blocks returns
+
+
+def blocks_geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
+    """(num_layers, num_kv_heads, head_dim, visible `[L, Hkv, T]` bool or None when every head holds
+    every token) of a chunk's per-head blocks (computed once per host group: `ChunkBlocks.cache`)."""
+    cache = blocks.cache if isinstance(blocks, ChunkBlocks) else None
+    key = f"geometry:{num_tokens}"
+    if cache is not None and key in cache:
+        got: tuple[int, int, int, torch.Tensor | None] = cache[key]  # type: ignore[assignment]
+        return got[0], got[1], got[2], None if got[3] is None else got[3].clone()
+    out = _geometry(blocks, num_tokens)
+    if cache is not None:
+        cache[key] = out
+        return out[0], out[1], out[2], None if out[3] is None else out[3].clone()
+    return out
+
+
+def _geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
+    nl = 1 + max(lh[0] for lh in blocks)
+    nh = 1 + max(lh[1] for lh in blocks)
+    d = next(iter(blocks.values())).k.shape[-1]
+    if len(blocks) == nl * nh and all(b.token_start == 0 and b.num_tokens == num_tokens for b in blocks.values()):
+        return nl, nh, d, None
+    layout = tuple(sorted((lh[0], lh[1], b.token_start, b.num_tokens) for lh, b in blocks.items()))
+    return nl, nh, d, _visibility(layout, nl, nh, num_tokens).clone()  # a segment's own copy
+
+
+@functools.lru_cache(maxsize=64)
+def _visibility(layout: tuple[tuple[int, int, int, int], ...], nl: int, nh: int, num_tokens: int) -> torch.Tensor:
+    """`[L, Hkv, T]` bool: the tokens each (layer, head, token_start, n) block of `layout` holds."""
+    visible = torch.zeros(nl, nh, num_tokens, dtype=torch.bool)
+    for layer, head, start, count in layout:
+        visible[layer, head, start : start + count] = True
+    return visible
+
+
+def assemble_blocks(
+    blocks: Blocks, num_tokens: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-head blocks → K, V `[L, Hkv, T, D]` on the host (zeros where a head holds no token) and the
+    visibility `[L, Hkv, T]` of what each head holds (None: all)."""
+    nl, nh, d, visible = blocks_geometry(blocks, num_tokens)
+    k = torch.zeros(nl, nh, num_tokens, d, dtype=dtype)
+    v = torch.zeros_like(k)
+    for (layer, head), b in blocks.items():
+        span = slice(b.token_start, b.token_start + b.num_tokens)
+        k[layer, head, span] = b.k.to(dtype)
+        v[layer, head, span] = b.v.to(dtype)
+    return k, v, visible
+
+
+def byte_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The bytes of `tensors`, in order, as few uint8 `[n]` views: consecutive tensors of one storage
+    that lie back to back (a chunk's blocks read into one host buffer) merge into one view, so
+    copying the runs moves the same bytes in a few large copies. Views share the tensors'
+    storage (pinned stays pinned; the copy engine's events are recorded on it)."""
+    runs: list[torch.Tensor] = []
+    first: torch.Tensor | None = None  # the run's first tensor
+    lo = hi = start = end = 0  # the first tensor's storage [lo, hi) and the run's byte range
+    for t in tensors:
+        if not t.is_contiguous():
+            t = t.contiguous()
+        ptr = t.data_ptr()
+        size = t.nbytes
+        # back to back AND inside the run's storage: one allocation (checked by address range, which
+        # is cheaper than asking every tensor for its storage)
+        if first is not None and ptr == end and end + size <= hi:
+            end += size
+            continue
+        if first is not None:
+            runs.append(_bytes_view(first, start, end))
+        st = t.untyped_storage()
+        first, lo, start, end = t, st.data_ptr(), ptr, ptr + size
+        hi = lo + st.nbytes()
+    if first is not None:
+        runs.append(_bytes_view(first, start, end))
+    return runs
+
+
+def _bytes_view(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """uint8 view of addresses [start, end) inside `t`'s storage."""
+    st = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8).set_(st, start - st.data_ptr(), (end - start,), (1,))
+
+
+def page_slots(pages: torch.Tensor, page_size: int, num_tokens: int) -> torch.Tensor:
+    """Pool slot of every token of a segment of `pages` `[L, Hkv, P]`: `[L, Hkv, num_tokens]`, on
+    `pages`' device (as `KVSegment.slots`)."""
+    nl, nh, npages = pages.shape
+    offsets = torch.arange(page_size, dtype=pages.dtype, device=pages.device)
+    slots = pages[:, :, :, None] * page_size + offsets  # [L, Hkv, P, page_size]
+    return slots.view(nl, nh, npages * page_size)[:, :, :num_tokens]
+
+
+@dataclass(frozen=True)
+class SparseTemplate:
+    """What places a sparse plan's rows, minus the pages: per stored token (N, blocks in plan order) its
+    block `blk` (flat layer·Hkv + head), page within the block and offset in the page, its K row (its V
+    row: + `n_of_token`); per zero slot (tokens no head stores, in (layer, head, token) order) the same
+    block / page / offset. Chunks stored alike (same heads, windows and host order) share one, so a
+    chunk's plan only adds its pages; its copy to a device is made once (`on`)."""
+
+    blk: torch.Tensor
+    page: torch.Tensor
+    offset: torch.Tensor
+    k_rows: torch.Tensor
+    n_of_token: torch.Tensor
+    zero_blk: torch.Tensor
+    zero_page: torch.Tensor
+    zero_offset: torch.Tensor
+    row_bounds: tuple[int, ...]  # [L + 1] first row of each layer (then the end)
+    token_bounds: tuple[int, ...]  # [L + 1] first stored token of each layer
+    zero_bounds: tuple[int, ...]  # [L + 1] first zero slot of each layer
+    _copies: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def on(self, device: torch.device) -> SparseTemplate:
+        """This template with its tensors on `device` (made once per device, then reused)."""
+        if device.type == "cpu":
+            return self
+        key = str(device)
+        if key not in self._copies:
+            moved = {f: getattr(self, f).to(device) for f in _TEMPLATE_TENSORS}
+            self._copies[key] = dataclasses.replace(self, **moved, _copies={})
+        return self._copies[key]
+
+    def slots(
+        self, pages: torch.Tensor, page_size: int, tokens: slice, zeros: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool slots of stored tokens `tokens` and zero slots `zeros` of chunks with pages `[C, L·Hkv, P]`
+        (on this template's device): `[C, n]`, `[C, z]`."""
+        tok = pages[:, self.blk[tokens], self.page[tokens]] * page_size + self.offset[tokens]
+        zero = pages[:, self.zero_blk[zeros], self.zero_page[zeros]] * page_size + self.zero_offset[zeros]
+        return tok, zero
+
+
+_TEMPLATE_TENSORS = ("blk", "page", "offset", "k_rows", "n_of_token", "zero_blk", "zero_page", "zero_offset")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a chunk's blocks reach the pool: copy `runs` back to back into one device buffer and read
+    it as rows `[2·N, D]` of `dtype` (per block: its n K rows, then its n V rows; N = stored tokens;
+    blocks in (layer, head) order when dense, else layer by layer in host memory order). `index` is
+    the segment's pages `[L·Hkv·P]` (int64: one small upload); the slots are computed on the device:
+
+    dense (every block whole): rows `[L·Hkv, 2, T, D]` go to the pages' slots.
+    else: `template` places each stored token's K and V row and lists the slots of tokens no head
+        stores, which are zeroed (nothing stale stays readable).
+
+    Layer-major invariant (what `store.layer_load` splits on): rows, stored tokens and zero slots are
+    ordered by layer, so layer l owns rows `[row_bounds[l], row_bounds[l+1])` (bytes: rows · D ·
+    elem), stored tokens `[token_bounds[l], token_bounds[l+1])` and zero slots `[zero_bounds[l],
+    zero_bounds[l+1])`.
+    """
+
+    runs: list[torch.Tensor]
+    dtype: torch.dtype
+    head_dim: int
+    num_stored: int  # N
+    index: torch.Tensor
+    dense: bool
+    shape: tuple[int, int, int, int]  # (L, Hkv, P, T)
+    page_size: int
+    row_bounds: tuple[int, ...]  # [L + 1]
+    token_bounds: tuple[int, ...]  # [L + 1] (dense: Hkv·T·l)
+    zero_bounds: tuple[int, ...]  # [L + 1] (dense: all 0)
+    template: SparseTemplate | None = None  # sparse plans
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0]
+
+
+def load_plan(
+    blocks: Blocks, pages: torch.Tensor, page_size: int, num_tokens: int, visible: torch.Tensor | None
+) -> LoadPlan:
+    """The plan for a chunk's blocks into the segment of `pages` `[L, Hkv, P]` (host), `visible` its
+    visibility (None: every block whole). O(blocks) Python steps, no per-token ones."""
+    nl, nh, npages = pages.shape
+    shape = (nl, nh, npages, num_tokens)
+    first = next(iter(blocks.values()))
+    dtype, d = first.k.dtype, first.k.shape[-1]
+    index = pages.reshape(-1).long()
+    if visible is None:  # every (layer, head) block whole: rows in (layer, head) order
+        runs = _runs(blocks, "runs:layer-head", lambda: sorted(blocks))
+        per_layer = nh * num_tokens
+        return LoadPlan(
+            runs, dtype, d, nl * per_layer, index, True, shape, page_size,
+            row_bounds=tuple(2 * per_layer * li for li in range(nl + 1)),
+            token_bounds=tuple(per_layer * li for li in range(nl + 1)),
+            zero_bounds=(0,) * (nl + 1),
+        )  # fmt: skip
+    # rows layer by layer, in host memory order within a layer (a decoded chunk lies in (layer, head)
+    # order), so the runs merge where the host buffer allows and every layer is a contiguous row range
+    cache: dict[str, object] = blocks.cache if isinstance(blocks, ChunkBlocks) else {}
+    if "layout:layer-address" not in cache:
+        order = sorted(blocks, key=lambda lh: (lh[0], blocks[lh].k.data_ptr()))
+        cache["layout:layer-address"] = tuple(
+            (lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order
+        )
+    layout: tuple[tuple[int, int, int, int], ...] = cache["layout:layer-address"]  # type: ignore[assignment]
+    runs = _runs(blocks, "runs:layer-address", lambda: [(li, h) for li, h, _, _ in layout])
+    tpl = sparse_template(layout, nl, nh, num_tokens, page_size)
+    return LoadPlan(
+        runs, dtype, d, int(tpl.blk.numel()), index, False, shape, page_size,
+        row_bounds=tpl.row_bounds, token_bounds=tpl.token_bounds, zero_bounds=tpl.zero_bounds, template=tpl,
+    )  # fmt: skip
+
+
+def _runs(blocks: Blocks, key: str, order: Callable[[], list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """`byte_runs` of the blocks' K and V in `order()`, computed once per host group (`ChunkBlocks`)."""
+    cache = blocks.cache if isinstance(blocks, ChunkBlocks) else None
+    if cache is not None and key in cache:
+        return cache[key]  # type: ignore[return-value]
+    lh = order()
+    runs = byte_runs([t for b in lh for t in (blocks[b].k, blocks[b].v)])
+    if cache is not None:
+        cache[key] = runs
+    return runs
+
+
+@functools.lru_cache(maxsize=64)
+def sparse_template(
+    layout: tuple[tuple[int, int, int, int], ...], nl: int, nh: int, num_tokens: int, page_size: int
+) -> SparseTemplate:
+    """The template of blocks `layout` ((layer, head, token_start, n) in plan order, layers ascending)."""
+    meta = torch.tensor(layout, dtype=torch.int64)  # [B, 4]
+    n = meta[:, 3]
+    bi = torch.repeat_interleave(torch.arange(len(layout)), n)  # [N]: the block of each stored token
+    first_row = torch.cumsum(n, 0) - n  # [B]: stored tokens before the block
+    within = torch.arange(bi.numel()) - first_row[bi]  # [N]: token index within its block
+    pos = meta[bi, 2] + within  # [N] token of the chunk
+    visible = _visibility(tuple(sorted(layout)), nl, nh, num_tokens)
+    zl, zh, zt = (~visible).nonzero(as_tuple=True)  # [Z] each, (layer, head, token) order
+    layer_tokens = torch.zeros(nl, dtype=torch.int64).index_add_(0, meta[:, 0], n)  # [L] stored per layer
+    tok_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(layer_tokens, 0)])  # [L + 1]
+    zeros = (~visible).reshape(nl, -1).sum(1)  # [L]
+    zero_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(zeros, 0)])  # [L + 1]
+    return SparseTemplate(
+        blk=meta[bi, 0] * nh + meta[bi, 1],
+        page=pos // page_size,
+        offset=pos % page_size,
+        k_rows=2 * first_row[bi] + within,  # the block's K rows come first, then its n V rows
+        n_of_token=n[bi],
+        zero_blk=zl * nh + zh,
+        zero_page=zt // page_size,
+        zero_offset=zt % page_size,
+        row_bounds=tuple((2 * tok_bounds).tolist()),
+        token_bounds=tuple(tok_bounds.tolist()),
+        zero_bounds=tuple(zero_bounds.tolist()),
+    )
+
+
+def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index: torch.Tensor) -> None:
+    """Execute `plan` into the pool (`k_slots`, `v_slots` `[num_slots, D]`), on the current stream;
+    `index` is `plan.index` already on the pool's device. Copies are asynchronous from pinned runs."""
+    dev = k_slots.device
+    packed = torch.empty(sum(r.numel() for r in plan.runs), dtype=torch.uint8, device=dev)
+    pos = 0
+    for run in plan.runs:
+        packed[pos : pos + run.numel()].copy_(run, non_blocking=True)
+        pos += run.numel()
+    rows = packed.view(plan.dtype).view(-1, plan.head_dim).to(k_slots.dtype)  # [2N, D]
+    N, d = plan.num_stored, plan.head_dim
+    nl, nh, npages, T = plan.shape
+    if plan.dense:
+        slots = page_slots(index.view(nl, nh, npages), plan.page_size, T).reshape(-1)  # [L·Hkv·T]
+        kv = rows.view(nl * nh, 2, T, d)  # per block: K rows then V rows
+        k_slots[slots] = kv[:, 0].reshape(N, d)
+        v_slots[slots] = kv[:, 1].reshape(N, d)
+        return
+    assert plan.template is not None
+    tpl = plan.template.on(dev)
+    tok, zero = tpl.slots(index.view(1, nl * nh, npages), plan.page_size, slice(None), slice(None))
+    k_slots[tok[0]] = rows[tpl.k_rows]
+    v_slots[tok[0]] = rows[tpl.k_rows + tpl.n_of_token]
+    if zero.numel():
+        k_slots.index_fill_(0, zero[0], 0)  # a scalar fill (`[idx] = 0` copies a host 0: a sync)
+        v_slots.index_fill_(0, zero[0], 0)
