@@ -484,8 +484,13 @@ def test_reader_thread_has_one_intra_op_thread() -> None:
     """A store reader thread decodes with one intra-op thread; the calling thread keeps its own count."""
     import threading
 
+    try:  # faiss brings its own OpenMP runtime: the setting must reach torch's, not the first one loaded
+        import faiss  # noqa: F401
+    except ImportError:
+        pass
     from redknot_rag.store.threads import _omp_set_num_threads, one_intra_op_thread
 
+    _omp_set_num_threads.cache_clear()
     if _omp_set_num_threads() is None:
         pytest.skip("no OpenMP runtime loaded by this torch build")
     before = torch.get_num_threads()
