@@ -6,9 +6,12 @@ frees pages a request still reads.
 
 On a GPU, a chunk loaded from the store's blocks (`get_blocks`) is copied host -> pool on the cache's
 side stream (from pinned host blocks the copies are asynchronous); each load records an event, and
-`ready()` makes the consumer's stream wait for them. Invariant: a segment loaded through
-`get_blocks` is read only after `ready()` (a GPU-side wait; the host never blocks). On the CPU the
-load is a plain synchronous write and `ready()` does nothing.
+`ready()` makes the consumer's stream wait for them. Many chunks (`get_blocks_many`, `get_from_store`:
+the serving path) are copied layer-major with one event per layer group (`store/layer_load.py`);
+`ready_layers()` hands those events to the runner, whose forwards wait for layer l's copies only when
+they reach layer l. Invariant: a segment loaded here is read only after `ready()` or `ready_layers()`
+(a GPU-side wait; the host never blocks). On the CPU the load is a plain synchronous write and both do
+nothing.
 """
 
 from __future__ import annotations
