@@ -14,8 +14,9 @@ the chunk's tail window). Three codecs, recorded per block (docs/kv-format.md):
           (two channels per byte, the even channel in the low nibble).
           m = min(group) rounded to f16 toward -inf, s = (max(group) - m) / 15 rounded to f16
           toward +inf, so every x of the group has 0 <= (x - m) / s <= 15 (+ f32 rounding).
-          A block whose m or s does not fit f16 (or whose D is not a multiple of 32) cannot be
-          INT4: `encode_block` raises `CodecUnsupportedError` and the store writes it as INT8.
+          A block with a value beyond f16's range (|x| > 65504, or not finite) or whose D is not
+          a multiple of 32 cannot be INT4: `encode_block` raises `CodecUnsupportedError` and the
+          store writes that block as INT8.
 
 Invariant (INT8 and INT4 error bound): for every element, |decode(encode(x)) - x| <= s/2 +
 |x̂|·2^-(p+1) (+ f32 rounding), where s is the element's group scale (as stored), x̂ the dequantized
@@ -169,7 +170,7 @@ def encode_int4(k: torch.Tensor, v: torch.Tensor) -> bytes:
     kg = kf[idx].view(G, INT4_GROUP, d).transpose(1, 2)  # [G, D, 32]
     kq, ks, km = quantize4(kg)
     kq = kq.transpose(1, 2).reshape(G * INT4_GROUP, d)[:n]  # [n, D]
-    vq, vs, vm = quantize4(vf.view(n, d // INT4_GROUP, INT4_GROUP))  # per (token, channel group)
+    vq, vs, vm = quantize4(vf.reshape(n, d // INT4_GROUP, INT4_GROUP))  # per (token, channel group)
     vq = vq.view(n, d)
     return b"".join(_bytes(t) for t in (ks, km, vs, vm, _pack4(kq), _pack4(vq)))
 
