@@ -424,8 +424,10 @@ class Engine:
             return
         logits = apply_penalties(logits, p, req.output_ids)
         if len(req.output_ids) < p.min_new_tokens and stop_ids:
-            logits = logits.clone()
-            logits[list(stop_ids)] = float("-inf")
+            masked = logits.clone()
+            masked[[t for t in stop_ids if t < masked.shape[-1]]] = float("-inf")
+            if masked.amax() > float("-inf"):  # stops covering every token: the stop wins, never a NaN
+                logits = masked
         if req.logits_processor is not None:  # constrained decoding, observers
             logits = req.logits_processor(req, logits)
         tok = sample_token(logits, p, req.generator)

@@ -18,8 +18,13 @@ EBNF uses xgrammar's GBNF dialect (`root ::= ...`), as SGLang's `ebnf` parameter
 
 from __future__ import annotations
 
+import functools
 import json
+import re._compiler as re_compiler
+import re._constants as re_constants
+import re._parser as re_parser
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -84,6 +89,10 @@ class GrammarBackend:
         """Compile (or fetch from xgrammar's cache); a grammar xgrammar rejects is HTTP 400."""
         try:
             if g.kind == "regex":
+                if regex_has_empty_class(g.source):
+                    raise InvalidRequestError(
+                        f"invalid regex {g.source[:200]!r}: a character class in it matches no character"
+                    )
                 return self.compiler.compile_regex(g.source)
             if g.kind == "ebnf":
                 return self.compiler.compile_grammar(g.source)
@@ -149,6 +158,9 @@ class GrammarProcessor:
             out = self._apply(logits, row)
         if not _has_finite(out):  # all the grammar allows was masked upstream (min_new_tokens)
             out = self._apply(torch.zeros_like(logits), row)
+        if not _has_finite(out):  # the grammar allows nothing here: end the request, never break it
+            out = torch.full_like(logits, float("-inf"))
+            out[self.stop_ids] = 0.0
         return out
 
     def _apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
@@ -246,3 +258,52 @@ def compile_stop_regex(pattern: str) -> regex.Pattern:
         return regex.compile(pattern)
     except (regex.error, TypeError, ValueError) as e:
         raise InvalidRequestError(f"invalid regex {pattern!r}: {e}") from e
+
+
+_MAX_CLASSES_CHECKED = 64  # distinct character classes tested for emptiness (each scan is up to ~12 ms)
+_REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT, re_constants.POSSESSIVE_REPEAT)
+
+
+def regex_has_empty_class(pattern: str) -> bool:
+    """Whether `pattern` holds a character class that no character belongs to (`[^\\s\\S]`), on any
+    path. xgrammar compiles such a class to a byte-level mask that still lets partial UTF-8 tokens
+    through, so the output would violate the regex (an emoji for `(yes|[^\\s\\S])`). A pattern Python
+    cannot parse (xgrammar's dialect differs a little) is left to xgrammar."""
+    try:
+        parsed = re_parser.parse(pattern)
+        classes = {repr(av): av for av in _classes(parsed)}
+    except (re_constants.error, RecursionError, OverflowError, ValueError):
+        return False
+    for items in list(classes.values())[:_MAX_CLASSES_CHECKED]:
+        sub = re_parser.SubPattern(parsed.state, [(re_constants.IN, items)])
+        if re_compiler.compile(sub, parsed.state.flags).search(_every_character()) is None:
+            return True
+    return False
+
+
+def _classes(seq: Any) -> Iterator[Any]:
+    """The items of every character class (`IN` node) of a parsed pattern, depth first."""
+    for op, av in seq:
+        if op is re_constants.IN:
+            yield av
+        elif op is re_constants.BRANCH:
+            for branch in av[1]:
+                yield from _classes(branch)
+        elif op in _REPEATS:
+            yield from _classes(av[2])
+        elif op is re_constants.SUBPATTERN:
+            yield from _classes(av[-1])
+        elif op is re_constants.ATOMIC_GROUP:
+            yield from _classes(av)
+        elif op in (re_constants.ASSERT, re_constants.ASSERT_NOT):
+            yield from _classes(av[1])
+        elif op is re_constants.GROUPREF_EXISTS:
+            for part in av[1:]:
+                if part is not None:
+                    yield from _classes(part)
+
+
+@functools.cache
+def _every_character() -> str:
+    """Every Unicode scalar value, once (surrogates excluded): ~1.1M characters."""
+    return "".join(map(chr, (*range(0xD800), *range(0xE000, 0x110000))))

@@ -179,6 +179,17 @@ class Runtime:
             raise ApiError(
                 400, f"max_new_tokens {mnt} exceeds this server's limit of {self.settings.max_new_tokens_limit}"
             )
+        mc = self.engine.model_config
+        outside = [t for t in params.stop_token_ids if t >= mc.vocab_size]
+        if outside:
+            raise ApiError(400, f"stop_token_ids: {outside[0]} is outside the vocabulary [0, {mc.vocab_size})")
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(mc.eos_token_ids))
+        if params.min_new_tokens > 0 and len(stops) >= mc.vocab_size:
+            raise ApiError(
+                400,
+                "min_new_tokens cannot be met: stop_token_ids (with the end-of-sequence tokens) cover every "
+                "token of the vocabulary, so no token may be sampled before the minimum length",
+            )
 
     def build(self, inp: GenInput) -> Job:
         """Validate and build a Job (not submitted). Runs on an executor thread (reuse may load KV)."""

@@ -1,0 +1,128 @@
+"""Hardening, round two (issue 28): what an adversarial probe sent. Every such request answers a 4xx
+in bounded time (never a 500), holds nothing after it is refused, and never stalls the others.
+
+In process: the app over the session engine, a small RAG store, a user, an admin and two tenant keys.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from redknot_rag.sampling import SamplingParams
+
+KEY, ADMIN, KEY_A, KEY_B = "user-key", "admin-key", "tenant-a-key", "tenant-b-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
+A_AUTH = {"Authorization": f"Bearer {KEY_A}"}
+B_AUTH = {"Authorization": f"Bearer {KEY_B}"}
+POST_ROUTES = [
+    "/generate",
+    "/abort_request",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/query",
+    "/retrieve",
+    "/ingest",
+]
+
+
+@pytest.fixture(scope="module")
+def served(engine, tmp_path_factory):
+    """(TestClient, Runtime) with keys for a user, an admin and tenants A and B; one document in tenant-a."""
+    from fastapi.testclient import TestClient
+
+    from redknot_rag.rag import RagService
+    from redknot_rag.server.app import create_app
+    from redknot_rag.server.auth import TenantKey
+    from redknot_rag.server.runtime import Runtime
+    from redknot_rag.server.settings import ServerSettings
+
+    settings = ServerSettings(
+        api_key=KEY,
+        admin_key=ADMIN,
+        tenant_keys=(TenantKey(KEY_A, frozenset({"tenant-a"})), TenantKey(KEY_B, frozenset({"tenant-b"}))),
+        reuse_policy="naive",
+        max_request_bytes=3_000_000,
+        max_new_tokens_limit=64,
+        log_requests=False,
+        graceful_timeout_s=5.0,
+    )
+    rag = RagService(engine, tmp_path_factory.mktemp("abuse") / "data", "naive")
+    rt = Runtime(engine, settings, rag)
+    with TestClient(create_app(rt), raise_server_exceptions=False) as client:
+        doc = {"doc_id": "d1", "text": "The Orvel canal locks were rebuilt in 1931 by the engineer Tamsin Lode."}
+        r = client.post("/ingest", json={"namespace": "tenant-a", "documents": [doc]}, headers=ADMIN_AUTH)
+        assert r.status_code == 200, r.text
+        yield client, rt
+
+
+def _err(r, status: int, needle: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    body = r.json()
+    assert body["error"]["code"] == status and needle.lower() in body["error"]["message"].lower(), body
+    return body
+
+
+def _raw(client, path: str, body: str | bytes, headers: dict = ADMIN_AUTH):
+    return client.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+
+
+# ---- item 3: answers of 500 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("route", POST_ROUTES)
+@pytest.mark.parametrize("body", ["[" * 100_000, '{"a":' * 5_000], ids=["arrays", "objects"])
+def test_deeply_nested_json_is_400_on_every_post_route(served, route, body):
+    client, _ = served
+    _err(_raw(client, route, body), 400, "nested deeper than")
+
+
+def test_json_nested_past_the_limit_inside_a_valid_body_is_400(served):
+    """Parseable JSON (depth 300) in a free-form field: refused before validation or a grammar recurses."""
+    client, _ = served
+    schema = '{"type": "array", "items": ' * 300 + '{"type": "string"}' + "}" * 300
+    body = '{"text": "hi", "sampling_params": {"max_new_tokens": 1, "json_schema": ' + schema + "}}"
+    _err(_raw(client, "/generate", body), 400, "nested deeper than 64")
+    ok = '{"type": "array", "items": ' * 8 + '{"type": "string"}' + "}" * 8  # a real schema's depth is fine
+    r = _raw(client, "/generate", '{"text": "hi", "sampling_params": {"max_new_tokens": 1, "json_schema": ' + ok + "}}")
+    assert r.status_code == 200, r.text
+
+
+def test_stop_ids_covering_the_vocabulary_with_a_minimum_length_are_400(served):
+    from redknot_rag.server.errors import ApiError
+    from redknot_rag.server.runtime import GenInput
+
+    _, rt = served
+    vocab = rt.engine.model_config.vocab_size
+    every = SamplingParams(max_new_tokens=4, min_new_tokens=2, stop_token_ids=tuple(range(vocab)), temperature=0.7)
+    with pytest.raises(ApiError) as e:
+        rt.build(GenInput([1, 2, 3], every))
+    assert e.value.status == 400 and "min_new_tokens" in e.value.message
+    outside = SamplingParams(max_new_tokens=4, min_new_tokens=2, stop_token_ids=(vocab + 5,))
+    with pytest.raises(ApiError, match="stop_token_ids: .* outside the vocabulary"):
+        rt.build(GenInput([1, 2, 3], outside))
+
+
+def test_engine_stops_instead_of_sampling_nan_when_stops_cover_every_token(engine):
+    """Callers without HTTP: the stop wins over `min_new_tokens` (never a NaN softmax)."""
+    vocab = engine.model_config.vocab_size
+    p = SamplingParams(max_new_tokens=4, min_new_tokens=3, stop_token_ids=tuple(range(vocab)), temperature=0.7)
+    req = engine.make_request([1, 2, 3], p)
+    engine.submit(req)
+    for _ in range(20):
+        if req.is_finished:
+            break
+        if engine.is_looping:  # the served fixture's loop thread drives it
+            req.done.wait(60)
+        else:
+            engine.step()
+    assert req.is_finished and req.error is None, req.error
+    assert len(req.output_ids) == 1 and req.finish_reason["type"] == "stop"
+
+
+@pytest.mark.parametrize("rx", [r"[^\s\S]", r"[^\d\D]+", r"x(?:[^\w\W]|[^\s\S])", r"(yes|[^\s\S])"])
+def test_regex_with_a_class_no_character_matches_is_400(served, rx):
+    """xgrammar let partial UTF-8 tokens through such a class: `(yes|[^\\s\\S])` answered an emoji."""
+    client, _ = served
+    r = client.post(
+        "/generate", json={"text": "hi", "sampling_params": {"regex": rx, "max_new_tokens": 4}}, headers=AUTH
+    )
+    _err(r, 400, "matches no character")
