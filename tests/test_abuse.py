@@ -126,3 +126,32 @@ def test_regex_with_a_class_no_character_matches_is_400(served, rx):
         "/generate", json={"text": "hi", "sampling_params": {"regex": rx, "max_new_tokens": 4}}, headers=AUTH
     )
     _err(r, 400, "matches no character")
+
+
+# ---- item 4: a refused batch leaves nothing behind ----------------------------------------------------
+def test_batch_refused_with_429_leaves_no_jobs(served, monkeypatch):
+    """The engine queue fills after two of a batch's four prompts: the 429 leaves no job in `Runtime.jobs`,
+    so the rids are free again, /abort_request does not find them and a drain has nothing to wait for."""
+    from redknot_rag.engine import EngineOverloadedError
+
+    client, rt = served
+    real_submit, calls = rt.engine.submit, []
+
+    def submit_two(req):
+        calls.append(req.rid)
+        if len(calls) > 2:
+            raise EngineOverloadedError("test: queue full")
+        return real_submit(req)
+
+    rids = [f"batch-{i}" for i in range(4)]
+    body = {"text": ["a", "b", "c", "d"], "rid": rids, "sampling_params": {"max_new_tokens": 64, "ignore_eos": True}}
+    monkeypatch.setattr(rt.engine, "submit", submit_two)
+    r = client.post("/generate", json=body, headers=AUTH)
+    monkeypatch.setattr(rt.engine, "submit", real_submit)
+    _err(r, 429, "overloaded")
+    assert r.headers["Retry-After"] == "1"
+    assert not set(rids) & set(rt.jobs), list(rt.jobs)
+    _err(client.post("/abort_request", json={"rid": "batch-0"}, headers=ADMIN_AUTH), 404, "no request")
+    again = client.post("/generate", json={**body, "sampling_params": {"max_new_tokens": 2}}, headers=AUTH)
+    assert again.status_code == 200, again.text  # the rids are reusable
+    assert [o["meta_info"]["id"] for o in again.json()] == rids

@@ -260,8 +260,11 @@ class Runtime:
                 submitted.append(job)
                 self.jobs[job.rid] = job
         except EngineOverloadedError as e:
-            for j in submitted:
+            for j in submitted:  # refused as a whole: none of its rids stays in use, abortable or drained for
                 self.engine.abort(j.rid)
+                j.is_finished, j.finish_reason, j.observed = True, {"type": "abort"}, True
+                if self.jobs.get(j.rid) is j:
+                    del self.jobs[j.rid]
             for j in jobs[len(submitted) + 1 :]:
                 await self.run_blocking(self.discard, j.req)
             self.metrics.count_rejected("queue_full")
