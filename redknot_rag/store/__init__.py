@@ -16,7 +16,15 @@ from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint, hash_token_ids, sha256_hex
 from redknot_rag.store.prefetch import Prefetch
 from redknot_rag.store.stats import StoreStats, TierStats
-from redknot_rag.store.tiers import BlockKey, BlockTier, ColdTier, KVBlock, MemoryTier, TierUnavailableError
+from redknot_rag.store.tiers import (
+    BlockKey,
+    BlockTier,
+    ColdTier,
+    EncodedBlock,
+    KVBlock,
+    MemoryTier,
+    TierUnavailableError,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -32,6 +40,7 @@ __all__ = [
     "ColdTier",
     "CorruptChunkError",
     "DiskTier",
+    "EncodedBlock",
     "FingerprintMismatchError",
     "HeadClass",
     "HeadCompression",

@@ -8,7 +8,8 @@ Invariants:
   evicts is demoted to Redis (when there is one), and only the coldest tier's eviction drops it.
 - A block read from a colder tier is promoted (into host memory; a chunk read from Redis is also
   copied to disk by a background thread, without fsync: a torn copy fails its checksums). Host
-  memory holds exactly what the cold tiers decode to, so a block is the same bits from every tier.
+  memory holds exactly what the cold tiers decode to (or, `decode_on="device"`, a quantized chunk's
+  verified payloads, which decode to the same bits), so a block is the same bits from every tier.
 - Placement is per (chunk, layer, kv_head) block. A local head's block holds only the chunk's tail
   window (`StoreConfig.heads`); `get` (whole-token tensors) treats such a block as a miss,
   `get_blocks` returns it with its token range.
@@ -24,10 +25,11 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -54,6 +56,8 @@ from redknot_rag.store.tiers import (
     ChunkBlocks,
     ChunkShape,
     ColdTier,
+    EncodedBlock,
+    HostBlock,
     KVBlock,
     MemoryTier,
     TierUnavailableError,
@@ -321,13 +325,20 @@ class ChunkKVStore:
         return None if meta is None else meta.shape
 
     def get_blocks(
-        self, chunk_key: str, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None
-    ) -> dict[Block, KVBlock] | None:
+        self,
+        chunk_key: str,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        *,
+        encoded: bool = False,
+    ) -> Mapping[Block, HostBlock] | None:
         """Blocks `layers` × `heads` (all if None): {(layer, head): KVBlock}, K, V `[n, D]` in the
         storage dtype on the host tier's device, with each block's token range (a local head's
         block holds only the tail window). None on a miss (absent, other fingerprint, corrupt, or a
         block no tier can serve): the caller recomputes.
 
+        `encoded=True`: blocks the host tier keeps encoded (`decode_on="device"`) come back as they are
+        (`EncodedBlock`, for a load that decodes on the device); otherwise they are decoded here.
         This is what a pool tier above the store (GPU segment cache) calls on its miss.
         """
         if layers is None and heads is None:
@@ -335,11 +346,30 @@ class ChunkKVStore:
             if whole is not None:
                 self._counts.add("hits")
                 self._maybe_save_stats()
-                return whole
+                return whole if encoded else self._host_decoded(chunk_key, whole)
         got = self._read(chunk_key, layers, heads)
         self._counts.add("hits" if got is not None else "misses")
         self._maybe_save_stats()
-        return None if got is None else got[1]
+        if got is None:
+            return None
+        return got[1] if encoded else self._host_decoded(chunk_key, got[1])
+
+    def _host_decoded(self, chunk_key: str, blocks: dict[Block, HostBlock]) -> dict[Block, KVBlock]:
+        """`blocks` with every `EncodedBlock` decoded on the host (one batch per (codec, n), the same bits
+        as a host-decode store's); `blocks` itself when none is encoded."""
+        enc = {b: blk for b, blk in blocks.items() if isinstance(blk, EncodedBlock)}
+        if not enc:
+            return cast(dict[Block, KVBlock], blocks)
+        meta = self.meta(chunk_key)
+        if meta is None or meta.head_dim != next(iter(enc.values())).head_dim:  # evicted since: block by block
+            decoded = {b: blk.decode() for b, blk in enc.items()}
+        else:
+            views: dict[Block, torch.Tensor | None] = {b: blk.payload for b, blk in enc.items()}
+            decoded = self._decode_quantized(meta, {b: b"" for b in enc}, views)
+        out: dict[Block, KVBlock] = {}
+        for b, blk in blocks.items():
+            out[b] = decoded[b] if isinstance(blk, EncodedBlock) else blk
+        return out
 
     def _host_whole(self, chunk_key: str) -> ChunkBlocks | None:
         """A chunk the host tier holds whole in one group, counted as `_read` counts a host hit of every
@@ -367,12 +397,13 @@ class ChunkKVStore:
         if got is None:
             self._counts.add("misses")
             return None
-        meta, blocks = got
+        meta, held = got
         T, D = meta.num_tokens, meta.head_dim
-        if any(b.token_start != 0 or b.num_tokens != T for b in blocks.values()):
+        if any(b.token_start != 0 or b.num_tokens != T for b in held.values()):
             self._counts.add("partial_misses")
             self._counts.add("misses")
             return None
+        blocks = self._host_decoded(chunk_key, held)
         want = list(blocks)  # layer-major, in request order
         layers = tuple(dict.fromkeys(b[0] for b in want))
         hs = tuple(dict.fromkeys(b[1] for b in want))
@@ -407,7 +438,7 @@ class ChunkKVStore:
 
     def _read(
         self, chunk_key: str, layers: Sequence[int] | None, heads: Sequence[int] | None
-    ) -> tuple[ChunkMeta, dict[Block, KVBlock]] | None:
+    ) -> tuple[ChunkMeta, dict[Block, HostBlock]] | None:
         """Host tier first, then each cold tier for what is still missing; promotes what it reads."""
         meta = self.meta(chunk_key)
         if meta is None:
@@ -424,7 +455,7 @@ class ChunkKVStore:
         H = meta.num_kv_heads
         lookups = Counter(meta.blocks[li * H + h].head_class for li, h in want)
         held = self.memory.get_many([BlockKey(chunk_key, li, h) for li, h in want])
-        blocks: dict[Block, KVBlock] = {b: got for b, got in zip(want, held, strict=True) if got is not None}
+        blocks: dict[Block, HostBlock] = {b: got for b, got in zip(want, held, strict=True) if got is not None}
         host_hits = Counter(got.head_class for got in blocks.values())
         self._counts.add("block_lookups", len(want))
         self._add_counts({f"lookups.{c.label}": n for c, n in lookups.items()})
@@ -474,19 +505,20 @@ class ChunkKVStore:
         for name, n in counts.items():
             self._counts.add(name, n)
 
-    def _decode(self, meta: ChunkMeta, payloads: dict[Block, Payload], landing: _Landing) -> dict[Block, KVBlock]:
+    def _decode(self, meta: ChunkMeta, payloads: dict[Block, Payload], landing: _Landing) -> Mapping[Block, HostBlock]:
         """Crc-verified payloads -> blocks in the storage dtype, all in one host buffer (pinned on a
         CUDA host), so the pool loads the chunk in a few large copies.
 
         RAW payloads already in `landing`'s buffer in the storage dtype become views of it (no copy);
-        otherwise every block is decoded into one fresh buffer `[sum of 2·n·D]`.
+        `decode_on="device"` keeps INT8/INT4 payloads encoded (`_keep_encoded`); otherwise every block
+        is decoded into one fresh buffer `[sum of 2·n·D]`.
         """
         D, src_dtype = meta.head_dim, meta.torch_dtype
         views = {b: landing.view(p) for b, p in payloads.items()}
         if src_dtype == self.dtype and all(
             meta.block(*b).codec == Codec.RAW and t is not None for b, t in views.items()
         ):
-            out: dict[Block, KVBlock] = {}
+            out: dict[Block, HostBlock] = {}
             for b, t in views.items():
                 bm = meta.block(*b)
                 assert t is not None
@@ -494,6 +526,8 @@ class ChunkKVStore:
                 out[b] = KVBlock(kv[0], kv[1], bm.token_start, bm.head_class)
             return out
         if all(meta.block(*b).codec in (Codec.INT8, Codec.INT4) for b in payloads):
+            if self.config.decode_on == "device":
+                return self._keep_encoded(meta, payloads, views)
             return self._decode_quantized(meta, payloads, views)
         sizes = {b: 2 * meta.block(*b).num_tokens * D for b in payloads}
         buf = torch.empty(sum(sizes.values()), dtype=self.dtype, pin_memory=self.memory.pin)
@@ -554,22 +588,43 @@ class ChunkKVStore:
             out[b] = KVBlock(buf_rows[r0 : r0 + n], buf_rows[r0 + n : r0 + 2 * n], bm.token_start, bm.head_class)
         return out
 
-    def _promote(self, chunk_key: str, meta: ChunkMeta, blocks: dict[Block, KVBlock]) -> dict[Block, KVBlock]:
+    def _keep_encoded(
+        self, meta: ChunkMeta, payloads: dict[Block, Payload], views: dict[Block, torch.Tensor | None]
+    ) -> dict[Block, HostBlock]:
+        """INT8/INT4 payloads kept as they are (`EncodedBlock`), in one host buffer in (layer, head) order:
+        `landing`'s when every payload lies in it in that order back to back (a cold read), else a fresh
+        one (pinned on a CUDA host) they are copied into, so a GPU load moves a layer in one copy."""
+        order = sorted(payloads)
+        D, src = meta.head_dim, meta.torch_dtype
+        landed = [views[b] for b in order]
+        if _back_to_back(landed):
+            got = cast(list[torch.Tensor], landed)
+        else:
+            buf = torch.empty(sum(len(payloads[b]) for b in order), dtype=torch.uint8, pin_memory=self.memory.pin)
+            got, pos = [], 0
+            for b, t in zip(order, landed, strict=True):
+                n = len(payloads[b])
+                got.append(buf[pos : pos + n])
+                got[-1].copy_(t if t is not None else torch.frombuffer(bytearray(payloads[b]), dtype=torch.uint8))
+                pos += n
+        return {b: EncodedBlock(t, meta.block(*b), D, src, self.dtype) for b, t in zip(order, got, strict=True)}
+
+    def _promote(self, chunk_key: str, meta: ChunkMeta, blocks: Mapping[Block, HostBlock]) -> Mapping[Block, HostBlock]:
         """Put blocks into the host tier (as one group when they share a buffer); returns the held
         blocks (the given ones where the tier kept none)."""
         items = [(BlockKey(chunk_key, *b), blk) for b, blk in blocks.items()]
         if self.memory.put_group(items) is not None:
             return blocks
-        out: dict[Block, KVBlock] = {}
+        out: dict[Block, HostBlock] = {}
         for (key, blk), b in zip(items, blocks, strict=True):
             placed = self.memory.put(key, blk)
             out[b] = placed or blk
         return out
 
     def get_blocks_many(
-        self, chunk_keys: Sequence[str], workers: int = 8
-    ) -> Generator[tuple[str, dict[Block, KVBlock] | None], None, None]:
-        """`(key, get_blocks(key))` for every key, in order, read by up to `workers` threads at once
+        self, chunk_keys: Sequence[str], workers: int = 8, *, encoded: bool = False
+    ) -> Generator[tuple[str, Mapping[Block, HostBlock] | None], None, None]:
+        """`(key, get_blocks(key, encoded=encoded))` for every key, in order, read by up to `workers` threads at once
         (disk reads, checksums and Redis replies overlap; the GIL is released in file reads and
         crc32c). The next chunks are already being read while the caller consumes one. Chunks whose
         every block is in host memory are served in the caller's thread when their turn comes (a
@@ -578,16 +633,16 @@ class ChunkKVStore:
         cold = [k for k in keys if not self._in_memory(k)]
         if workers <= 1 or len(cold) <= 1:
             for key in keys:
-                yield key, self.get_blocks(key)
+                yield key, self.get_blocks(key, encoded=encoded)
             return
         with ThreadPoolExecutor(
             max_workers=min(workers, len(cold)), thread_name_prefix="kv-read", initializer=one_intra_op_thread
         ) as pool:
-            futures = {key: pool.submit(self.get_blocks, key) for key in dict.fromkeys(cold)}
+            futures = {key: pool.submit(self.get_blocks, key, encoded=encoded) for key in dict.fromkeys(cold)}
             try:
                 for key in keys:
                     fut = futures.get(key)
-                    yield key, fut.result() if fut is not None else self.get_blocks(key)
+                    yield key, fut.result() if fut is not None else self.get_blocks(key, encoded=encoded)
             finally:
                 for fut in futures.values():
                     fut.cancel()
@@ -723,6 +778,13 @@ class _Landing:
         if off < 0 or off + payload.nbytes > self.buf.numel():
             return None
         return self.buf[off : off + payload.nbytes]
+
+
+def _back_to_back(ts: Sequence[torch.Tensor | None]) -> bool:
+    """Whether every tensor is given and each starts where the previous ends (uint8 views of one buffer)."""
+    if not all(t is not None for t in ts):
+        return False
+    return all(a.data_ptr() + a.nbytes == b.data_ptr() for a, b in itertools.pairwise(ts))  # type: ignore[union-attr]
 
 
 def _hits(c: dict[str, int], tier: str) -> int:

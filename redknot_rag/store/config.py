@@ -15,6 +15,7 @@ from redknot_rag.store.fingerprint import dtype_from_name
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+DECODE_ON = ("host", "device")  # where quantized blocks are decoded (StoreConfig.decode_on)
 
 
 def parse_bytes(text: str) -> int:
@@ -92,6 +93,11 @@ class StoreConfig:
         Redis receives chunks only when disk evicts them.
     promote_to_disk: a chunk read from Redis is copied to disk too, in the background (the next
         read is local).
+    decode_on: where INT8/INT4 blocks are decoded. "host": when read from a cold tier (the host tier
+        holds decoded blocks in the storage dtype); "device": the host tier keeps them encoded
+        (`tiers.EncodedBlock`, the cold tiers' bytes) and a GPU pool load copies those bytes and
+        decodes them on the device (`store/device_decode.py`); readers that want tensors decode on
+        the host (same bits either way).
     """
 
     dtype: str | None = None
@@ -102,8 +108,11 @@ class StoreConfig:
     redis_url: str | None = None
     redis_write_through: bool = True
     promote_to_disk: bool = True
+    decode_on: str = "host"
 
     def __post_init__(self) -> None:
+        if self.decode_on not in DECODE_ON:
+            raise ValueError(f"decode_on must be one of {DECODE_ON}, got {self.decode_on!r}")
         if self.dtype is not None:
             dtype_from_name(self.dtype)
         Codec.parse(self.cold_codec)
@@ -133,6 +142,12 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
         help="encoding on disk and Redis: raw (storage dtype), int8, int4 (docs/kv-format.md)",
     )
     g.add_argument(
+        "--store-decode-on",
+        choices=list(DECODE_ON),
+        default="host",
+        help="where int8/int4 blocks are decoded: host (when read) or device (the host tier keeps them encoded)",
+    )
+    g.add_argument(
         "--store-local-heads",
         choices=["off", "profile"],
         default="off",
@@ -154,4 +169,5 @@ def store_config_from_args(args: argparse.Namespace, head_profile: Any = None) -
         host_bytes=args.store_host_bytes,
         disk_bytes=args.store_disk_bytes,
         redis_url=getattr(args, "redis_url", None),
+        decode_on=getattr(args, "store_decode_on", "host"),
     )

@@ -30,7 +30,8 @@ from redknot_rag.store.load_plan import LoadPlan, page_slots
 @dataclass
 class _Class:
     """Plans moved and scattered together in every group: dense plans of one (dtype, L, Hkv, P, T), or
-    sparse plans of one dtype and template (so one set of template indices serves all of them)."""
+    sparse plans of one dtype and template (so one set of template indices serves all of them); encoded
+    plans also of one decode layout (their payloads decode in one batch per (codec, n))."""
 
     dense: bool
     dtype: torch.dtype
@@ -41,7 +42,7 @@ class _Class:
 def _classes(plans: Sequence[LoadPlan]) -> list[_Class]:
     out: dict[tuple, _Class] = {}
     for p in plans:
-        key = (True, p.dtype, p.shape) if p.dense else (False, p.dtype, p.shape, id(p.template))
+        key = (p.dense, p.dtype, p.shape, id(p.template), id(p.decode))
         out.setdefault(key, _Class(p.dense, p.dtype)).plans.append(p)
     return list(out.values())
 
@@ -110,8 +111,7 @@ def issue_layered(
             for c in classes:
                 start = pos
                 for p in c.plans:
-                    elem = p.dtype.itemsize
-                    a, b = p.row_bounds[first] * p.head_dim * elem, p.row_bounds[end] * p.head_dim * elem
+                    a, b = p.byte_bounds[first], p.byte_bounds[end]
                     runs += slice_runs(p.runs, a, b)
                     pos += b - a
                 spans.append((start, pos))
@@ -145,7 +145,7 @@ def _scatter(
     nl, nh, npages, T = p0.shape
     C, d, ps = len(c.plans), k_slots.shape[-1], p0.page_size
     pages = index[c.pages_at : c.pages_at + C * nl * nh * npages].view(C, nl * nh, npages)  # [C, L·Hkv, P]
-    rows = staged.view(c.dtype).view(-1, d).to(k_slots.dtype)  # [C · group rows, D]
+    rows = p0.rows(staged, C, first, end).to(k_slots.dtype)  # [C · group rows, D]
     if c.dense:
         blocks = pages[:, first * nh : end * nh].reshape(-1, 1, npages)  # [C·Lg·Hkv, 1, P]
         slots = page_slots(blocks, ps, T).reshape(-1)  # [C·Lg·Hkv·T]

@@ -8,12 +8,14 @@ import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
-from redknot_rag.store.tiers import ChunkBlocks, KVBlock
+from redknot_rag.store.device_decode import DecodeLayout, decode_layout
+from redknot_rag.store.tiers import ChunkBlocks, EncodedBlock, HostBlock, KVBlock
 
-Blocks = Mapping[tuple[int, int], KVBlock]  # (layer, kv_head) -> block, as ChunkKVStore.get_blocks returns
+Blocks = Mapping[tuple[int, int], HostBlock]  # (layer, kv_head) -> block, as ChunkKVStore.get_blocks returns
 
 
 def blocks_geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
@@ -34,7 +36,7 @@ def blocks_geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, tor
 def _geometry(blocks: Blocks, num_tokens: int) -> tuple[int, int, int, torch.Tensor | None]:
     nl = 1 + max(lh[0] for lh in blocks)
     nh = 1 + max(lh[1] for lh in blocks)
-    d = next(iter(blocks.values())).k.shape[-1]
+    d = next(iter(blocks.values())).head_dim
     if len(blocks) == nl * nh and all(b.token_start == 0 and b.num_tokens == num_tokens for b in blocks.values()):
         return nl, nh, d, None
     layout = tuple(sorted((lh[0], lh[1], b.token_start, b.num_tokens) for lh, b in blocks.items()))
@@ -54,11 +56,12 @@ def assemble_blocks(
     blocks: Blocks, num_tokens: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-head blocks → K, V `[L, Hkv, T, D]` on the host (zeros where a head holds no token) and the
-    visibility `[L, Hkv, T]` of what each head holds (None: all)."""
+    visibility `[L, Hkv, T]` of what each head holds (None: all). Encoded blocks are decoded on the host."""
     nl, nh, d, visible = blocks_geometry(blocks, num_tokens)
     k = torch.zeros(nl, nh, num_tokens, d, dtype=dtype)
     v = torch.zeros_like(k)
-    for (layer, head), b in blocks.items():
+    for (layer, head), held in blocks.items():
+        b = held.decode() if isinstance(held, EncodedBlock) else held
         span = slice(b.token_start, b.token_start + b.num_tokens)
         k[layer, head, span] = b.k.to(dtype)
         v[layer, head, span] = b.v.to(dtype)
@@ -156,17 +159,18 @@ _TEMPLATE_TENSORS = ("blk", "page", "offset", "k_rows", "n_of_token", "zero_blk"
 class LoadPlan:
     """How a chunk's blocks reach the pool: copy `runs` back to back into one device buffer and read
     it as rows `[2·N, D]` of `dtype` (per block: its n K rows, then its n V rows; N = stored tokens;
-    blocks in (layer, head) order when dense, else layer by layer in host memory order). `index` is
+    blocks in (layer, head) order when dense or encoded, else layer by layer in host memory order) or,
+    with `decode` (encoded blocks), decode it there into those rows (`store.device_decode`). `index` is
     the segment's pages `[L·Hkv·P]` (int64: one small upload); the slots are computed on the device:
 
     dense (every block whole): rows `[L·Hkv, 2, T, D]` go to the pages' slots.
     else: `template` places each stored token's K and V row and lists the slots of tokens no head
         stores, which are zeroed (nothing stale stays readable).
 
-    Layer-major invariant (what `store.layer_load` splits on): rows, stored tokens and zero slots are
-    ordered by layer, so layer l owns rows `[row_bounds[l], row_bounds[l+1])` (bytes: rows · D ·
-    elem), stored tokens `[token_bounds[l], token_bounds[l+1])` and zero slots `[zero_bounds[l],
-    zero_bounds[l+1])`.
+    Layer-major invariant (what `store.layer_load` splits on): bytes, rows, stored tokens and zero
+    slots are ordered by layer, so layer l owns bytes `[byte_bounds[l], byte_bounds[l+1])` of the runs
+    (decoded blocks: rows · D · elem), rows `[row_bounds[l], row_bounds[l+1])`, stored tokens
+    `[token_bounds[l], token_bounds[l+1])` and zero slots `[zero_bounds[l], zero_bounds[l+1])`.
     """
 
     runs: list[torch.Tensor]
@@ -180,11 +184,21 @@ class LoadPlan:
     row_bounds: tuple[int, ...]  # [L + 1]
     token_bounds: tuple[int, ...]  # [L + 1] (dense: Hkv·T·l)
     zero_bounds: tuple[int, ...]  # [L + 1] (dense: all 0)
+    byte_bounds: tuple[int, ...]  # [L + 1]
     template: SparseTemplate | None = None  # sparse plans
+    decode: DecodeLayout | None = None  # encoded plans: runs hold INT8/INT4 payloads
 
     @property
     def num_layers(self) -> int:
         return self.shape[0]
+
+    def rows(self, staged: torch.Tensor, num_plans: int, first: int, end: int) -> torch.Tensor:
+        """Layers `[first, end)` of `num_plans` plans of this plan's class (same dtype, layout and codec),
+        staged chunk after chunk as uint8 on the device -> their rows `[num_plans · group rows, D]` of
+        `dtype`, chunk after chunk: a view for decoded blocks, the device decode for encoded ones."""
+        if self.decode is not None:
+            return self.decode.rows(staged, num_plans, first, end)
+        return staged.view(self.dtype).view(-1, self.head_dim)
 
 
 def load_plan(
@@ -194,8 +208,13 @@ def load_plan(
     visibility (None: every block whole). O(blocks) Python steps, no per-token ones."""
     nl, nh, npages = pages.shape
     shape = (nl, nh, npages, num_tokens)
+    if all(isinstance(b, EncodedBlock) for b in blocks.values()):
+        return _encoded_plan(blocks, pages, page_size, num_tokens, visible)
+    if any(isinstance(b, EncodedBlock) for b in blocks.values()):  # mixed: decode those on the host
+        blocks = {lh: b.decode() if isinstance(b, EncodedBlock) else b for lh, b in blocks.items()}
     first = next(iter(blocks.values()))
-    dtype, d = first.k.dtype, first.k.shape[-1]
+    assert isinstance(first, KVBlock)
+    dtype, d = first.k.dtype, first.head_dim
     index = pages.reshape(-1).long()
     if visible is None:  # every (layer, head) block whole: rows in (layer, head) order
         runs = _runs(blocks, "runs:layer-head", lambda: sorted(blocks))
@@ -205,21 +224,60 @@ def load_plan(
             row_bounds=tuple(2 * per_layer * li for li in range(nl + 1)),
             token_bounds=tuple(per_layer * li for li in range(nl + 1)),
             zero_bounds=(0,) * (nl + 1),
+            byte_bounds=tuple(2 * per_layer * li * d * dtype.itemsize for li in range(nl + 1)),
         )  # fmt: skip
     # rows layer by layer, in host memory order within a layer (a decoded chunk lies in (layer, head)
     # order), so the runs merge where the host buffer allows and every layer is a contiguous row range
     cache: dict[str, object] = blocks.cache if isinstance(blocks, ChunkBlocks) else {}
     if "layout:layer-address" not in cache:
-        order = sorted(blocks, key=lambda lh: (lh[0], blocks[lh].k.data_ptr()))
+        order = sorted(blocks, key=lambda lh: (lh[0], blocks[lh].tensors[0].data_ptr()))
         cache["layout:layer-address"] = tuple(
             (lh[0], lh[1], blocks[lh].token_start, blocks[lh].num_tokens) for lh in order
         )
     layout: tuple[tuple[int, int, int, int], ...] = cache["layout:layer-address"]  # type: ignore[assignment]
     runs = _runs(blocks, "runs:layer-address", lambda: [(li, h) for li, h, _, _ in layout])
     tpl = sparse_template(layout, nl, nh, num_tokens, page_size)
+    elem = d * dtype.itemsize
     return LoadPlan(
         runs, dtype, d, int(tpl.blk.numel()), index, False, shape, page_size,
-        row_bounds=tpl.row_bounds, token_bounds=tpl.token_bounds, zero_bounds=tpl.zero_bounds, template=tpl,
+        row_bounds=tpl.row_bounds, token_bounds=tpl.token_bounds, zero_bounds=tpl.zero_bounds,
+        byte_bounds=tuple(r * elem for r in tpl.row_bounds), template=tpl,
+    )  # fmt: skip
+
+
+def _encoded_plan(
+    blocks: Blocks, pages: torch.Tensor, page_size: int, num_tokens: int, visible: torch.Tensor | None
+) -> LoadPlan:
+    """The plan of a chunk whose blocks are all `EncodedBlock`s: the payloads are copied in (layer, head)
+    order and decoded on the device into rows in that order (dense when every block is whole)."""
+    nl, nh, npages = pages.shape
+    cache: dict[str, object] = blocks.cache if isinstance(blocks, ChunkBlocks) else {}
+    if "layout:encoded" not in cache:
+        enc = {lh: cast(EncodedBlock, b) for lh, b in blocks.items()}
+        order = sorted(enc)
+        first = enc[order[0]]
+        codecs = tuple((li, h, enc[li, h].meta.codec, enc[li, h].num_tokens) for li, h in order)
+        layout = tuple((li, h, enc[li, h].token_start, enc[li, h].num_tokens) for li, h in order)
+        dec = decode_layout(codecs, nl, first.head_dim, first.src_dtype, first.dtype)
+        cache["layout:encoded"] = (layout, dec)
+        cache["runs:encoded"] = byte_runs([enc[lh].payload for lh in order])
+    layout, dec = cache["layout:encoded"]  # type: ignore[misc]
+    runs: list[torch.Tensor] = cache["runs:encoded"]  # type: ignore[assignment]
+    shape = (nl, nh, npages, num_tokens)
+    index = pages.reshape(-1).long()
+    if visible is None:
+        per_layer = nh * num_tokens
+        return LoadPlan(
+            runs, dec.dtype, dec.head_dim, nl * per_layer, index, True, shape, page_size,
+            row_bounds=dec.row_bounds, token_bounds=tuple(per_layer * li for li in range(nl + 1)),
+            zero_bounds=(0,) * (nl + 1), byte_bounds=dec.byte_bounds, decode=dec,
+        )  # fmt: skip
+    tpl = sparse_template(layout, nl, nh, num_tokens, page_size)
+    assert tpl.row_bounds == dec.row_bounds
+    return LoadPlan(
+        runs, dec.dtype, dec.head_dim, int(tpl.blk.numel()), index, False, shape, page_size,
+        row_bounds=tpl.row_bounds, token_bounds=tpl.token_bounds, zero_bounds=tpl.zero_bounds,
+        byte_bounds=dec.byte_bounds, template=tpl, decode=dec,
     )  # fmt: skip
 
 
@@ -229,7 +287,8 @@ def _runs(blocks: Blocks, key: str, order: Callable[[], list[tuple[int, int]]]) 
     if cache is not None and key in cache:
         return cache[key]  # type: ignore[return-value]
     lh = order()
-    runs = byte_runs([t for b in lh for t in (blocks[b].k, blocks[b].v)])
+    kv = [cast(KVBlock, blocks[b]) for b in lh]
+    runs = byte_runs([t for b in kv for t in (b.k, b.v)])
     if cache is not None:
         cache[key] = runs
     return runs
@@ -276,7 +335,7 @@ def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index
     for run in plan.runs:
         packed[pos : pos + run.numel()].copy_(run, non_blocking=True)
         pos += run.numel()
-    rows = packed.view(plan.dtype).view(-1, plan.head_dim).to(k_slots.dtype)  # [2N, D]
+    rows = plan.rows(packed, 1, 0, plan.num_layers).to(k_slots.dtype)  # [2N, D]
     N, d = plan.num_stored, plan.head_dim
     nl, nh, npages, T = plan.shape
     if plan.dense:

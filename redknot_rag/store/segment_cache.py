@@ -187,17 +187,18 @@ class SegmentCache:
         `layers_per_event=None`: chunk-major instead (`get_blocks` per chunk: each chunk's copy is
         queued as soon as it is read; wait with `ready()`)."""
         todo = [k for k in dict.fromkeys(key for key, _, _ in chunks) if k not in self]
-        reads = store.get_blocks_many(todo, workers)
+        encoded = self.stream is not None  # a GPU pool decodes INT8/INT4 blocks the store keeps encoded
+        reads = store.get_blocks_many(todo, workers, encoded=encoded)
         pending = set(todo)
 
         def load(key: str) -> Blocks | None:
             if key not in pending:  # resident when planned, evicted since by this batch's own loads
-                return store.get_blocks(key)
+                return store.get_blocks(key, encoded=encoded)
             pending.discard(key)
             for k, blocks in reads:  # yields in `todo` order, the order the keys are loaded in
                 if k == key:
                     return blocks
-            return store.get_blocks(key)
+            return store.get_blocks(key, encoded=encoded)
 
         items = [(key, functools.partial(load, key), n, fallback) for key, n, fallback in chunks]
         try:

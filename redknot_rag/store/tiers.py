@@ -2,9 +2,11 @@
 
 The unit every tier stores is one (chunk, layer, kv_head) block: K and V `[n, D]` each, K pre-RoPE,
 holding the chunk's tokens `[token_start, token_start + n)` (n < T only for compressed local heads).
-The host tier holds decoded tensors (`KVBlock`); cold tiers (disk, Redis) hold encoded, checksummed
-payloads (`codec.py`) addressed by the same (chunk_key, layer, head), and accept whole chunks
-atomically (`ColdTier`). A pool tier on a GPU sits on top through `ChunkKVStore.get_blocks`.
+The host tier holds decoded tensors (`KVBlock`), or, with `StoreConfig.decode_on="device"`, a quantized
+chunk's payloads as the cold tiers hold them (`EncodedBlock`: the GPU pool's load decodes them on the
+device); cold tiers (disk, Redis) hold encoded, checksummed payloads (`codec.py`) addressed by the
+same (chunk_key, layer, head), and accept whole chunks atomically (`ColdTier`). A pool tier on a GPU
+sits on top through `ChunkKVStore.get_blocks`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,19 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from redknot_rag.store.codec import ChunkMeta, ChunkShape, HeadClass, Payload
+from redknot_rag.store.codec import BlockMeta, ChunkMeta, ChunkShape, HeadClass, Payload, decode_block
 
-__all__ = ["BlockKey", "BlockTier", "ChunkShape", "ColdTier", "KVBlock", "MemoryTier", "TierUnavailableError"]
+__all__ = [
+    "BlockKey",
+    "BlockTier",
+    "ChunkShape",
+    "ColdTier",
+    "EncodedBlock",
+    "HostBlock",
+    "KVBlock",
+    "MemoryTier",
+    "TierUnavailableError",
+]
 
 
 class TierUnavailableError(ConnectionError):
@@ -51,8 +63,67 @@ class KVBlock:
         return self.k.shape[0]
 
     @property
+    def head_dim(self) -> int:
+        return self.k.shape[-1]
+
+    @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> KVBlock:
+        """This block with `fn` applied to its tensors (the host tier placing it)."""
+        return KVBlock(fn(self.k), fn(self.v), self.token_start, self.head_class)
+
+
+@dataclass(frozen=True)
+class EncodedBlock:
+    """One (layer, kv_head) block kept as its cold tiers hold it: the crc-verified INT8/INT4 `payload`,
+    uint8 `[payload_nbytes]` (codec.py), decoded where it is read: on the device by a GPU pool load
+    (`store.device_decode`), on the host by `decode()` (the fallback and the reference).
+
+    Decodes to K, V `[n, head_dim]` of `dtype` (the storage dtype), rounded through `src_dtype` (the
+    chunk's dtype) as `codec.decode_block` does."""
+
+    payload: torch.Tensor
+    meta: BlockMeta
+    head_dim: int
+    src_dtype: torch.dtype
+    dtype: torch.dtype
+
+    @property
+    def token_start(self) -> int:
+        return self.meta.token_start
+
+    @property
+    def num_tokens(self) -> int:
+        return self.meta.num_tokens
+
+    @property
+    def head_class(self) -> HeadClass:
+        return self.meta.head_class
+
+    @property
+    def nbytes(self) -> int:
+        return self.payload.numel()
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.payload,)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> EncodedBlock:
+        return EncodedBlock(fn(self.payload), self.meta, self.head_dim, self.src_dtype, self.dtype)
+
+    def decode(self) -> KVBlock:
+        """K, V `[n, D]` of `dtype` on the host (the payload's device must be the CPU)."""
+        k, v = decode_block(memoryview(self.payload.numpy()), self.meta, self.head_dim, self.src_dtype)  # type: ignore[arg-type]
+        return KVBlock(k.to(self.dtype), v.to(self.dtype), self.token_start, self.head_class)
+
+
+HostBlock = KVBlock | EncodedBlock  # what the host tier holds
 
 
 @runtime_checkable
@@ -99,11 +170,11 @@ class ColdTier(Protocol):
 
 
 class ChunkBlocks(dict):
-    """A whole chunk's blocks `{(layer, head): KVBlock}` held by the host tier as one group (one
+    """A whole chunk's blocks `{(layer, head): HostBlock}` held by the host tier as one group (one
     buffer). The tier hands out the same object for every read of the group, read-only, so what a GPU
     load derives from it (`cache`: byte runs, layout) is computed once per group, not once per read."""
 
-    def __init__(self, items: Iterable[tuple[tuple[int, int], KVBlock]]) -> None:
+    def __init__(self, items: Iterable[tuple[tuple[int, int], HostBlock]]) -> None:
         super().__init__(items)
         self.cache: dict[str, object] = {}
 
@@ -132,8 +203,8 @@ class MemoryTier:
         self.protected_bytes_cap = int(protected_share * self.budget_bytes)
         self.nbytes = 0
         self.num_evictions = 0
-        self._probation: OrderedDict[BlockKey, KVBlock] = OrderedDict()  # least recent first
-        self._protected: OrderedDict[BlockKey, KVBlock] = OrderedDict()  # least recent first
+        self._probation: OrderedDict[BlockKey, HostBlock] = OrderedDict()  # least recent first
+        self._protected: OrderedDict[BlockKey, HostBlock] = OrderedDict()  # least recent first
         self._protected_bytes = 0
         self._by_chunk: dict[str, set[BlockKey]] = {}
         self._group_of: dict[BlockKey, int] = {}  # put_group members -> group id
@@ -154,17 +225,17 @@ class MemoryTier:
         # async only host->device from pinned memory: stream order covers every later GPU read
         return out.copy_(t, non_blocking=self.device.type == "cuda" and t.is_pinned())
 
-    def get(self, key: BlockKey) -> KVBlock | None:
+    def get(self, key: BlockKey) -> HostBlock | None:
         """The block (a hit: it moves to, or within, the protected segment), or None."""
         with self._lock:
             return self._get(key)
 
-    def get_many(self, keys: Sequence[BlockKey]) -> list[KVBlock | None]:
+    def get_many(self, keys: Sequence[BlockKey]) -> list[HostBlock | None]:
         """`get` of each key, under one lock acquisition."""
         with self._lock:
             return [self._get(key) for key in keys]
 
-    def _get(self, key: BlockKey) -> KVBlock | None:
+    def _get(self, key: BlockKey) -> HostBlock | None:
         """Caller holds the lock."""
         block = self._protected.get(key)
         if block is not None:
@@ -181,7 +252,7 @@ class MemoryTier:
             self._probation[old] = b  # back to probation's recent end
         return block
 
-    def put(self, key: BlockKey, block: KVBlock, owned: bool = False) -> KVBlock | None:
+    def put(self, key: BlockKey, block: HostBlock, owned: bool = False) -> HostBlock | None:
         """Insert (or replace) a block into probation, evicting to fit; returns the held block.
 
         A block above the budget is not kept (None). `owned`: the block's tensors are private to
@@ -191,7 +262,7 @@ class MemoryTier:
         if block.nbytes > self.budget_bytes:
             self.delete(key)
             return None
-        placed = KVBlock(self._place(block.k, owned), self._place(block.v, owned), block.token_start, block.head_class)
+        placed = block.map(lambda t: self._place(t, owned))
         size = placed.nbytes
         with self._lock:
             self._drop(key)
@@ -202,12 +273,12 @@ class MemoryTier:
             self.nbytes += size
         return placed
 
-    def put_group(self, items: Sequence[tuple[BlockKey, KVBlock]]) -> list[KVBlock] | None:
+    def put_group(self, items: Sequence[tuple[BlockKey, HostBlock]]) -> list[HostBlock] | None:
         """Insert blocks that share one buffer (views of it, on this tier's device, pinned where this
         tier pins) without copying; they are evicted together. Returns the held blocks, or None
         (nothing kept) when they do not qualify or exceed the budget; the caller then `put`s them
         one by one or serves them without caching."""
-        fits = all(t.device == self.device and (not self.pin or t.is_pinned()) for _, b in items for t in (b.k, b.v))
+        fits = all(t.device == self.device and (not self.pin or t.is_pinned()) for _, b in items for t in b.tensors)
         size = sum(b.nbytes for _, b in items)
         if not items or not fits or size > self.budget_bytes or len({k for k, _ in items}) != len(items):
             return None
@@ -304,7 +375,7 @@ class MemoryTier:
             del self._group_of[key]
             seg = self._protected if key in self._protected else self._probation
             b = seg[key]
-            seg[key] = KVBlock(self._place(b.k, False), self._place(b.v, False), b.token_start, b.head_class)
+            seg[key] = b.map(lambda t: self._place(t, False))
 
     def _evict_next(self) -> None:
         """Evict the next block in eviction order (with its group). Caller holds the lock."""
