@@ -62,13 +62,13 @@ _DECODERS = {Codec.INT8: int8_kv, Codec.INT4: int4_kv}
 
 @dataclass(frozen=True)
 class _Group:
-    """Blocks of one (codec, n) inside a layer group: `byte_idx` `[G·nbytes]` their payload bytes and
+    """Blocks of one (codec, n) inside a layer group: `starts` `[G]` their payloads' first bytes and
     `row_idx` `[G·n]` their K rows (V rows: + n), relative to the layer group's first byte and row."""
 
     codec: Codec
     n: int
     nbytes: int
-    byte_idx: torch.Tensor
+    starts: torch.Tensor
     row_idx: torch.Tensor
 
 
@@ -100,8 +100,9 @@ class DecodeLayout:
         u8 = staged.view(C, nb)  # [C, group bytes]
         out = torch.empty(C, nr, d, dtype=self.dtype, device=staged.device)  # every row is some block's
         for g in self._layer_groups(first, end, staged.device):
-            G = g.row_idx.numel() // g.n
-            payloads = u8.index_select(1, g.byte_idx).view(C * G, g.nbytes)  # [C·G, nbytes]
+            G = g.starts.numel()
+            windows = u8.as_strided((C, nb - g.nbytes + 1, g.nbytes), (nb, 1, 1))  # every nbytes-long slice
+            payloads = windows.index_select(1, g.starts).view(C * G, g.nbytes)  # [C·G, nbytes], contiguous
             k, v = _DECODERS[g.codec](payloads, g.n, d)  # f32 [C·G, n, D]
             out.index_copy_(1, g.row_idx, k.to(self.src_dtype).to(self.dtype).reshape(C, G * g.n, d))
             out.index_copy_(1, g.row_idx + g.n, v.to(self.src_dtype).to(self.dtype).reshape(C, G * g.n, d))
@@ -111,7 +112,7 @@ class DecodeLayout:
         key = (first, end, str(device))
         if key not in self._groups:
             self._groups[key] = [
-                _Group(g.codec, g.n, g.nbytes, g.byte_idx.to(device), g.row_idx.to(device))
+                _Group(g.codec, g.n, g.nbytes, g.starts.to(device), g.row_idx.to(device))
                 for g in self._host_groups(first, end)
             ]
         return self._groups[key]
@@ -132,9 +133,8 @@ class DecodeLayout:
         out = []
         for (codec, n), (byte_starts, row_starts) in at.items():
             nbytes = _nbytes(codec, n, self.head_dim, self.src_dtype)
-            bi = (torch.tensor(byte_starts)[:, None] + torch.arange(nbytes)[None, :]).reshape(-1)  # [G·nbytes]
             ri = (torch.tensor(row_starts)[:, None] + torch.arange(n)[None, :]).reshape(-1)  # [G·n]
-            out.append(_Group(codec, n, nbytes, bi, ri))
+            out.append(_Group(codec, n, nbytes, torch.tensor(byte_starts), ri))
         return out
 
 
