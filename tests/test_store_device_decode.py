@@ -16,6 +16,7 @@ from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, Stor
 from redknot_rag.store.codec import Codec, decode_block
 from redknot_rag.store.layer_load import issue_layered
 from redknot_rag.store.load_plan import LoadPlan, blocks_geometry, load_plan, run_plan
+from redknot_rag.store.segment_cache import SegmentCache
 from redknot_rag.store.tiers import EncodedBlock, KVBlock
 
 L, H, T, D = 3, 4, 40, 64  # T: not a multiple of the page size (16) nor of the int4 group (32)
@@ -142,10 +143,10 @@ def test_device_rows_equal_host_decode_cpu(tmp_path: Path, codec: str, window: s
 
 @pytest.mark.parametrize("layers_per_event", [1, 2, 3])
 def test_layered_device_decode_equals_chunk_loads_cpu(tmp_path: Path, layers_per_event: int) -> None:
-    """A layer-major load of encoded chunks (int8 and int4, full and tail-windowed, with a raw chunk and a
-    host-decoded one in the same batch) leaves the pool as the chunk-by-chunk load of the host-decoded
-    blocks, and as the independent per-token reference: same slots, same bits, zeros where a local head
-    stores nothing, nothing else touched."""
+    """A layer-major load of encoded chunks (int8 and int4, full and tail-windowed) batched with raw
+    dense and windowed chunks and a host-decoded one leaves the pool as the independent per-token
+    reference, and so does the chunk-by-chunk load (`run_plan`) of the encoded and of the host-decoded
+    blocks: same slots, same bits, zeros where a local head stores nothing, nothing else touched."""
     dtype = torch.bfloat16
     stores: list[ChunkKVStore] = []
     chunks: list[tuple] = []
@@ -157,10 +158,11 @@ def test_layered_device_decode_equals_chunk_loads_cpu(tmp_path: Path, layers_per
             dev.evict()
             stores += [dev, host]
             chunks.append((dev.get_blocks("c", encoded=True), host.get_blocks("c")))
-    raw = _store(tmp_path / "raw", "raw", "tail", "device", dtype)
-    _put(raw, "c", 99, dtype)
-    stores.append(raw)
-    chunks.append((raw.get_blocks("c", encoded=True), raw.get_blocks("c")))
+    for i, window in enumerate(WINDOWS):  # raw blocks: a dense plan and a sparse one
+        raw = _store(tmp_path / f"raw-{window}", "raw", window, "device", dtype)
+        _put(raw, "c", 98 + i, dtype)
+        stores.append(raw)
+        chunks.append((raw.get_blocks("c", encoded=True), raw.get_blocks("c")))
     chunks.append((chunks[1][1], chunks[1][1]))  # host-decoded int8 tail among encoded ones
     assert all(isinstance(b, EncodedBlock) for enc, _ in chunks[:4] for b in enc.values())  # type: ignore[union-attr]
     pages = _pages(len(chunks), 1)
@@ -176,7 +178,8 @@ def test_layered_device_decode_equals_chunk_loads_cpu(tmp_path: Path, layers_per
     assert torch.equal(host_k, ref_k) and torch.equal(host_v, ref_v)
     dev_k, dev_v = _pool(num_slots, dtype)
     plans = [_plan(enc, pg) for (enc, _), pg in zip(chunks, pages, strict=True)]
-    assert [p.decode is not None for p in plans] == [True] * 4 + [False, False]
+    assert [p.decode is not None for p in plans] == [True] * 4 + [False] * 3
+    assert [p.dense for p in plans] == [True, False, True, False, True, False, False]
     events = issue_layered(plans, dev_k, dev_v, layers_per_event)
     assert events == [None] * L
     assert torch.equal(dev_k, ref_k) and torch.equal(dev_v, ref_v)
@@ -254,22 +257,27 @@ def test_gpu_decode_equals_cpu_decode_gpu(tmp_path: Path, codec: str, window: st
     dev.close()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_segment_cache_device_decode_gpu(tmp_path: Path) -> None:
-    """The serving path (`SegmentCache.get_from_store`) over a `decode_on="device"` int4 store fills the
-    pool as over a host-decode store of the same files."""
+def _cuda_runner():
+    """A bf16 runner of a random tiny model of this file's geometry on CUDA."""
     from kernel_fixtures import random_weights, tiny_config
 
     from redknot_rag.config import EngineConfig
     from redknot_rag.engine import Engine
     from redknot_rag.loader import LoadedModel
-    from redknot_rag.store.segment_cache import SegmentCache
 
     cfg = tiny_config(head_dim=D, num_kv_heads=H, num_layers=L, vocab=128)
+    torch.manual_seed(0)
     loaded = LoadedModel(cfg, random_weights(cfg, torch.bfloat16, "cuda"), None, "tiny-random", "random:tiny")  # type: ignore[arg-type]
     conf = EngineConfig(device="cuda", dtype="bfloat16", attention_backend="torch", mem_fraction=0.02)
-    runner = Engine(conf, loaded=loaded).runner
+    return Engine(conf, loaded=loaded).runner
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_segment_cache_device_decode_gpu(tmp_path: Path) -> None:
+    """The serving path (`SegmentCache.get_from_store`) over a `decode_on="device"` int4 store fills the
+    pool as over a host-decode store of the same files."""
+    runner = _cuda_runner()
     out = []
     for decode_on in ("host", "device"):
         store = _store(tmp_path, "int4", "tail", decode_on, torch.bfloat16)
@@ -291,3 +299,44 @@ def test_segment_cache_device_decode_gpu(tmp_path: Path) -> None:
         store.close()
     for (hk, hv), (dk, dv) in zip(*out, strict=True):
         assert torch.equal(hk, dk) and torch.equal(hv, dv)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_make_room_waits_only_for_evicted_gpu(tmp_path: Path) -> None:
+    """With ~1 s of GPU sleep queued on the side stream ahead of every copy: loading chunks that evict
+    nothing leaves the main stream free (it waits for no copy), loading one that evicts a segment makes
+    it wait for that segment's copies; the pool then holds every resident chunk's bits."""
+    runner = _cuda_runner()
+    store = _store(tmp_path, "int8", "tail", "device", torch.bfloat16)
+    for i in range(3):
+        _put(store, f"c{i}", 40 + i, torch.bfloat16)
+    per_chunk = L * H * -(-T // PS)
+    cache = SegmentCache(runner, max_pages=2 * per_chunk)  # two chunks fit
+    assert cache.stream is not None
+    cache.get_from_store(store, [("c2", T, None)])  # warm-up: first launches, device template copies
+    cache.ready()
+    cache.clear()
+    torch.cuda.synchronize()
+    main = torch.cuda.current_stream()
+    with torch.cuda.stream(cache.stream):
+        torch.cuda._sleep(2_000_000_000)
+    for key in ("c0", "c1"):  # two batches, nothing evicted
+        cache.get_from_store(store, [(key, T, None)])
+        assert main.query()  # the main stream waits for nothing
+    cache.get_from_store(store, [("c2", T, None)])  # evicts c0
+    assert "c0" not in cache and not main.query()  # main waits for c0's copies (behind the sleep)
+    cache.ready()
+    for key in ("c1", "c2"):
+        seg = cache.get_from_store(store, [(key, T, None)])[0]
+        assert seg is not None and seg.visible is not None
+        want = store.get_blocks(key)
+        assert want is not None
+        slots = seg.slots(runner.page_size).to("cuda")  # [L, H, T]
+        pk, pv = runner.pool.k_slots[slots].cpu(), runner.pool.v_slots[slots].cpu()  # [L, H, T, D]
+        for (layer, head), b in want.items():
+            assert isinstance(b, KVBlock)
+            span = slice(b.token_start, b.token_start + b.num_tokens)
+            assert torch.equal(pk[layer, head, span], b.k) and torch.equal(pv[layer, head, span], b.v)
+    cache.clear()
+    store.close()

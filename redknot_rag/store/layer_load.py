@@ -9,8 +9,11 @@ for group g's event before its first layer of the group reads the pool (`KVRunne
 the copies of later layers run while earlier layers compute.
 
 Invariants:
-- Every byte a plan moves is moved exactly once, to the same pool slots as `run_plan` would write
-  (the CPU tests compare the two bit for bit); zero slots of sparse plans are zeroed in their layer.
+- Every byte a plan moves is moved exactly once, to the same pool slots as `run_plan` would write:
+  both stage bytes, turn them into rows (`LoadPlan.rows`: a view, or the device decode of encoded
+  blocks) and scatter them with `load_plan.scatter_rows`, the one scatter; zero slots of sparse plans
+  are zeroed in their layer (tests/test_store_device_decode.py checks both against a per-token
+  reference).
 - Events are recorded on `stream` in layer order, so event g also covers every group before it.
 - One host index upload for the whole batch (pinned on a CUDA host), asynchronous like the copies:
   the host never waits for the side stream.
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from redknot_rag.store.load_plan import LoadPlan, page_slots
+from redknot_rag.store.load_plan import LoadPlan, scatter_rows, stage_runs
 
 
 @dataclass
@@ -33,8 +36,6 @@ class _Class:
     sparse plans of one dtype and template (so one set of template indices serves all of them); encoded
     plans also of one decode layout (their payloads decode in one batch per (codec, n))."""
 
-    dense: bool
-    dtype: torch.dtype
     plans: list[LoadPlan] = field(default_factory=list)
     pages_at: int = 0  # where the class's pages `[C, L·Hkv·P]` start in the batch index
 
@@ -43,7 +44,7 @@ def _classes(plans: Sequence[LoadPlan]) -> list[_Class]:
     out: dict[tuple, _Class] = {}
     for p in plans:
         key = (p.dense, p.dtype, p.shape, id(p.template), id(p.decode))
-        out.setdefault(key, _Class(p.dense, p.dtype)).plans.append(p)
+        out.setdefault(key, _Class()).plans.append(p)
     return list(out.values())
 
 
@@ -115,54 +116,16 @@ def issue_layered(
                     runs += slice_runs(p.runs, a, b)
                     pos += b - a
                 spans.append((start, pos))
-            staging = torch.empty(pos, dtype=torch.uint8, device=dev)
-            pos = 0
-            for r in runs:
-                staging[pos : pos + r.numel()].copy_(r, non_blocking=True)
-                pos += r.numel()
+            staging = stage_runs(runs, dev)
             for c, (a, b) in zip(classes, spans, strict=True):
-                _scatter(c, first, end, staging[a:b], index, k_slots, v_slots)
+                p0, C = c.plans[0], len(c.plans)
+                nl, nh, npages, _ = p0.shape
+                pages = index[c.pages_at : c.pages_at + C * nl * nh * npages].view(C, nl * nh, npages)
+                rows = p0.rows(staging[a:b], C, first, end).to(k_slots.dtype)  # [C · group rows, D]
+                scatter_rows(p0, C, first, end, rows, pages, k_slots, v_slots)
             if cuda:
                 ev = torch.cuda.Event()
                 ev.record()
                 for li in range(first, end):
                     events[li] = ev
     return events
-
-
-def _scatter(
-    c: _Class,
-    first: int,
-    end: int,
-    staged: torch.Tensor,
-    index: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
-) -> None:
-    """Write one class's staged rows of layers `[first, end)` (chunk after chunk) to their pool slots:
-    the layer group's share of `run_plan` for each of its plans."""
-    p0 = c.plans[0]
-    nl, nh, npages, T = p0.shape
-    C, d, ps = len(c.plans), k_slots.shape[-1], p0.page_size
-    pages = index[c.pages_at : c.pages_at + C * nl * nh * npages].view(C, nl * nh, npages)  # [C, L·Hkv, P]
-    rows = p0.rows(staged, C, first, end).to(k_slots.dtype)  # [C · group rows, D]
-    if c.dense:
-        blocks = pages[:, first * nh : end * nh].reshape(-1, 1, npages)  # [C·Lg·Hkv, 1, P]
-        slots = page_slots(blocks, ps, T).reshape(-1)  # [C·Lg·Hkv·T]
-        kv = rows.view(-1, 2, T, d)  # per block: K rows then V rows
-        k_slots[slots] = kv[:, 0].reshape(-1, d)
-        v_slots[slots] = kv[:, 1].reshape(-1, d)
-        return
-    assert p0.template is not None
-    tpl = p0.template.on(k_slots.device)
-    t0, t1 = tpl.token_bounds[first], tpl.token_bounds[end]
-    z0, z1 = tpl.zero_bounds[first], tpl.zero_bounds[end]
-    r0, r1 = tpl.row_bounds[first], tpl.row_bounds[end]
-    tok, zero = tpl.slots(pages, ps, slice(t0, t1), slice(z0, z1))  # [C, n], [C, z]
-    shift = (torch.arange(C, device=rows.device) * (r1 - r0))[:, None] - r0  # plan rows -> staged rows
-    k_rows = tpl.k_rows[t0:t1][None, :] + shift  # [C, n]
-    k_slots[tok.reshape(-1)] = rows[k_rows.reshape(-1)]
-    v_slots[tok.reshape(-1)] = rows[(k_rows + tpl.n_of_token[t0:t1]).reshape(-1)]
-    if zero.numel():
-        k_slots.index_fill_(0, zero.reshape(-1), 0)  # a scalar fill (`[idx] = 0` copies a host 0: a sync)
-        v_slots.index_fill_(0, zero.reshape(-1), 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -328,27 +328,59 @@ def sparse_template(
 
 def run_plan(plan: LoadPlan, k_slots: torch.Tensor, v_slots: torch.Tensor, index: torch.Tensor) -> None:
     """Execute `plan` into the pool (`k_slots`, `v_slots` `[num_slots, D]`), on the current stream;
-    `index` is `plan.index` already on the pool's device. Copies are asynchronous from pinned runs."""
-    dev = k_slots.device
-    packed = torch.empty(sum(r.numel() for r in plan.runs), dtype=torch.uint8, device=dev)
+    `index` is `plan.index` already on the pool's device. Copies are asynchronous from pinned runs.
+    The one-plan, all-layers case of `store.layer_load` (same staging, rows and scatter)."""
+    staged = stage_runs(plan.runs, k_slots.device)
+    nl, nh, npages, _ = plan.shape
+    rows = plan.rows(staged, 1, 0, nl).to(k_slots.dtype)  # [2N, D]
+    scatter_rows(plan, 1, 0, nl, rows, index.view(1, nl * nh, npages), k_slots, v_slots)
+
+
+def stage_runs(runs: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`runs` (uint8 `[n]` each) copied back to back into one fresh uint8 buffer on `device`, on the
+    current stream (asynchronous from pinned memory)."""
+    staged = torch.empty(sum(r.numel() for r in runs), dtype=torch.uint8, device=device)
     pos = 0
-    for run in plan.runs:
-        packed[pos : pos + run.numel()].copy_(run, non_blocking=True)
-        pos += run.numel()
-    rows = plan.rows(packed, 1, 0, plan.num_layers).to(k_slots.dtype)  # [2N, D]
-    N, d = plan.num_stored, plan.head_dim
+    for r in runs:
+        staged[pos : pos + r.numel()].copy_(r, non_blocking=True)
+        pos += r.numel()
+    return staged
+
+
+def scatter_rows(
+    plan: LoadPlan,
+    num_plans: int,
+    first: int,
+    end: int,
+    rows: torch.Tensor,
+    pages: torch.Tensor,
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
+) -> None:
+    """Write the rows of layers `[first, end)` of `num_plans` plans of `plan`'s class (same dense/sparse
+    layout, template and shape), `rows` `[C · group rows, D]` chunk after chunk in the pool's dtype, to
+    their pool slots (`k_slots`, `v_slots` `[num_slots, D]`); `pages` `[C, L·Hkv, P]` the plans' pages on
+    the pool's device. Slots are computed on the device; a sparse plan's zero slots of those layers are
+    zeroed. The only scatter of a load plan (`run_plan` and `store.layer_load` both end here)."""
     nl, nh, npages, T = plan.shape
+    C, d, ps = num_plans, k_slots.shape[-1], plan.page_size
     if plan.dense:
-        slots = page_slots(index.view(nl, nh, npages), plan.page_size, T).reshape(-1)  # [L·Hkv·T]
-        kv = rows.view(nl * nh, 2, T, d)  # per block: K rows then V rows
-        k_slots[slots] = kv[:, 0].reshape(N, d)
-        v_slots[slots] = kv[:, 1].reshape(N, d)
+        blocks = pages[:, first * nh : end * nh].reshape(-1, 1, npages)  # [C·Lg·Hkv, 1, P]
+        slots = page_slots(blocks, ps, T).reshape(-1)  # [C·Lg·Hkv·T]
+        kv = rows.view(-1, 2, T, d)  # per block: K rows then V rows
+        k_slots[slots] = kv[:, 0].reshape(-1, d)
+        v_slots[slots] = kv[:, 1].reshape(-1, d)
         return
     assert plan.template is not None
-    tpl = plan.template.on(dev)
-    tok, zero = tpl.slots(index.view(1, nl * nh, npages), plan.page_size, slice(None), slice(None))
-    k_slots[tok[0]] = rows[tpl.k_rows]
-    v_slots[tok[0]] = rows[tpl.k_rows + tpl.n_of_token]
+    tpl = plan.template.on(k_slots.device)
+    t0, t1 = tpl.token_bounds[first], tpl.token_bounds[end]
+    z0, z1 = tpl.zero_bounds[first], tpl.zero_bounds[end]
+    r0, r1 = tpl.row_bounds[first], tpl.row_bounds[end]
+    tok, zero = tpl.slots(pages, ps, slice(t0, t1), slice(z0, z1))  # [C, n], [C, z]
+    shift = (torch.arange(C, device=rows.device) * (r1 - r0))[:, None] - r0  # plan rows -> rows of `rows`
+    k_rows = tpl.k_rows[t0:t1][None, :] + shift  # [C, n]
+    k_slots[tok.reshape(-1)] = rows[k_rows.reshape(-1)]
+    v_slots[tok.reshape(-1)] = rows[(k_rows + tpl.n_of_token[t0:t1]).reshape(-1)]
     if zero.numel():
-        k_slots.index_fill_(0, zero[0], 0)  # a scalar fill (`[idx] = 0` copies a host 0: a sync)
-        v_slots.index_fill_(0, zero[0], 0)
+        k_slots.index_fill_(0, zero.reshape(-1), 0)  # a scalar fill (`[idx] = 0` copies a host 0: a sync)
+        v_slots.index_fill_(0, zero.reshape(-1), 0)

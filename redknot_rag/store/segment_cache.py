@@ -9,9 +9,11 @@ side stream (from pinned host blocks the copies are asynchronous); each load rec
 `ready()` makes the consumer's stream wait for them. Many chunks (`get_blocks_many`, `get_from_store`:
 the serving path) are copied layer-major with one event per layer group (`store/layer_load.py`);
 `ready_layers()` hands those events to the runner, whose forwards wait for layer l's copies only when
-they reach layer l. Invariant: a segment loaded here is read only after `ready()` or `ready_layers()`
-(a GPU-side wait; the host never blocks). On the CPU the load is a plain synchronous write and both do
-nothing.
+they reach layer l. Invariants: a segment loaded here is read only after `ready()` or `ready_layers()`
+(a GPU-side wait; the host never blocks); a segment dropped from the cache (eviction, `drop`) gives its
+pages back only after the current stream waits for ITS copies (its load's event), so whatever reuses
+the pages comes after them, and nothing else is waited for. On the CPU the load is a plain
+synchronous write and none of this applies.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class SegmentCache:
         self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None  # host -> pool copies
         self._pending: list[torch.cuda.Event] = []  # copies issued on `stream` that no consumer waited for
         self._layer_events: list[list[torch.cuda.Event | None]] = []  # per layered batch: per layer
+        self._loaded: dict[str, torch.cuda.Event] = {}  # segment -> the event after its copies
 
     @property
     def num_pages(self) -> int:
@@ -80,8 +83,7 @@ class SegmentCache:
         kvt = load()
         if kvt is None:
             return None
-        self._make_room(self.runner.segment_pages(kvt[0]))
-        self.ready()  # pages freed by a segment whose side-stream copy is still queued
+        self._make_room(self.runner.segment_pages(kvt[0]))  # waits for the copies into pages it frees
         seg = self.runner.write_segment(*kvt)
         self._segments[key] = seg
         return seg
@@ -122,6 +124,7 @@ class SegmentCache:
             done.record(self.stream)
         self._pending.append(done)
         self._segments[key] = seg
+        self._loaded[key] = done
         return seg
 
     def get_blocks_many(
@@ -141,7 +144,11 @@ class SegmentCache:
         def flush() -> None:
             nonlocal batch_pages
             if batch:
-                self._issue(lambda: issue_layered(batch, r.pool.k_slots, r.pool.v_slots, layers_per_event, self.stream))
+                last = self._issue(
+                    lambda: issue_layered(batch, r.pool.k_slots, r.pool.v_slots, layers_per_event, self.stream)
+                )
+                if last is not None:
+                    self._loaded.update(dict.fromkeys(batch_keys, last))
             batch.clear()
             batch_keys.clear()
             batch_pages = 0
@@ -218,9 +225,10 @@ class SegmentCache:
         )  # an upper bound: a dropped segment's pages free only when no sequence holds them
         return kept + need <= self.max_pages and need <= free
 
-    def _issue(self, work: Callable[[], list[torch.cuda.Event | None]]) -> None:
+    def _issue(self, work: Callable[[], list[torch.cuda.Event | None]]) -> torch.cuda.Event | None:
         """Run `work` (queues copies on the side stream, returns per-layer events) after the main
-        stream's earlier work; keep its events for `ready_layers` and the last one for `ready`."""
+        stream's earlier work; keep its events for `ready_layers` and the last one for `ready`
+        (returned: it covers all of `work`'s copies)."""
         assert self.stream is not None
         self.stream.wait_stream(torch.cuda.current_stream(self.runner.device))  # fresh pages may still be read
         events = work()
@@ -228,6 +236,7 @@ class SegmentCache:
         last = next((ev for ev in reversed(events) if ev is not None), None)
         if last is not None:
             self._pending.append(last)
+        return last
 
     def ready_layers(self) -> None:
         """Hand the layer-major loads' per-layer events to the runner: its eager forwards then wait for
@@ -253,6 +262,7 @@ class SegmentCache:
                 main.wait_event(ev)
             self._pending.clear()
         self._layer_events.clear()
+        self._loaded.clear()
 
     def _hit(self, key: str) -> KVSegment | None:
         seg = self._segments.get(key)
@@ -264,17 +274,25 @@ class SegmentCache:
         return None
 
     def _make_room(self, need: int) -> None:
+        """Evict least recently used segments until `need` more pages fit; waits only for their copies."""
         alloc = self.runner.allocator
-        self.ready()  # evicted pages go back to the allocator: later writers of any stream come after the copies
         while self._segments and (self.num_pages + need > self.max_pages or not alloc.can_allocate(need)):
-            _, old = self._segments.popitem(last=False)
-            self.runner.drop_segment(old)
+            key, old = self._segments.popitem(last=False)
+            self._release(key, old)
+
+    def _release(self, key: str, seg: KVSegment) -> None:
+        """Drop the cache's reference to a segment. Its pages may be handed out again, so the current
+        stream first waits for the segment's own copies (later writers of any stream come after them;
+        the side stream is ordered already); other loads stay in flight."""
+        done = self._loaded.pop(key, None)
+        if done is not None:
+            torch.cuda.current_stream(self.runner.device).wait_event(done)
+        self.runner.drop_segment(seg)
 
     def drop(self, key: str) -> None:
         seg = self._segments.pop(key, None)
         if seg is not None:
-            self.ready()  # see _make_room
-            self.runner.drop_segment(seg)
+            self._release(key, seg)
 
     def clear(self) -> None:
         for key in list(self._segments):
