@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 import torch
 
 from redknot_rag.attention import AttentionBackend, create_backend
+from redknot_rag.attention.probe import ProbeBackend
 from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import EngineConfig, ModelConfig
 from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV
 from redknot_rag.loader import LoadedModel, load_model
 from redknot_rag.model import CausalLM
-from redknot_rag.probe import ProbeBackend
 from redknot_rag.rope import Rotary
 
 _T = TypeVar("_T")
@@ -66,9 +66,9 @@ def auto_backend(device: torch.device, cfg: ModelConfig | None = None) -> str:
 
 
 def load_backend(name: str, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> AttentionBackend:
-    """Backend by name; GPU backends register themselves when `redknot_rag.kernels.backends` imports."""
+    """Backend by name; GPU backends register themselves when `redknot_rag.attention.gpu` imports."""
     if name in ("flashinfer", "triton"):
-        import redknot_rag.kernels.backends  # noqa: F401  (registers GPU backends)
+        import redknot_rag.attention.gpu  # noqa: F401  (registers GPU backends)
     return create_backend(name, cfg, pool, rotary)
 
 
@@ -276,7 +276,7 @@ class KVRunner:
     def _decode_graphs(self) -> Any:
         """The `DecodeGraphRunner`, captured once (buckets up to max_running_requests); None if capture failed."""
         if self._graphs is None:
-            from redknot_rag.kernels.cuda_graph import DEFAULT_BATCH_SIZES, DecodeGraphRunner
+            from redknot_rag.graphs.decode import DEFAULT_BATCH_SIZES, DecodeGraphRunner
 
             cfg, mc = self.config, self.model_config
             sizes = tuple(b for b in DEFAULT_BATCH_SIZES if b < cfg.max_running_requests)
@@ -295,7 +295,7 @@ class KVRunner:
         """The `PrefillGraphRunner` (buckets 16-128 tokens over up to the model's context), captured once;
         None if capture failed (logged once; small prefills then run eagerly)."""
         if self._prefill_graphs is None:
-            from redknot_rag.kernels.prefill_graph import PrefillGraphRunner
+            from redknot_rag.graphs.prefill import PrefillGraphRunner
 
             try:
                 graphs = PrefillGraphRunner(self.model, self.backend, max_kv_tokens=self.max_context)  # type: ignore[arg-type]

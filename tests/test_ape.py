@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redknot_rag.probe import ProbeBackend
+from redknot_rag.attention.probe import ProbeBackend
 from redknot_rag.reuse import ApePolicy, NaivePolicy, RedKnotPolicy, ReuseInput, make_policy
 
 TEXTS = [

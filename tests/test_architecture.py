@@ -92,6 +92,47 @@ def test_cycle_check_can_fail():
 def test_lower_rooms_do_not_import_upper_ones():
     edges = _edges(_modules())
     upper = ("redknot_rag.server", "redknot_rag.rag", "redknot_rag.engine", "redknot_rag.reuse")
-    for low in ("redknot_rag.runner", "redknot_rag.model", "redknot_rag.kvcache", "redknot_rag.attention"):
+    lower = (
+        "redknot_rag.runner",
+        "redknot_rag.model",
+        "redknot_rag.kvcache",
+        "redknot_rag.attention",
+        "redknot_rag.graphs",
+    )
+    for low in [m for m in edges if m.startswith(lower)]:
         bad = [t for t in edges[low] if t.startswith(upper)]
         assert not bad, f"{low} imports {bad}"
+
+
+def _project_imports(path: Path) -> list[str]:
+    """Imports in one file that reach the project: `redknot_rag...` or `kernels...`, any relative import
+    other than `from . import` of a sibling file that exists, lazy ones included."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            bad += [a.name for a in node.names if a.name.split(".")[0] in ("redknot_rag", "kernels", "retrieval")]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 0 and mod.split(".")[0] in ("redknot_rag", "kernels", "retrieval"):
+                bad.append(mod)
+            elif node.level:
+                names = [mod.split(".")[0]] if mod else [a.name for a in node.names]
+                if node.level > 1 or not all((path.parent / f"{n}.py").exists() for n in names):
+                    bad.append("." * node.level + (mod or ",".join(names)))
+    return bad
+
+
+def test_kernels_import_nothing_from_the_project():
+    """`kernels/` holds kernels only: plain tensors in, plain tensors out; backends and planners that
+    know batches, pools or models live in `redknot_rag.attention`."""
+    files = sorted((ROOT / "kernels").glob("*.py"))
+    assert any(f.name == "paged_attention.py" for f in files)
+    bad = {f.name: b for f in files if (b := _project_imports(f))}
+    assert not bad, f"kernels/ imports the project: {bad}"
+
+
+def test_kernel_import_check_can_fail(tmp_path):
+    (tmp_path / "k.py").write_text("import torch\nfrom .sib import x\nfrom . import gone\n")
+    (tmp_path / "sib.py").write_text("def f():\n    from redknot_rag.batch import ForwardBatch\n")
+    assert _project_imports(tmp_path / "k.py") == [".gone"]
+    assert _project_imports(tmp_path / "sib.py") == ["redknot_rag.batch"]

@@ -1,4 +1,4 @@
-"""FlashInfer for local-head visibility (`kernels/fi_heads.py`) against the torch reference.
+"""FlashInfer for local-head visibility (`redknot_rag/attention/flashinfer_heads.py`) against the torch reference.
 
 Sequences assembled with a head profile: local (layer, kv head) rows see the anchor sink + the last `window`
 context tokens + the question, global rows see everything; which heads are local differs per layer. The
@@ -18,10 +18,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+from kernel_fixtures import layer_errors, random_pool, reuse_seq, tiny_config  # noqa: E402
+
 from redknot_rag.attention import TorchBackend  # noqa: E402
+from redknot_rag.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
 from redknot_rag.batch import ForwardBatch  # noqa: E402
-from redknot_rag.kernels.flashinfer_backend import FlashInferBackend  # noqa: E402
-from redknot_rag.kernels.testing import layer_errors, random_pool, reuse_seq, tiny_config  # noqa: E402
 from redknot_rag.kvcache import PageAllocator, SeqKV  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The FlashInfer mapping (`kernels/fi_plan.py`) against the torch reference, on the CPU.
+"""The FlashInfer mapping (`redknot_rag/attention/flashinfer_plan.py`) against the torch reference, on the CPU.
 
 The FlashInfer calls are replaced by their torch emulation (`emulate_prefill`: FlashInfer's
 in-kernel RoPE and causal conventions, base-2 LSE); the Triton part of inside queries runs under
@@ -16,10 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from redknot_rag.attention import TorchBackend  # noqa: E402
-from redknot_rag.kernels.fi_plan import plan_batch, tail_len  # noqa: E402
-from redknot_rag.kernels.flashinfer_backend import FlashInferBackend  # noqa: E402
-from redknot_rag.kernels.testing import (  # noqa: E402
+from kernel_fixtures import (  # noqa: E402
     SeqSpec,
     build_batch,
     layer_errors,
@@ -27,6 +24,10 @@ from redknot_rag.kernels.testing import (  # noqa: E402
     reuse_batch,
     tiny_config,
 )
+
+from redknot_rag.attention import TorchBackend  # noqa: E402
+from redknot_rag.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
+from redknot_rag.attention.flashinfer_plan import plan_batch, tail_len  # noqa: E402
 from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from redknot_rag.kernels.testing import StubTokenizer, random_weights, tiny_config
+from kernel_fixtures import StubTokenizer, random_weights, tiny_config
 
 pytestmark = pytest.mark.gpu
 

@@ -15,11 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from redknot_rag.attention import TorchBackend  # noqa: E402
-from redknot_rag.kernels.flashinfer_backend import build_page_tables, is_contiguous_layout  # noqa: E402
-from redknot_rag.kernels.kv_write import write_kv_pages, write_kv_pages_torch  # noqa: E402
-from redknot_rag.kernels.paged_attention import SegPagedMeta, merge_states, rope_tables, seg_paged_attention  # noqa: E402
-from redknot_rag.kernels.testing import (  # noqa: E402
+from kernel_fixtures import (  # noqa: E402
     SeqSpec,
     build_batch,
     layer_errors,
@@ -27,7 +23,12 @@ from redknot_rag.kernels.testing import (  # noqa: E402
     random_weights,
     tiny_config,
 )
-from redknot_rag.kernels.triton_backend import TritonBackend  # noqa: E402
+
+from redknot_rag.attention import TorchBackend  # noqa: E402
+from redknot_rag.attention.flashinfer_backend import build_page_tables, is_contiguous_layout  # noqa: E402
+from redknot_rag.attention.triton_backend import TritonBackend  # noqa: E402
+from redknot_rag.kernels.kv_write import write_kv_pages, write_kv_pages_torch  # noqa: E402
+from redknot_rag.kernels.paged_attention import SegPagedMeta, merge_states, rope_tables, seg_paged_attention  # noqa: E402
 from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.model import CausalLM  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
@@ -245,7 +246,7 @@ def test_gpu_model_logits(name):
 @pytest.mark.parametrize("name", ["flashinfer", "triton"])
 def test_gpu_cuda_graph_decode(name):
     """Graph replay equals the eager step for decode batches of changing sizes and lengths."""
-    from redknot_rag.kernels.cuda_graph import DecodeGraphRunner
+    from redknot_rag.graphs.decode import DecodeGraphRunner
 
     cfg = tiny_config(head_dim=128, group=4, num_kv_heads=2, num_layers=2, vocab=256)
     torch.manual_seed(0)

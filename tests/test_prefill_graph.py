@@ -1,4 +1,4 @@
-"""CUDA graphs for small one-sequence prefill steps (`kernels/prefill_graph.py`).
+"""CUDA graphs for small one-sequence prefill steps (`redknot_rag/graphs/prefill.py`).
 
 CPU: the padded request layout keeps the real query rows' attention exactly what the unpadded layout
 gives (FlashInfer emulated in torch). GPU (marked `gpu`): the graphed step equals the eager one, in
@@ -17,9 +17,7 @@ import torch
 if not torch.cuda.is_available():  # before triton is imported (the kernels package imports it)
     os.environ["TRITON_INTERPRET"] = "1"
 
-from redknot_rag.kernels.fi_plan import emulate_prefill  # noqa: E402
-from redknot_rag.kernels.prefill_graph import padded_requests  # noqa: E402
-from redknot_rag.kernels.testing import (  # noqa: E402
+from kernel_fixtures import (  # noqa: E402
     SeqSpec,
     StubTokenizer,
     build_batch,
@@ -27,6 +25,9 @@ from redknot_rag.kernels.testing import (  # noqa: E402
     random_weights,
     tiny_config,
 )
+
+from redknot_rag.attention.flashinfer_plan import emulate_prefill  # noqa: E402
+from redknot_rag.graphs.prefill import padded_requests  # noqa: E402
 from redknot_rag.kvcache import PageAllocator  # noqa: E402
 from redknot_rag.rope import Rotary  # noqa: E402
 
@@ -95,7 +96,7 @@ def test_gpu_prefill_graph_matches_eager():
     """Question prefills after page-aligned segments (and a fresh short prompt), m new tokens in
     buckets 16-128: graph replay == eager FlashInfer forward; the pool outside the step's slots is
     bit-identical, the step's slots hold the eager K/V (bf16)."""
-    from redknot_rag.kernels.prefill_graph import PrefillGraphRunner
+    from redknot_rag.graphs.prefill import PrefillGraphRunner
     from redknot_rag.runner import load_backend
 
     cfg, model = _tiny_model()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_fixtures import random_weights, tiny_config
 
-from redknot_rag.kernels.testing import random_weights, tiny_config
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig, hash_token_ids
 from redknot_rag.store.load_plan import LoadPlan, blocks_geometry, byte_runs, load_plan, run_plan

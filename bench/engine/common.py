@@ -124,7 +124,7 @@ def available_backends(device: torch.device) -> list[str]:
     out = []
     if device.type == "cuda":
         try:
-            from redknot_rag.kernels.flashinfer_backend import import_flashinfer
+            from redknot_rag.attention.flashinfer_backend import import_flashinfer
 
             import_flashinfer()
             out.append("flashinfer")

@@ -2,7 +2,7 @@
 Llama-3-8B attention shape (8 kv heads, GQA group 4, head_dim 128, bf16, page 16, head-granular pages
 as the FlashInfer backend maps them: `num_kv_heads=1`, one request per kv head, in-kernel RoPE), under
 FlashInfer 0.5.3 plans: the eager default, forced KV splits (`fixed_split_size` in pages), no split
-(`disable_split_kv`), and the CUDA-graph-mode wrapper with the padded layout of `kernels/prefill_graph.py`.
+(`disable_split_kv`), and the CUDA-graph-mode wrapper with the padded layout of `redknot_rag/graphs/prefill.py`.
 Prints and writes `question_attention_<card>.json`: microseconds per call (CUDA events, median of 5 x 50).
 
 `python bench/rag_gpu/question_attention.py --out DIR`
@@ -44,7 +44,7 @@ def timed(fn, iters: int = 50) -> float:
 def main() -> None:
     import flashinfer
 
-    from redknot_rag.kernels.prefill_graph import padded_requests
+    from redknot_rag.graphs.prefill import padded_requests
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).resolve().parent))

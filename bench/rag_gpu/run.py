@@ -23,7 +23,7 @@ A policy name ending in `@local`, `@local-triton` or `@local-split` runs under a
 (random weights have no measured one; `synthetic_local`): per layer 25% of the kv heads global, the rest
 local, seeing only the anchor (sink) and the last `LOCAL_WINDOW` context tokens (+ the question), as
 `redknot-local` assembles them; selection scores global heads only. `@local` keeps the ONE forward
-(`kernels/fi_heads.py`: the question's tail on FlashInfer per (layer, kv head) row; recompute's inside
+(`attention/flashinfer_heads.py`: the question's tail on FlashInfer per (layer, kv head) row; recompute's inside
 queries: global rows on part A (FlashInfer, global heads only) + part B, local rows on Triton over their
 visible keys; `FlashInferBackend.local_inside = True`); `@local-triton` is the same forward all on Triton
 (`local_inside = False`, the engine's default since it measured faster); `@local-split` runs the
@@ -203,7 +203,7 @@ def select_tokens(
     every chunk. "redknot": those plus the top `ratio` of chunk tokens by the question's attention mass
     on `layers` (a probe pass through the first max(layers) + 1 layers on the engine's backend), over
     the heads `glob` `[L, Hkv]` marks global (None: every head; random weights have no head profile)."""
-    from redknot_rag.probe import ProbeBackend
+    from redknot_rag.attention.probe import ProbeBackend
 
     spans = inp.chunk_spans()
     first = torch.cat([torch.arange(s, min(e, s + head_tokens)) for s, e in spans])

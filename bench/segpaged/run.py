@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,8 +58,8 @@ def row_lengths(batch: int, ctx: int, head_aware: bool) -> torch.Tensor:
 
 
 def attention_case(batch: int, ctx: int, head_aware: bool, fi: Any, res: list[dict]) -> None:
+    from redknot_rag.attention.triton_backend import choose_num_splits
     from redknot_rag.kernels.paged_attention import SegPagedMeta, rope_tables, seg_paged_attention
-    from redknot_rag.kernels.triton_backend import choose_num_splits
 
     dev = torch.device("cuda")
     lens = row_lengths(batch, ctx, head_aware)  # [R]
@@ -167,7 +169,9 @@ def decode_batch(cfg: Any, batch: int, ctx: int, head_aware: bool, dev: torch.de
 
 
 def model_cases(res: list[dict], deadline: float, have_fi: bool) -> None:
-    from redknot_rag.kernels.testing import random_weights
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the kernels' test fixtures
+    from kernel_fixtures import random_weights
+
     from redknot_rag.model import CausalLM
     from redknot_rag.rope import Rotary
 
@@ -205,7 +209,7 @@ def model_case(
     have_fi: bool,
     res: list[dict],
 ) -> None:
-    from redknot_rag.kernels.cuda_graph import DecodeGraphRunner, PlannedBackend
+    from redknot_rag.graphs.decode import DecodeGraphRunner, PlannedBackend
     from redknot_rag.kvcache import KVPool
     from redknot_rag.runner import load_backend
 
@@ -291,7 +295,7 @@ def main() -> None:
         return
     start = time.time()
     try:
-        from redknot_rag.kernels.flashinfer_backend import import_flashinfer
+        from redknot_rag.attention.flashinfer_backend import import_flashinfer
 
         fi = import_flashinfer()
     except ImportError:

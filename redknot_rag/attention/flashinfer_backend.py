@@ -2,12 +2,12 @@
 
 Head-granular pages map to FlashInfer with `num_kv_heads=1`: one row per (request, kv_head), the GQA
 group as that row's q heads, rows head-major. FlashInfer's in-kernel RoPE (`ROPE_LLAMA`) places a
-request's keys at positions 0..T-1 and its queries at the last q_len of them; `fi_plan` maps every
+request's keys at positions 0..T-1 and its queries at the last q_len of them; `flashinfer_plan` maps every
 batch whose positions equal kv indices onto such requests (tails, pre-rotated inside queries with a
 small Triton part and a log-sum-exp merge, fresh sequences on contiguous K/V), with kv units = whole
 pages when every sequence is page-aligned, else pool slots (page size 1 over the slot view, which
 addresses copy-on-write slots and partial segment pages). Sequences with local-head visibility run their
-tail queries (the question; decode only with `local_decode`) per (layer, kv head) row (`fi_heads`: global
+tail queries (the question; decode only with `local_decode`) per (layer, kv head) row (`flashinfer_heads`: global
 rows paged, local rows ragged over their gathered visible keys). Batches with position gaps, local-head
 sequences with queries inside the context (recompute), or llama3 RoPE scaling (not in FlashInfer's
 attention kernels) run on Triton.
@@ -26,16 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from redknot_rag.attention import AttentionBackend, register_backend, require_uniform_layers
 from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import ModelConfig
+from redknot_rag.kernels.kv_write import write_kv_pages
+from redknot_rag.kernels.paged_attention import merge_states, rope_tables, seg_paged_attention
 from redknot_rag.kvcache import KVPool
 from redknot_rag.rope import Rotary
 
-from .fi_heads import emulate_ragged
-from .fi_plan import LN2, FIPlan, Requests, emulate_prefill, emulate_prefill_gqa, plan_batch
-from .kv_write import write_kv_pages
-from .paged_attention import merge_states, rope_tables, seg_paged_attention
+from .backend import AttentionBackend, register_backend, require_uniform_layers
+from .flashinfer_heads import emulate_ragged
+from .flashinfer_plan import LN2, FIPlan, Requests, emulate_prefill, emulate_prefill_gqa, plan_batch
 from .triton_backend import TritonBackend
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -108,6 +108,17 @@ def build_page_tables(batch: ForwardBatch, page_size: int) -> PageTables:
     return PageTables(indptr, indices.to(torch.int32).contiguous(), lpl, qo_indptr, is_decode)
 
 
+@dataclass
+class _DecodeGraphState:
+    """Static buffers of one decode-graph bucket: rows (seq, kv head)."""
+
+    wrapper: Any  # flashinfer BatchDecodeWithPagedKVCacheWrapper, CUDA-graph mode
+    indptr: torch.Tensor  # [R + 1] int32
+    indices: torch.Tensor  # [L, cap] int32
+    last_page_len: torch.Tensor  # [R] int32
+    new_slots: torch.Tensor  # [L, Hkv, bs] int32
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (rotate-half) of x `[T, H, D]` by cos/sin `[T, 1, D]` (the `Rotary.apply` arithmetic)."""
     half = x.shape[-1] // 2
@@ -117,12 +128,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 @register_backend("flashinfer")
 class FlashInferBackend(AttentionBackend):
     """FlashInfer for every batch whose positions equal kv indices (plain prefill and decode, relocated
-    segments, copy-on-write recompute, queries inside the context; see `fi_plan`; local-head visibility for
-    tail queries, see `fi_heads`), fresh prefills on contiguous K/V, Triton for the rest (position gaps,
+    segments, copy-on-write recompute, queries inside the context; see `flashinfer_plan`; local-head visibility for
+    tail queries, see `flashinfer_heads`), fresh prefills on contiguous K/V, Triton for the rest (position gaps,
     recompute on sequences with local heads, more than `max_local_slices` sequences with local heads, llama3
     RoPE scaling, which FlashInfer's in-kernel RoPE does not do).
 
-    `emulate=True` replaces the FlashInfer calls by `fi_plan.emulate_prefill` (torch), so that the
+    `emulate=True` replaces the FlashInfer calls by `flashinfer_plan.emulate_prefill` (torch), so that the
     mapping runs in CPU tests. `path` names what the last `plan` chose (benchmarks report it).
     """
 
@@ -130,9 +141,9 @@ class FlashInferBackend(AttentionBackend):
     # (Triton) reads at most `block` keys per query. None: about 16 blocks over the longest sequence
     # (a multiple of 512), which keeps part A's prefix re-reads and part B's share both small.
     block: int | None = None
-    # Sequences with local heads per batch served by `fi_heads` (host planning grows with their number).
+    # Sequences with local heads per batch served by `flashinfer_heads` (host planning grows with their number).
     max_local_slices: int = 8
-    # Decode-only batches with local-head sequences on `fi_heads` too (off: Triton, see `plan_batch`).
+    # Decode-only batches with local-head sequences on `flashinfer_heads` too (off: Triton, see `plan_batch`).
     local_decode: bool = False
     # Recompute on local-head sequences: global rows on part A/B, local rows on Triton (on), or the whole
     # batch on Triton (off, the default: measured faster on an H200, bench/rag_gpu 2026-11-30, redknot:0.05
@@ -158,7 +169,7 @@ class FlashInferBackend(AttentionBackend):
         self.part_a = "rotated"
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bufs: dict[str, torch.Tensor] = {}
-        self._head_bufs: list[torch.Tensor | None] = []  # per `fi_heads` group: its global rows' page indices
+        self._head_bufs: list[torch.Tensor | None] = []  # per `flashinfer_heads` group: its global rows' page indices
         self._head_wrappers: list[tuple[Any, Any]] = []  # per group: (paged, ragged) prefill wrappers, reused
         self._rot_wrappers: dict[int, Any] = {}  # part A over n < Hkv kv heads (layers with local heads)
         self._pre_heads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -286,7 +297,7 @@ class FlashInferBackend(AttentionBackend):
             )  # fmt: skip
 
     def _plan_heads(self, p: FIPlan) -> None:
-        """One (paged, ragged) plan pair per `fi_heads` group; the paged index buffer is filled for the
+        """One (paged, ragged) plan pair per `flashinfer_heads` group; the paged index buffer is filled for the
         group's first layer here and refilled per layer in `_heads`."""
         assert p.heads is not None
         dev, d, dt = self.pool.device, self.cfg.head_dim, self.pool.dtype
@@ -408,7 +419,7 @@ class FlashInferBackend(AttentionBackend):
             self._heads(layer, q, out)
         ins = p.inside
         if ins is not None:
-            from .paged_attention import SegPagedMeta
+            from redknot_rag.kernels.paged_attention import SegPagedMeta
 
             meta = SegPagedMeta(
                 q_pos=ins.q_pos, row_q_start=ins.row_q_start, row_q_len=ins.row_q_len, row_head=ins.row_head,
@@ -443,9 +454,9 @@ class FlashInferBackend(AttentionBackend):
         return out
 
     def _local_inside(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
-        """Local rows of local-head slices with inside queries (`fi_heads.LocalInside`): every query of the
+        """Local rows of local-head slices with inside queries (`flashinfer_heads.LocalInside`): every query of the
         slice over the row's visible keys, causal by position (Triton). Writes those (row, head) results."""
-        from .paged_attention import SegPagedMeta
+        from redknot_rag.kernels.paged_attention import SegPagedMeta
 
         p = self.plan_fi
         assert p is not None and p.heads is not None and p.heads.inside is not None
@@ -469,7 +480,7 @@ class FlashInferBackend(AttentionBackend):
         out.view(out.shape[0], hkv, g, d)[li.q_rows[ly.out_q[0]], ly.out_q[1]] = o4[ly.out_q[0], ly.out_q[1]]
 
     def _heads(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
-        """Tail queries by row (`fi_heads`): global rows over pool units (in-kernel RoPE), local rows over
+        """Tail queries by row (`flashinfer_heads`): global rows over pool units (in-kernel RoPE), local rows over
         their visible keys gathered, K rotated at true positions, ragged and causal. Writes `out` rows."""
         p = self.plan_fi
         assert p is not None and p.heads is not None
@@ -535,7 +546,7 @@ class FlashInferBackend(AttentionBackend):
         return out
 
     def _prefix(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Part A over rotated contiguous K/V (`fi_plan.Prefix`) for the layer's part-A heads
+        """Part A over rotated contiguous K/V (`flashinfer_plan.Prefix`) for the layer's part-A heads
         (`_prefix_heads`): out `[nq, n * g, D]`, lse `[nq, n * g]` natural, and those q heads `[n * g]`
         (None: all heads, n = Hkv)."""
         p = self.plan_fi
@@ -562,6 +573,88 @@ class FlashInferBackend(AttentionBackend):
             w = self.prefill_rot if n_h == hkv else self._rot_wrappers[n_h]
             o, lse = w.run(qa, (kbuf.view(-1, 1, n_h, d), vbuf.view(-1, 1, n_h, d)), return_lse=True)
         return o, lse * LN2, qh  # base 2 -> natural
+
+    # -- CUDA-graph hooks, decode: state = _DecodeGraphState --------------------------------------
+    def init_capture_graph(self, bs: int, max_kv_tokens: int) -> _DecodeGraphState:
+        """A CUDA-graph decode wrapper over rows (seq, kv head) with static page tables of every layer;
+        pad rows read one token of page 0 (output discarded) and write K/V nowhere (slot -1)."""
+        cfg, dev = self.cfg, self.pool.device
+        r = bs * cfg.num_kv_heads
+        cap = max_kv_tokens // self.pool.page_size + 2 * r
+        indptr = torch.arange(r + 1, dtype=torch.int32, device=dev)
+        indices = torch.zeros(cfg.num_layers, cap, dtype=torch.int32, device=dev)
+        lpl = torch.ones(r, dtype=torch.int32, device=dev)
+        w = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=cfg.num_kv_groups >= 4,
+            paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices[0], paged_kv_last_page_len_buffer=lpl,
+        )  # fmt: skip
+        ns = torch.full((cfg.num_layers, cfg.num_kv_heads, bs), -1, dtype=torch.int32, device=dev)
+        w.plan(indptr.cpu(), indices[0, :r].cpu(), lpl.cpu(), head_dim=cfg.head_dim, **self.plan_kwargs())
+        return _DecodeGraphState(w, indptr, indices, lpl, ns)
+
+    def prepare_for_capture(self, state: Any) -> None:
+        self.use_triton = False
+        self.graph_mode = True
+        self.graph_prefill = None  # a prefill graph may have been installed last
+        self.decode = state.wrapper
+        self.indices = state.indices
+        self.new_slots = state.new_slots
+
+    def prepare_for_replay(self, state: Any, batch: ForwardBatch) -> bool:
+        if not (self.rope_ok and is_contiguous_layout(batch, self.pool.page_size)):
+            return False
+        pt = build_page_tables(batch, self.pool.page_size)
+        r_real, r = pt.last_page_len.shape[0], state.last_page_len.shape[0]
+        nnz = int(pt.indptr[-1])
+        if nnz + (r - r_real) > state.indices.shape[1]:
+            return False
+        pad = r - r_real  # each pad row reads page 0 (one token), output discarded
+        indptr = torch.cat([pt.indptr, pt.indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
+        lpl = torch.cat([pt.last_page_len, torch.ones(pad, dtype=torch.int32)])
+        idx = torch.cat([pt.indices, pt.indices.new_zeros(pt.indices.shape[0], pad)], dim=1)
+        state.indices[:, : idx.shape[1]].copy_(idx, non_blocking=True)
+        state.wrapper._paged_kv_indices_buf = state.indices[0]
+        state.wrapper.plan(indptr, idx[0], lpl, head_dim=self.cfg.head_dim, **self.plan_kwargs())
+        state.new_slots.fill_(-1)
+        state.new_slots[:, :, : len(batch.seqs)].copy_(batch.new_slots().to(torch.int32), non_blocking=True)
+        self.prepare_for_capture(state)
+        return True
+
+    # -- CUDA-graph hooks, one small prefill (rows (head, real | padding), see graphs/prefill.py) ---
+    def init_prefill_graph(self, num_requests: int, indices: torch.Tensor) -> Any:
+        """A CUDA-graph prefill wrapper of `num_requests` requests reading page indices from
+        `indices[layer]` (`[L, cap]` int32, shared by the buckets: one replays at a time)."""
+
+        def i32(size: int) -> torch.Tensor:
+            return torch.zeros(size, dtype=torch.int32, device=self.pool.device)
+
+        return self.fi.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, backend="fa2", qo_indptr_buf=i32(num_requests + 1),
+            paged_kv_indptr_buf=i32(num_requests + 1), paged_kv_indices_buf=indices[0],
+            paged_kv_last_page_len_buf=i32(num_requests),
+        )  # fmt: skip
+
+    def plan_prefill_graph(
+        self, wrapper: Any, indices: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+        page_indices: torch.Tensor, last_page_len: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Host plan of a prefill graph's wrapper: requests `qo_indptr`/`kv_indptr` `[R + 1]`, `last_page_len`
+        `[R]` int32 host; `page_indices` `[L, nnz]` int32 device, copied into `indices` `[L, cap]`."""
+        indices[:, : page_indices.shape[1]].copy_(page_indices, non_blocking=True)
+        wrapper._paged_kv_indices_buf = indices[0]  # capture left it on the last layer's row
+        wrapper.plan(
+            qo_indptr, kv_indptr, page_indices[0], last_page_len, head_dim_qk=self.cfg.head_dim, causal=True,
+            **self.plan_kwargs(),
+        )  # fmt: skip
+
+    def prepare_prefill_graph(self, wrapper: Any, indices: torch.Tensor, new_slots: torch.Tensor) -> None:
+        """Make `write_kv`/`run` read a prefill graph's static buffers (before capture and each replay)."""
+        self.use_triton = False
+        self.graph_mode = True
+        self.graph_prefill = wrapper
+        self.indices = indices
+        self.new_slots = new_slots
+        self.path = "flashinfer-graph"
 
     def _run_graph(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Under a CUDA graph, with static page tables installed by the graph runner: decode

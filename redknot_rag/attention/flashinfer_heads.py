@@ -3,14 +3,14 @@ per (layer, kv head) row (host planning; device index tensors).
 
 Tail queries (the question after relocation; decode-only batches only where the backend's `local_decode` is
 on). A row that sees every token ("global") is one tail-causal request over the pool, in-kernel RoPE, exactly
-as `fi_plan` maps a fully visible sequence. A row that sees a subset ("local") lists only its visible tokens:
+as `flashinfer_plan` maps a fully visible sequence. A row that sees a subset ("local") lists only its visible tokens:
 the backend gathers their K (rotated at their true positions) and V into a small contiguous buffer and runs
 FlashInfer's ragged prefill on it, causal, without in-kernel RoPE (q rotated at its true position). Tail
 alignment is exact because a local row's visible list ends with the tail queries' own keys (checked here):
 query i of r sits at list index kv_len - r + i, and the keys before it in the list are exactly the visible
 keys at smaller positions. Fully visible slices of the same batch contribute global rows only.
 
-Queries inside the context (recompute) of such a slice: its global rows take `fi_plan`'s part A (FlashInfer;
+Queries inside the context (recompute) of such a slice: its global rows take `flashinfer_plan`'s part A (FlashInfer;
 the backend restricts it to the layer's global heads) and part B, its local rows take `LocalInside` (every
 query of the slice over the row's few visible keys, causal by position, on Triton: an inside query of a local
 row sees a position-dependent prefix of the row's visible list, which FlashInfer would need one request per

@@ -5,7 +5,7 @@ FlashInfer's in-kernel RoPE (`ROPE_LLAMA`) rotates key j of a request at positio
 `kv_len - qo_len + i`. Head-granular pages become `num_kv_heads=1` rows, one per (request, kv head).
 A sequence whose positions equal its kv indices (`KVLayout.pos_is_index`) and whose heads see every
 token maps as follows (queries of a slice sorted by position, `T` kv tokens); one whose heads see different
-tokens (local heads, `kv_visible`) maps its tail queries per (layer, kv head) row (`fi_heads`), and with
+tokens (local heads, `kv_visible`) maps its tail queries per (layer, kv head) row (`flashinfer_heads`), and with
 queries inside its context runs on Triton:
 
 - fresh: the slice is all of its sequence (T == q_len): causal attention over the step's own K/V
@@ -29,7 +29,7 @@ import torch
 
 from redknot_rag.batch import ForwardBatch, SeqSlice
 
-from .fi_heads import LN2, HeadPlan, plan_heads
+from .flashinfer_heads import LN2, HeadPlan, plan_heads
 
 
 @dataclass
@@ -103,7 +103,7 @@ class FIPlan:
     """The whole batch: which path each token takes. `units` `[L, M]` int32 (device): every slice's kv
     units concatenated, slice-major then head then unit; `slot_units` `[L, Ms]` int64: the same in slots
     (part B reads slots). `fresh` lists (slice index, q rows) served from the step's own K/V. When a slice
-    has per-head visibility (`kv_visible`), every slice's tail queries go to `heads` (`fi_heads`) instead of
+    has per-head visibility (`kv_visible`), every slice's tail queries go to `heads` (`flashinfer_heads`) instead of
     `causal`."""
 
     page_size: int  # unit size: 1 (slots) or the pool's page size
@@ -143,9 +143,9 @@ def plan_batch(
     serve it (the caller runs Triton): a slice with per-head visibility whose queries are not all at its
     tail unless `local_inside`, or whose local rows do not see their tail, or more than `max_local_slices`
     slices with per-head visibility (each costs two host syncs and per-layer index slicing in
-    `fi_heads.plan_heads`: a large decode batch of such sequences keeps Triton's device-built plan), or,
+    `flashinfer_heads.plan_heads`: a large decode batch of such sequences keeps Triton's device-built plan), or,
     unless `local_decode`, a decode-only batch with such a slice (Triton's one launch per layer over the
-    few local keys has not been measured against `fi_heads`' ~10 launches per layer yet; the question phase
+    few local keys has not been measured against `flashinfer_heads`' ~10 launches per layer yet; the question phase
     is what this path is for)."""
     hkv = num_kv_heads
     positions = batch.positions.cpu()
@@ -160,7 +160,7 @@ def plan_batch(
         is_fresh = fresh_ok and s.q_len == t and s.q_len > 1 and not is_local
         r = s.q_len if is_fresh else tail_len(qp, t)
         # Inside queries (recompute) of a slice with local heads: its global rows take part A/B below, its
-        # local rows (every query) run on Triton over their few visible keys (`fi_heads.LocalInside`): a local
+        # local rows (every query) run on Triton over their few visible keys (`flashinfer_heads.LocalInside`): a local
         # row's inside query sees a position-dependent prefix of its visible keys, one FlashInfer request
         # per distinct prefix. `local_inside=False`: the whole batch on Triton.
         if is_local and r < s.q_len and not local_inside:

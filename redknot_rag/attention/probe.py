@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from redknot_rag.attention import AttentionBackend, TorchBackend
 from redknot_rag.batch import ForwardBatch, SeqSlice
 from redknot_rag.config import ModelConfig
 from redknot_rag.kvcache import KVPool
 from redknot_rag.rope import Rotary
+
+from .backend import AttentionBackend
+from .torch_backend import TorchBackend
 
 
 def attention_mass(

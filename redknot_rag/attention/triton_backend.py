@@ -7,18 +7,20 @@ with their own RoPE table), on GPU or — under `TRITON_INTERPRET=1` — on CPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 
-from redknot_rag.attention import AttentionBackend, register_backend
 from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import ModelConfig
+from redknot_rag.kernels.kv_write import write_kv_pages
+from redknot_rag.kernels.paged_attention import rope_tables, seg_paged_attention
 from redknot_rag.kvcache import KVPool
 from redknot_rag.rope import Rotary
 
-from .kv_write import write_kv_pages
-from .paged_attention import rope_tables, seg_paged_attention
-from .seg_meta import SegPagedPlan, build_plan
+from .backend import AttentionBackend, register_backend
+from .triton_plan import SegPagedPlan, build_plan
 
 
 def choose_num_splits(
@@ -96,3 +98,49 @@ class TritonBackend(AttentionBackend):
             window=self.cfg.sliding_window if is_sliding else None,
         )
         return out
+
+    # -- CUDA-graph hooks: state = (static SegPagedPlan, num_splits) --------------------------------
+    def init_capture_graph(self, bs: int, max_kv_tokens: int) -> tuple[SegPagedPlan, int]:
+        """Static plan of `bs` decode rows x Hkv over `max_kv_tokens` key slots per layer; rows past a real
+        batch see no key and write K/V nowhere (slot -1)."""
+        cfg, dev, cap = self.cfg, self.pool.device, max_kv_tokens
+        nl, hkv = cfg.num_layers, cfg.num_kv_heads
+        r = bs * hkv
+
+        def i32(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.int32, device=dev)
+
+        plan = SegPagedPlan(
+            q_pos=i32(bs),
+            row_q_start=torch.arange(bs, dtype=torch.int32, device=dev).repeat_interleave(hkv),
+            row_q_len=torch.ones(r, dtype=torch.int32, device=dev),
+            row_head=torch.arange(hkv, dtype=torch.int32, device=dev).repeat(bs),
+            kv_indptr=i32(nl, r + 1),
+            kv_slots=i32(nl, cap),
+            kv_pos=i32(nl, cap),
+            new_slots=torch.full((nl, hkv, bs), -1, dtype=torch.int32, device=dev),
+            max_q_len=1,
+            max_kv_len=cap // max(1, bs),
+        )
+        return plan, choose_num_splits(r, 1, cap // max(1, r), dev, self.block_n, cap)
+
+    def prepare_for_capture(self, state: Any) -> None:
+        plan, splits = state
+        self.set_plan(plan, num_splits=splits)
+
+    def prepare_for_replay(self, state: Any, batch: ForwardBatch) -> bool:
+        static: SegPagedPlan = state[0]
+        fresh = build_plan(batch, self.cfg.num_layers, self.cfg.num_kv_heads, self.pool.device)
+        r, nnz = fresh.num_rows, fresh.kv_slots.shape[1]
+        if nnz > static.kv_slots.shape[1] or r > static.num_rows or fresh.max_pos >= self.cos.shape[0]:
+            return False
+        b = fresh.q_pos.shape[0]
+        static.q_pos[:b].copy_(fresh.q_pos)
+        static.kv_indptr[:, : r + 1].copy_(fresh.kv_indptr)
+        static.kv_indptr[:, r + 1 :].copy_(fresh.kv_indptr[:, -1:].expand(-1, static.num_rows - r))
+        static.kv_slots[:, :nnz].copy_(fresh.kv_slots)
+        static.kv_pos[:, :nnz].copy_(fresh.kv_pos)
+        static.new_slots.fill_(-1)
+        static.new_slots[:, :, :b].copy_(fresh.new_slots)
+        self.prepare_for_capture(state)
+        return True

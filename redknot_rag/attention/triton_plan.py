@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from redknot_rag.batch import ForwardBatch
-
-from .paged_attention import SegPagedMeta
+from redknot_rag.kernels.paged_attention import SegPagedMeta
 
 
 @dataclass

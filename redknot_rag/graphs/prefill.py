@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
+from redknot_rag.attention.flashinfer_backend import FlashInferBackend, is_contiguous_layout
 from redknot_rag.batch import ForwardBatch
 from redknot_rag.model import CausalLM
 
-from .cuda_graph import PlannedBackend
-from .flashinfer_backend import FlashInferBackend, is_contiguous_layout
+from .decode import PlannedBackend
 
 DEFAULT_PREFILL_TOKENS = (16, 32, 64, 128)
 
@@ -110,37 +110,20 @@ class PrefillGraphRunner:
     # -- planning (host, before each replay) ---------------------------------------------------
     def _plan(self, b: PrefillBucket, m: int, pages: torch.Tensor, kv_len: int) -> None:
         """Plan bucket `b` for `m` real queries at the tail of `kv_len` keys on `pages` `[L, Hkv, P]`."""
-        be = self.backend
-        rq = padded_requests(m, b.n, pages, kv_len, be.pool.page_size)
-        self.indices[:, : rq.indices.shape[1]].copy_(rq.indices, non_blocking=True)
-        b.wrapper._paged_kv_indices_buf = self.indices[0]  # capture left it on the last layer's row
-        b.wrapper.plan(
-            rq.qo_indptr, rq.kv_indptr, rq.indices[0], rq.last_page_len, head_dim_qk=be.cfg.head_dim, causal=True,
-            **be.plan_kwargs(),
-        )  # fmt: skip
+        rq = padded_requests(m, b.n, pages, kv_len, self.backend.pool.page_size)
+        self.backend.plan_prefill_graph(
+            b.wrapper, self.indices, rq.qo_indptr, rq.kv_indptr, rq.indices, rq.last_page_len
+        )
 
     def _install(self, b: PrefillBucket) -> None:
-        be = self.backend
-        be.use_triton = False
-        be.graph_mode = True
-        be.graph_prefill = b.wrapper
-        be.indices = self.indices
-        be.new_slots = b.new_slots
-        be.path = "flashinfer-graph"
+        self.backend.prepare_prefill_graph(b.wrapper, self.indices, b.new_slots)
 
     # -- capture ---------------------------------------------------------------------------------
     def _make_bucket(self, n: int) -> PrefillBucket:
         be = self.backend
         cfg, dev, hkv = be.cfg, be.pool.device, be.cfg.num_kv_heads
 
-        def i32(size: int) -> torch.Tensor:
-            return torch.zeros(size, dtype=torch.int32, device=dev)
-
-        w = be.fi.BatchPrefillWithPagedKVCacheWrapper(
-            be.workspace, "NHD", use_cuda_graph=True, backend="fa2", qo_indptr_buf=i32(2 * hkv + 1),
-            paged_kv_indptr_buf=i32(2 * hkv + 1), paged_kv_indices_buf=self.indices[0],
-            paged_kv_last_page_len_buf=i32(2 * hkv),
-        )  # fmt: skip
+        w = be.init_prefill_graph(2 * hkv, self.indices)
         b = PrefillBucket(
             n=n,
             input_ids=torch.zeros(n, dtype=torch.int64, device=dev),
