@@ -19,6 +19,10 @@ Invariants:
   (token m // g, q head kv_head * g + m % g).
 - Long rows split into `num_splits` chunks (sized in-kernel from each row's length, so a fixed grid
   serves changing lengths under CUDA graphs); partials are merged by `_merge_splits_kernel`.
+- Queries inside the context (recompute) and at its tail run in the same launch. Where every row lists
+  its keys by ascending position (`kv_sorted`: the planner knows it from the sequences' layouts), a
+  tile of queries reads keys only up to its last query's position (found by binary search in `kv_pos`):
+  with queries sorted by position the tiles of a recompute batch read a triangle, not the square.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class SegPagedMeta:
     """Per-layer attention metadata (device tensors, all int32).
 
     `q_pos [N]`; per row: `row_q_start`, `row_q_len`, `row_head` `[R]`; `kv_indptr [R + 1]`,
-    `kv_slots [nnz]`, `kv_pos [nnz]`. `max_q_len` bounds `row_q_len` (sizes the grid).
+    `kv_slots [nnz]`, `kv_pos [nnz]`. `max_q_len` bounds `row_q_len` (sizes the grid). `kv_sorted`:
+    every row lists its keys by ascending position (tiles then stop at their last query's position).
     """
 
     q_pos: torch.Tensor
@@ -50,6 +55,7 @@ class SegPagedMeta:
     kv_slots: torch.Tensor
     kv_pos: torch.Tensor
     max_q_len: int
+    kv_sorted: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -63,6 +69,7 @@ def _seg_paged_attn_kernel(
     stride_qn, stride_qh, stride_os, stride_on, stride_oh, stride_ls, stride_ln,
     sm_scale_log2, WINDOW,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    SORTED: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     r = tl.program_id(1)
@@ -77,9 +84,6 @@ def _seg_paged_attn_kernel(
         return
     kv_begin = tl.load(KV_INDPTR + r)
     kv_len = tl.load(KV_INDPTR + r + 1) - kv_begin
-    chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, kv_len)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = offs_m // G
@@ -87,12 +91,26 @@ def _seg_paged_attn_kernel(
     m_valid = tok < q_len
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, D)
+    qpos = tl.load(QPOS + q_start + tok, mask=m_valid, other=0)
+    if SORTED:  # keys ascending by position: read only those up to the tile's last query position
+        q_last = tl.max(tl.where(m_valid, qpos, -1), 0)
+        b_lo = kv_len * 0
+        b_hi = kv_len
+        while b_lo < b_hi:  # first key with position > q_last
+            mid = (b_lo + b_hi) // 2
+            if tl.load(KV_POS + kv_begin + mid) <= q_last:
+                b_lo = mid + 1
+            else:
+                b_hi = mid
+        kv_len = b_lo
+    chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
 
     # q: rotate by its own position, in float32
     q_ptr = Q + (q_start + tok)[:, None] * stride_qn + qh[:, None] * stride_qh
     q_lo = tl.load(q_ptr + offs_h[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
     q_hi = tl.load(q_ptr + HALF + offs_h[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
-    qpos = tl.load(QPOS + q_start + tok, mask=m_valid, other=0)
     t_q = qpos.to(tl.int64)[:, None] * HALF + offs_h[None, :]
     cq = tl.load(COS + t_q).to(tl.float32)
     sq = tl.load(SIN + t_q).to(tl.float32)
@@ -176,13 +194,15 @@ def seg_paged_attention(
     block_n: int = 64,
     out: torch.Tensor | None = None,
     window: int | None = None,
+    block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of pre-RoPE q over the keys listed in `meta` (`window`: only keys with
     position > q position - window, a sliding-window layer).
 
     q `[N, Hq, D]` (pre-RoPE, pool dtype); `k_slots`, `v_slots` `[num_slots, D]` (pre-RoPE K);
     `cos`, `sin` `[max_pos, D/2]` (`rope_tables`; every listed position must be < max_pos).
-    Every (token, q head) must belong to exactly one meta row.
+    Every (token, q head) must belong to exactly one meta row. `block_m`: (token, q head) pairs per
+    tile (16 or 64 by default, from `max_q_len`; 128 halves the key reloads of a long recompute).
     Returns (out `[N, Hq, D]` q.dtype, lse `[N, Hq]` float32, natural log, -inf where nothing visible).
     """
     n, hq, d = q.shape
@@ -191,7 +211,8 @@ def seg_paged_attention(
         raise ValueError("q, k_slots and v_slots must be contiguous in head_dim; slots rows dense")
     scale = d**-0.5 if sm_scale is None else sm_scale
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    block_m = 16 if meta.max_q_len * g <= 16 else 64
+    if block_m is None:
+        block_m = 16 if meta.max_q_len * g <= 16 else 64
     grid_m = triton.cdiv(max(meta.max_q_len, 1) * g, block_m)
     grid = (grid_m, meta.num_rows, num_splits)
     if num_splits == 1:
@@ -212,8 +233,8 @@ def seg_paged_attention(
         q.stride(0), q.stride(1), stride_os, on_stride, oh_stride, stride_ls, ln_stride,
         scale * LOG2E, _NO_WINDOW if window is None else int(window),
         G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", SORTED=meta.kv_sorted,
+        num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )  # fmt: skip
     if num_splits == 1:
         return out, lse

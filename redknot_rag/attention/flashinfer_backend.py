@@ -35,7 +35,7 @@ from redknot_rag.rope import Rotary
 
 from .backend import AttentionBackend, register_backend, require_uniform_layers
 from .flashinfer_heads import emulate_ragged
-from .flashinfer_plan import LN2, FIPlan, Requests, emulate_prefill, emulate_prefill_gqa, plan_batch
+from .flashinfer_plan import LN2, FIPlan, Requests, emulate_prefill, emulate_prefill_gqa, plan_batch, tail_len
 from .triton_backend import TritonBackend
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -119,6 +119,16 @@ class _DecodeGraphState:
     new_slots: torch.Tensor  # [L, Hkv, bs] int32
 
 
+def has_inside_queries(batch: ForwardBatch) -> bool:
+    """Whether some sequence has queries inside its context (recompute): q positions not the tail of its
+    kv tokens, and not a fresh prefill (every kv token new)."""
+    positions = batch.positions.cpu()
+    for s in batch.seqs:
+        if 1 < s.q_len < s.num_kv and tail_len(positions[s.q_start : s.q_start + s.q_len], s.num_kv) < s.q_len:
+            return True
+    return False
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (rotate-half) of x `[T, H, D]` by cos/sin `[T, 1, D]` (the `Rotary.apply` arithmetic)."""
     half = x.shape[-1] // 2
@@ -137,6 +147,11 @@ class FlashInferBackend(AttentionBackend):
     mapping runs in CPU tests. `path` names what the last `plan` chose (benchmarks report it).
     """
 
+    # Batches with queries inside the context (recompute): "tiles" runs the whole batch on Triton, ONE
+    # launch per layer whose query tiles stop at their last position (`seg_paged_attention`, `kv_sorted`);
+    # "split" maps it onto FlashInfer part A + Triton part B + merge (`flashinfer_plan`). Kept until the
+    # bench (bench/rag_gpu, `@split`) has measured both on the same card.
+    inside: str = "tiles"
     # Positions per block of inside queries: part A (FlashInfer) reads the prefix once per block, part B
     # (Triton) reads at most `block` keys per query. None: about 16 blocks over the longest sequence
     # (a multiple of 512), which keeps part A's prefix re-reads and part B's share both small.
@@ -220,7 +235,8 @@ class FlashInferBackend(AttentionBackend):
         ok = self.rope_ok and bool(batch.seqs) and all(s.layout.pos_is_index for s in batch.seqs)
         dev = self.pool.device
         p = None
-        if ok:
+        tiles = ok and self.inside == "tiles" and has_inside_queries(batch)
+        if ok and not tiles:
             block = self.block
             if block is None:
                 longest = max(s.num_kv for s in batch.seqs)
@@ -231,8 +247,8 @@ class FlashInferBackend(AttentionBackend):
             )  # fmt: skip
         self.use_triton = p is None
         if p is None:
-            self.path = "triton"
             self.triton.plan(batch)
+            self.path = "triton-tiles" if tiles else "triton"  # tiles: one launch per layer, bounded by position
             return
         self.plan_fi = p
         self._seqs = batch.seqs

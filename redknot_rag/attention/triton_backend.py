@@ -56,6 +56,7 @@ class TritonBackend(AttentionBackend):
         self.meta: SegPagedPlan | None = None
         self.num_splits = 1
         self.force_num_splits: int | None = None  # tests exercise the split/merge path on CPU
+        self.block_m: int | None = None  # (token, q head) pairs per tile; None: by the batch's longest row
 
     def plan(self, batch: ForwardBatch) -> None:
         self.set_plan(build_plan(batch, self.cfg.num_layers, self.cfg.num_kv_heads, self.pool.device))
@@ -96,6 +97,7 @@ class TritonBackend(AttentionBackend):
             num_splits=self.num_splits,
             block_n=self.block_n,
             window=self.cfg.sliding_window if is_sliding else None,
+            block_m=self.block_m,
         )
         return out
 

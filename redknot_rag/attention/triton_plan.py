@@ -21,7 +21,8 @@ class SegPagedPlan:
 
     `q_pos [N]`; `row_q_start`, `row_q_len`, `row_head` `[R]`; `kv_indptr [L, R + 1]`;
     `kv_slots`, `kv_pos` `[L, nnz_cap]` (layer l's keys in `[:kv_indptr[l, -1]]`);
-    `new_slots [L, Hkv, N]` pool slots of this step's new tokens (-1 = skip).
+    `new_slots [L, Hkv, N]` pool slots of this step's new tokens (-1 = skip). `kv_sorted`: every row's
+    keys ascend by position (every sequence `pos_is_index`), so a query tile stops at its last position.
     """
 
     q_pos: torch.Tensor
@@ -36,6 +37,7 @@ class SegPagedPlan:
     max_kv_len: int
     total_kv: int = 0  # keys over all rows, the largest layer
     max_pos: int = 0  # largest position listed (q or key)
+    kv_sorted: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -51,6 +53,7 @@ class SegPagedPlan:
             kv_slots=self.kv_slots[layer],
             kv_pos=self.kv_pos[layer],
             max_q_len=self.max_q_len,
+            kv_sorted=self.kv_sorted,
         )
 
 
@@ -122,4 +125,5 @@ def build_plan(batch: ForwardBatch, num_layers: int, num_kv_heads: int, device: 
         max_kv_len=max_kv_len,
         total_kv=nnz_cap,
         max_pos=max_pos,
+        kv_sorted=all(s.layout.pos_is_index for s in batch.seqs),
     )
