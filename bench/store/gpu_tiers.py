@@ -16,6 +16,13 @@ On a CPU, the same code with a 2-layer model and short chunks (about a minute):
 
     PYTHONPATH=$PWD python3 bench/store/gpu_tiers.py --device cpu --tiny --out /tmp/tiers
 
+`--device-decode` adds, after each compressed setting, the same setting with `decode_on="device"` over
+the same stored files (`<setting>+device-decode`): the host tier keeps the int8/int4 payloads as stored
+(pinned), the load copies those bytes and decodes them on the GPU (store/device_decode.py), so every
+tier row of the pair is host decode vs device decode in one run, beside the same transformers prefill
+(default `--budget-s` then 480). On a CPU pool the device-decode setting decodes on the host (the
+fallback): the tiny run only checks the plumbing.
+
 Part 1, tiers. A query is `[anchor][chunk_1]...[chunk_64][question]` (64 x 512-token chunks, a 64-token
 question: 32,864 tokens). The chunks' KV (prefilled behind the anchor, untimed) is stored under two
 settings (`--settings`): `dense` (every head global: random weights have no head profile; raw blocks
@@ -44,7 +51,8 @@ question_only. Tiers:
          permitted (the JSON says whether it was)
   redis  a store whose only cold tier is a local redis-server (`.redis/` bundle or the system's), host
          tier emptied first; skipped with the reason when Redis cannot start
-Bytes moved: the decoded K/V bytes of the query's blocks copied to the GPU (storage dtype); GB/s =
+Bytes moved: what the host tier holds of the query's blocks, copied to the GPU (decoded K/V in the
+storage dtype, or the encoded payloads with device decode); GB/s =
 bytes / load, beside `h2d_pinned_GBps` (one 1 GiB copy from pinned host memory: the ceiling of any
 tier's load); for disk and Redis also `bytes_read` (the encoded payloads the tier holds) and
 `read_GBps`. Cold tiers are read `--read-workers` chunks at a time (`ChunkKVStore.get_blocks_many`).
@@ -101,7 +109,7 @@ from redis_server import redis_command, start_redis  # noqa: E402
 from zipf import pct, query_stream  # noqa: E402
 
 from redknot_rag.reuse import ReuseInput  # noqa: E402
-from redknot_rag.store import ChunkKVStore, KVFingerprint, StoreConfig  # noqa: E402
+from redknot_rag.store import ChunkKVStore, Codec, KVFingerprint, StoreConfig  # noqa: E402
 from redknot_rag.store.config import HeadCompression  # noqa: E402
 from redknot_rag.store.disk import DiskTier  # noqa: E402
 from redknot_rag.store.load_plan import byte_runs  # noqa: E402
@@ -116,6 +124,12 @@ SETTING_TEXT = {
     "compressed-int4": "the same SYNTHETIC head profile and windows as `compressed`, with the int4 cold codec "
     "(K per channel over 32-token groups, V per token over 32-channel groups, f16 scale and minimum)",
 }
+DEVICE_DECODE = "+device-decode"  # suffix of a compressed setting measured with StoreConfig.decode_on="device"
+DEVICE_DECODE_TEXT = (
+    "; DEVICE DECODE: the same stored files, the host tier holding the encoded payloads (pinned), copied to the "
+    "GPU as they are and decoded there (store/device_decode.py)"
+)
+SHORT = {"dense": "bf16", "compressed": "i8", "compressed-int4": "i4"}  # plot labels
 
 
 def compressed_config(
@@ -286,7 +300,7 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
     drop_ok = data["drop_caches"]
     disk_root = st_disk.tiers[0].ns if isinstance(st_disk.tiers[0], DiskTier) else None
     stored = setting["stored_bytes_per_chunk"] * len(keys)  # what disk / Redis hold for the query's chunks
-    decoded = setting["host_bytes_per_chunk"] * len(keys)  # what the host tier holds and copies to the GPU
+    moved = setting["host_bytes_per_chunk"] * len(keys)  # what the host tier holds and copies to the GPU
 
     def prepare(tier: str) -> ChunkKVStore:
         """Untimed: put the chunks' KV in `tier` and nowhere warmer; returns the store to read."""
@@ -297,7 +311,7 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
         if tier == "host":
             load = [k for k in keys if len(st_disk.memory.chunk_blocks(k)) < ctx["blocks_per_chunk"]]
             for k in load:
-                assert st_disk.get_blocks(k) is not None
+                assert st_disk.get_blocks(k, encoded=True) is not None
             return st_disk
         store = st_disk if tier == "disk" else st_redis
         assert store is not None
@@ -353,7 +367,7 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
                 for name, n in hits1.items():
                     served[name] = served.get(name, 0) + n - hits0.get(name, 0)
             rep += 1
-        nbytes = 0 if tier == "gpu" else decoded
+        nbytes = 0 if tier == "gpu" else moved
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         ttft = [r["tier_load_s"] + r["after_load_s"] for r in runs]
         load = med["tier_load_s"]
@@ -365,7 +379,7 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
             select_median_s=med["select_s"],
             forward_median_s=med["forward_s"],
             reps=len(runs),
-            bytes_moved=nbytes,  # host -> GPU: the decoded blocks (storage dtype)
+            bytes_moved=nbytes,  # host -> GPU: what the host tier holds (decoded blocks, or encoded payloads)
             load_GBps=nbytes / load / 1e9 if nbytes else None,
             pool_equals_store_bits=verified,
             blocks_served_per_store_tier={k: n for k, n in served.items() if n},
@@ -386,11 +400,11 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
             row["dense_equivalent_GBps"] = ctx["chunk_bytes"] * len(keys) / load / 1e9
         if tier == "host":
             blk = st_disk.memory.get(next(iter(b for b in st_disk.memory.chunk_blocks(keys[0]))))
-            row["host_blocks_pinned"] = bool(blk is not None and blk.k.is_pinned())
-            blocks = st_disk.get_blocks(keys[0])
+            row["host_blocks_pinned"] = bool(blk is not None and blk.tensors[0].is_pinned())
+            blocks = st_disk.get_blocks(keys[0], encoded=True)  # what the load copies
             assert blocks is not None
-            order = sorted(blocks, key=lambda lh: blocks[lh].k.data_ptr())  # host memory order, as the load
-            row["host_copies_per_chunk"] = len(byte_runs([t for lh in order for t in (blocks[lh].k, blocks[lh].v)]))
+            order = sorted(blocks, key=lambda lh: blocks[lh].tensors[0].data_ptr())  # host memory order, as the load
+            row["host_copies_per_chunk"] = len(byte_runs([t for lh in order for t in blocks[lh].tensors]))
         if tier == "gpu":  # the question alone over the same reused context: the forward's non-recompute share
             naive = [rag.query(engine, "naive", inp, args)["forward_s"] for _ in range(min(args.reps, 2))]
             row["question_only_s"] = statistics.median(naive)
@@ -427,6 +441,17 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
                 r["speedup_vs_hf_full"] = hf / r["ttft_median_s"]
                 if "ttft_median_s" in gpu:
                     r["vs_gpu_resident_dense"] = r["ttft_median_s"] / gpu["ttft_median_s"]
+
+
+def run_setting(
+    ctx: dict, args: Any, data: dict, name: str, d_store: ChunkKVStore, r_store: ChunkKVStore | None, deadline_s: float
+) -> None:
+    """Part 1 for the setting `data["settings"][name]` (filled in), stored in `d_store` (disk) and `r_store`."""
+    info = data["settings"][name]
+    setting = dict(name=name, tiers=[t for t in TIERS if t in args.tiers and (name == "dense" or t != "gpu")],
+                   disk=d_store, redis=r_store, deadline_s=deadline_s,
+                   **{k: info[k] for k in ("stored_bytes_per_chunk", "host_bytes_per_chunk")})  # fmt: skip
+    run_tiers(ctx, args, data, setting)
 
 
 # ------------------------------------------------------------------------------------ part 2: Zipf
@@ -556,13 +581,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tiers", type=lambda s: s.split(","), default=list(TIERS))
     ap.add_argument("--probe-layers", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    ap.add_argument("--budget-s", type=float, default=380.0, help="skip what would start after this")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip what would start after this (380; 480 with "
+                    "--device-decode)")  # fmt: skip
     ap.add_argument("--tier-s", type=float, default=12.0, help="fewer reps where a tier's would take longer")
     ap.add_argument("--read-workers", type=int, default=8, help="chunks read from a cold tier at once")
     ap.add_argument("--layers-per-event", type=int, default=4, help="layer-major load: layers per copy group")
     ap.add_argument("--settings", type=lambda s: s.split(","), default=["dense", "compressed", "compressed-int4"])
     ap.add_argument("--local-window", type=int, default=None, help="compressed: local heads' window (64; tiny 8)")
     ap.add_argument("--global-share", type=float, default=0.25, help="compressed: share of heads global")
+    ap.add_argument("--device-decode", action="store_true", help="also each compressed setting with its payloads "
+                    "decoded on the device (StoreConfig.decode_on='device'), over the same stored files")  # fmt: skip
     ap.add_argument("--no-zipf", action="store_true")
     ap.add_argument("--zipf-reserve-s", type=float, default=None, help="time kept for the Zipf part (85; tiny 30)")
     ap.add_argument("--zipf-chunks", type=int, default=None, help="corpus (80; tiny 32)")
@@ -595,6 +623,8 @@ def main() -> None:
     args.zipf_chunks = default(args.zipf_chunks, 80, 32)
     args.local_window = default(args.local_window, 64, 8)
     args.zipf_reserve_s = default(args.zipf_reserve_s, 85.0, 30.0)
+    if args.budget_s is None:
+        args.budget_s = 480.0 if args.device_decode else 380.0
     if unknown_settings := set(args.settings) - set(SETTING_TEXT):
         raise SystemExit(f"unknown settings {sorted(unknown_settings)}; choose from {sorted(SETTING_TEXT)}")
     if "dense" not in args.settings:
@@ -754,31 +784,52 @@ def main() -> None:
             d_store, r_store = pair["disk"], pair["redis"]
             assert d_store is not None and isinstance(d_store.tiers[0], DiskTier)
             cst = d_store.stats().class_stored_bytes
-            data["settings"][name] = dict(
+            cfg = settings[name]
+            heads = None if cfg.heads is None else dict(window=cfg.heads.window, local_heads=cfg.heads.num_local,
+                                                        kv_heads=L * H)  # fmt: skip
+            info = dict(
                 description=SETTING_TEXT[name].format(window=args.local_window, share=args.global_share),
-                config=dict(cold_codec=settings[name].cold_codec, heads=None if settings[name].heads is None else dict(
-                    window=settings[name].heads.window, local_heads=settings[name].heads.num_local, kv_heads=L * H)),
+                config=dict(cold_codec=cfg.cold_codec, decode_on=cfg.decode_on, heads=heads),
                 stored_bytes_per_chunk=sum(cst.values()) / args.chunks,
                 stored_bytes_by_class=cst,
                 file_bytes_per_chunk=d_store.tiers[0].nbytes / args.chunks,
-                host_bytes_per_chunk=host_bytes_per_chunk(settings[name], L, H, args.chunk_tokens, D, elem),
+                host_bytes_per_chunk=host_bytes_per_chunk(cfg, L, H, args.chunk_tokens, D, elem),
                 vs_dense_stored=sum(cst.values()) / (chunk_bytes * args.chunks),
                 put_s=put_s[name],
             )  # fmt: skip
-            setting = dict(name=name, tiers=[t for t in TIERS if t in args.tiers and (name == "dense" or t != "gpu")],
-                           disk=d_store, redis=r_store, deadline_s=deadlines[name],
-                           **{k: data["settings"][name][k] for k in ("stored_bytes_per_chunk",
-                                                                     "host_bytes_per_chunk")})  # fmt: skip
-            run_tiers(ctx, args, data, setting)
+            data["settings"][name] = info
+            run_setting(ctx, args, data, name, d_store, r_store, deadlines[name])
             save()
             if r_store is not None:
                 r_store.close()
-                for key in keys:
-                    r_store.delete(key)  # free Redis and pinned host memory for the next part
             d_store.evict()
             d_store.close()
-            shutil.rmtree(work / f"disk-{name}", ignore_errors=True)
             free_memory()
+            if args.device_decode and cfg.codec != Codec.RAW:  # the same files, decoded on the device
+                dd = name + DEVICE_DECODE
+                dcfg = dataclasses.replace(cfg, decode_on="device")
+                d_dev = ChunkKVStore(work / f"disk-{name}", fp, config=dcfg)
+                r_dev = None
+                if r_store is not None and url is not None:
+                    from redknot_rag.store.redis_tier import RedisTier
+
+                    cold = RedisTier.from_url(url, fp, timeout_s=30.0, prefix=f"rkv-{name}")
+                    r_dev = ChunkKVStore(work / f"redis-host-{name}", fp, cold=cold, config=dcfg)
+                data["settings"][dd] = dict(
+                    info, description=info["description"] + DEVICE_DECODE_TEXT, config=dict(info["config"],
+                    decode_on="device"), host_bytes_per_chunk=info["stored_bytes_per_chunk"],
+                )  # fmt: skip
+                run_setting(ctx, args, data, dd, d_dev, r_dev, deadlines[name] + 60.0)
+                save()
+                if r_dev is not None:
+                    r_dev.close()
+                d_dev.evict()
+                d_dev.close()
+                free_memory()
+            if r_store is not None:
+                for key in keys:
+                    r_store.delete(key)  # free Redis for the next part
+            shutil.rmtree(work / f"disk-{name}", ignore_errors=True)
         if not args.no_zipf:
             if time.time() - start > args.budget_s - 30:
                 data["notes"].append("zipf: skipped (time budget)")
@@ -825,6 +876,12 @@ def _fs_of(path: Path) -> str:
     return f"{best[1]} on {best[0]} (mounted at {best[2]})"
 
 
+def _short(setting: str) -> str:
+    """A plot label: bf16, i8, i4, i8dd (device decode), ..."""
+    base = setting.removesuffix(DEVICE_DECODE)
+    return SHORT.get(base, base[:3]) + ("dd" if base != setting else "")
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
@@ -833,11 +890,11 @@ def plot(path: Path) -> None:
 
     d = json.loads(Path(path).read_text())
     if "settings" in d:  # one bar per (setting, tier)
-        rows = {f"{n[0]}:{t}": r for n, st in d["settings"].items() for t, r in st.get("tiers", {}).items()}
+        rows = {f"{_short(n)}:{t}": r for n, st in d["settings"].items() for t, r in st.get("tiers", {}).items()}
     else:  # results from before the storage settings
         rows = d.get("tiers", {})
     tiers = {k: v for k, v in rows.items() if "ttft_median_s" in v}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13 + 0.25 * max(0, len(tiers) - 12), 4.8), width_ratios=[2, 1])
     ax = axes[0]
     parts = [("load_median_s", "load (tier -> GPU pool)"), ("relocate_median_s", "relocate"),
              ("select_median_s", "select (probe)"), ("forward_median_s", "forward (recompute + question)")]  # fmt: skip
@@ -853,7 +910,7 @@ def plot(path: Path) -> None:
                 ha="center", va="bottom", fontsize=7)  # fmt: skip
     ax.axhline(d["hf_full_s"] * 1e3, color="gray", ls="--", lw=1, label="transformers full prefill")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names)
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"{d['policy']}, {d['chunks']} x {d['chunk_tokens']}-token chunks, KV in each tier ({d['card']})")
     ax.legend(fontsize=7)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast, overload
 
 import torch
 
@@ -324,6 +324,19 @@ class ChunkKVStore:
         meta = self.meta(chunk_key)
         return None if meta is None else meta.shape
 
+    @overload
+    def get_blocks(
+        self,
+        chunk_key: str,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        *,
+        encoded: Literal[False] = False,
+    ) -> Mapping[Block, KVBlock] | None: ...
+    @overload
+    def get_blocks(
+        self, chunk_key: str, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None, *, encoded: bool
+    ) -> Mapping[Block, HostBlock] | None: ...
     def get_blocks(
         self,
         chunk_key: str,
