@@ -6,6 +6,9 @@ In process: the app over the session engine, a small RAG store, a user, an admin
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from redknot_rag.sampling import SamplingParams
@@ -155,3 +158,107 @@ def test_batch_refused_with_429_leaves_no_jobs(served, monkeypatch):
     again = client.post("/generate", json={**body, "sampling_params": {"max_new_tokens": 2}}, headers=AUTH)
     assert again.status_code == 200, again.text  # the rids are reusable
     assert [o["meta_info"]["id"] for o in again.json()] == rids
+
+
+# ---- item 1: bounded grammars and stop lists -------------------------------------------------------------
+def _enum_schema(n: int) -> str:
+    import json
+
+    return json.dumps({"enum": [f"w{i:06d}{'x' * (i % 7)}" for i in range(n)]})
+
+
+def test_grammar_compile_over_its_time_is_killed_and_the_pool_recovers(engine):
+    """A compile that runs past the pool's timeout is killed with its worker; the next compile works."""
+    import xgrammar as xgr
+
+    from redknot_rag.server.grammar_compiler import GrammarCompilerPool, GrammarTimeoutError
+
+    mc = engine.model_config
+    info = xgr.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=mc.vocab_size, stop_token_ids=[2])
+    pool = GrammarCompilerPool(info, num_workers=1, timeout_s=30.0)
+    try:
+        assert pool.compile("regex", "(yes|no)") is not None  # starts the worker
+        (worker,) = pool._free
+        pool.timeout_s = 0.05
+        t0 = time.perf_counter()
+        with pytest.raises(GrammarTimeoutError, match="longer than 0.05 s"):
+            pool.compile("json_schema", _enum_schema(20_000))
+        assert time.perf_counter() - t0 < 5 and not worker.proc.is_alive()
+        pool.timeout_s = 30.0
+        assert pool.compile("regex", "[0-9]{3}") is not None
+    finally:
+        pool.close()
+
+
+def test_grammar_over_the_size_limit_or_the_time_limit_is_400(served, monkeypatch):
+    from redknot_rag.server.constrained import MAX_GRAMMAR_CHARS, GrammarBackend
+
+    client, rt = served
+    huge = "(" + "|".join(f"w{i:06d}" for i in range(MAX_GRAMMAR_CHARS // 8 + 1)) + ")"
+    sp = {"max_new_tokens": 2}
+    r = client.post("/generate", json={"text": "hi", "sampling_params": {**sp, "regex": huge}}, headers=AUTH)
+    _err(r, 400, f"the limit is {MAX_GRAMMAR_CHARS}")
+    mc = rt.engine.model_config
+    pool = GrammarBackend.of(rt.tokenizer, mc.vocab_size, tuple(mc.eos_token_ids)).pool
+    monkeypatch.setattr(pool, "timeout_s", 0.05)
+    t0 = time.perf_counter()
+    body = {"text": "hi", "sampling_params": {**sp, "json_schema": _enum_schema(5_000)}}
+    _err(client.post("/generate", json=body, headers=AUTH), 400, "json_schema too complex")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_backtracking_stop_regex_is_cut_off_and_does_not_stall_others(served):
+    """The probe's request: output `a{25}` searched by `(a|a)*\\d` (exponential backtracking) took 128 s
+    on the event loop while a 2-token request timed out. Now the search is bounded: the probe fails
+    with a 400 naming stop_regex, and the short request and /health answer meanwhile."""
+    import httpx
+
+    client, _ = served
+
+    async def run() -> tuple[httpx.Response, httpx.Response, float, float]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH, timeout=120) as c:
+            probe_sp = {"regex": "a{25}", "stop_regex": "(a|a)*\\d", "max_new_tokens": 30}
+            probe = asyncio.create_task(c.post("/generate", json={"text": "Write a's:", "sampling_params": probe_sp}))
+            await asyncio.sleep(0.5)
+            t0 = time.perf_counter()
+            short = await c.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
+            health = await c.get("/health")
+            assert health.status_code == 200
+            t_short = time.perf_counter() - t0
+            return await probe, short, t_short, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    probe, short, t_short, _ = asyncio.run(run())
+    assert short.status_code == 200 and t_short < 15, (short.text, t_short)
+    _err(probe, 400, "stop_regex '(a|a)*\\d' took too long")
+    assert time.perf_counter() - t0 < 30
+
+
+def test_stop_regex_still_cuts_the_output(served):
+    client, _ = served
+    sp = {"max_new_tokens": 16, "regex": "abc123def", "stop_regex": r"\d{2}"}
+    r = client.post("/generate", json={"text": "Say it:", "sampling_params": sp}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == "abc" and r.json()["meta_info"]["finish_reason"] == {"type": "stop", "matched": r"\d{2}"}
+
+
+@pytest.mark.parametrize(
+    "sp, needle",
+    [
+        ({"stop": ["x"] * 200_000}, "stop: at most 32 strings"),
+        ({"stop": ["y" * 257]}, "stop: a string has 257 characters"),
+        ({"stop_regex": ["a"] * 9}, "stop_regex: at most 8 patterns"),
+        ({"stop_regex": "b" * 1001}, "stop_regex: a pattern has 1001 characters"),
+    ],
+)
+def test_stop_lists_over_their_limits_are_400(served, sp, needle):
+    client, _ = served
+    r = client.post("/generate", json={"text": "hi", "sampling_params": {**sp, "max_new_tokens": 2}}, headers=AUTH)
+    _err(r, 400, needle)
+
+
+def test_chat_stop_list_over_the_limit_is_400(served):
+    client, rt = served
+    body = {"model": rt.model_name, "messages": [{"role": "user", "content": "hi"}], "stop": ["z"] * 33}
+    _err(client.post("/v1/chat/completions", json=body, headers=AUTH), 400, "stop: at most 32")

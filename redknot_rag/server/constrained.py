@@ -1,10 +1,11 @@
 """Constrained decoding on xgrammar (the grammar engine SGLang uses): JSON schema, regex, EBNF.
 
 A `Grammar` names what the output must match; `GrammarBackend` (one per tokenizer) compiles it
-once to an xgrammar `CompiledGrammar` (cached by the compiler) and hands each request a fresh
-`GrammarProcessor`. The processor is the engine's `Request.logits_processor` hook: at every
-decode step it feeds the matcher the tokens emitted since its last call and sets every logit the
-grammar disallows to -inf. Stop tokens are allowed exactly when the grammar can end here.
+once to an xgrammar `CompiledGrammar` (in a worker process, bounded in size and time, cached:
+grammar_compiler.py) and hands each request a fresh `GrammarProcessor`. The processor is the
+engine's `Request.logits_processor` hook: at every decode step it feeds the matcher the tokens
+emitted since its last call and sets every logit the grammar disallows to -inf. Stop tokens are
+allowed exactly when the grammar can end here.
 
 The engine fills the masks of all constrained requests of a step at once: `StepGrammarMask`
 fills one `[rows, ⌈vocab/32⌉]` int32 bitmask in a single xgrammar batch call on a worker thread
@@ -35,12 +36,12 @@ import torch
 import xgrammar as xgr
 
 from redknot_rag.sampling import InvalidRequestError, SamplingParams
+from redknot_rag.server.grammar_compiler import GrammarCompileError, GrammarCompilerPool, GrammarTimeoutError
 
 GrammarKind = Literal["regex", "json_schema", "ebnf"]
-# Whitespace the JSON grammars allow between tokens: one character (space or newline) at each
-# place JSON allows any. Unbounded whitespace lets a small model loop on blanks until `length`.
-_JSON_MAX_WHITESPACE = 1
 _NEG_INF = torch.tensor(float("-inf"))
+MAX_GRAMMAR_CHARS = 100_000  # a regex, EBNF or JSON schema (as JSON text)
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0  # a compile running longer is killed and answered 400
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class GrammarBackend:
         self.vocab_size = vocab_size
         self.stop_ids = stop_ids
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids))
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self.pool = GrammarCompilerPool(self.info, timeout_s=GRAMMAR_COMPILE_TIMEOUT_S)
 
     @classmethod
     def of(cls, tokenizer: Any, vocab_size: int, stop_ids: tuple[int, ...]) -> GrammarBackend:
@@ -86,30 +87,28 @@ class GrammarBackend:
             return b
 
     def compile(self, g: Grammar) -> xgr.CompiledGrammar:
-        """Compile (or fetch from xgrammar's cache); a grammar xgrammar rejects is HTTP 400."""
-        try:
-            if g.kind == "regex":
-                if regex_has_empty_class(g.source):
-                    raise InvalidRequestError(
-                        f"invalid regex {g.source[:200]!r}: a character class in it matches no character"
-                    )
-                return self.compiler.compile_regex(g.source)
-            if g.kind == "ebnf":
-                return self.compiler.compile_grammar(g.source)
-            schema = json.loads(g.source)
+        """Compile in a worker process within `GRAMMAR_COMPILE_TIMEOUT_S` (or fetch from the pool's cache);
+        a grammar over `MAX_GRAMMAR_CHARS`, one xgrammar rejects or one that compiles too long is HTTP 400."""
+        what = {"regex": "regex", "ebnf": "ebnf", "json_schema": "json_schema"}[g.kind]
+        if len(g.source) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(f"{what} has {len(g.source)} characters; the limit is {MAX_GRAMMAR_CHARS}")
+        if g.kind == "regex" and regex_has_empty_class(g.source):
+            raise InvalidRequestError(f"invalid regex {g.source[:200]!r}: a character class in it matches no character")
+        if g.kind == "json_schema":
+            try:
+                schema = json.loads(g.source)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"json_schema is not valid JSON: {e}") from e
+            except RecursionError:
+                raise InvalidRequestError("json_schema is nested too deeply") from None
             if not isinstance(schema, dict | bool):
                 raise InvalidRequestError("json_schema must be a JSON object")
-            return self.compiler.compile_json_schema(
-                g.source, any_whitespace=True, max_whitespace_cnt=_JSON_MAX_WHITESPACE
-            )
-        except InvalidRequestError:
-            raise
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"json_schema is not valid JSON: {e}") from e
-        except Exception as e:  # xgrammar raises RuntimeError/ValueError with a parser message
-            what = {"regex": "regex", "ebnf": "ebnf grammar", "json_schema": "json_schema"}[g.kind]
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InvalidRequestError(f"invalid {what} {g.source[:200]!r}: {msg}") from e
+        try:
+            return self.pool.compile(g.kind, g.source)
+        except GrammarCompileError as e:
+            raise InvalidRequestError(f"invalid {what} {g.source[:200]!r}: {e}") from e
+        except GrammarTimeoutError as e:
+            raise InvalidRequestError(f"{what} too complex: {e}; simplify it") from e
 
     def processor(self, g: Grammar) -> GrammarProcessor:
         return GrammarProcessor(self.compile(g), self.vocab_size)

@@ -36,6 +36,15 @@ from redknot_rag.server.settings import ServerSettings
 log = logging.getLogger("redknot.server")
 T = TypeVar("T")
 _WAKE_S = 0.25  # longest sleep between checks for a client disconnect
+# Stop conditions are checked after every token (strings on the engine thread, regexes on an executor
+# thread): their number and size are bounded, and each regex search is bounded in time, per search
+# and per request (a backtracking pattern such as `(a|a)*\d` would otherwise search for minutes).
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256  # one stop string
+MAX_STOP_REGEXES = 8
+MAX_STOP_REGEX_CHARS = 1_000  # one stop_regex pattern
+STOP_REGEX_SEARCH_S = 0.1  # one search of the output so far
+STOP_REGEX_BUDGET_S = 2.0  # every search of one request together
 
 
 class _LoopQueue(queue.Queue):
@@ -84,6 +93,7 @@ class Job:
     owner: str = ""
     cancel_error: str | None = None  # set when the server cancels it (drain): reported instead of an abort
     error_status: int = 500
+    stop_regex_budget_s: float = STOP_REGEX_BUDGET_S  # search time left to its stop regexes
 
     def error_body(self) -> dict:
         """The SSE error event / JSON error of a failed job (503 when the server cancelled it)."""
@@ -169,6 +179,11 @@ class Runtime:
         n, ctx = len(inp.prompt_ids), self.engine.max_context
         if n >= ctx:
             raise ApiError(413, f"prompt has {n} tokens; the model context is {ctx} tokens")
+        if len(inp.stop_regex) > MAX_STOP_REGEXES:
+            raise ApiError(400, f"stop_regex: at most {MAX_STOP_REGEXES} patterns, got {len(inp.stop_regex)}")
+        longest = max(map(len, inp.stop_regex), default=0)
+        if longest > MAX_STOP_REGEX_CHARS:
+            raise ApiError(400, f"stop_regex: a pattern has {longest} characters; the limit is {MAX_STOP_REGEX_CHARS}")
         self.check_limits_params(inp.params)
 
     def check_limits_params(self, params: SamplingParams) -> None:
@@ -179,6 +194,11 @@ class Runtime:
             raise ApiError(
                 400, f"max_new_tokens {mnt} exceeds this server's limit of {self.settings.max_new_tokens_limit}"
             )
+        if len(params.stop) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(params.stop)}")
+        longest = max(map(len, params.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ApiError(400, f"stop: a string has {longest} characters; the limit is {MAX_STOP_CHARS}")
         mc = self.engine.model_config
         outside = [t for t in params.stop_token_ids if t >= mc.vocab_size]
         if outside:
@@ -304,7 +324,8 @@ class Runtime:
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(bridge.ready.wait(), _WAKE_S)
                     continue
-                out = self._apply(job, ev)
+                hit = await self._search_stop_regex(job, ev)
+                out = self._apply(job, ev, hit)
                 if out is not None:
                     yield out
         finally:
@@ -314,29 +335,49 @@ class Runtime:
                 job.finish_reason = {"type": "abort"}
                 self.observe(job)
 
-    def _apply(self, job: Job, ev: TokenEvent) -> TokenEvent | None:
-        """Track text and finish; enforce stop regexes. Returns the event to show, or None."""
+    async def _search_stop_regex(self, job: Job, ev: TokenEvent) -> tuple[int, str] | None:
+        """(start, pattern) of the first stop regex match in the output with `ev`'s text, searched on an
+        executor thread (the `regex` module releases the GIL) within the job's time budget. A search
+        over its time fails the job with a 400 naming the pattern; None when nothing matches."""
+        if not job.stop_regex or not ev.text or ev.finished or job.finish_reason is not None:
+            return None
+        text = job.text + ev.text
+        t0 = time.perf_counter()
+        try:
+            hit = await self.run_blocking(
+                _search, job.stop_regex, text, min(STOP_REGEX_SEARCH_S, job.stop_regex_budget_s)
+            )
+        except TimeoutError as e:
+            job.error, job.error_status = f"stop_regex '{e}' took too long to search the output; simplify it", 400
+            job.finish_reason = {"type": "abort"}
+            self.engine.abort(job.rid)
+            return None
+        finally:
+            job.stop_regex_budget_s -= time.perf_counter() - t0
+        return hit
+
+    def _apply(self, job: Job, ev: TokenEvent, hit: tuple[int, str] | None = None) -> TokenEvent | None:
+        """Track text and finish; `hit` is a stop regex match (`_search_stop_regex`) in the text with `ev`'s.
+        Returns the event to show, or None."""
         if job.finish_reason is not None and not ev.finished:
-            return None  # stop regex already ended it; waiting for the engine's abort
+            return None  # a stop regex already ended it; waiting for the engine's abort
         if ev.finished:
             job.is_finished = True
             if job.finish_reason is None:
                 job.finish_reason = ev.finish_reason
-            job.error = ev.error or job.cancel_error
+            job.error = ev.error or job.cancel_error or job.error
             if job.error and job.cancel_error:
                 job.error_status = 503
             self.observe(job)
             return TokenEvent(ev.token_id, "", ev.logprob, True, job.finish_reason, job.error)
         text = job.text + ev.text
-        for rx in job.stop_regex:
-            m = rx.search(text)
-            if m is not None:
-                cut = text[: m.start()]
-                delta = cut[len(job.text) :]
-                job.text = cut
-                job.finish_reason = {"type": "stop", "matched": rx.pattern}
-                self.engine.abort(job.rid)
-                return TokenEvent(ev.token_id, delta, ev.logprob)
+        if hit is not None:
+            cut = text[: hit[0]]
+            delta = cut[len(job.text) :]
+            job.text = cut
+            job.finish_reason = {"type": "stop", "matched": hit[1]}
+            self.engine.abort(job.rid)
+            return TokenEvent(ev.token_id, delta, ev.logprob)
         job.text = text
         return ev
 
@@ -449,6 +490,19 @@ class Runtime:
         self.cancel_in_flight("server shut down")
         self.engine.shutdown(cancel=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _search(patterns: list[regex.Pattern], text: str, timeout_s: float) -> tuple[int, str] | None:
+    """(start, pattern) of the first pattern that matches `text`; TimeoutError(pattern) past `timeout_s`."""
+    deadline = time.perf_counter() + timeout_s
+    for rx in patterns:
+        try:
+            m = rx.search(text, timeout=max(deadline - time.perf_counter(), 1e-3), concurrent=True)
+        except TimeoutError:
+            raise TimeoutError(rx.pattern) from None
+        if m is not None:
+            return m.start(), rx.pattern
+    return None
 
 
 def _model_dir_and_note(engine: Engine) -> tuple[str, str]:
