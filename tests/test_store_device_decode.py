@@ -7,6 +7,7 @@ same plan); the `gpu` tests run it on CUDA. Every comparison is bit for bit."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -255,6 +256,51 @@ def test_gpu_decode_equals_cpu_decode_gpu(tmp_path: Path, codec: str, window: st
         torch.cuda.current_stream().wait_event(events[-1])  # type: ignore[arg-type]
         assert torch.equal(k.cpu(), ref_k) and torch.equal(v.cpu(), ref_v)
     dev.close()
+
+
+def test_make_room_waits_only_for_evicted_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eviction bookkeeping a GPU cache runs, on the CPU with a recording stand-in for the current
+    stream and the events a GPU load records: a load that evicts nothing waits for nothing (the loads in
+    flight stay in flight), a load that evicts a segment waits for that segment's copies only, and
+    `ready()` still waits for everything."""
+    from kernel_fixtures import random_weights, tiny_config
+
+    from redknot_rag.config import EngineConfig
+    from redknot_rag.engine import Engine
+    from redknot_rag.loader import LoadedModel
+
+    cfg = tiny_config(head_dim=D, num_kv_heads=H, num_layers=L, vocab=128)
+    loaded = LoadedModel(cfg, random_weights(cfg, torch.float32, "cpu"), None, "tiny-random", "random:tiny")  # type: ignore[arg-type]
+    conf = EngineConfig(device="cpu", dtype="float32", attention_backend="torch", cpu_kv_gib=0.01)
+    runner = Engine(conf, loaded=loaded).runner
+    store = _store(tmp_path, "int8", "tail", "host", torch.float32)
+    for i in range(3):
+        _put(store, f"c{i}", 50 + i, torch.float32)
+    waits: list[object] = []
+
+    class Stream:
+        def wait_event(self, ev: object) -> None:
+            waits.append(ev)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    cache = SegmentCache(runner, max_pages=2 * L * H * -(-T // PS))  # two chunks fit
+
+    def load(key: str) -> None:
+        assert cache.get_blocks(key, lambda: store.get_blocks(key), T) is not None
+        done = cast(torch.cuda.Event, f"copied:{key}")  # what a GPU load records: the event after its copies
+        cache._loaded[key] = done
+        cache._pending.append(done)
+
+    load("c0")
+    load("c1")
+    assert waits == [] and len(cache) == 2  # nothing evicted: nothing waited for
+    load("c2")  # evicts c0
+    assert waits == ["copied:c0"] and "c0" not in cache
+    cache.drop("c1")
+    assert waits == ["copied:c0", "copied:c1"]
+    cache.ready()
+    assert waits[2:] == ["copied:c0", "copied:c1", "copied:c2"] and not cache._loaded
+    store.close()
 
 
 def _cuda_runner():
