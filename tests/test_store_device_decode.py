@@ -223,6 +223,14 @@ def test_host_tier_keeps_payloads_encoded(tmp_path: Path) -> None:
     assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
     with pytest.raises(ValueError, match="decode_on"):
         StoreConfig(decode_on="gpu")
+    import argparse
+
+    from redknot_rag.store import add_store_args, store_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_store_args(p)
+    assert store_config_from_args(p.parse_args([])).decode_on == "host"
+    assert store_config_from_args(p.parse_args(["--store-decode-on", "device"])).decode_on == "device"
     for s in (dev, host, dense_dev, dense_host):
         s.close()
 
