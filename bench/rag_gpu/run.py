@@ -29,6 +29,14 @@ visible keys; `FlashInferBackend.local_inside = True`); `@local-triton` is the s
 (`local_inside = False`, the engine's default since it measured faster); `@local-split` runs the
 recompute forward and then the question forward, timed apart (`recompute_s`, `question_s`).
 
+`@split` runs queries inside the context (recompute) on FlashInfer part A + Triton part B + merge
+(`FlashInferBackend.inside = "split"`) instead of the default one Triton launch per layer whose query
+tiles stop at their last position (`"tiles"`); `@bm128` runs those tiles 128 (token, q head) pairs high.
+
+The default policy list is the price list of issue 21: full, naive, redknot at budgets 2-50% (`BUDGETS`),
+and the split / bm128 variants at 5% and 20%; `--policies legacy` runs the list of earlier runs. The JSON's
+`price_list` holds one row per (context, budget); `--plot` also draws `price_<card>.png` from it.
+
 `--tiny` runs the same code on the CPU with a 2-layer model and short chunks.
 """
 
@@ -314,6 +322,13 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
     part_a = getattr(be, "part_a", None)
     if variant == "prerot" and part_a is not None:
         be.part_a = "pre-rotated-q"
+    inside = getattr(be, "inside", None)  # "@split": recompute on part A + part B + merge, not Triton tiles
+    if variant in ("split", "prerot") and inside is not None:
+        be.inside = "split"
+    tri = getattr(be, "triton", be)  # "@bm128": Triton tiles of 128 (token, q head) pairs
+    block_m = getattr(tri, "block_m", None)
+    if variant == "bm128" and hasattr(tri, "block_m"):
+        tri.block_m = 128
     glob = vis = None
     local_inside = getattr(be, "local_inside", None)
     if variant in ("local", "local-split", "local-triton") and local_inside is not None:
@@ -351,6 +366,10 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
         engine.runner.release(kv)
         if part_a is not None:
             be.part_a = part_a
+        if inside is not None:
+            be.inside = inside
+        if hasattr(tri, "block_m"):
+            tri.block_m = block_m
         if local_inside is not None:
             be.local_inside = local_inside
     return out
@@ -438,6 +457,41 @@ def profile(engine: Any, inp: Any, small: Any, args: Any) -> str:
     return out.getvalue()
 
 
+BUDGETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # recomputed share of the chunk tokens (issue 21's price list)
+
+
+def policy_list(spec: str, default_policy: str) -> list[str]:
+    """`spec`: "price" (the default), "legacy" (the list of runs before issue 21) or a comma list."""
+    if spec == "price":
+        pols = ["full", "naive"] + [f"redknot:{b}" for b in BUDGETS]
+        return pols + [f"redknot:{b}@{v}" for v in ("split", "bm128") for b in (0.05, 0.2)]
+    if spec == "legacy":
+        pols = ["full", "full@eager", "naive", "naive@eager", "epic:16", default_policy, "redknot:0.1", "redknot:0.02"]
+        pols = list(dict.fromkeys(pols)) + [default_policy + "@prerot", "naive@local"]
+        return pols + [default_policy + v for v in ("@local", "@local-triton", "@local-split")]
+    return [p for p in spec.split(",") if p]
+
+
+def price_list(data: dict) -> list[dict]:
+    """One row per (context, redknot budget) of the default path (no variant): TTFT against its floor, its
+    phases, and transformers over a cache with the same number of new tokens."""
+    rows = []
+    for sc in data["scenarios"]:
+        for name, r in sc["policies"].items():
+            base, _, arg = name.partition(":")
+            if base != "redknot" or "@" in arg:
+                continue
+            rows.append(dict(
+                context_tokens=sc["context_tokens"], budget=float(arg), recomputed_tokens=r["recomputed_tokens"],
+                ttft_ms=r["ttft_median_s"] * 1e3, floor_ms=r["floor_s"] * 1e3, vs_floor=r["ttft_vs_floor"],
+                load_ms=r["load_median_s"] * 1e3, select_ms=r["select_median_s"] * 1e3,
+                forward_ms=r["forward_median_s"] * 1e3, hf_cached_ms=r.get("hf_cached_s", float("nan")) * 1e3,
+                forward_vs_hf_cached=r.get("hf_cached_s", float("nan")) / r["forward_median_s"],
+                speedup_vs_hf_full=r.get("speedup_vs_hf_full"), path=r.get("path"),
+            ))  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
@@ -451,6 +505,8 @@ def main() -> None:
     ap.add_argument("--default-policy", default="redknot:0.05", help="the policy the goals are checked on")
     ap.add_argument("--profile", action="store_true", help="write profile_<card>.txt (where the time goes)")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--policies", default="price", help='"price" (default), "legacy" or a comma list')
+    ap.add_argument("--tag", default="", help="suffix of the result file name (results_rag_<card>_<tag>.json)")
     args = ap.parse_args()
     if args.plot:
         plot(Path(args.plot))
@@ -465,14 +521,11 @@ def main() -> None:
     # the default is the budget the fidelity harness settled on (bench/reuse: the frontier rule picks
     # redknot:0.05 on the default model); 0.1 and 0.02 bracket it
     default_policy = args.default_policy
-    pols = ["full", "full@eager", "naive", "naive@eager", "epic:16", default_policy, "redknot:0.1", "redknot:0.02"]
-    pols = list(dict.fromkeys(pols))
-    pols.append(default_policy + "@prerot")
-    # SYNTHETIC head profile (25% global heads, window 64): the local-head paths at the default policy
-    pols += ["naive@local"] + [default_policy + v for v in ("@local", "@local-triton", "@local-split")]
+    # legacy list: @local variants use a SYNTHETIC head profile (25% global heads, window 64)
+    pols = policy_list(args.policies, default_policy)
     out_dir = Path(args.out or os.environ.get("OUT") or HERE)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"results_rag_{card()}{'_tiny' if tiny else ''}.json"
+    path = out_dir / f"results_rag_{card()}{'_' + args.tag if args.tag else ''}{'_tiny' if tiny else ''}.json"
     ceil = ceilings(dev, tiny)
     log("ceilings", ceil)
     hf, engine = build(tiny, backend, dev)
@@ -552,6 +605,7 @@ def main() -> None:
             r["speedup_vs_hf_full"] = sc["hf_full_s"] / r["ttft_median_s"]
             if full:
                 r["speedup_vs_full"] = full["ttft_median_s"] / r["ttft_median_s"]
+        data["price_list"] = price_list(data)
         save()
     if args.profile:
         try:
@@ -622,6 +676,37 @@ def plot(path: Path) -> None:
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(str(path).replace(".json", ".png"), dpi=110)
+    if d.get("price_list"):
+        plot_prices(d, Path(str(path).replace("results_rag_", "price_").replace(".json", ".png")))
+
+
+def plot_prices(d: dict, out: Path) -> None:
+    """TTFT and its floor against the recompute budget, one line pair per context length."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ctx in sorted({r["context_tokens"] for r in d["price_list"]}):
+        rows = sorted((r for r in d["price_list"] if r["context_tokens"] == ctx), key=lambda r: r["budget"])
+        x = [100 * r["budget"] for r in rows]
+        (line,) = ax.plot(x, [r["ttft_ms"] for r in rows], "o-", label=f"redknot TTFT, {ctx} tokens")
+        ax.plot(x, [r["floor_ms"] for r in rows], "--", color=line.get_color(), label=f"floor, {ctx} tokens")
+        ax.plot(x, [r["hf_cached_ms"] for r in rows], ":", color=line.get_color(), marker="x",
+                label=f"transformers, same new tokens over a cache, {ctx}")  # fmt: skip
+        ax2.plot(x, [r["vs_floor"] for r in rows], "o-", color=line.get_color(), label=f"{ctx} tokens")
+    ax.set_yscale("log")
+    ax.set_xlabel("recomputed share of the chunk tokens (%)")
+    ax.set_ylabel("ms (log)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"TTFT by recompute budget ({d['card']})")
+    ax2.axhline(1.3, color="gray", ls="--", lw=1, label="goal at 32K: 1.3x")
+    ax2.axhline(2.0, color="gray", ls=":", lw=1, label="goal at 4K (5%): 2.0x")
+    ax2.set_xlabel("recomputed share of the chunk tokens (%)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("TTFT / floor (log)")
+    ax2.legend(fontsize=7)
+    ax2.set_title("distance to the floor")
+    fig.tight_layout()
+    fig.savefig(str(out), dpi=110)
 
 
 if __name__ == "__main__":
