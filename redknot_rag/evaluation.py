@@ -35,6 +35,27 @@ QUICK_POLICIES = ("full", "naive", "redknot:0.1")
 SETS = ("planted", "facts")
 MAX_RECOMPUTE = 0.10  # the GPU path needs the budget small (issue 10)
 MIN_SPEEDUP_CPU = 5.0
+MAX_ACCURACY_LOSS = 0.02  # the default rule: within 2 points of full ...
+MAX_CI_LOSS = 0.04  # ... with the paired CI's lower end above -4 points
+FRONTIER_BUDGETS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+# frontier families: a policy name per budget, whose recomputed fraction is that budget
+FRONTIER_FAMILIES = {
+    "redknot": "redknot:{b}:0",  # the question probe's top tokens (global heads), no fixed head tokens
+    "cacheblend": "cacheblend:{b}",
+    "epic": "epic-frac:{b}",  # EPIC's first-k with k scaled to the budget per chunk
+    "redknot-chunks": "redknot-chunks:{b}",  # whole chunks by the probe's ranking
+    "redknot-dense": "redknot-dense:{b}:0",  # the probe over every head
+    "oracle-select": "oracle:select:{b}",  # the ceiling of token selection (bench only)
+}
+# oracles that are not budget sweeps
+STRUCTURE_ORACLES = (
+    "oracle:answer-chunk",
+    "oracle:other-chunks",
+    "oracle:first:full",
+    "oracle:last:full",
+    "oracle:first:naive",
+    "oracle:last:naive",
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +67,7 @@ class EvalCase:
     question: str
     chunks: tuple[str, ...]
     check: Callable[[str], bool]
+    answer_chunks: tuple[int, ...] = ()  # indices into `chunks` of the chunks holding the needed facts
 
 
 @dataclass(frozen=True)
@@ -85,9 +107,11 @@ def planted_cases(n: int, seed: int, tokenizer, num_chunks: int = 4, chunk_token
         if fact_chunk is None or len(others) < num_chunks - 1:
             continue  # the chunker split the fact sentence (rare)
         texts = [fact_chunk] + others[: num_chunks - 1]
-        rng.shuffle(texts)
+        order = list(range(len(texts)))
+        rng.shuffle(order)  # the permutation `rng.shuffle(texts)` made before, so the cases stay the same
+        texts = [texts[i] for i in order]
         answer = case.answer.lower()
-        out.append(EvalCase(case.case_id, "planted", case.question, tuple(texts), _contains(answer)))
+        out.append(EvalCase(case.case_id, "planted", case.question, tuple(texts), _contains(answer), (order.index(0),)))
         if len(out) == n:
             break
     return out
@@ -102,7 +126,7 @@ def fact_cases(n: int, seed: int) -> list[EvalCase]:
     from redknot_rag.retrieval.fact_cases import make_fact_cases
 
     return [
-        EvalCase(c.case_id, "facts", c.question, tuple(c.chunks), c.is_correct)
+        EvalCase(c.case_id, "facts", c.question, tuple(c.chunks), c.is_correct, tuple(c.fact_chunks))
         for c in make_fact_cases(n, seed=seed, sizes=(4, 6, 8), min_chars=200, max_chars=400)
     ]
 
@@ -133,6 +157,7 @@ def run_case(rag, case: EvalCase, policies: Sequence[str], max_new_tokens: int =
     """Every policy on one case: TTFT of each request measured alone, then all decoded together."""
     from redknot_rag.rag.assemble import Timing
     from redknot_rag.rag.layout import chunk_key
+    from redknot_rag.reuse_oracles import is_oracle, oracle_arm
     from redknot_rag.sampling import SamplingParams
     from redknot_rag.stats import agreement_at_k, first_token_kl
 
@@ -149,11 +174,20 @@ def run_case(rag, case: EvalCase, policies: Sequence[str], max_new_tokens: int =
     timings: dict = {}
     ttft: dict[str, float] = {}
     first: dict[str, torch.Tensor] = {}
+    select_cache: dict = {}  # the oracle selector's ranking of this case, shared by its budgets
     for pol in policies:
         rag.flush_cache()  # every policy loads chunk KV from the store tier
         timing = Timing()
+        order, name, obj = chunks, pol, None
+        if is_oracle(pol):  # bench only: built here per case, never by name through the assembler
+            arm = oracle_arm(pol, len(chunks), case.answer_chunks, select_cache)
+            order = [chunks[i] for i in arm.order]
+            if isinstance(arm.policy, str):
+                name = arm.policy  # a served policy over reordered chunks
+            else:
+                obj = arm.policy
         t0 = time.perf_counter()
-        req = rag.assembler.build(chunks, q, pol, params, timing)
+        req = rag.assembler.build(order, q, name, params, timing, policy_obj=obj)
         req.logits_processor = _keep_first(first, pol)
         req.arrival_time = t0
         e.submit(req)
@@ -222,14 +256,59 @@ def summarize(records: Sequence[Record], reference: str = "full") -> dict:
     return out
 
 
-def choose_default(policies: dict[str, dict], max_recompute: float = MAX_RECOMPUTE) -> str:
-    """The frontier rule: among reuse policies within the recompute budget (the GPU path needs it small),
-    the best accuracy difference to `full`, then the lowest first-token KL. Speed is reported, not used:
-    on the CPU it depends mostly on context length (see `goals`)."""
-    ok = {n: p for n, p in policies.items() if n != "full" and p["recompute_fraction"] <= max_recompute + 1e-9}
-    if not ok:
-        raise ValueError("no reuse policy within the recompute budget was measured")
-    return max(ok, key=lambda n: (round(ok[n]["accuracy_diff"], 6), -ok[n]["first_token_kl"]))
+@dataclass(frozen=True)
+class DefaultChoice:
+    """What the default rule found: `policy` qualifies (None: nothing measured does), `closest` is the
+    qualifying policy or, failing that, the one that misses the rule by least; `shortfall` is that miss
+    in accuracy points (0 for a qualifying policy)."""
+
+    policy: str | None
+    closest: str | None
+    shortfall: float
+    rule: str = (
+        "smallest recompute fraction whose accuracy is within 2 points of full, with the paired 95% CI's "
+        "lower end above -4 points, and not below naive's accuracy"
+    )
+
+    @property
+    def is_qualified(self) -> bool:
+        return self.policy is not None
+
+
+def _shortfall(p: dict, naive_diff: float) -> float:
+    """How far a policy misses the default rule, in accuracy (0: it qualifies)."""
+    return (
+        max(0.0, -MAX_ACCURACY_LOSS - p["accuracy_diff"])
+        + max(0.0, -MAX_CI_LOSS - p["accuracy_diff_ci95"][0] + 1e-9)
+        + max(0.0, naive_diff - p["accuracy_diff"])
+    )
+
+
+def choose_default(policies: dict[str, dict]) -> DefaultChoice:
+    """The default rule over measured reuse policies (not `full`, not oracles, not frontier endpoints that
+    are naive or full by construction): the smallest recomputed fraction within 2 points of full whose CI
+    lower end is above -4 points and that is not worse than naive; ties by accuracy, then first-token KL.
+    Finds nothing when nothing qualifies: then `closest` names the policy that misses by least."""
+    from redknot_rag.reuse_oracles import is_oracle
+
+    cands = {n: p for n, p in policies.items() if n != "full" and not is_oracle(n) and "alias_of" not in p}
+    if not cands:
+        return DefaultChoice(None, None, float("inf"))
+    naive_diff = policies["naive"]["accuracy_diff"] if "naive" in policies else -1.0
+    miss = {n: _shortfall(p, naive_diff) for n, p in cands.items()}
+    ok = [n for n in cands if miss[n] == 0.0]
+    if ok:
+        best = min(
+            ok,
+            key=lambda n: (
+                round(cands[n]["recompute_fraction"], 6),
+                -cands[n]["accuracy_diff"],
+                cands[n]["first_token_kl"],
+            ),
+        )
+        return DefaultChoice(best, best, 0.0)
+    near = min(cands, key=lambda n: (round(miss[n], 6), cands[n]["recompute_fraction"]))
+    return DefaultChoice(None, near, miss[near])
 
 
 def goals(p: dict, min_speedup: float) -> dict[str, bool]:
@@ -244,19 +323,80 @@ def goals(p: dict, min_speedup: float) -> dict[str, bool]:
     }
 
 
-def report(records: Sequence[Record], meta: dict) -> dict:
-    """The results JSON: pooled and per generator, plus the default policy chosen by `choose_default`."""
+def frontier_policies(families: Sequence[str], budgets: Sequence[float] = FRONTIER_BUDGETS) -> list[str]:
+    """Policy names of the frontier families at `budgets` (0 and 1 left out: naive and full by construction,
+    `frontier_aliases` fills them in)."""
+    out = []
+    for fam in families:
+        if fam not in FRONTIER_FAMILIES:
+            raise ValueError(f"unknown frontier family {fam!r}; known: {', '.join(FRONTIER_FAMILIES)}")
+        out += [FRONTIER_FAMILIES[fam].format(b=b) for b in budgets if 0.0 < b < 1.0]
+    return out
+
+
+def frontier_aliases(policies: dict[str, dict], families: Sequence[str]) -> dict[str, dict]:
+    """The 0% and 100% points of each family: at 0 a family selects nothing (= naive), at 1 it recomputes
+    every chunk token in order (= full prefill); `tests/test_frontier.py` checks both. Marked `alias_of`."""
+    out: dict[str, dict] = {}
+    for fam in families:
+        for b, ref in ((0.0, "naive"), (1.0, "full")):
+            name = FRONTIER_FAMILIES[fam].format(b=b)
+            if name not in policies and ref in policies:
+                out[name] = {**policies[ref], "alias_of": ref}
+    return out
+
+
+def split_oracles(pooled: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    from redknot_rag.reuse_oracles import is_oracle
+
+    return {n: p for n, p in pooled.items() if not is_oracle(n)}, {n: p for n, p in pooled.items() if is_oracle(n)}
+
+
+def family_of(name: str) -> str | None:
+    for fam, pattern in FRONTIER_FAMILIES.items():
+        head, _, tail = pattern.partition("{b}")
+        if name.startswith(head) and name.endswith(tail) and _is_number(name[len(head) : len(name) - len(tail)]):
+            return fam
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def report(records: Sequence[Record], meta: dict, families: Sequence[str] = ()) -> dict:
+    """The results JSON: pooled and per generator (served policies under `policies`, oracles under
+    `oracles`, the 0 and 1 endpoints of every frontier family measured or named in `families` filled in),
+    and the default rule's choice, which may be none."""
     pooled = summarize(records)
     sets = sorted({r.set_name for r in records})
     per_set = {s: summarize([r for r in records if r.set_name == s]) for s in sets} if len(sets) > 1 else {}
-    default = choose_default(pooled)
+    policies, oracles = split_oracles(pooled)
+    measured = sorted({f for f in map(family_of, pooled) if f is not None} | set(families))
+    policies.update(frontier_aliases(pooled, [f for f in measured if not FRONTIER_FAMILIES[f].startswith("oracle:")]))
+    oracles.update(frontier_aliases(pooled, [f for f in measured if FRONTIER_FAMILIES[f].startswith("oracle:")]))
+    choice = choose_default(policies)
+    pick = choice.policy or choice.closest
     return {
         **meta,
         "num_cases": len({r.case_id for r in records}),
         "sets": sets,
-        "default_policy": default,
-        "default_goals": goals(pooled[default], meta.get("min_speedup", 0.0)),
-        "policies": pooled,
+        "default_policy": choice.policy,
+        "default_choice": {
+            "policy": choice.policy,
+            "qualified": choice.is_qualified,
+            "closest": choice.closest,
+            "shortfall": choice.shortfall,
+            "rule": choice.rule,
+        },
+        "default_goals": goals(policies[pick], meta.get("min_speedup", 0.0)) if pick else {},
+        "frontier_families": measured,
+        "policies": policies,
+        "oracles": oracles,
         "per_set": per_set,
     }
 
@@ -271,13 +411,19 @@ def run_eval(
     progress: bool = True,
     records_path: Path | None = None,
     store_setting: str | None = None,
+    families: Sequence[str] = (),
 ) -> dict:
     from tqdm import tqdm
 
+    from redknot_rag.reuse_oracles import is_oracle, oracle_arm
+
     if "full" not in policies:
         raise ValueError("the policies must include 'full' (the reference)")
-    for p in policies:
-        rag.assembler.policy(p)  # validate every name before any work
+    for p in policies:  # validate every name before any work
+        if is_oracle(p):
+            oracle_arm(p, 2, (0,), {})
+        else:
+            rag.assembler.policy(p)
     cases = build_cases(set_name, n, seed, rag.engine.tokenizer)
     done: set[tuple[str, str]] = set()
     records: list[Record] = []
@@ -308,7 +454,7 @@ def run_eval(
             sink.close()
     keep = {c.case_id for c in cases}
     records = [r for r in records if r.case_id in keep and r.policy in policies]
-    return report(records, _meta(rag, seed, set_name, max_new_tokens, store_setting))
+    return report(records, _meta(rag, seed, set_name, max_new_tokens, store_setting), families)
 
 
 def _meta(rag, seed: int, set_name: str, max_new_tokens: int, store_setting: str | None) -> dict:
@@ -329,7 +475,7 @@ def _meta(rag, seed: int, set_name: str, max_new_tokens: int, store_setting: str
     }
 
 
-def report_from_records(records_path: Path, policies: Sequence[str], meta: dict) -> dict:
+def report_from_records(records_path: Path, policies: Sequence[str], meta: dict, families: Sequence[str] = ()) -> dict:
     """The report over the cases of a records file that every policy answered (an interrupted run)."""
     recs = [Record(**json.loads(line)) for line in records_path.read_text().splitlines() if line.strip()]
     recs = [r for r in recs if r.policy in policies]
@@ -339,66 +485,114 @@ def report_from_records(records_path: Path, policies: Sequence[str], meta: dict)
     complete = {c for c, ps in by_case.items() if ps >= set(policies)}
     if not complete:
         raise ValueError(f"no case in {records_path} has records for every policy")
-    return report([r for r in recs if r.case_id in complete], meta)
+    return report([r for r in recs if r.case_id in complete], meta, families)
+
+
+def _family_points(entries: dict[str, dict]) -> dict[str, list[tuple[str, dict]]]:
+    fams: dict[str, list[tuple[str, dict]]] = {}
+    for name, r in entries.items():
+        fam = family_of(name)
+        if fam is not None:
+            fams.setdefault(fam, []).append((name, r))
+    return {f: sorted(v, key=lambda x: x[1]["recompute_fraction"]) for f, v in fams.items()}
 
 
 def plot_frontier(result: dict, path: Path) -> None:
-    """Accuracy difference (with its 95% CI), first-token KL and TTFT speed-up against recompute fraction."""
+    """Per family: accuracy difference to full (paired 95% CI), first-token KL and median TTFT against the
+    recomputed fraction; oracles dashed (the selector's ceiling) or as labelled points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pol = result["policies"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    for name, r in pol.items():
-        x = r["recompute_fraction"]
-        lo, hi = r["accuracy_diff_ci95"]
-        d = r["accuracy_diff"]
-        style = dict(marker="*", s=160) if name == result["default_policy"] else dict(s=40)
-        axes[0].errorbar([x], [d], yerr=[[d - lo], [hi - d]], fmt="none", ecolor="gray", lw=1)
-        axes[0].scatter([x], [d], **style)
-        axes[0].annotate(name, (x, d), fontsize=7)
-        axes[1].scatter([x], [r["first_token_kl"]], **style)
-        axes[1].annotate(name, (x, r["first_token_kl"]), fontsize=7)
-        axes[2].scatter([x], [r["speedup_median"]], **style)
-        axes[2].annotate(name, (x, r["speedup_median"]), fontsize=7)
+    pol, orc = result["policies"], result.get("oracles", {})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    for fam, pts in _family_points({**pol, **orc}).items():
+        xs = [r["recompute_fraction"] for _, r in pts]
+        ds = [r["accuracy_diff"] for _, r in pts]
+        lo = [r["accuracy_diff"] - r["accuracy_diff_ci95"][0] for _, r in pts]
+        hi = [r["accuracy_diff_ci95"][1] - r["accuracy_diff"] for _, r in pts]
+        ls = "--" if fam.startswith("oracle") else "-"
+        axes[0].errorbar(xs, ds, yerr=[lo, hi], ls=ls, marker="o", ms=4, capsize=2, lw=1.2, label=fam)
+        axes[1].plot(xs, [r["first_token_kl"] for _, r in pts], ls=ls, marker="o", ms=4, label=fam)
+        axes[2].plot(xs, [r["ttft_ms_median"] for _, r in pts], ls=ls, marker="o", ms=4, label=fam)
+    singles = {n: r for n, r in {**pol, **orc}.items() if family_of(n) is None}
+    for name, r in singles.items():
+        x, d = r["recompute_fraction"], r["accuracy_diff"]
+        mark = "*" if name == (result["default_choice"].get("policy") if "default_choice" in result else None) else "x"
+        axes[0].scatter([x], [d], marker=mark, s=60, c="black")
+        axes[0].annotate(name.removeprefix("oracle:"), (x, d), fontsize=7)
+        axes[1].scatter([x], [r["first_token_kl"]], marker=mark, s=40, c="black")
+        axes[2].scatter([x], [r["ttft_ms_median"]], marker=mark, s=40, c="black")
+        axes[2].annotate(name.removeprefix("oracle:"), (x, r["ttft_ms_median"]), fontsize=7)
     for ax in axes:
         ax.set_xlabel("recomputed fraction of chunk tokens")
-        ax.axvline(result.get("max_recompute", MAX_RECOMPUTE), ls="--", c="gray", lw=1)
     axes[0].set_ylabel("accuracy − full (paired 95% CI)")
-    axes[0].axhline(-0.02, ls="--", c="red", lw=1)
+    axes[0].axhline(-MAX_ACCURACY_LOSS, ls=":", c="red", lw=1)
+    axes[0].axhline(-MAX_CI_LOSS, ls=":", c="orange", lw=1)
     axes[0].axhline(0, c="black", lw=0.5)
+    axes[0].legend(fontsize=7)
     axes[1].set_ylabel("first-token KL(full ‖ policy)")
-    axes[1].axhline(0.05, ls="--", c="red", lw=1)
-    axes[2].set_ylabel("median TTFT speed-up over full (x)")
-    axes[2].set_yscale("log")
-    axes[2].axhline(MIN_SPEEDUP_CPU, ls="--", c="red", lw=1)
+    axes[1].set_yscale("symlog", linthresh=0.01)
+    axes[1].axhline(0.05, ls=":", c="red", lw=1)
+    axes[2].set_ylabel(f"median TTFT, ms ({result['device']}, each request alone)")
+    ch = result.get("default_choice", {})
+    picked = ch.get("policy") or f"none qualifies (closest {ch.get('closest')})"
     fig.suptitle(
-        f"{result['model']} on {result['device']}: {result['num_cases']} paired cases ({', '.join(result['sets'])}); "
-        f"default {result['default_policy']} (star)"
+        f"{result['model']}: {result['num_cases']} paired cases ({', '.join(result['sets'])}); default {picked}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def format_table(result: dict) -> str:
+def _row(name: str, r: dict, note: str = "") -> str:
     from redknot_rag.stats import format_diff_ci
 
-    lines = [
-        "| policy | accuracy | Δ vs full [95% CI] | McNemar p | first-token KL | agreement@32 | recomputed | "
-        "TTFT median ms | speed-up (median) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in result["policies"].items():
-        mark = " (default)" if name == result["default_policy"] else ""
-        diff = format_diff_ci(r["accuracy_diff"], r["accuracy_diff_ci95"])
-        lines.append(
-            f"| {name}{mark} | {r['accuracy']:.3f} | {diff} "
-            f"| {r['mcnemar_p']:.3g} | {r['first_token_kl']:.3f} | {r['agreement_32']:.3f} | "
-            f"{100 * r['recompute_fraction']:.1f}% | {r['ttft_ms_median']:.0f} | {r['speedup_median']:.1f}x |"
-        )
+    diff = format_diff_ci(r["accuracy_diff"], r["accuracy_diff_ci95"])
+    alias = f" (= {r['alias_of']}, by construction)" if "alias_of" in r else ""
+    return (
+        f"| {name}{note}{alias} | {100 * r['recompute_fraction']:.1f}% | {r['accuracy']:.3f} | {diff} "
+        f"| {r['mcnemar_p']:.3g} | {r['first_token_kl']:.3f} | {r['agreement_32']:.3f} | "
+        f"{r['ttft_ms_median']:.0f} | {r['speedup_median']:.1f}x |"
+    )
+
+
+_HEADER = [
+    "| policy | recomputed | accuracy | Δ vs full [95% CI] | McNemar p | first-token KL | agreement@32 | "
+    "TTFT median ms | speed-up (median) |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def format_table(result: dict) -> str:
+    """The served policies: frontier families by budget, then the rest; the default rule's choice marked."""
+    choice = result.get("default_choice", {})
+    lines = list(_HEADER)
+    pol = result["policies"]
+    fams = _family_points(pol)
+    rest = [n for n in pol if family_of(n) is None]
+
+    def note(n: str) -> str:
+        if n == choice.get("policy"):
+            return " (default)"
+        return " (closest; does not qualify)" if n == choice.get("closest") else ""
+
+    for n in rest:
+        lines.append(_row(n, pol[n], note(n)))
+    for pts in fams.values():
+        lines += [_row(n, r, note(n)) for n, r in pts]
+    return "\n".join(lines)
+
+
+def format_oracle_table(result: dict) -> str:
+    """The oracles (bench only), with full and naive for reference."""
+    lines = list(_HEADER)
+    pol, orc = result["policies"], result.get("oracles", {})
+    lines += [_row(n, pol[n]) for n in ("full", "naive") if n in pol]
+    for pts in _family_points(orc).values():
+        lines += [_row(n, r) for n, r in pts]
+    lines += [_row(n, r) for n, r in orc.items() if family_of(n) is None]
     return "\n".join(lines)
 
 
@@ -420,7 +614,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if args.quick:
         args.cases, args.policies, args.max_new_tokens = min(args.cases, 4), ",".join(QUICK_POLICIES), 8
-    policies = tuple(p for p in args.policies.split(",") if p)
+    families = [f for f in (args.frontier or "").split(",") if f]
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(FRONTIER_BUDGETS)
+    named = args.policies or ("full,naive" if families or args.oracles else ",".join(DEFAULT_POLICIES))
+    policies = tuple(
+        dict.fromkeys(
+            [p for p in named.split(",") if p]
+            + frontier_policies(families, budgets)
+            + (list(STRUCTURE_ORACLES) if args.oracles else [])
+        )
+    )
     args.data_dir = args.data_dir or tempfile.mkdtemp(prefix="redknot-eval-")
     setting = args.store_setting
 
@@ -435,7 +638,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tag = (args.tag or rag.engine.runner.name) + (f"-{STORE_SETTINGS[setting]}" if setting else "")
     if args.report_only:  # what an interrupted run measured: every case all policies answered
         meta = _meta(rag, args.seed, args.set, args.max_new_tokens, setting)
-        res = report_from_records(out / f"records_{tag}.jsonl", policies, meta)
+        res = report_from_records(out / f"records_{tag}.jsonl", policies, meta, families)
     else:
         res = run_eval(
             rag,
@@ -446,13 +649,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             records_path=out / f"records_{tag}.jsonl",
             store_setting=setting,
+            families=families,
         )
     (out / f"results_{tag}.json").write_text(json.dumps(res, indent=1))
     plot_frontier(res, out / f"frontier_{tag}.png")
     table = format_table(res)
     (out / f"table_{tag}.md").write_text(table + "\n")
     print(table)
-    print(f"default policy by the frontier rule: {res['default_policy']}")
+    if res["oracles"]:
+        oracle_table = format_oracle_table(res)
+        (out / f"oracles_{tag}.md").write_text(oracle_table + "\n")
+        print("\noracles (bench only):\n" + oracle_table)
+    ch = res["default_choice"]
+    if ch["qualified"]:
+        print(f"default policy by the rule: {ch['policy']}")
+    else:
+        print(
+            f"no policy meets the default rule; closest: {ch['closest']} (misses by {100 * ch['shortfall']:.1f} points)"
+        )
     if args.record_default:
         _record_default(rag, res, out / f"results_{tag}.json")
     return 0
@@ -468,13 +682,28 @@ def _record_default(rag, res: dict, results_path: Path) -> None:
     prof = load_profile_for(runner.name, runner.weights_fingerprint)
     if prof is None:
         raise ValueError(f"no head profile for {runner.name}: run `redknot profile-heads` first")
-    best = res["policies"][res["default_policy"]]
+    choice = res["default_choice"]
+    name = choice["policy"] or choice["closest"]  # nothing qualifies: serve the closest, recorded as such
+    if name is None:
+        raise ValueError("no reuse policy was measured: nothing to record")
+    best = res["policies"][name]
     evidence = {k: best[k] for k in ("accuracy_diff", "accuracy_diff_ci95", "first_token_kl", "agreement_32")}
     evidence.update(recompute_fraction=best["recompute_fraction"], speedup_median=best["speedup_median"])
-    record = {"policy": res["default_policy"], "results": str(results_path), "num_cases": res["num_cases"], **evidence}
+    record = {
+        "policy": name,
+        "qualified": choice["qualified"],
+        "rule": choice["rule"],
+        "shortfall": choice["shortfall"],
+        "results": str(results_path),
+        "num_cases": res["num_cases"],
+        **evidence,
+    }
     path = shipped_profile_path(runner.name)
     dataclasses.replace(prof, reuse_default=record).save(path)
-    print(f"recorded default policy {res['default_policy']} in {path}")
+    print(
+        f"recorded default policy {name} "
+        f"({'qualifies' if choice['qualified'] else 'closest; none qualifies'}) in {path}"
+    )
 
 
 def register_cli(sub) -> None:
@@ -485,7 +714,29 @@ def register_cli(sub) -> None:
     p.add_argument("--cases", type=int, default=400, help="paired cases (default 400)")
     p.add_argument("--set", default="all", choices=[*SETS, "all"], help="case generator (default all: half each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated; must include full")
+    p.add_argument(
+        "--policies",
+        default=None,
+        help="comma-separated; must include full (default: full,naive with --frontier/--oracles, else "
+        + ",".join(DEFAULT_POLICIES)
+        + ")",
+    )
+    p.add_argument(
+        "--frontier",
+        default=None,
+        help="comma-separated policy families swept over --budgets: " + ", ".join(FRONTIER_FAMILIES),
+    )
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="recompute budgets of --frontier (default " + ",".join(map(str, FRONTIER_BUDGETS)) + "; 0 and 1 "
+        "are naive and full by construction and reported as such)",
+    )
+    p.add_argument(
+        "--oracles",
+        action="store_true",
+        help="add the structure oracles (bench only): " + ", ".join(STRUCTURE_ORACLES),
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
     p.add_argument("--quick", action="store_true", help="4 cases, 3 policies, 8 tokens: a smoke run")
     p.add_argument("--out", default="bench/reuse", help="results folder (default bench/reuse)")

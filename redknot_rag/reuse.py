@@ -162,6 +162,20 @@ class EpicPolicy(_SelectivePolicy):
         return torch.cat([torch.arange(s, min(e, s + self.k)) for s, e in inp.chunk_spans()] or [torch.zeros(0)])
 
 
+class EpicFractionPolicy(_SelectivePolicy):
+    """EPIC with k scaled to a recompute budget: the first `round(fraction * len)` tokens of every chunk, so
+    its recomputed fraction matches the token-selective policies' budgets on chunks of any length."""
+
+    name = "epic-frac"
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        parts = [torch.arange(s, s + int(round(self.fraction * (e - s)))) for s, e in inp.chunk_spans()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
 def kv_deviation(runner: KVRunner, inp: ReuseInput, kv: SeqKV, layer: int) -> torch.Tensor:
     """Per context token, the L2 deviation of reused K/V from KV recomputed in the assembled context
     at `layer` (first `layer + 1` layers run over all chunk tokens): `[L?]` → `[Hkv, T_ctx]` float32."""
@@ -247,12 +261,10 @@ class RedKnotPolicy(_SelectivePolicy):
             out.append(vis)
         return out
 
-    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
-        spans = inp.chunk_spans()
-        first = [torch.arange(s, min(e, s + self.head_tokens)) for s, e in spans]
-        n = int(round(self.ratio * (kv.num_tokens - len(inp.anchor_ids))))
-        if n <= 0 or not inp.question_ids:
-            return torch.cat(first) if first else torch.zeros(0, dtype=torch.int64)
+    def question_scores(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        """The probe: attention each context token gets from the question over the relocated context, summed
+        over global heads (each head's row normalized) and the first `probe_layers` layers: `[T_ctx]` float32
+        on the host, -1 on the anchor (exact already). The probe's question KV is dropped."""
         ctx_len = kv.num_tokens
         q = inp.question_ids
         probe = runner.probe_backend()
@@ -266,10 +278,45 @@ class RedKnotPolicy(_SelectivePolicy):
         glob = (~self._local(runner))[:nl].to(attn.device)  # [nl, Hkv]
         attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-9)
         score = runner.all_reduce((attn * glob[:, :, None]).sum((0, 1)))  # [T], summed over all ranks' heads
-        score = score.cpu()  # token indices live on the host
-        score[: len(inp.anchor_ids)] = -1  # the anchor is exact already
-        top = score.topk(min(n, ctx_len - len(inp.anchor_ids))).indices
+        score = score.float().cpu()  # token indices live on the host
+        score[: len(inp.anchor_ids)] = -1
+        return score
+
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        spans = inp.chunk_spans()
+        first = [torch.arange(s, min(e, s + self.head_tokens)) for s, e in spans]
+        n = int(round(self.ratio * (kv.num_tokens - len(inp.anchor_ids))))
+        if n <= 0 or not inp.question_ids:
+            return torch.cat(first) if first else torch.zeros(0, dtype=torch.int64)
+        score = self.question_scores(runner, inp, kv)
+        top = score.topk(min(n, kv.num_tokens - len(inp.anchor_ids))).indices
         return torch.cat([top, *first])
+
+
+class RedKnotChunksPolicy(RedKnotPolicy):
+    """Whole-chunk recompute ranked by the question probe: chunks in order of the question's attention mass
+    (global heads, as `redknot`), recomputed whole while the budget `ratio` of chunk tokens lasts; what is
+    left goes to a prefix of the next chunk (a chunk's first tokens deviate most). Cross-chunk attention of
+    a recomputed chunk is then exact, which token selection cannot give at the same budget."""
+
+    name = "redknot-chunks"
+
+    def select(self, runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor:
+        spans = inp.chunk_spans()
+        n = int(round(self.ratio * (kv.num_tokens - len(inp.anchor_ids))))
+        if n <= 0 or not spans or not inp.question_ids:
+            return torch.zeros(0, dtype=torch.int64)
+        score = self.question_scores(runner, inp, kv)
+        mass = torch.tensor([float(score[s:e].sum()) for s, e in spans])  # [num_chunks]
+        parts: list[torch.Tensor] = []
+        for i in mass.argsort(descending=True).tolist():
+            s, e = spans[i]
+            take = min(n, e - s)
+            parts.append(torch.arange(s, s + take))
+            n -= take
+            if n == 0:
+                break
+        return torch.cat(parts)
 
 
 class BoundaryPolicy(_SelectivePolicy):
@@ -347,7 +394,8 @@ class ApePolicy(ReusePolicy):
 
 
 POLICY_NAMES = (
-    "full, naive, epic[:k], cacheblend[:r], boundary[:k[:tail]], redknot[:r[:k[:w[:layers]]]], "
+    "full, naive, epic[:k], epic-frac:r, cacheblend[:r], boundary[:k[:tail]], redknot[:r[:k[:w[:layers]]]], "
+    "redknot-chunks[:r[:layers]], "
     "redknot-local[:r[:k[:w[:layers]]]], redknot-dense[:r[:k[:w[:layers]]]], "
     "ape:T[:base] (attention temperature T on reused tokens over base, default naive; e.g. ape:0.9:redknot:0.05)"
 )
@@ -409,6 +457,15 @@ def make_policy(name: str, profile: HeadProfile | None = None) -> ReusePolicy:
         return FullPolicy() if base == "full" else NaivePolicy()
     if base == "epic" and len(parts) <= 1:
         return EpicPolicy(_count(parts[0], name, "k") if parts else 16)
+    if base == "epic-frac" and len(parts) == 1:
+        return EpicFractionPolicy(_ratio(parts[0], name))
+    if base == "redknot-chunks" and len(parts) <= 2:
+        return RedKnotChunksPolicy(
+            profile,
+            ratio=_ratio(parts[0], name) if parts else 0.2,
+            head_tokens=0,
+            probe_layers=_count(parts[1], name, "layers", lo=1) if len(parts) > 1 else None,
+        )
     if base == "cacheblend" and len(parts) <= 1:
         return CacheBlendPolicy(_ratio(parts[0], name) if parts else 0.15)
     if base == "boundary" and len(parts) <= 2:

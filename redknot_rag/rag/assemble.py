@@ -103,15 +103,19 @@ class Assembler:
         policy_name: str,
         params: SamplingParams,
         timing: Timing | None = None,
+        *,
+        policy_obj: ReusePolicy | None = None,
         **request_kw,
     ) -> Request:
         """`[anchor][chunks][tail]` as an unsubmitted request whose context KV the policy assembled.
 
-        Runs on the runner's thread. Everything is validated before any page is taken; if building the
-        request fails after assembly, the assembled pages are released before the error propagates.
+        `policy_obj` (bench only: the harness's oracles, which no API can name) replaces the policy looked up
+        by `policy_name`, which then only labels the request. Runs on the runner's thread. Everything is
+        validated before any page is taken; if building the request fails after assembly, the assembled
+        pages are released before the error propagates.
         """
         timing = timing or Timing()
-        policy = self.policy(policy_name)
+        policy = policy_obj if policy_obj is not None else self.policy(policy_name)
         prompt = self.layout.prompt_ids(chunk_ids, tail_ids)
         req = self.engine.make_request(prompt, params, **request_kw)  # validates length, params, pages
         if policy.name == "full" or not chunk_ids:
