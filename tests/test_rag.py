@@ -216,7 +216,8 @@ def test_eval_quick_is_paired_and_reports_intervals(rag):
     naive = res["policies"]["naive"]
     assert naive["recompute_fraction"] == 0 and naive["first_token_kl"] >= 0
     assert set(res["per_set"]) == {"facts", "planted"}
-    assert res["default_policy"] in ("naive", "redknot:0.1")
+    ch = res["default_choice"]  # the rule may find nothing on 2 cases; it still names the closest
+    assert ch["closest"] in ("naive", "redknot:0.1") and res["default_policy"] in (None, ch["closest"])
     assert "| full |" in format_table(res)
 
 
