@@ -21,7 +21,8 @@ the same stored files (`<setting>+device-decode`): the host tier keeps the int8/
 (pinned), the load copies those bytes and decodes them on the GPU (store/device_decode.py), so every
 tier row of the pair is host decode vs device decode in one run, beside the same transformers prefill
 (default `--budget-s` then 480). On a CPU pool the device-decode setting decodes on the host (the
-fallback): the tiny run only checks the plumbing.
+fallback): the tiny run only checks the plumbing. `--profile-issue` adds to each host-tier row the top
+functions of one more (untimed) layer-major load's host side under cProfile (`issue_profile`).
 
 Part 1, tiers. A query is `[anchor][chunk_1]...[chunk_64][question]` (64 x 512-token chunks, a 64-token
 question: 32,864 tokens). The chunks' KV (prefilled behind the anchor, untimed) is stored under two
@@ -282,6 +283,36 @@ def overlapped_ttft(
     return dict(ttft_s=ttft, issue_s=issue_s, segs=segs)
 
 
+def profile_issue(cache: SegmentCache, store: ChunkKVStore, ctx: dict, args: Any, top: int = 25) -> dict:
+    """The host side of one layer-major load (`load_segments(layered=True)`: reads, plans, queued copies)
+    under cProfile, untimed otherwise: its wall time (with the profiler's overhead) and the `top`
+    functions by own time and by cumulative time, as (function, calls, own s, cumulative s)."""
+    import cProfile
+    import pstats
+
+    sync(ctx["dev"])
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    load_segments(cache, store, ctx["keys"], args.chunk_tokens, args.read_workers, layered=True,
+                  layers_per_event=args.layers_per_event)  # fmt: skip
+    pr.disable()
+    wall = time.perf_counter() - t0
+    cache.ready()
+    ctx["engine"].runner.settle_layers()  # nothing left gated: no forward consumes these
+    sync(ctx["dev"])
+    st = pstats.Stats(pr)
+    rows = [
+        (f"{Path(f).name}:{line}:{fn}", int(calls), float(own), float(cum))
+        for (f, line, fn), (_, calls, own, cum, _) in st.stats.items()  # type: ignore[attr-defined]
+    ]
+    return dict(
+        wall_s=wall,
+        by_own_s=sorted(rows, key=lambda r: -r[2])[:top],
+        by_cumulative_s=sorted(rows, key=lambda r: -r[3])[:top],
+    )
+
+
 def tier_block_hits(store: ChunkKVStore) -> dict[str, int]:
     return {t.name: t.block_hits for t in store.stats().tiers}
 
@@ -405,6 +436,9 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
             assert blocks is not None
             order = sorted(blocks, key=lambda lh: blocks[lh].tensors[0].data_ptr())  # host memory order, as the load
             row["host_copies_per_chunk"] = len(byte_runs([t for lh in order for t in blocks[lh].tensors]))
+            if args.profile_issue:
+                prepare(tier)
+                row["issue_profile"] = profile_issue(cache, st_disk, ctx, args)
         if tier == "gpu":  # the question alone over the same reused context: the forward's non-recompute share
             naive = [rag.query(engine, "naive", inp, args)["forward_s"] for _ in range(min(args.reps, 2))]
             row["question_only_s"] = statistics.median(naive)
@@ -589,6 +623,8 @@ def main() -> None:
     ap.add_argument("--settings", type=lambda s: s.split(","), default=["dense", "compressed", "compressed-int4"])
     ap.add_argument("--local-window", type=int, default=None, help="compressed: local heads' window (64; tiny 8)")
     ap.add_argument("--global-share", type=float, default=0.25, help="compressed: share of heads global")
+    ap.add_argument("--profile-issue", action="store_true", help="host tier: one more layer-major load under "
+                    "cProfile; its top functions go into the row (issue_profile)")  # fmt: skip
     ap.add_argument("--device-decode", action="store_true", help="also each compressed setting with its payloads "
                     "decoded on the device (StoreConfig.decode_on='device'), over the same stored files")  # fmt: skip
     ap.add_argument("--no-zipf", action="store_true")
