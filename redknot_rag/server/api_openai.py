@@ -121,25 +121,29 @@ def _expand(
 def make_router(rt: Runtime) -> APIRouter:
     router = APIRouter(prefix="/v1")
 
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": rt.model_name,
+            "object": "model",
+            "created": int(rt.started),
+            "owned_by": "redknot-rag",
+            "root": rt.model_name,
+            "max_model_len": rt.engine.max_context,
+        }
+
     @router.get("/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": rt.model_name,
-                    "object": "model",
-                    "created": int(rt.started),
-                    "owned_by": "redknot-rag",
-                    "root": rt.model_name,
-                    "max_model_len": rt.engine.max_context,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str):
+        """The served model (OpenAI's retrieve); any other id answers 404, as `model` in a request does."""
+        check_model(rt, model_id)
+        return model_card()
 
     @router.post("/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: HttpRequest):
-        body = await read_model(request, CompletionRequest, rt.settings.max_request_bytes)
+        body = await read_model(request, CompletionRequest, rt.settings.max_request_bytes, schema_status=400)
         check_model(rt, body.model)
         if body.suffix:
             raise ApiError(400, "suffix is not supported")
@@ -196,7 +200,7 @@ def make_router(rt: Runtime) -> APIRouter:
 
     @router.post("/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: HttpRequest):
-        body = await read_model(request, ChatCompletionRequest, rt.settings.max_request_bytes)
+        body = await read_model(request, ChatCompletionRequest, rt.settings.max_request_bytes, schema_status=400)
         check_model(rt, body.model)
         plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         messages: list[dict[str, Any]] = []
@@ -271,10 +275,11 @@ def make_router(rt: Runtime) -> APIRouter:
     return router
 
 
-def _chat_logprobs(rt: Runtime, job: Job) -> list[dict[str, Any]]:
+def _chat_logprobs(rt: Runtime, job: Job, since: int = 0, upto: int | None = None) -> list[dict[str, Any]]:
+    """`logprobs.content` of output tokens [since, upto) (a streamed chunk's new tokens)."""
     r = job.req
     out = []
-    for k, (lp, tid) in enumerate(r.output_token_logprobs):
+    for k, (lp, tid) in enumerate(r.output_token_logprobs[since:upto], since):
         tok = rt.decode_one(tid)
         tops = r.output_top_logprobs[k] if k < len(r.output_top_logprobs) else []
         out.append(
@@ -290,9 +295,13 @@ def _chat_logprobs(rt: Runtime, job: Job) -> list[dict[str, Any]]:
     return out
 
 
-def _completion_logprobs(rt: Runtime, job: Job, echo: bool = False) -> dict[str, Any]:
-    """OpenAI's legacy logprobs. With `echo`, the prompt's tokens come first (the first one has no
-    logprob: None, as OpenAI answers) and `text_offset` indexes the echoed text + completion."""
+def _completion_logprobs(
+    rt: Runtime, job: Job, echo: bool = False, since: int = 0, upto: int | None = None, offset: int = 0
+) -> dict[str, Any]:
+    """OpenAI's legacy logprobs of output tokens [since, upto), `text_offset` counted from `offset` (a
+    streamed chunk's new tokens and where its text starts). With `echo`, the prompt's tokens come first
+    (the first one has no logprob: None, as OpenAI answers) and `text_offset` indexes the echoed text +
+    completion."""
     r = job.req
     rows: list[tuple[float | None, int, dict[str, float] | None]] = []
     if echo:
@@ -301,11 +310,11 @@ def _completion_logprobs(rt: Runtime, job: Job, echo: bool = False) -> dict[str,
             top = {rt.decode_one(i): v for v, i in tops_in[k]} if k < len(tops_in) and tops_in[k] else None
             rows.append((None if k == 0 else lp, t, None if k == 0 else top))
     tops_out = r.output_top_logprobs
-    for k, (lp, t) in enumerate(r.output_token_logprobs):
+    for k, (lp, t) in enumerate(r.output_token_logprobs[since:upto], since):
         top = {rt.decode_one(i): v for v, i in tops_out[k]} if k < len(tops_out) else None
         rows.append((lp, t, top))
     tokens = [rt.decode_one(t) for _, t, _ in rows]
-    offsets, pos = [], 0
+    offsets, pos = [], offset
     for tok in tokens:
         offsets.append(pos)
         pos += len(tok)
@@ -328,14 +337,22 @@ async def _stream_completion(
     include_usage: bool,
     n: int,
 ) -> AsyncIterator[bytes]:
+    """Text deltas per choice; with `logprobs`, each chunk carries those of the tokens since the last chunk
+    (a token whose text is held back, a partial stop string or UTF-8 sequence, comes with the next one)."""
     base = {"id": cid, "object": "text_completion", "created": created, "model": rt.model_name}
     for i, e in enumerate(echo):
         if e:
             yield sse({**base, "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}]})
+    sent, pos = [0] * len(jobs), [len(e) for e in echo]  # tokens whose logprobs went out; their text's end
     async for i, job, ev in rt.merged(jobs, request):
         if job.error:
             yield sse(job.error_body())
             continue
+        logprobs = None
+        if job.req.return_logprob:
+            n = job.logprobs_upto(ev.finished)
+            logprobs = _completion_logprobs(rt, job, since=sent[i], upto=n, offset=pos[i])
+            sent[i], pos[i] = n, pos[i] + sum(map(len, logprobs["tokens"]))
         yield sse(
             {
                 **base,
@@ -343,7 +360,7 @@ async def _stream_completion(
                     {
                         "index": i,
                         "text": ev.text,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "finish_reason": _finish(job) if ev.finished else None,
                     }
                 ],
@@ -368,6 +385,7 @@ async def _stream_chat(
     calls come as one `tool_calls` delta when the choice finishes (finish_reason `tool_calls`)."""
     tool_streams = [ToolStream(plan) for _ in jobs] if plan.mode != "none" else None
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.model_name}
+    sent = [0] * len(jobs)  # tokens whose logprobs went out (a held-back token's come with the next chunk)
     for i in range(len(jobs)):
         yield sse(
             {
@@ -392,10 +410,14 @@ async def _stream_chat(
                 if calls:
                     d["tool_calls"] = [c.as_openai(index=k) for k, c in enumerate(calls)]
                     finish = "tool_calls"
+        logprobs = None
+        if job.req.return_logprob:
+            n = job.logprobs_upto(ev.finished)
+            logprobs, sent[i] = {"content": _chat_logprobs(rt, job, since=sent[i], upto=n)}, n
         yield sse(
             {
                 **base,
-                "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish}],
             }
         )
     if include_usage:

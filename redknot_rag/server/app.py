@@ -1,9 +1,9 @@
 """The FastAPI application: routers, key checks, error mapping, access logs, lifespan.
 
-Error mapping (one JSON shape, see errors.py): bad JSON 400, schema 422, invalid parameters
-(including any ValueError a route lets through, e.g. a parser error) 400, too large 413, queue full
-429, unknown namespace/document/model 404, shutting down or KV pool exhausted 503. An unexpected
-exception answers 500 for that request only.
+Error mapping (one JSON shape, see errors.py): bad JSON 400, schema 422 (400 on the /v1 routes, as
+OpenAI answers), invalid parameters (including any ValueError a route lets through, e.g. a parser
+error) 400, too large 413, queue full 429, unknown namespace/document/model 404, shutting down or KV
+pool exhausted 503. An unexpected exception answers 500 for that request only.
 """
 
 from __future__ import annotations

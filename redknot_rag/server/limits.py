@@ -1,4 +1,4 @@
-"""Request body limits and parsing: size (413), malformed JSON (400), schema (422).
+"""Request body limits and parsing: size (413), malformed JSON (400), schema (422; 400 on /v1).
 
 Python's json module accepts what JSON does not (NaN, Infinity, lone UTF-16 surrogates such as
 "\\ud800"); those are refused here with 400, before any model sees them. So is JSON nested deeper
@@ -42,8 +42,11 @@ def _refuse_constant(name: str) -> None:
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
 
 
-async def read_model(request: Request, model: type[M], limit: int, allow_empty: bool = False) -> M:
-    """Parse the body as JSON and validate it against `model` (strict types, no unknown fields)."""
+async def read_model(
+    request: Request, model: type[M], limit: int, allow_empty: bool = False, schema_status: int = 422
+) -> M:
+    """Parse the body as JSON and validate it against `model` (strict types, no unknown fields). A body
+    that does not match answers `schema_status` (the OpenAI routes answer 400, as OpenAI does)."""
     raw = await read_body(request, limit)
     if not raw.strip():
         if allow_empty:
@@ -63,11 +66,11 @@ async def read_model(request: Request, model: type[M], limit: int, allow_empty: 
     except UnicodeEncodeError:
         raise ApiError(400, "malformed JSON body: a string holds a lone UTF-16 surrogate (not valid Unicode)") from None
     if not isinstance(data, dict):
-        raise ApiError(422, f"request body must be a JSON object, got {type(data).__name__}")
+        raise ApiError(schema_status, f"request body must be a JSON object, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ApiError(422, f"invalid request: {describe_validation_errors(e.errors())}") from None
+        raise ApiError(schema_status, f"invalid request: {describe_validation_errors(e.errors())}") from None
 
 
 def json_depth(data: object) -> int:

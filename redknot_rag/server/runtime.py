@@ -94,6 +94,16 @@ class Job:
     cancel_error: str | None = None  # set when the server cancels it (drain): reported instead of an abort
     error_status: int = 500
     stop_regex_budget_s: float = STOP_REGEX_BUDGET_S  # search time left to its stop regexes
+    num_tokens_seen: int = 0  # token events taken from the engine so far (a stream's logprobs go up to here)
+
+    def logprobs_upto(self, finished: bool) -> int:
+        """How many output tokens a streamed chunk's logprobs may cover: those whose events were seen
+        (every one once the job finished)."""
+        return (
+            len(self.req.output_token_logprobs)
+            if finished
+            else min(self.num_tokens_seen, len(self.req.output_token_logprobs))
+        )
 
     def error_body(self) -> dict:
         """The SSE error event / JSON error of a failed job (503 when the server cancelled it)."""
@@ -324,6 +334,7 @@ class Runtime:
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(bridge.ready.wait(), _WAKE_S)
                     continue
+                job.num_tokens_seen += not ev.finished
                 hit = await self._search_stop_regex(job, ev)
                 out = self._apply(job, ev, hit)
                 if out is not None:

@@ -37,6 +37,9 @@ def _policy(name: str) -> str:
 NonNegInt = Annotated[int, Field(ge=0)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX - 16)]
 Temperature = Annotated[float, Field(ge=0)]
+OpenAITemperature = Annotated[float, Field(ge=0, le=2)]  # OpenAI's range (SGLang's native API takes more)
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 MinP = Annotated[float, Field(ge=0, le=1)]
 TopK = Annotated[int, Field(ge=-1)]
@@ -112,11 +115,12 @@ class StreamOptions(_Strict):
 
 
 class _OpenAISampling(_Strict):
-    """OpenAI fields (some accepted and ignored: `user`, `logit_bias`) + SGLang's `extra_body` ones."""
+    """OpenAI fields (some accepted and ignored: `user`, `metadata`, `store`: nothing is stored) + SGLang's
+    `extra_body` ones."""
 
     model: str | None = None
     max_tokens: NonNegInt | None = None
-    temperature: Temperature | None = None
+    temperature: OpenAITemperature | None = None
     top_p: TopP | None = None
     n: NumSamples | None = None
     stream: bool | None = None
@@ -127,6 +131,8 @@ class _OpenAISampling(_Strict):
     seed: Seed | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None  # OpenAI's limits
+    store: bool | None = None
     # SGLang extensions, accepted through `extra_body`
     top_k: TopK | None = None
     min_p: MinP | None = None
