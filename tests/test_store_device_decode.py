@@ -14,7 +14,7 @@ import torch
 
 from redknot_rag.kvcache import KVSegment
 from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig, hash_token_ids
-from redknot_rag.store.codec import Codec, decode_block
+from redknot_rag.store.codec import BlockMeta, Codec, HeadClass, decode_block, encode_block
 from redknot_rag.store.layer_load import issue_layered
 from redknot_rag.store.load_plan import LoadPlan, blocks_geometry, load_plan, run_plan
 from redknot_rag.store.segment_cache import SegmentCache
@@ -140,6 +140,48 @@ def test_device_rows_equal_host_decode_cpu(tmp_path: Path, codec: str, window: s
                     r += 2 * n
     dev.close()
     host.close()
+
+
+@pytest.mark.parametrize("codec", [Codec.INT8, Codec.INT4])
+def test_device_rows_model_shape_cpu(codec: Codec) -> None:
+    """A model-sized layer group (4 layers x 8 kv heads, D 128, 512-token chunks, 6 heads a 64-token
+    window) of two chunks: the device path's rows equal `decode_block` per block, bit for bit, and its
+    memory stays the payloads' size (a gather that copied every overlapping window would need ~10^11 B)."""
+    nl, nh, d, n, w = 4, 8, 128, 512, 64
+    g = torch.Generator().manual_seed(7)
+    chunks = []
+    for _ in range(2):
+        metas, payloads = [], []
+        for _layer in range(nl):
+            for head in range(nh):
+                m = n if head < 2 else w
+                k = (torch.randn(m, d, generator=g) * 3).to(torch.bfloat16)
+                v = torch.randn(m, d, generator=g).to(torch.bfloat16)
+                metas.append(BlockMeta(n - m, m, codec, HeadClass.GLOBAL if head < 2 else HeadClass.LOCAL))
+                payloads.append(encode_block(k, v, codec))
+        buf = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
+        blocks, pos = {}, 0
+        for i, (meta, pl) in enumerate(zip(metas, payloads, strict=True)):
+            view = buf[pos : pos + len(pl)]
+            blocks[divmod(i, nh)] = EncodedBlock(view, meta, d, torch.bfloat16, torch.bfloat16)
+            pos += len(pl)
+        chunks.append(blocks)
+    pages = torch.arange(2 * nl * nh * (n // PS), dtype=torch.int32).view(2, nl, nh, -1)
+    plans = [load_plan(b, pg, PS, n, blocks_geometry(b, n)[3]) for b, pg in zip(chunks, pages, strict=True)]
+    assert len(plans[0].runs) == 1 and plans[0].decode is plans[1].decode
+    for first, end in ((0, nl), (1, 3)):
+        staged = torch.cat([torch.cat(p.runs)[p.byte_bounds[first] : p.byte_bounds[end]] for p in plans])
+        rows = plans[0].rows(staged, 2, first, end).view(2, -1, d)  # [C, group rows, D]
+        for c, blocks in enumerate(chunks):
+            at = 0
+            for layer in range(first, end):
+                for head in range(nh):
+                    b = blocks[layer, head]
+                    k, v = decode_block(b.payload.numpy().tobytes(), b.meta, d, torch.bfloat16)
+                    assert torch.equal(rows[c, at : at + b.num_tokens], k)
+                    assert torch.equal(rows[c, at + b.num_tokens : at + 2 * b.num_tokens], v)
+                    at += 2 * b.num_tokens
+            assert at == rows.shape[1]
 
 
 @pytest.mark.parametrize("layers_per_event", [1, 2, 3])

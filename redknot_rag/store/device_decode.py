@@ -62,14 +62,15 @@ _DECODERS = {Codec.INT8: int8_kv, Codec.INT4: int4_kv}
 
 @dataclass(frozen=True)
 class _Group:
-    """Blocks of one (codec, n) inside a layer group: `starts` `[G]` their payloads' first bytes and
-    `row_idx` `[G·n]` their K rows (V rows: + n), relative to the layer group's first byte and row."""
+    """Blocks of one (codec, n) inside a layer group: `starts` `[G]` their payloads' first bytes, `k_rows`
+    and `v_rows` `[G·n]` their K and V rows, relative to the layer group's first byte and row."""
 
     codec: Codec
     n: int
     nbytes: int
     starts: torch.Tensor
-    row_idx: torch.Tensor
+    k_rows: torch.Tensor
+    v_rows: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -101,18 +102,20 @@ class DecodeLayout:
         out = torch.empty(C, nr, d, dtype=self.dtype, device=staged.device)  # every row is some block's
         for g in self._layer_groups(first, end, staged.device):
             G = g.starts.numel()
-            windows = u8.as_strided((C, nb - g.nbytes + 1, g.nbytes), (nb, 1, 1))  # every nbytes-long slice
-            payloads = windows.index_select(1, g.starts).view(C * G, g.nbytes)  # [C·G, nbytes], contiguous
+            # every nbytes-long slice, as a view; advanced indexing gathers from it without materializing it
+            # (index_select would copy the whole overlapping view first: C · group bytes · nbytes)
+            windows = u8.as_strided((C, nb - g.nbytes + 1, g.nbytes), (nb, 1, 1))
+            payloads = windows[:, g.starts].reshape(C * G, g.nbytes)  # [C·G, nbytes], contiguous
             k, v = _DECODERS[g.codec](payloads, g.n, d)  # f32 [C·G, n, D]
-            out.index_copy_(1, g.row_idx, k.to(self.src_dtype).to(self.dtype).reshape(C, G * g.n, d))
-            out.index_copy_(1, g.row_idx + g.n, v.to(self.src_dtype).to(self.dtype).reshape(C, G * g.n, d))
+            out.index_copy_(1, g.k_rows, k.to(self.src_dtype).to(self.dtype).reshape(C, G * g.n, d))
+            out.index_copy_(1, g.v_rows, v.to(self.src_dtype).to(self.dtype).reshape(C, G * g.n, d))
         return out.view(C * nr, d)
 
     def _layer_groups(self, first: int, end: int, device: torch.device) -> list[_Group]:
         key = (first, end, str(device))
         if key not in self._groups:
             self._groups[key] = [
-                _Group(g.codec, g.n, g.nbytes, g.starts.to(device), g.row_idx.to(device))
+                _Group(g.codec, g.n, g.nbytes, *(t.to(device) for t in (g.starts, g.k_rows, g.v_rows)))
                 for g in self._host_groups(first, end)
             ]
         return self._groups[key]
@@ -134,7 +137,7 @@ class DecodeLayout:
         for (codec, n), (byte_starts, row_starts) in at.items():
             nbytes = _nbytes(codec, n, self.head_dim, self.src_dtype)
             ri = (torch.tensor(row_starts)[:, None] + torch.arange(n)[None, :]).reshape(-1)  # [G·n]
-            out.append(_Group(codec, n, nbytes, torch.tensor(byte_starts), ri))
+            out.append(_Group(codec, n, nbytes, torch.tensor(byte_starts), ri, ri + n))
         return out
 
 
