@@ -153,7 +153,7 @@ def test_batch_refused_with_429_leaves_no_jobs(served, monkeypatch):
     monkeypatch.setattr(rt.engine, "submit", real_submit)
     _err(r, 429, "overloaded")
     assert r.headers["Retry-After"] == "1"
-    assert not set(rids) & set(rt.jobs), list(rt.jobs)
+    assert not set(rids) & {j.public_rid for j in rt.jobs.values()}, list(rt.jobs)
     _err(client.post("/abort_request", json={"rid": "batch-0"}, headers=ADMIN_AUTH), 404, "no request")
     again = client.post("/generate", json={**body, "sampling_params": {"max_new_tokens": 2}}, headers=AUTH)
     assert again.status_code == 200, again.text  # the rids are reusable
@@ -262,3 +262,62 @@ def test_chat_stop_list_over_the_limit_is_400(served):
     client, rt = served
     body = {"model": rt.model_name, "messages": [{"role": "user", "content": "hi"}], "stop": ["z"] * 33}
     _err(client.post("/v1/chat/completions", json=body, headers=AUTH), 400, "stop: at most 32")
+
+
+# ---- item 7: side channels between tenants --------------------------------------------------------------
+def test_metrics_need_the_admin_key_when_keys_are_configured(served):
+    client, _ = served
+    _err(client.get("/metrics"), 401, "missing API key")
+    for key in (AUTH, A_AUTH):
+        _err(client.get("/metrics", headers=key), 403, "admin key")
+    r = client.get("/metrics", headers=ADMIN_AUTH)
+    assert r.status_code == 200 and "redknot_request_success_total" in r.text
+
+
+def test_server_info_gives_the_model_path_to_admins_only(served):
+    client, rt = served
+    for key in (AUTH, A_AUTH):
+        info = client.get("/server_info", headers=key).json()
+        assert "model_path" not in info and rt.model_dir not in str(info) and info["served_model_name"]
+    assert client.get("/server_info", headers=ADMIN_AUTH).json()["model_path"] == rt.model_dir
+
+
+def test_a_tenant_cannot_probe_or_squat_another_tenants_rid(served):
+    """Tenant A's `rid` in flight: tenant B using the same rid neither learns that (no 400) nor takes it
+    (A's request goes on, B's abort finds nothing of A's); A still cannot reuse its own rid in flight."""
+    import httpx
+
+    client, rt = served
+
+    async def run() -> tuple[int, int, int, int, dict, dict]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            long = {
+                "text": "Tell a long story.",
+                "rid": "job-7",
+                "sampling_params": {"max_new_tokens": 48, "ignore_eos": True},
+            }
+            task = asyncio.create_task(c.post("/generate", json=long, headers=A_AUTH))
+            for _ in range(400):
+                if any(j.public_rid == "job-7" for j in rt.jobs.values()):
+                    break
+                await asyncio.sleep(0.05)
+            short = {**long, "sampling_params": {"max_new_tokens": 2}}
+            other = await c.post("/generate", json=short, headers=B_AUTH)
+            dup = await c.post("/generate", json=short, headers=A_AUTH)
+            b_abort = await c.post("/abort_request", json={"rid": "job-7"}, headers=B_AUTH)
+            a_abort = await c.post("/abort_request", json={"rid": "job-7"}, headers=A_AUTH)
+            done = await task
+            return (
+                other.status_code,
+                dup.status_code,
+                b_abort.status_code,
+                a_abort.status_code,
+                other.json(),
+                done.json(),
+            )
+
+    other, dup, b_abort, a_abort, other_body, done = asyncio.run(run())
+    assert (other, dup, b_abort, a_abort) == (200, 400, 404, 200), other_body
+    assert other_body["meta_info"]["id"] == "job-7" and done["meta_info"]["id"] == "job-7"
+    assert done["meta_info"]["finish_reason"]["type"] == "abort"

@@ -341,7 +341,7 @@ def test_abort_reaches_only_own_requests(served):
             }
             task = asyncio.create_task(c.post(GEN, json=long, headers=A_AUTH))
             for _ in range(200):
-                if "story-1" in rt.jobs:
+                if any(j.public_rid == "story-1" for j in rt.jobs.values()):
                     break
                 await asyncio.sleep(0.05)
             dup = await c.post(GEN, json=long, headers=A_AUTH)  # a rid in flight cannot be reused

@@ -288,7 +288,9 @@ def test_wrong_api_key_shows_the_error(browser, server):
 
 @needs_browser
 def test_stop_cancels_on_the_server(page, client, ingested):
-    aborted = _metric(client.get("/metrics").text, 'redknot_request_success_total{finished_reason="abort"}')
+    aborted = _metric(
+        client.get("/metrics", headers=ADMIN_AUTH).text, 'redknot_request_success_total{finished_reason="abort"}'
+    )
     ask(page, "Write a very long story about the lighthouse.", max_tokens=200)
     wait_js(page, "document.querySelector('#answer').textContent.length > 0", WAIT_MS)
     assert client.get("/server_info").json()["num_running"] >= 1  # still generating: something to stop
@@ -297,7 +299,9 @@ def test_stop_cancels_on_the_server(page, client, ingested):
     deadline = time.time() + 30
     while time.time() < deadline:
         running = client.get("/server_info").json()["num_running"]
-        now = _metric(client.get("/metrics").text, 'redknot_request_success_total{finished_reason="abort"}')
+        now = _metric(
+            client.get("/metrics", headers=ADMIN_AUTH).text, 'redknot_request_success_total{finished_reason="abort"}'
+        )
         if running == 0 and now > aborted:
             break
         time.sleep(0.2)

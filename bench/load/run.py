@@ -231,7 +231,8 @@ async def main_async(args: argparse.Namespace) -> Report:
             ),
         )
         wall = time.perf_counter() - t0
-        metrics = httpx.get(url + "/metrics", timeout=30).text
+        admin = {"Authorization": f"Bearer {args.admin_key or args.api_key}"} if args.admin_key or args.api_key else {}
+        metrics = httpx.get(url + "/metrics", headers=admin, timeout=30).text  # the admin key reads it
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -62,7 +62,7 @@ def meta_info(
     r = job.req
     n = len(r.output_ids) if upto is None else upto
     meta: dict[str, Any] = {
-        "id": r.rid,
+        "id": job.public_rid,
         "finish_reason": job.finish_reason,
         "prompt_tokens": r.prompt_len,
         "completion_tokens": n,
@@ -182,8 +182,9 @@ def make_router(rt: Runtime) -> APIRouter:
             "architectures": None,
         }
 
-    async def server_info():
-        return {
+    async def server_info(request: HttpRequest):
+        """Limits and load. Where the model lives on the server's disk (`model_path`) goes to admins only."""
+        info = {
             "version": "redknot-rag",
             "model_path": rt.model_dir,
             "served_model_name": rt.model_name,
@@ -199,6 +200,9 @@ def make_router(rt: Runtime) -> APIRouter:
             "num_running": rt.engine.num_running,
             "uptime_s": round(time.time() - rt.started, 1),
         }
+        if not principal_of(request).is_admin:
+            del info["model_path"]
+        return info
 
     router.add_api_route("/server_info", server_info, methods=["GET"])
     router.add_api_route("/get_server_info", server_info, methods=["GET"])
@@ -223,7 +227,11 @@ def make_router(rt: Runtime) -> APIRouter:
         body = await read_model(request, AbortRequest, rt.settings.max_request_bytes)
         who = principal_of(request)
         prefix = body.rid + "-"  # `rid` with n > 1 names samples rid-0, rid-1, ...
-        hits = [j for r, j in rt.jobs.items() if r == body.rid or (r.startswith(prefix) and r[len(prefix) :].isdigit())]
+        hits = [
+            j
+            for j in rt.jobs.values()
+            if (r := j.public_rid) == body.rid or (r.startswith(prefix) and r[len(prefix) :].isdigit())
+        ]
         mine = [j for j in hits if who.is_admin or j.owner == who.name]
         if not mine:
             raise ApiError(404, f"no request {body.rid!r} in flight")

@@ -26,7 +26,7 @@ from redknot_rag.limits import TooLargeError
 from redknot_rag.retrieval.docdb import UnknownNamespaceError
 from redknot_rag.sampling import InvalidRequestError
 from redknot_rag.server import api_openai, api_rag, api_sglang, api_ui, spec
-from redknot_rag.server.auth import authenticate
+from redknot_rag.server.auth import authenticate, require_admin
 from redknot_rag.server.errors import ERROR_RESPONSES, ApiError, describe_validation_errors, error_response
 from redknot_rag.server.metrics import CONTENT_TYPE
 from redknot_rag.server.runtime import Runtime
@@ -112,8 +112,11 @@ def create_app(rt: Runtime) -> FastAPI:
             raise ApiError(503, f"engine stalled: no step finished for {stalled:.0f} s")
         return {"status": "ok"}
 
-    @public.get("/metrics")
-    async def metrics():
+    @public.get("/metrics", responses={k: ERROR_RESPONSES[k] for k in (401, 403)})
+    async def metrics(request: HttpRequest):
+        """Prometheus text. With keys configured only the admin key reads it: it shows every tenant's
+        activity and the store's size."""
+        require_admin(authenticate(request, s.api_key, s.admin_key, s.tenant_keys))
         return Response(await rt.run_blocking(rt.metrics.render), media_type=CONTENT_TYPE)
 
     app.include_router(public)

@@ -93,6 +93,7 @@ class Job:
     owner: str = ""
     cancel_error: str | None = None  # set when the server cancels it (drain): reported instead of an abort
     error_status: int = 500
+    client_rid: str | None = None
     stop_regex_budget_s: float = STOP_REGEX_BUDGET_S  # search time left to its stop regexes
     num_tokens_seen: int = 0  # token events taken from the engine so far (a stream's logprobs go up to here)
 
@@ -107,11 +108,18 @@ class Job:
 
     def error_body(self) -> dict:
         """The SSE error event / JSON error of a failed job (503 when the server cancelled it)."""
-        return error_body(self.error_status, f"request {self.rid} failed: {self.error}")
+        return error_body(self.error_status, f"request {self.public_rid} failed: {self.error}")
 
     @property
     def rid(self) -> str:
+        """The engine's rid: a client's own rid scoped by its owner (`owner/rid`), so two keys may use
+        the same rid and neither can tell whether the other's is in flight."""
         return self.req.rid
+
+    @property
+    def public_rid(self) -> str:
+        """The rid the client knows (the one it gave, else the engine's)."""
+        return self.client_rid or self.req.rid
 
     @property
     def prompt_tokens(self) -> int:
@@ -251,17 +259,17 @@ class Runtime:
         if req is None:
             req = self.engine.make_request(inp.prompt_ids, p, **kw)
         if inp.rid:
-            req.rid = inp.rid
+            req.rid = engine_rid(inp.owner, inp.rid)
         if processor is not None:
             req.logits_processor = processor  # called by Engine._emit
-        return Job(req, stop_regex, owner=inp.owner)
+        return Job(req, stop_regex, owner=inp.owner, client_rid=inp.rid)
 
     async def start(self, inputs: list[GenInput]) -> list[Job]:
         """Build and submit every input; all or none (a failure aborts those already submitted)."""
         if self.draining:
             raise ApiError(503, "server is shutting down")
-        rids = [inp.rid for inp in inputs if inp.rid]
-        if len(set(rids)) != len(rids) or any(r in self.jobs for r in rids):
+        rids = [engine_rid(inp.owner, inp.rid) for inp in inputs if inp.rid]
+        if len(set(rids)) != len(rids) or any(r in self.jobs for r in rids):  # only the caller's own rids
             raise ApiError(400, "rid is already in use by a request in flight; rids must be unique")
         jobs: list[Job] = []
         try:
@@ -466,7 +474,7 @@ class Runtime:
     def raise_if_failed(self, jobs: list[Job]) -> None:
         for j in jobs:
             if j.error:
-                raise ApiError(j.error_status, f"request {j.rid} failed: {j.error}")
+                raise ApiError(j.error_status, f"request {j.public_rid} failed: {j.error}")
 
     # ---- draining and health ----------------------------------------------------------------
     def begin_drain(self) -> None:
@@ -501,6 +509,12 @@ class Runtime:
         self.cancel_in_flight("server shut down")
         self.engine.shutdown(cancel=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def engine_rid(owner: str, rid: str) -> str:
+    """The engine's rid for a client's `rid`: scoped by the caller's name (never its key), so keys never
+    collide on, squat or probe each other's rids."""
+    return f"{owner}/{rid}" if owner else rid
 
 
 def _search(patterns: list[regex.Pattern], text: str, timeout_s: float) -> tuple[int, str] | None:
