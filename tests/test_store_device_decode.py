@@ -147,6 +147,20 @@ def test_device_rows_model_shape_cpu(codec: Codec) -> None:
     """A model-sized layer group (4 layers x 8 kv heads, D 128, 512-token chunks, 6 heads a 64-token
     window) of two chunks: the device path's rows equal `decode_block` per block, bit for bit, and its
     memory stays the payloads' size (a gather that copied every overlapping window would need ~10^11 B)."""
+    _check_model_shape_rows(codec, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("codec", [Codec.INT8, Codec.INT4])
+def test_device_rows_model_shape_gpu(codec: Codec) -> None:
+    """The model-sized layer group decoded on CUDA: bit for bit the CPU reference, in < 1 GiB of GPU memory."""
+    torch.cuda.reset_peak_memory_stats()
+    _check_model_shape_rows(codec, "cuda")
+    assert torch.cuda.max_memory_allocated() < 1 << 30
+
+
+def _check_model_shape_rows(codec: Codec, device: str) -> None:
     nl, nh, d, n, w = 4, 8, 128, 512, 64
     g = torch.Generator().manual_seed(7)
     chunks = []
@@ -171,7 +185,7 @@ def test_device_rows_model_shape_cpu(codec: Codec) -> None:
     assert len(plans[0].runs) == 1 and plans[0].decode is plans[1].decode
     for first, end in ((0, nl), (1, 3)):
         staged = torch.cat([torch.cat(p.runs)[p.byte_bounds[first] : p.byte_bounds[end]] for p in plans])
-        rows = plans[0].rows(staged, 2, first, end).view(2, -1, d)  # [C, group rows, D]
+        rows = plans[0].rows(staged.to(device), 2, first, end).view(2, -1, d).cpu()  # [C, group rows, D]
         for c, blocks in enumerate(chunks):
             at = 0
             for layer in range(first, end):
