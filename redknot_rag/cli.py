@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from redknot_rag.options import add_engine_args, engine_config_from_args
+from redknot_rag.options import HelpFormatter, add_engine_args, engine_config_from_args
 
 # modules that add subcommands (each has `register_cli(subparsers)`)
 _COMMAND_MODULES = (
@@ -82,7 +82,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="redknot", description="RedKnot-RAG: RAG serving with per-head KV reuse")
     sub = parser.add_subparsers(dest="command", required=True)
-    helpful = argparse.ArgumentDefaultsHelpFormatter
+    helpful = HelpFormatter
     g = sub.add_parser("generate", help="generate text for one prompt", formatter_class=helpful)
     g.add_argument("prompt")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")

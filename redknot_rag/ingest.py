@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from redknot_rag.options import HelpFormatter
+
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "redknot"
-HELP = argparse.ArgumentDefaultsHelpFormatter  # every subcommand shows its defaults in --help
+HELP = HelpFormatter  # every subcommand shows its defaults in --help, once
 
 
 def require_store(data_dir: str | Path, namespace: str) -> None:
@@ -24,6 +26,30 @@ def require_store(data_dir: str | Path, namespace: str) -> None:
             raise FileNotFoundError(
                 f"no namespace {namespace!r} in {data_dir}: run `redknot ingest --namespace {namespace} PATH...`"
             )
+
+
+def plan_files(paths: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(files `redknot ingest` will parse, [(file, why it is skipped)]) under `paths`, walked as the parser
+    walks them, so a user hears what is skipped before the model loads."""
+    from redknot_rag.retrieval.parser import SUPPORTED_SUFFIXES
+
+    taken: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+            suffix = f.suffix.lower()
+            if suffix in SUPPORTED_SUFFIXES:
+                taken.append(f)
+            else:
+                skipped.append((f, f"unsupported file type {suffix!r}" if suffix else "no file extension"))
+    return taken, skipped
+
+
+def _suffixes() -> str:
+    from redknot_rag.retrieval.parser import SUPPORTED_SUFFIXES
+
+    return " ".join(SUPPORTED_SUFFIXES)
 
 
 def open_service(args: argparse.Namespace, policy: str | None = None, store_config=None):
@@ -64,6 +90,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no such file or directory: {p}")
     InputLimits(max_document_bytes=args.max_document_bytes).check_paths(args.paths)  # the server's limit too
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    taken, skipped = plan_files(args.paths)
+    for f, why in skipped[:20]:
+        print(f"skipped {f}: {why}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more skipped", file=sys.stderr)
+    if not taken:
+        raise ValueError(f"nothing to ingest: {len(skipped)} file(s) skipped, none of type {_suffixes()}")
+    say(f"{len(taken)} file(s) to ingest, {len(skipped)} skipped")
     say("loading the model and the embedder...")
     rag = open_service(args)
     say(f"parsing, chunking and embedding {', '.join(map(str, args.paths))} into namespace {args.namespace!r}...")
@@ -137,7 +171,7 @@ def register_cli(sub) -> None:
     p = sub.add_parser(
         "ingest", help="parse, chunk, embed and index documents; precompute chunk KV", formatter_class=HELP
     )
-    p.add_argument("paths", nargs="+", help=".txt .md .html .jsonl files or directories")
+    p.add_argument("paths", nargs="+", help=f"files or directories; files of type {_suffixes()} are read")
     p.add_argument("--namespace", default="default", help="namespace to store into (1-64 chars of [A-Za-z0-9_.-])")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="documents, index and KV store")
     p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")

@@ -7,6 +7,17 @@ import argparse
 from redknot_rag.config import EngineConfig
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every subcommand's `--help` formatter: an option's default once, after its help, unless the help
+    already tells it or there is none to tell (None, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, []) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-path",

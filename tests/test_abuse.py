@@ -321,3 +321,18 @@ def test_a_tenant_cannot_probe_or_squat_another_tenants_rid(served):
     assert (other, dup, b_abort, a_abort) == (200, 400, 404, 200), other_body
     assert other_body["meta_info"]["id"] == "job-7" and done["meta_info"]["id"] == "job-7"
     assert done["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+# ---- item 9: limits answer as documented ------------------------------------------------------------------
+def test_a_document_over_2_000_000_chars_answers_413(served):
+    client, _ = served
+    doc = {"doc_id": "big", "text": "a" * 2_000_001}
+    r = client.post("/ingest", json={"namespace": "tenant-a", "documents": [doc]}, headers=ADMIN_AUTH)
+    _err(r, 413, "2000001 bytes exceeds the limit of 2000000 bytes")
+
+
+def test_a_question_over_16_000_chars_answers_413(served):
+    client, _ = served
+    for path in ("/query", "/retrieve"):
+        r = client.post(path, json={"question": "x" * 16_001, "namespace": "tenant-a"}, headers=ADMIN_AUTH)
+        _err(r, 413, "question of 16001 chars exceeds the limit of 16000")

@@ -173,7 +173,7 @@ BAD_INPUT = [
     ("blank question /query", "/query", {"question": "  \n ", "namespace": "tenant-a"}, 422, "question"),
     ("blank question /retrieve", "/retrieve", {"question": "\t ", "namespace": "tenant-a"}, 422, "question"),
     ("question over the context", "/query", {"question": "7" * 9000, "namespace": "tenant-a"}, 413, "context"),
-    ("question over the char limit", "/query", {"question": "x" * 40_001, "namespace": "tenant-a"}, 422, "question"),
+    ("question over the char limit", "/query", {"question": "x" * 40_001, "namespace": "tenant-a"}, 413, "question"),
     (
         "invalid namespace",
         "/ingest",

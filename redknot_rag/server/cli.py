@@ -26,12 +26,11 @@ log = logging.getLogger("redknot.server")
 
 
 def register_cli(subparsers: Any) -> None:
-    from redknot_rag.options import add_engine_args
+    from redknot_rag.options import HelpFormatter, add_engine_args
     from redknot_rag.store.config import add_store_args
 
     p = subparsers.add_parser("serve", help="serve the HTTP API (RAG, SGLang native, OpenAI)")
-    d = argparse.ArgumentDefaultsHelpFormatter
-    p.formatter_class = d
+    p.formatter_class = HelpFormatter
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=30000, help="port to listen on")
     p.add_argument(
