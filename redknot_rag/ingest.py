@@ -59,6 +59,7 @@ def open_service(args: argparse.Namespace, policy: str | None = None, store_conf
     from redknot_rag.rag import RagService
 
     engine = Engine(engine_config_from_args(args))
+    engine.start()  # the forward on the engine's own thread, as in the server (see cli._cmd_generate)
     kw: dict = {}
     if store_config is not None:
         kw["store_config"] = store_config(engine)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -49,3 +50,46 @@ def test_ingest_says_what_it_skips_before_loading_the_model(tmp_path):
     assert f"skipped {tmp_path / 'docs' / 'spec.rst'}: unsupported file type '.rst'" in r.stderr
     assert "nothing to ingest" in r.stderr and "loading the model" not in r.stderr
     assert not (tmp_path / "d").exists() and time.perf_counter() - t0 < 60
+
+
+def _record_step_threads(monkeypatch) -> set[str]:
+    from redknot_rag.engine import Engine
+
+    names: set[str] = set()
+    step = Engine.step
+
+    def recording_step(self, *a, **kw):
+        names.add(threading.current_thread().name)
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(Engine, "step", recording_step)
+    return names
+
+
+def test_cli_generate_runs_the_forward_on_the_engine_thread_as_the_server_does(monkeypatch, capsys):
+    """On a busy 2-core machine the main thread's OpenMP team ran `redknot generate` ~10x slower than the
+    server's engine thread (TTFT 6.4 s against 0.3 s measured here): the CLI now steps on that thread too."""
+    from redknot_rag.cli import main
+
+    names = _record_step_threads(monkeypatch)
+    assert main(["generate", "Hello", "--model-path", "tiny-gqa", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert names == {"redknot-engine"}, names
+    assert "3 new tokens" in capsys.readouterr().err
+
+
+def test_cli_rag_commands_run_the_forward_on_the_engine_thread(monkeypatch, tmp_path):
+    import argparse
+
+    import redknot_rag.rag
+    from redknot_rag.ingest import open_service
+    from redknot_rag.options import add_engine_args
+
+    monkeypatch.setattr(redknot_rag.rag, "RagService", lambda engine, *a, **kw: engine)  # only the engine matters
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    p.add_argument("--data-dir")
+    engine = open_service(p.parse_args(["--model-path", "tiny-gqa", "--device", "cpu", "--data-dir", str(tmp_path)]))
+    try:
+        assert engine.is_looping
+    finally:
+        engine.shutdown()
