@@ -144,9 +144,10 @@ def register_cli(sub) -> None:
     q.add_argument("--namespace", default="default", help="namespace to search")
     q.add_argument(
         "--reuse-policy",
-        default="redknot",
+        default=None,
         help="full, naive, epic[:k], cacheblend[:r], redknot[:r[:k[:w]]], redknot-local[:r[:k[:w]]], "
-        "redknot-dense[:r[:k]]",
+        "redknot-dense[:r[:k]] (default: the one `redknot serve` uses, measured for the model and recorded "
+        "with its head profile)",
     )
     q.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
     q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

@@ -57,21 +57,21 @@ def open_service(args: argparse.Namespace, policy: str | None = None, store_conf
     from redknot_rag.engine import Engine
     from redknot_rag.options import engine_config_from_args
     from redknot_rag.rag import RagService
+    from redknot_rag.store.config import add_store_args
 
+    if not hasattr(args, "store_host_bytes"):  # `query`, `demo`: the store settings `ingest` and `serve` default to
+        defaults = argparse.ArgumentParser(add_help=False)
+        add_store_args(defaults)
+        args = argparse.Namespace(**{**vars(defaults.parse_args([])), **vars(args)})
     engine = Engine(engine_config_from_args(args))
     engine.start()  # the forward on the engine's own thread, as in the server (see cli._cmd_generate)
     kw: dict = {}
     if store_config is not None:
         kw["store_config"] = store_config(engine)
-    elif hasattr(args, "store_host_bytes"):
-        import inspect
-
+    else:
         from redknot_rag.server.cli import store_config_for
 
-        if "store_config" in inspect.signature(RagService).parameters:
-            kw["store_config"] = store_config_for(engine, args)
-        else:
-            print("warning: this RagService takes no store settings yet; --store-* flags ignored", file=sys.stderr)
+        kw["store_config"] = store_config_for(engine, args)
     if getattr(args, "chunk_tokens", None):
         kw["chunk_tokens"] = args.chunk_tokens
     return RagService(engine, Path(args.data_dir), policy, **kw)
@@ -119,7 +119,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     out = {
         **s.__dict__,
         "tokens_per_s": round(s.tokens_per_s, 1),
-        "kv_bytes_per_token": round(s.kv_bytes / s.tokens, 1) if s.tokens and s.kv_bytes else 0,
+        "kv_dtype": args.store_dtype,
+        "kv_codec": args.store_cold_codec,
+        "kv_bytes_per_token": round(s.kv_bytes / s.tokens, 1) if s.tokens and s.kv_bytes else 0,  # as stored
     }
     print(json.dumps(out, indent=2))
     return 0

@@ -1,8 +1,8 @@
 """Input limits shared by the HTTP API (schemas.py) and the CLI, so both refuse the same input.
 
-A document's KV costs ~46 KB per token with the default model in fp32 (30 layers x 3 KV heads x
-64 dims x K and V x 4 bytes), about 12 KB per byte of English text: the 2 MB document limit bounds one
-document's stored KV near 25 GB. A question must fit the context with room to answer; the server also
+A document's KV costs ~23 KB per token with the default model stored in bf16 (30 layers x 3 KV heads x
+64 dims x K and V x 2 bytes), about 6 KB per byte of English text: the 2 MB document limit bounds one
+document's stored KV near 12 GB. A question must fit the context with room to answer; the server also
 checks its token count against the model context before any retrieval or KV work.
 """
 

@@ -93,3 +93,44 @@ def test_cli_rag_commands_run_the_forward_on_the_engine_thread(monkeypatch, tmp_
         assert engine.is_looping
     finally:
         engine.shutdown()
+
+
+def test_query_and_demo_use_the_defaults_of_ingest_and_serve(monkeypatch, tmp_path):
+    """One source per default: `query` takes the server's reuse policy (None: the model's measured one),
+    and `query`/`demo` open the store with the `--store-*` defaults `ingest` and `serve` use (bf16, not
+    the producer's fp32)."""
+    import argparse
+
+    import redknot_rag.rag
+    from redknot_rag.cli import build_parser
+    from redknot_rag.ingest import open_service
+    from redknot_rag.server.settings import ServerSettings
+
+    assert build_parser().parse_args(["query", "q"]).reuse_policy is None is ServerSettings().reuse_policy
+    ingest = build_parser().parse_args(["ingest", "x"])
+    seen: dict = {}
+
+    def fake_service(engine, data_dir, policy, **kw):
+        seen.update(kw, policy=policy)
+        return engine
+
+    monkeypatch.setattr(redknot_rag.rag, "RagService", fake_service)
+    demo = build_parser().parse_args(["demo", "--model-path", "tiny-gqa", "--device", "cpu"])
+    engine = open_service(argparse.Namespace(**{**vars(demo), "data_dir": str(tmp_path)}))
+    engine.shutdown()
+    assert seen["store_config"].dtype == ingest.store_dtype == "bfloat16" and seen["policy"] is None
+
+
+def test_ingest_summary_reports_the_bytes_stored(engine, tmp_path):
+    """The summary's KV bytes are what the store holds (bf16 here: 2 bytes a value), not the producer's fp32."""
+    from redknot_rag.rag import RagService
+    from redknot_rag.store.config import StoreConfig
+
+    mc = engine.model_config
+    rag = RagService(engine, tmp_path / "data", "naive", store_config=StoreConfig(dtype="bfloat16"))
+    text = "The Orvel canal locks were rebuilt in 1931 by the engineer Tamsin Lode, who also built the weir."
+    s = rag.ingest_texts([{"doc_id": "canal", "text": text}], "default")
+    per_token = mc.num_layers * mc.num_kv_heads * mc.head_dim * 2 * 2  # K and V, bf16
+    assert s.kv_chunks == s.chunks >= 1 and s.kv_bytes % per_token == 0  # whole tokens (separators too)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "data").rglob("*.rkv"))
+    assert 0.97 * on_disk <= s.kv_bytes <= on_disk, (s.kv_bytes, on_disk)  # the files add only headers

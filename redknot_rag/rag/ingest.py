@@ -97,7 +97,8 @@ class Ingestor:
     def precompute_kv(
         self, rows: Sequence, progress: Progress | None = None, batch_tokens: int = 2048
     ) -> tuple[int, int]:
-        """Prefill chunks behind the anchor and store their KV; marks each chunk done when durable."""
+        """Prefill chunks behind the anchor and store their KV; marks each chunk done when durable.
+        Returns (chunks done, bytes of KV stored: as the store holds them, not as prefilled)."""
         done, nbytes, i, tokens = 0, 0, 0, 0
         total_tokens = sum(r.num_tokens for r in rows)
         if progress is not None:
@@ -117,8 +118,7 @@ class Ingestor:
             if fresh:
                 kvs = self.engine.call(functools.partial(prefiller.prefill, fresh))
                 for c, (k, v) in zip(fresh, kvs):
-                    self.store.put(chunk_key(c), k.cpu(), v.cpu(), keep_in_memory=False)
-                    nbytes += k.numel() * k.element_size() * 2
+                    nbytes += self.store.put(chunk_key(c), k.cpu(), v.cpu(), keep_in_memory=False)
             for r, c in zip(batch, ids):
                 self.db.mark_kv_done(r.id, chunk_key(c))
             done += len(batch)

@@ -148,8 +148,9 @@ class ChunkKVStore:
         *,
         keep_in_memory: bool = True,
         heads: HeadCompression | None | object = _DEFAULT,
-    ) -> None:
-        """Commit a chunk: K, V `[L, H, T, D]` in the fingerprint's dtype (K pre-RoPE).
+    ) -> int:
+        """Commit a chunk: K, V `[L, H, T, D]` in the fingerprint's dtype (K pre-RoPE). Returns the bytes
+        of KV written (the blocks as stored: storage dtype, codec, local-head windows; 0 if not written).
 
         Stored in the storage dtype and cold codec; `heads` (default: the config's) keeps only the
         tail window of local heads. Durable when this returns (unless the only cold tier is an
@@ -190,7 +191,7 @@ class ChunkKVStore:
         meta = ChunkMeta(chunk_key, L, H, T, D, _dtype_str(self.dtype), tuple(metas))
         self._drop_memory(chunk_key)  # the old blocks (if any) are superseded
         if not self._write(0, meta, payloads):
-            return
+            return 0
         if self.config.redis_write_through:
             for i in range(1, len(self.tiers)):
                 self._write(i, meta, payloads)
@@ -199,6 +200,7 @@ class ChunkKVStore:
             decoded = self._decode(meta, dict(zip(meta.every_block(), payloads, strict=True)), _Landing(False))
             self._promote(chunk_key, meta, decoded)
         self._maybe_save_stats()
+        return sum(len(p) for p in payloads)
 
     def _write(self, i: int, meta: ChunkMeta, payloads: Sequence[Payload], durable: bool = True) -> bool:
         """put_chunk into tier i; False (and a log line) if the tier is unreachable."""
