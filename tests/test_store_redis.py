@@ -9,8 +9,9 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ redis = pytest.importorskip("redis")
 from redknot_rag.ports import free_port  # noqa: E402
 from redknot_rag.store import ChunkKVStore, ColdTier, KVFingerprint, StoreConfig  # noqa: E402
 from redknot_rag.store.redis_tier import RedisTier  # noqa: E402
+from redknot_rag.store.tiers import HostBlock, KVBlock  # noqa: E402
 
 
 def fp(weights: str = "w") -> KVFingerprint:
@@ -149,7 +151,8 @@ def test_real_redis_shared_between_replicas(tmp_path: Path, redis_url: str) -> N
     b.wait_fills()
     assert first is not None and got is not None
     assert torch.equal(got.k, first.k) and torch.equal(got.v, first.v)  # same bits on every replica
-    assert b.stats().tier("redis").block_hits == 4 * 3 and b.cold.contains_chunk("shared")
+    redis_stats = b.stats().tier("redis")
+    assert redis_stats is not None and redis_stats.block_hits == 4 * 3 and b.cold.contains_chunk("shared")
     assert (got.k.float() - k.float()).abs().max() < 0.05 * k.float().abs().max()
     assert a.delete("shared") and not b.tiers[1].contains_chunk("shared")
 
@@ -224,4 +227,117 @@ def test_raw_bulk_reads_match_redis_py_and_detect_damage(tmp_path: Path, redis_s
     assert store.get_blocks("c2") is None and store.stats().corrupt == 2
     assert raw_tier.get_payloads("absent", [(0, 0)]) is None
     assert raw_tier.get_payloads("c0", [(0, 0)]) is not None  # the same connection, still in step
+    store.close()
+
+
+def _kvs(blocks: Mapping[tuple[int, int], HostBlock] | None) -> dict[tuple[int, int], KVBlock] | None:
+    """`get_blocks_many`'s answer with its blocks checked to be decoded ones."""
+    if blocks is None:
+        return None
+    assert all(isinstance(b, KVBlock) for b in blocks.values())
+    return cast(dict[tuple[int, int], KVBlock], dict(blocks))
+
+
+def _mget_calls(tier: RedisTier) -> list[int]:
+    """Counts the tier's MGETs (raw connection and redis-py), one entry per call: its number of keys."""
+    calls: list[int] = []
+    assert tier.resp is not None
+    raw, py = tier.resp.mget, tier.client.mget
+
+    def raw_mget(keys):  # type: ignore[no-untyped-def]
+        calls.append(len(keys))
+        return raw(keys)
+
+    def py_mget(keys, *a):  # type: ignore[no-untyped-def]
+        calls.append(len(keys))
+        return py(keys, *a)
+
+    tier.resp.mget = raw_mget  # type: ignore[method-assign]
+    tier.client.mget = py_mget
+    return calls
+
+
+def test_pipelined_reads_one_round_trip_same_blocks(tmp_path: Path, redis_server) -> None:
+    """`get_blocks_many` on a Redis-only store reads every chunk's layers in ONE MGET (plus one for the
+    metas it does not know yet), not one per chunk, and returns exactly the blocks of the per-chunk path
+    (int8 and raw, redis-py and raw connection); an absent chunk misses and a damaged one is caught and
+    dropped while the chunks after it in the same reply are served."""
+    _, url = redis_server()
+    data = {f"c{i}": kv(40 + i, shape=(4, 3, 16, 32)) for i in range(5)}
+    for codec in ("raw", "int8"):
+        writer = ChunkKVStore(tmp_path / f"w{codec}", fp(codec), 0, cold=RedisTier.from_url(url, fp(codec)),
+                              config=StoreConfig(cold_codec=codec))  # fmt: skip
+        for key, (k, v) in data.items():
+            writer.put(key, k, v, keep_in_memory=False)
+        keys = ["c3", "c0", "absent", "c4", "c1", "c2"]
+        got = {}
+        for pipeline in (False, True):
+            tier = RedisTier.from_url(url, fp(codec))
+            calls = _mget_calls(tier)
+            store = ChunkKVStore(tmp_path / f"r{codec}{pipeline}", fp(codec), 1 << 24, cold=tier,
+                                 config=StoreConfig(cold_codec=codec, redis_pipeline=pipeline))  # fmt: skip
+            got[pipeline] = [(k, _kvs(b)) for k, b in store.get_blocks_many(keys, workers=3)]
+            assert [k for k, _ in got[pipeline]] == keys and got[pipeline][2][1] is None
+            if pipeline:  # metas (all 6), then every present chunk's meta + 4 layers in one reply
+                assert sorted(calls) == [6, 5 * 5], calls
+            else:
+                assert len([n for n in calls if n == 5]) == 5, calls  # one MGET per chunk
+            store.close()
+        for (k0, b0), (k1, b1) in zip(got[False], got[True], strict=True):
+            assert k0 == k1 and (b0 is None) == (b1 is None)
+            if b0 is not None and b1 is not None:
+                assert b0.keys() == b1.keys()
+                assert all(torch.equal(b0[lh].k, b1[lh].k) and torch.equal(b0[lh].v, b1[lh].v) for lh in b0)
+        if codec == "raw":
+            served = [(key, bs) for key, bs in got[True] if bs is not None]
+            assert all(torch.equal(b.k, data[key][0][la, h]) for key, bs in served for (la, h), b in bs.items())
+    # a flipped byte in c1's layer 2: c1 misses (dropped), c2 after it in the same reply is served
+    tier = RedisTier.from_url(url, fp("raw"))
+    client = redis.Redis.from_url(url)
+    lkey = tier._key("c1", "l:2")
+    value = bytearray(client.get(lkey))  # type: ignore[arg-type]
+    value[-3] ^= 0x01
+    client.set(lkey, bytes(value))
+    store = ChunkKVStore(tmp_path / "bad", fp("raw"), 1 << 24, cold=tier)
+    got_bad = {k: _kvs(b) for k, b in store.get_blocks_many(["c0", "c1", "c2"], workers=2)}
+    c2 = got_bad["c2"]
+    assert got_bad["c1"] is None and got_bad["c0"] is not None and c2 is not None
+    assert torch.equal(c2[(3, 2)].k, data["c2"][0][3, 2])
+    assert store.stats().corrupt == 1 and not tier.contains_chunk("c1")
+    assert tier.get_payloads("c0", [(0, 0)]) is not None  # the connection is still in step
+    store.close()
+
+
+def test_pipelined_read_losing_redis_midway_is_misses_and_loses_nothing(
+    tmp_path: Path, redis_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection failing in the middle of the one-reply read: the chunks already read are served,
+    every later one is a miss (no exception, a tier error counted), the stored chunks stay in Redis, and
+    the next read (a fresh connection) returns all of them exactly."""
+    _, url = redis_server()
+    tier = RedisTier.from_url(url, fp(), retry_after_s=0.0)
+    store = ChunkKVStore(tmp_path, fp(), 1 << 24, cold=tier)
+    data = {f"c{i}": kv(70 + i, shape=(4, 3, 16, 32)) for i in range(4)}
+    for key, (k, v) in data.items():
+        store.put(key, k, v, keep_in_memory=False)
+    real = RedisTier._parse_raw
+    seen: list[str] = []
+
+    def dies_at_third(self, reader, chunk_key, layers, alloc):  # type: ignore[no-untyped-def]
+        seen.append(chunk_key)
+        if len(seen) == 3:
+            reader.sock.close()  # the connection is lost in the middle of the reply
+        return real(self, reader, chunk_key, layers, alloc)
+
+    monkeypatch.setattr(RedisTier, "_parse_raw", dies_at_third)
+    got = dict(store.get_blocks_many(list(data), workers=2))
+    monkeypatch.setattr(RedisTier, "_parse_raw", real)
+    assert got["c0"] is not None and got["c1"] is not None and got["c2"] is None and got["c3"] is None
+    assert store.stats().tier_errors >= 1
+    store.evict()
+    again = {k: _kvs(b) for k, b in store.get_blocks_many(list(data), workers=2)}
+    for key, (k, v) in data.items():
+        blocks = again[key]
+        assert blocks is not None
+        assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in blocks.items())
     store.close()

@@ -7,6 +7,7 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,7 @@ def test_demotion_and_promotion_bit_exact(tmp_path: Path) -> None:
 def test_int8_and_windows_survive_demotion_bit_exact(tmp_path: Path) -> None:
     client = fakeredis.FakeRedis()
     heads = HeadCompression.from_mask(CLASSES, WINDOW)
-    kw = dict(dtype="bfloat16", cold_codec="int8", heads=heads)
+    kw: dict = dict(dtype="bfloat16", cold_codec="int8", heads=heads)
     store = chain(tmp_path, client, disk_bytes=1, write_through=False, **kw)  # disk keeps only the newest
     store.put("a", *kv(20))
     first = store.get_blocks("a")
@@ -237,7 +238,7 @@ def test_prefetch_layer_by_layer(tmp_path: Path) -> None:
             assert gate.wait(10)  # layer 2 is held back until the test has used layers 0 and 1
         return real(chunk_key, layers, heads)
 
-    store.get_blocks = traced  # type: ignore[method-assign]
+    store.get_blocks = traced  # type: ignore[method-assign, assignment]
 
     def only_global(chunk_key: str, layer: int) -> list[int]:  # a non-last chunk: local heads not read
         return [h for h in range(H) if CLASSES[layer][h] == 1]
@@ -416,7 +417,7 @@ def test_host_tier_keeps_reused_blocks_through_a_scan() -> None:
     assert len(mem) == 10 and mem.evict(target_bytes=0) == 10 * blk.nbytes and len(mem) == 0
 
 
-def _one_buffer(blocks: dict) -> bool:
+def _one_buffer(blocks: Mapping) -> bool:
     """Whether every block's K and V lie back to back in one storage (one host -> GPU copy)."""
     from redknot_rag.store.load_plan import byte_runs
 
@@ -475,7 +476,10 @@ def test_get_blocks_many_in_order_and_corruption_is_a_miss(tmp_path: Path) -> No
             continue
         assert blocks is not None and _one_buffer(blocks)
         k, v = data[key]
-        assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in blocks.items())
+        assert all(
+            isinstance(b, KVBlock) and torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h])
+            for (la, h), b in blocks.items()
+        )
     assert store.stats().corrupt == 1 and (disk_of(store).quarantine_dir / f"{key_hash('c3')}.rkv").exists()
     store.close()
 
@@ -539,4 +543,88 @@ def test_whole_chunk_host_hit_is_one_group_read(tmp_path: Path) -> None:
     again = store.get_blocks("c")
     assert again is not None and not isinstance(again, ChunkBlocks) and len(again) == L * H
     assert all(torch.equal(again[lh].k, first[lh].k) for lh in first)
+    store.close()
+
+
+def _block_bytes(blocks) -> dict:  # type: ignore[no-untyped-def]
+    return {lh: (b.token_start, b.k.clone(), b.v.clone()) for lh, b in blocks.items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[lh][0] == b[lh][0] and torch.equal(a[lh][1], b[lh][1]) and torch.equal(a[lh][2], b[lh][2]) for lh in a
+    )
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8"])
+def test_deep_and_direct_disk_reads_equal_the_one_pread_path(tmp_path: Path, codec: str) -> None:
+    """Reads split into 4 KiB pieces by 4 threads, with and without O_DIRECT, return exactly the blocks
+    of one pread per run: whole chunks, head-aware windows, and subsets of layers and heads (several
+    runs, each widened to aligned ranges under direct I/O)."""
+    heads = HeadCompression.from_mask(CLASSES, WINDOW)
+    base: dict = dict(cold_codec=codec, heads=heads, host_bytes=1 << 20)
+    ref = ChunkKVStore(tmp_path / "d", fp(), config=StoreConfig(**base, disk_read_depth=1))
+    data = {f"c{i}": kv(80 + i) for i in range(3)}
+    for key, (k, v) in data.items():
+        ref.put(key, k, v, keep_in_memory=False)
+    subsets = [(None, None), ([2, 0], [3, 1]), ([1], None), (None, [2])]
+    want = {(key, i): _block_bytes(ref.get_blocks(key, *ls)) for key in data for i, ls in enumerate(subsets)}  # type: ignore[arg-type]
+    ref.close()
+    for direct in (False, True):
+        cfg = StoreConfig(**base, disk_read_depth=4, disk_read_piece_bytes=4096, disk_direct_io=direct)
+        store = ChunkKVStore(tmp_path / "d", fp(), config=cfg)  # the same files
+        assert disk_of(store).reader.depth == 4
+        for (key, i), blocks in want.items():
+            store.evict()
+            got = store.get_blocks(key, *subsets[i])  # type: ignore[arg-type]
+            assert got is not None and _same(_block_bytes(got), blocks), (direct, key, i)
+        store.evict()
+        many = dict(store.get_blocks_many(list(data), workers=3))
+        assert all(_same(_block_bytes(many[key]), want[(key, 0)]) for key in data)  # type: ignore[arg-type]
+        assert disk_of(store).direct_io == direct  # ext4/xfs allow O_DIRECT: the direct path really ran
+        store.close()
+
+
+def test_failed_disk_read_fails_the_request_clearly_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error in one piece of a deep-queue read fails that read with ChunkReadError naming the
+    chunk, only after every other piece has finished (none writes into the dropped buffer later); the
+    file is neither quarantined nor dropped, nothing is promoted, and the next read returns every block."""
+    from redknot_rag.store import blockfile
+    from redknot_rag.store.disk import ChunkReadError
+
+    cfg = StoreConfig(host_bytes=1 << 20, disk_read_depth=4, disk_read_piece_bytes=4096)
+    store = ChunkKVStore(tmp_path, fp(), config=cfg)
+    k, v = kv(90)
+    store.put("c", k, v, keep_in_memory=False)
+    hdr_off = read_header(os.open(disk_of(store)._path(key_hash("c")), os.O_RDONLY)).offsets[0]
+    real = os.preadv
+    lock = threading.Lock()
+    state = {"running": 0, "max": 0, "at_raise": -1}
+
+    def flaky(fd: int, bufs: list, offset: int) -> int:  # type: ignore[type-arg]
+        with lock:
+            state["running"] += 1
+            state["max"] = max(state["max"], state["running"])
+        try:
+            if offset == hdr_off + 4096:  # the second piece
+                raise OSError(5, "Input/output error")
+            threading.Event().wait(0.05)  # the other pieces are still running when it fails
+            return real(fd, bufs, offset)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(blockfile.os, "preadv", flaky)
+    with pytest.raises(ChunkReadError, match="'c'") as err:
+        store.get_blocks("c")
+    state["at_raise"] = state["running"]
+    assert isinstance(err.value.__cause__, OSError) and state["at_raise"] == 0 and state["max"] > 1
+    monkeypatch.setattr(blockfile.os, "preadv", real)
+    assert disk_of(store)._path(key_hash("c")).exists() and not any(disk_of(store).quarantine_dir.iterdir())
+    assert store.stats().corrupt == 0 and store.stats().memory_blocks == 0
+    got = store.get_blocks("c")
+    assert got is not None
+    assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in got.items())
     store.close()

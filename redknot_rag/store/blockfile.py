@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from crc32c import crc32c
@@ -47,6 +47,10 @@ class CorruptChunkError(ValueError):
 
 class UnsupportedFormatError(CorruptChunkError):
     """A chunk file of another format version. Refused (re-ingest to rewrite it in this version)."""
+
+
+class ShortReadError(OSError):
+    """A read of a chunk file ended before the bytes its header promises (a truncated file)."""
 
 
 class FingerprintMismatchError(LookupError):
@@ -189,10 +193,11 @@ def read_header(fd: int, expect_digest: str | None = None) -> ChunkHeader:
     return hdr
 
 
-def payload_span(hdr: ChunkHeader, indices: Sequence[int]) -> int:
+def payload_span(hdr: ChunkHeader, indices: Sequence[int], align: int = 1) -> int:
     """Bytes `read_payloads` reads for blocks `indices`: each run of adjacent blocks from its first
-    block's offset to its last block's end (alignment padding inside a run included)."""
-    return sum(hdr.offsets[run[-1]] + hdr.nbytes[run[-1]] - hdr.offsets[run[0]] for run in _runs(indices))
+    block's offset to its last block's end (alignment padding inside a run included), widened to
+    multiples of `align` on both ends (direct I/O)."""
+    return sum(e - s for s, e in _run_spans(hdr, _runs(indices), align))
 
 
 def _runs(indices: Sequence[int]) -> list[list[int]]:
@@ -206,42 +211,85 @@ def _runs(indices: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+def _run_spans(hdr: ChunkHeader, runs: list[list[int]], align: int) -> list[tuple[int, int]]:
+    """File byte range `[start, end)` of each run, widened to multiples of `align`."""
+    out = []
+    for run in runs:
+        start, end = hdr.offsets[run[0]], hdr.offsets[run[-1]] + hdr.nbytes[run[-1]]
+        out.append((start // align * align, -(-end // align) * align))
+    return out
+
+
+# One read: (destination, file offset, bytes that must arrive). A direct read of a run's last aligned
+# block may stop at the end of the file, so it needs fewer bytes than the destination holds.
+ReadPiece = tuple[memoryview, int, int]
+# Performs every piece (any order, any concurrency) and returns only once none is still running.
+Reader = Callable[[int, Sequence[ReadPiece]], None]
+
+
+def read_piece(fd: int, dst: memoryview, offset: int, need: int) -> None:
+    """pread into `dst` from `offset` until at least `need` bytes arrived (a read may return less
+    than asked: signals, > 2 GiB, the end of the file). Raises `ShortReadError` at the end of the file."""
+    got = 0
+    while got < need:
+        n = os.preadv(fd, [dst[got:]], offset + got)
+        if n <= 0:
+            raise ShortReadError(f"short read: {got} of {need} bytes at offset {offset}")
+        got += n
+
+
+def read_sequential(fd: int, pieces: Sequence[ReadPiece]) -> None:
+    """`Reader` that reads the pieces one after another in the calling thread."""
+    for dst, offset, need in pieces:
+        read_piece(fd, dst, offset, need)
+
+
 def read_payloads(
-    fd: int, hdr: ChunkHeader, indices: Sequence[int], buf: memoryview | None = None
+    fd: int,
+    hdr: ChunkHeader,
+    indices: Sequence[int],
+    buf: memoryview | None = None,
+    reader: Reader | None = None,
+    align: int = 1,
 ) -> dict[int, memoryview]:
     """Read and crc-check the payloads of blocks `indices`; returns {b: payload}, views into one buffer.
 
-    Each run of adjacent blocks is one pread (large sequential reads; the GIL is released in the
-    read and in crc32c). `buf` (writable bytes, at least `payload_span` long, e.g. pinned host
-    memory) receives the runs back to back; None allocates one.
+    Each run of adjacent blocks is one read (`reader`: default one pread in this thread; a
+    deep-queue reader splits it, `disk.DiskTier`), the GIL released in the reads and in crc32c.
+    `buf` (writable bytes, at least `payload_span` long, e.g. pinned host memory) receives the runs
+    back to back; None allocates one. `align` > 1 (direct I/O: `buf` must start at an address that
+    is a multiple of it): each run's file range is widened to multiples of `align`, so the payloads
+    lie `offset % align` bytes into their run's slot of `buf`.
     """
     runs = _runs(indices)
-    span = payload_span(hdr, indices)
+    spans = _run_spans(hdr, runs, align)
+    span = sum(e - s for s, e in spans)
     if buf is None:
         buf = memoryview(bytearray(span))
     elif buf.nbytes < span:
         raise ValueError(f"buffer of {buf.nbytes} bytes for {span} bytes of blocks")
-    for run in runs:  # queue every run's pages at once (deep device queue on a cold file), then read
-        size = hdr.offsets[run[-1]] + hdr.nbytes[run[-1]] - hdr.offsets[run[0]]
-        if size >= _WILLNEED_MIN:
-            try:
-                os.posix_fadvise(fd, hdr.offsets[run[0]], size, os.POSIX_FADV_WILLNEED)
-            except OSError:  # only a hint
-                pass
+    if align == 1:
+        for start, end in spans:  # queue every run's pages at once (deep device queue on a cold file), then read
+            if end - start >= _WILLNEED_MIN:
+                try:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                except OSError:  # only a hint
+                    pass
+    pieces: list[ReadPiece] = []
+    pos = 0
+    for run, (start, end) in zip(runs, spans, strict=True):
+        need = hdr.offsets[run[-1]] + hdr.nbytes[run[-1]] - start  # the payload bytes; the rest is alignment
+        pieces.append((buf[pos : pos + end - start], start, need))
+        pos += end - start
+    try:
+        (reader or read_sequential)(fd, pieces)
+    except ShortReadError as e:
+        raise CorruptChunkError(f"chunk {hdr.chunk_key!r}: {e}") from e
     out: dict[int, memoryview] = {}
     pos = 0
-    for run in runs:
-        first, last = run[0], run[-1]
-        size = hdr.offsets[last] + hdr.nbytes[last] - hdr.offsets[first]
-        dst = buf[pos : pos + size]
-        got = 0
-        while got < size:  # a pread may return less than asked (signals, > 2 GiB)
-            n = os.preadv(fd, [dst[got:]], hdr.offsets[first] + got)
-            if n <= 0:
-                raise CorruptChunkError(f"chunk {hdr.chunk_key!r}: short read of blocks {first}..{last}")
-            got += n
+    for run, (start, end) in zip(runs, spans, strict=True):
         for b in run:
-            at = pos + hdr.offsets[b] - hdr.offsets[first]
+            at = pos + hdr.offsets[b] - start
             payload = buf[at : at + hdr.nbytes[b]]
             if block_crc(payload) != hdr.crcs[b]:
                 layer, head = divmod(b, hdr.meta.num_kv_heads)
@@ -249,5 +297,5 @@ def read_payloads(
                     f"chunk {hdr.chunk_key!r}: checksum mismatch in block (layer {layer}, head {head})"
                 )
             out[b] = payload
-        pos += size
+        pos += end - start
     return out

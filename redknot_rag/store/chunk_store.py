@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast, overload
@@ -124,7 +124,15 @@ class ChunkKVStore:
         first: ColdTier = (
             cold
             if cold is not None
-            else DiskTier(Path(root), fingerprint, cfg.disk_bytes, demote=self._demote if below else None)
+            else DiskTier(
+                Path(root),
+                fingerprint,
+                cfg.disk_bytes,
+                demote=self._demote if below else None,
+                read_depth=cfg.disk_read_depth,
+                read_piece_bytes=cfg.disk_read_piece_bytes,
+                direct_io=cfg.disk_direct_io,
+            )
         )
         self.tiers: list[ColdTier] = [first, *below]
         self.cold = first
@@ -356,13 +364,23 @@ class ChunkKVStore:
         (`EncodedBlock`, for a load that decodes on the device); otherwise they are decoded here.
         This is what a pool tier above the store (GPU segment cache) calls on its miss.
         """
+        return self._get_blocks(chunk_key, layers, heads, encoded)
+
+    def _get_blocks(
+        self,
+        chunk_key: str,
+        layers: Sequence[int] | None,
+        heads: Sequence[int] | None,
+        encoded: bool,
+        batched: _Batched | None = None,
+    ) -> Mapping[Block, HostBlock] | None:
         if layers is None and heads is None:
             whole = self._host_whole(chunk_key)
             if whole is not None:
                 self._counts.add("hits")
                 self._maybe_save_stats()
                 return whole if encoded else self._host_decoded(chunk_key, whole)
-        got = self._read(chunk_key, layers, heads)
+        got = self._read(chunk_key, layers, heads, batched)
         self._counts.add("hits" if got is not None else "misses")
         self._maybe_save_stats()
         if got is None:
@@ -452,9 +470,14 @@ class ChunkKVStore:
         return self._prefetcher.submit(chunk_keys, layers, heads)
 
     def _read(
-        self, chunk_key: str, layers: Sequence[int] | None, heads: Sequence[int] | None
+        self,
+        chunk_key: str,
+        layers: Sequence[int] | None,
+        heads: Sequence[int] | None,
+        batched: _Batched | None = None,
     ) -> tuple[ChunkMeta, dict[Block, HostBlock]] | None:
-        """Host tier first, then each cold tier for what is still missing; promotes what it reads."""
+        """Host tier first, then each cold tier for what is still missing; promotes what it reads.
+        `batched`: the first cold tier's answer comes from a read of many chunks (`_read_batch`)."""
         meta = self.meta(chunk_key)
         if meta is None:
             return None
@@ -480,9 +503,12 @@ class ChunkKVStore:
         for i, tier in enumerate(self.tiers):
             if not missing:
                 break
-            landing = _Landing(self.memory.pin)
             try:
-                found = tier.get_payloads(chunk_key, missing, alloc=landing)
+                if i == 0 and batched is not None:
+                    landing, found = batched.landing, batched.answer(missing)
+                else:
+                    landing = _Landing(self.memory.pin)
+                    found = tier.get_payloads(chunk_key, missing, alloc=landing)
             except CorruptChunkError as e:
                 self._corrupt(chunk_key, tier, e)
                 continue
@@ -645,15 +671,19 @@ class ChunkKVStore:
         every block is in host memory are served in the caller's thread when their turn comes (a
         thread would only add hand-over cost to a dictionary lookup)."""
         keys = list(chunk_keys)
-        cold = [k for k in keys if not self._in_memory(k)]
+        cold = list(dict.fromkeys(k for k in keys if not self._in_memory(k)))
         if workers <= 1 or len(cold) <= 1:
             for key in keys:
                 yield key, self.get_blocks(key, encoded=encoded)
             return
+        batch = self._can_batch(cold)
         with ThreadPoolExecutor(
-            max_workers=min(workers, len(cold)), thread_name_prefix="kv-read", initializer=one_intra_op_thread
+            max_workers=min(workers, len(cold)) + (batch is not None),
+            thread_name_prefix="kv-read",
+            initializer=one_intra_op_thread,
         ) as pool:
-            futures = {key: pool.submit(self.get_blocks, key, encoded=encoded) for key in dict.fromkeys(cold)}
+            answers = self._read_batch(batch, pool) if batch is not None else {}
+            futures = {key: pool.submit(self._get_blocks, key, None, None, encoded, answers.get(key)) for key in cold}
             try:
                 for key in keys:
                     fut = futures.get(key)
@@ -661,6 +691,53 @@ class ChunkKVStore:
             finally:
                 for fut in futures.values():
                     fut.cancel()
+                for answer in answers.values():  # a reader stopped early: its chunks' readers give up
+                    answer.cancel()
+
+    def _can_batch(self, cold: list[str]) -> tuple[ColdTier, list[tuple[str, ChunkMeta]]] | None:
+        """Whether (and which of) `cold` are read in one round trip: the store's only cold tier reads many
+        chunks at once (Redis: `get_payloads_many`) and `config.redis_pipeline`; the chunks whose meta is
+        known (the unknown ones asked for in one more round trip). None: one read per chunk."""
+        tier = self.tiers[0]
+        if len(self.tiers) != 1 or not self.config.redis_pipeline or not hasattr(tier, "get_payloads_many"):
+            return None
+        with self._lock:
+            metas = {k: self._metas.get(k) for k in cold}
+        unknown = [k for k, m in metas.items() if m is None]
+        if unknown:
+            try:
+                for key, meta in zip(unknown, tier.metas(unknown), strict=True):  # type: ignore[attr-defined]
+                    if meta is not None:
+                        self._remember(meta)
+                        metas[key] = meta
+            except TierUnavailableError:
+                return None  # each chunk's own read counts the error and misses
+        known = [(k, m) for k, m in metas.items() if m is not None]
+        return (tier, known) if len(known) > 1 else None
+
+    def _read_batch(
+        self, batch: tuple[ColdTier, list[tuple[str, ChunkMeta]]], pool: ThreadPoolExecutor
+    ) -> dict[str, _Batched]:
+        """Start one read of every block of the chunks of `batch` (one round trip) on `pool`; returns each
+        chunk's `_Batched` answer, resolved as the reply reaches it (later chunks are still arriving while
+        the first ones are decoded and promoted)."""
+        tier, chunks = batch
+        answers = {key: _Batched(_Landing(self.memory.pin)) for key, _ in chunks}
+        requests = [(key, meta.every_block(), answers[key].landing) for key, meta in chunks]
+
+        def read() -> None:
+            try:
+                for key, got in tier.get_payloads_many(requests):  # type: ignore[attr-defined]
+                    answers[key].set(got)
+            except BaseException as e:  # the chunks without an answer yet fail as one read would
+                for answer in answers.values():
+                    answer.fail(e if isinstance(e, TierUnavailableError) else TierUnavailableError(str(e)))
+            finally:
+                for answer in answers.values():
+                    answer.fail(TierUnavailableError("the batched read ended without this chunk"))
+
+        pool.submit(read)
+        return answers
 
     def _in_memory(self, chunk_key: str) -> bool:
         """Whether the host tier holds every block of a chunk whose meta is known (no tier is asked)."""
@@ -770,7 +847,40 @@ class ChunkKVStore:
         if self._filler is not None:
             self._filler.shutdown(wait=True)
             self._filler = None
+        for tier in self.tiers:
+            if isinstance(tier, DiskTier):
+                tier.close()
         self._maybe_save_stats(force=True)
+
+
+class _Batched:
+    """One chunk's answer from a read of many chunks (`ChunkKVStore._read_batch`): what `get_payloads`
+    would return (or raise) for every block of the chunk, landed in `landing`."""
+
+    def __init__(self, landing: _Landing) -> None:
+        self.landing = landing
+        self._future: Future[tuple[ChunkMeta, dict[Block, Payload]] | None] = Future()
+
+    def set(self, got: tuple[ChunkMeta, dict[Block, Payload]] | None | Exception) -> None:
+        if isinstance(got, Exception):
+            self.fail(got)
+        elif not self._future.done():
+            self._future.set_result(got)
+
+    def fail(self, e: BaseException) -> None:
+        if not self._future.done():
+            self._future.set_exception(e)
+
+    def cancel(self) -> None:
+        self.fail(TierUnavailableError("the read was abandoned"))
+
+    def answer(self, blocks: Sequence[Block]) -> tuple[ChunkMeta, dict[Block, Payload]] | None:
+        """The payloads of `blocks` (the ones the host tier lacks), after the reply reached this chunk."""
+        got = self._future.result()
+        if got is None:
+            return None
+        meta, payloads = got
+        return meta, {b: payloads[b] for b in blocks if b in payloads}
 
 
 class _Landing:

@@ -93,6 +93,12 @@ class StoreConfig:
         Redis receives chunks only when disk evicts them.
     promote_to_disk: a chunk read from Redis is copied to disk too, in the background (the next
         read is local).
+    disk_read_depth: disk reads in flight per store (a chunk's runs split into `disk_read_piece_bytes`
+        pieces read by that many threads); 1 reads each run with one pread.
+    disk_direct_io: read chunk files with O_DIRECT (aligned buffers; no page-cache copy), where the
+        filesystem allows it (bench/store/read_path.py measures both on a cold cache).
+    redis_pipeline: `get_blocks_many` reads a Redis-only store's chunks in one round trip (one MGET of
+        every chunk's metas, one of all their layers), not one per chunk.
     decode_on: where INT8/INT4 blocks are decoded. "host": when read from a cold tier (the host tier
         holds decoded blocks in the storage dtype); "device": the host tier keeps them encoded
         (`tiers.EncodedBlock`, the cold tiers' bytes) and a GPU pool load copies those bytes and
@@ -109,8 +115,14 @@ class StoreConfig:
     redis_write_through: bool = True
     promote_to_disk: bool = True
     decode_on: str = "host"
+    disk_read_depth: int = 8
+    disk_read_piece_bytes: int = 1 << 20
+    disk_direct_io: bool = False
+    redis_pipeline: bool = True
 
     def __post_init__(self) -> None:
+        if self.disk_read_depth < 1 or self.disk_read_piece_bytes < 4096 or self.disk_read_piece_bytes % 4096:
+            raise ValueError("disk_read_depth must be >= 1 and disk_read_piece_bytes a multiple of 4096")
         if self.decode_on not in DECODE_ON:
             raise ValueError(f"decode_on must be one of {DECODE_ON}, got {self.decode_on!r}")
         if self.dtype is not None:
@@ -148,6 +160,12 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
         help="where int8/int4 blocks are decoded: host (when read) or device (the host tier keeps them encoded)",
     )
     g.add_argument(
+        "--store-disk-read-depth", type=int, default=8, help="disk reads in flight (a chunk read in 1 MiB pieces)"
+    )
+    g.add_argument(
+        "--store-disk-direct-io", action="store_true", help="read chunk files with O_DIRECT (no page-cache copy)"
+    )
+    g.add_argument(
         "--store-local-heads",
         choices=["off", "profile"],
         default="off",
@@ -170,4 +188,6 @@ def store_config_from_args(args: argparse.Namespace, head_profile: Any = None) -
         disk_bytes=args.store_disk_bytes,
         redis_url=getattr(args, "redis_url", None),
         decode_on=getattr(args, "store_decode_on", "host"),
+        disk_read_depth=getattr(args, "store_disk_read_depth", 8),
+        disk_direct_io=getattr(args, "store_disk_direct_io", False),
     )

@@ -12,6 +12,13 @@ visible chunk file is complete, and a SIGKILL at any point leaves at most a stal
 which the next open removes. Concurrent writers of one chunk each write their own temp file;
 the last rename wins, and the content is identical under one fingerprint.
 
+Reads are sized to the device: a chunk's runs are split into `read_piece_bytes` pieces read by
+`read_depth` threads (that many reads in flight, where one large pread keeps the device's queue
+shallow), optionally with O_DIRECT (`direct_io`: no page-cache copy; aligned buffer and ranges).
+A read returns only once none of its pieces is still running, so a failed piece never writes into a
+buffer its caller has dropped; an I/O error raises `ChunkReadError` (the file is kept: it is not
+known to be bad), a short read `CorruptChunkError`.
+
 Eviction is LRU over whole chunk files under `budget_bytes`, made before a new file is written,
 so committed plus in-flight bytes never exceed the budget; an evicted chunk is handed to `demote`
 (the next tier down) before its file is removed, so it is moved, not lost.
@@ -19,6 +26,8 @@ so committed plus in-flight bytes never exceed the budget; an evicted chunk is h
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import functools
 import json
 import logging
@@ -29,16 +38,20 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from redknot_rag.store.blockfile import (
     ChunkHeader,
     CorruptChunkError,
     FingerprintMismatchError,
+    ReadPiece,
     encode_chunk,
     payload_span,
     read_header,
     read_payloads,
+    read_piece,
+    read_sequential,
 )
 from redknot_rag.store.codec import ChunkMeta, Payload
 from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint, sha256_hex
@@ -47,6 +60,7 @@ log = logging.getLogger(__name__)
 
 _STALE_TMP_S = 3600.0  # temp files of another host (or a reused pid) count as stale after this
 _HEADER_CACHE = 4096
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of the logical block
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -72,6 +86,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class ChunkReadError(OSError):
+    """Reading a chunk file failed (an I/O error, not a bad file): the read fails, the file stays."""
+
+
+class DeepReader:
+    """`blockfile.Reader` with queue depth: every read split into pieces of `piece_bytes`, run by
+    `depth` threads (up to `depth` reads in flight). Returns only when every piece has finished,
+    then raises the first piece's error, if any."""
+
+    def __init__(self, depth: int, piece_bytes: int) -> None:
+        if depth < 1 or piece_bytes < DIRECT_ALIGN or piece_bytes % DIRECT_ALIGN:
+            raise ValueError(f"read depth {depth} must be >= 1, piece bytes {piece_bytes} a multiple of {DIRECT_ALIGN}")
+        self.depth, self.piece_bytes = depth, piece_bytes
+        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="kv-pread") if depth > 1 else None
+
+    def __call__(self, fd: int, pieces: Sequence[ReadPiece]) -> None:
+        split: list[ReadPiece] = []
+        for dst, offset, need in pieces:
+            for a in range(0, need, self.piece_bytes):
+                b = min(a + self.piece_bytes, dst.nbytes)
+                split.append((dst[a:b], offset + a, min(b, need) - a))
+        if self._pool is None or len(split) <= 1:
+            read_sequential(fd, split)
+            return
+        futures = [self._pool.submit(read_piece, fd, *p) for p in split]
+        wait(futures)  # none still writes into the buffer once we return or raise
+        for f in futures:
+            if (e := f.exception()) is not None:
+                raise e
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def aligned(alloc: Alloc | None, nbytes: int, align: int) -> memoryview:
+    """A writable buffer of `nbytes` starting at a multiple of `align` (from `alloc(nbytes + align)`)."""
+    raw = alloc(nbytes + align) if alloc is not None else memoryview(bytearray(nbytes + align))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    pad = -address % align
+    return raw[pad : pad + nbytes]
+
+
 Demote = Callable[[ChunkMeta, list[Payload]], None]
 Alloc = Callable[[int], memoryview]  # nbytes -> a writable buffer of at least that many bytes
 
@@ -93,9 +150,19 @@ class DiskTier:
     name = "disk"
 
     def __init__(
-        self, root: Path, fingerprint: KVFingerprint, budget_bytes: int | None = None, demote: Demote | None = None
+        self,
+        root: Path,
+        fingerprint: KVFingerprint,
+        budget_bytes: int | None = None,
+        demote: Demote | None = None,
+        *,
+        read_depth: int = 1,
+        read_piece_bytes: int = 1 << 20,
+        direct_io: bool = False,
     ) -> None:
         self.digest = fingerprint.digest()
+        self.reader = DeepReader(read_depth, read_piece_bytes)
+        self.direct_io = direct_io  # cleared (with a log line) where the filesystem refuses O_DIRECT
         self.budget_bytes = budget_bytes
         self.demote = demote
         for old in old_format_dirs(Path(root)):
@@ -339,17 +406,35 @@ class DiskTier:
         kh = key_hash(chunk_key)
         try:
             idx = {hdr.block_index(layer, head): (layer, head) for layer, head in blocks}
-            buf = alloc(payload_span(hdr, list(idx))) if alloc is not None else None
-            raw = read_payloads(fd, hdr, list(idx), buf)
+            align = DIRECT_ALIGN if self.direct_io and self._set_direct(fd) else 1
+            span = payload_span(hdr, list(idx), align)
+            buf = aligned(alloc, span, align) if align > 1 else alloc(span) if alloc is not None else None
+            raw = read_payloads(fd, hdr, list(idx), buf, self.reader, align)
         except CorruptChunkError as e:
             self._quarantine(kh, str(e))
             raise
+        except OSError as e:
+            raise ChunkReadError(f"reading KV chunk {chunk_key!r} ({self._path(kh)}) failed: {e}") from e
         finally:
             os.close(fd)
         with self._lock:
             if kh in self._index:
                 self._index.move_to_end(kh)
         return hdr.meta, {idx[b]: p for b, p in raw.items()}
+
+    def _set_direct(self, fd: int) -> bool:
+        """Turn on O_DIRECT for `fd`; False (and direct I/O off for good, with a log line) where refused."""
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+            return True
+        except OSError as e:
+            self.direct_io = False
+            log.warning("KV store %s: direct I/O refused (%s); reading through the page cache", self.ns, e)
+            return False
+
+    def close(self) -> None:
+        """Stop the read threads."""
+        self.reader.close()
 
     def contains_chunk(self, chunk_key: str) -> bool:
         kh = key_hash(chunk_key)

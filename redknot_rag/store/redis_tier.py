@@ -32,7 +32,7 @@ from redknot_rag.store.blockfile import CorruptChunkError, block_crc
 from redknot_rag.store.codec import BlockMeta, ChunkMeta, Codec, HeadClass, Payload
 from redknot_rag.store.disk import key_hash
 from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint
-from redknot_rag.store.resp import RespAddress, RespClient
+from redknot_rag.store.resp import RespAddress, RespClient, RespReader
 from redknot_rag.store.tiers import TierUnavailableError
 
 log = logging.getLogger(__name__)
@@ -148,23 +148,27 @@ class RedisTier:
         except CorruptChunkError:
             raise
         except Exception as e:  # redis.RedisError, OSError, socket timeouts: all mean "not now"
-            import redis
+            raise self._unavailable(e) from e
 
-            down = isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError))
-            with self._lock:
-                first = self.is_available
-                if down:
-                    self._down_until = time.monotonic() + self.retry_after_s
-                self.num_errors += 1
-            if first:
-                log.warning(
-                    "redis KV tier %s (%s: %s); treating it as a miss%s",
-                    "unavailable" if down else "refused a command",
-                    type(e).__name__,
-                    e,
-                    f" for {self.retry_after_s:.0f} s" if down else "",
-                )
-            raise TierUnavailableError(str(e)) from e
+    def _unavailable(self, e: Exception) -> TierUnavailableError:
+        """The TierUnavailableError for a failed operation (marks the tier down on a connection error)."""
+        import redis
+
+        down = isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError))
+        with self._lock:
+            first = self.is_available
+            if down:
+                self._down_until = time.monotonic() + self.retry_after_s
+            self.num_errors += 1
+        if first:
+            log.warning(
+                "redis KV tier %s (%s: %s); treating it as a miss%s",
+                "unavailable" if down else "refused a command",
+                type(e).__name__,
+                e,
+                f" for {self.retry_after_s:.0f} s" if down else "",
+            )
+        return TierUnavailableError(str(e))
 
     # -- ColdTier ---------------------------------------------------------------------------
 
@@ -201,10 +205,21 @@ class RedisTier:
         the meta and the requested layers' values. The layers' payloads land back to back in one
         buffer (`alloc(nbytes)`, default a bytearray) and are returned as views of it; with a raw
         connection (`resp`) they are read from the socket straight into it."""
-        layers = sorted({layer for layer, _ in blocks})
-        keys = [self._key(chunk_key, "m")] + [self._key(chunk_key, f"l:{layer}") for layer in layers]
+        layers, keys = self._layer_keys(chunk_key, blocks)
         got = self._call(lambda: self._read_raw(chunk_key, keys, layers, alloc) if self.resp else
                          self._read_client(chunk_key, keys, layers, alloc))  # fmt: skip
+        return self._verified(chunk_key, blocks, got)
+
+    def _layer_keys(self, chunk_key: str, blocks: Sequence[tuple[int, int]]) -> tuple[list[int], list[str]]:
+        """The layers of `blocks`, ascending, and the keys one read asks for: the meta, then those layers."""
+        layers = sorted({layer for layer, _ in blocks})
+        return layers, [self._key(chunk_key, "m")] + [self._key(chunk_key, f"l:{layer}") for layer in layers]
+
+    def _verified(
+        self, chunk_key: str, blocks: Sequence[tuple[int, int]], got: _Read | None
+    ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None:
+        """The crc-verified payloads of `blocks` out of one chunk's read; a bad layer or block drops the
+        chunk and raises CorruptChunkError."""
         if got is None:
             return None
         meta, buf, placed, bad = got
@@ -226,11 +241,76 @@ class RedisTier:
             out[(layer, head)] = payload
         return meta, out
 
+    def metas(self, chunk_keys: Sequence[str]) -> list[ChunkMeta | None]:
+        """`meta` of every chunk in one round trip (one MGET); a malformed meta is None here (the chunk's
+        own read reports it)."""
+        values: list[bytes | None] = self._call(lambda: self.client.mget([self._key(k, "m") for k in chunk_keys]))
+        out: list[ChunkMeta | None] = []
+        for key, raw in zip(chunk_keys, values, strict=True):
+            try:
+                out.append(None if raw is None else _meta_from_json(raw, key))
+            except CorruptChunkError:
+                out.append(None)
+        return out
+
+    def get_payloads_many(
+        self, requests: Sequence[tuple[str, Sequence[tuple[int, int]], Callable[[int], memoryview] | None]]
+    ) -> Iterator[tuple[str, tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None | CorruptChunkError]]:
+        """`get_payloads(chunk_key, blocks, alloc)` of every request `(chunk_key, blocks, alloc)` in ONE round
+        trip: one MGET of every chunk's meta and layers, its reply read chunk by chunk as it arrives and
+        yielded in request order as `(chunk_key, answer)`, where a chunk that failed validation yields its
+        CorruptChunkError (after it was dropped; the reply stays in step). A connection or server error
+        raises TierUnavailableError from the iterator (the chunks not yielded yet have no answer)."""
+        if not self.is_available:
+            raise TierUnavailableError("redis tier marked unavailable after a recent error")
+        plans = [(key, blocks, alloc, *self._layer_keys(key, blocks)) for key, blocks, alloc in requests]
+        all_keys = [k for *_, keys in plans for k in keys]
+        if not plans:
+            return
+        done = False
+        try:
+            if self.resp is not None:
+                reader = self.resp.mget(all_keys)
+                for key, blocks, alloc, layers, _ in plans:
+                    yield key, self._answer(key, blocks, partial(self._parse_raw, reader, key, layers, alloc))
+            else:
+                values = self.client.mget(all_keys)
+                pos = 0
+                for key, blocks, alloc, layers, keys in plans:
+                    got = values[pos : pos + len(keys)]
+                    pos += len(keys)
+                    yield key, self._answer(key, blocks, partial(self._parse_client, key, got, layers, alloc))
+            done = True
+        except (CorruptChunkError, GeneratorExit):
+            raise
+        except Exception as e:
+            raise self._unavailable(e) from e
+        finally:
+            if not done and self.resp is not None:
+                self.resp.drop()  # the reply is not drained: the stream position is unknown
+
+    def _answer(
+        self, chunk_key: str, blocks: Sequence[tuple[int, int]], parse: Callable[[], _Read | None]
+    ) -> tuple[ChunkMeta, dict[tuple[int, int], Payload]] | None | CorruptChunkError:
+        try:
+            return self._verified(chunk_key, blocks, parse())
+        except CorruptChunkError as e:
+            return e
+
     def _read_client(
         self, chunk_key: str, keys: list[str], layers: list[int], alloc: Callable[[int], memoryview] | None
     ) -> _Read | None:
-        """Through redis-py: MGET, then each layer's payloads copied into the buffer."""
-        values = self.client.mget(keys)
+        """Through redis-py: one MGET, then `_parse_client`."""
+        return self._parse_client(chunk_key, self.client.mget(keys), layers, alloc)
+
+    def _parse_client(
+        self,
+        chunk_key: str,
+        values: Sequence[bytes | None],
+        layers: list[int],
+        alloc: Callable[[int], memoryview] | None,
+    ) -> _Read | None:
+        """One chunk's MGET values (meta, then `layers`): each layer's payloads copied into the buffer."""
         if values[0] is None:
             return None
         meta = _meta_from_json(values[0], chunk_key)
@@ -253,44 +333,57 @@ class RedisTier:
     def _read_raw(
         self, chunk_key: str, keys: list[str], layers: list[int], alloc: Callable[[int], memoryview] | None
     ) -> _Read | None:
-        """Through the raw connection: each layer's payloads read from the socket into the buffer."""
+        """Through the raw connection: one MGET, then `_parse_raw`."""
         assert self.resp is not None
         try:
-            reader = self.resp.mget(keys)
-            n = reader.header(b"$")
-            if n < 0:
-                for _ in layers:
-                    if (m := reader.header(b"$")) >= 0:
-                        reader.skip(m)
-                return None
-            meta = _meta_from_json(reader.bulk_bytes(n), chunk_key)
+            return self._parse_raw(self.resp.mget(keys), chunk_key, layers, alloc)
+        except CorruptChunkError:
+            raise  # the reply was read to its end: the connection is in step
         except BaseException:
             self.resp.drop()  # the stream position is unknown (or the reply is not drained)
             raise
-        try:
-            buf = _buffer(alloc, sum(_starts(meta, layer)[-1] for layer in layers))
-            placed: dict[int, tuple[int, bytes]] = {}
-            bad: list[int] = []
-            pos = 0
-            for layer in layers:
-                m = reader.header(b"$")
-                if m < 0:
-                    continue
-                head, size = _CRC.size * meta.num_kv_heads, _starts(meta, layer)[-1]
-                if m != head + size:
+
+    def _parse_raw(
+        self, reader: RespReader, chunk_key: str, layers: list[int], alloc: Callable[[int], memoryview] | None
+    ) -> _Read | None:
+        """One chunk's values off a raw MGET reply (meta, then `layers`), each layer's payloads read from
+        the socket into the buffer. Leaves the reply after this chunk's values, a malformed meta too
+        (then CorruptChunkError); any other error leaves the stream position unknown."""
+        n = reader.header(b"$")
+        meta_error: CorruptChunkError | None = None
+        meta = None
+        if n >= 0:
+            try:
+                meta = _meta_from_json(reader.bulk_bytes(n), chunk_key)
+            except CorruptChunkError as e:
+                meta_error = e
+        if meta is None:  # absent or malformed: skip its layers
+            for _ in layers:
+                if (m := reader.header(b"$")) >= 0:
                     reader.skip(m)
-                    bad.append(layer)
-                    continue
-                crcs = bytearray(head)
-                reader.read_into(memoryview(crcs))
-                reader.read_into(buf[pos : pos + size])
-                reader.end_bulk()
-                placed[layer] = (pos, bytes(crcs))
-                pos += size
-            return meta, buf, placed, bad
-        except BaseException:
-            self.resp.drop()
-            raise
+            if meta_error is not None:
+                raise meta_error
+            return None
+        buf = _buffer(alloc, sum(_starts(meta, layer)[-1] for layer in layers))
+        placed: dict[int, tuple[int, bytes]] = {}
+        bad: list[int] = []
+        pos = 0
+        for layer in layers:
+            m = reader.header(b"$")
+            if m < 0:
+                continue
+            head, size = _CRC.size * meta.num_kv_heads, _starts(meta, layer)[-1]
+            if m != head + size:
+                reader.skip(m)
+                bad.append(layer)
+                continue
+            crcs = bytearray(head)
+            reader.read_into(memoryview(crcs))
+            reader.read_into(buf[pos : pos + size])
+            reader.end_bulk()
+            placed[layer] = (pos, bytes(crcs))
+            pos += size
+        return meta, buf, placed, bad
 
     def _drop_quietly(self, chunk_key: str, meta: ChunkMeta | None) -> None:
         try:
