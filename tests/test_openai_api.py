@@ -77,7 +77,8 @@ def test_streamed_chat_carries_the_logprobs_of_every_token(oai):
         for item in ch.choices[0].logprobs.content
     ]
     want = whole.choices[0].logprobs.content
-    assert len(want) == whole.usage.completion_tokens and len(streamed) == len(want)
+    stopped = whole.choices[0].finish_reason == "stop"
+    assert len(want) == whole.usage.completion_tokens - stopped and len(streamed) == len(want)
     assert [t.token for t in streamed] == [t.token for t in want]
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in want], abs=1e-4)
     assert all(len(t.top_logprobs) == 2 for t in streamed)
@@ -96,3 +97,44 @@ def test_streamed_completion_carries_logprobs_and_offsets(oai):
                 offsets += ch.choices[0].logprobs.text_offset
     assert tokens == whole.tokens and offsets == whole.text_offset
     assert text == "".join(tokens)
+
+
+def test_logprobs_carry_the_real_bytes_of_tokens_that_split_a_character(oai):
+    """`日本語`: byte-level BPE splits `日` over two tokens. Each token's `bytes` are its own (joined they are
+    the text's UTF-8), and a token that is part of a character reads `bytes:\\xNN` as in OpenAI's API."""
+    name = oai.models.list().data[0].id
+    c = oai.chat.completions.create(
+        model=name,
+        messages=_msgs("Repeat exactly: 日本語"),
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        extra_body={"regex": "日本語"},
+    )
+    content = c.choices[0].logprobs.content
+    assert c.choices[0].message.content == "日本語"
+    assert bytes(b for t in content for b in t.bytes).decode("utf-8") == "日本語"
+    assert any(t.token.startswith("bytes:\\x") for t in content)  # a partial character, never U+FFFD
+    assert all("\ufffd" not in t.token for t in content)
+
+
+def test_echo_with_logprobs_keeps_a_non_ascii_prompt_and_its_offsets(oai):
+    name = oai.models.list().data[0].id
+    prompt = "日本語のテキスト: "
+    c = oai.completions.create(model=name, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    ch, lp = c.choices[0], c.choices[0].logprobs
+    assert ch.text.startswith(prompt)  # the echoed prompt intact (3 new tokens may end mid-character)
+    n_prompt = c.usage.prompt_tokens
+    assert lp.text_offset[n_prompt] == len(prompt)  # the first completion token starts where the prompt ends
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(ch.text)
+
+
+def test_the_end_of_sequence_token_is_in_no_logprob(oai):
+    """A choice that ended on the end-of-sequence token shows neither its text nor its logprob."""
+    name = oai.models.list().data[0].id
+    c = oai.chat.completions.create(
+        model=name, messages=_msgs("Say yes."), max_tokens=8, temperature=0, logprobs=True, extra_body={"regex": "yes"}
+    )
+    assert c.choices[0].finish_reason == "stop" and c.choices[0].message.content == "yes"
+    assert "".join(t.token for t in c.choices[0].logprobs.content) == "yes"
+    assert len(c.choices[0].logprobs.content) == c.usage.completion_tokens - 1

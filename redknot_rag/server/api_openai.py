@@ -28,6 +28,7 @@ from redknot_rag.server.limits import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from redknot_rag.server.spec import request_body
+from redknot_rag.server.token_text import num_chars, token_bytes, token_text
 from redknot_rag.server.tools import ToolPlan, ToolStream, chat_ids, plan_tools
 
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -184,8 +185,6 @@ def make_router(rt: Runtime) -> APIRouter:
             }
             if body.logprobs is not None:
                 choice["logprobs"] = _completion_logprobs(rt, job, echo=bool(body.echo))
-                if body.echo:  # the text the offsets index: echoed prompt tokens + completion
-                    choice["text"] = "".join(choice["logprobs"]["tokens"][: job.prompt_tokens]) + job.text
             choices.append(choice)
         return JSONResponse(
             {
@@ -275,23 +274,29 @@ def make_router(rt: Runtime) -> APIRouter:
     return router
 
 
+def _num_shown(job: Job, upto: int | None = None) -> int:
+    """Output tokens whose logprobs are shown, of the first `upto`: all but a stop token that ended the
+    request (it is in no text, so OpenAI shows no logprob for it)."""
+    r = job.req
+    n = len(r.output_token_logprobs) if upto is None else min(upto, len(r.output_token_logprobs))
+    matched = (r.finish_reason or {}).get("matched")
+    if isinstance(matched, int) and not isinstance(matched, bool) and r.output_ids and r.output_ids[-1] == matched:
+        n = min(n, len(r.output_ids) - 1)
+    return n
+
+
+def _token_entry(rt: Runtime, tid: int, lp: float) -> dict[str, Any]:
+    """One token of chat `logprobs.content`: its text (`bytes:\\xNN` for part of a character) and real bytes."""
+    return {"token": token_text(rt.tokenizer, tid), "logprob": lp, "bytes": list(token_bytes(rt.tokenizer, tid))}
+
+
 def _chat_logprobs(rt: Runtime, job: Job, since: int = 0, upto: int | None = None) -> list[dict[str, Any]]:
     """`logprobs.content` of output tokens [since, upto) (a streamed chunk's new tokens)."""
     r = job.req
     out = []
-    for k, (lp, tid) in enumerate(r.output_token_logprobs[since:upto], since):
-        tok = rt.decode_one(tid)
+    for k, (lp, tid) in enumerate(r.output_token_logprobs[since : _num_shown(job, upto)], since):
         tops = r.output_top_logprobs[k] if k < len(r.output_top_logprobs) else []
-        out.append(
-            {
-                "token": tok,
-                "logprob": lp,
-                "bytes": list(tok.encode()),
-                "top_logprobs": [
-                    {"token": rt.decode_one(t), "logprob": v, "bytes": list(rt.decode_one(t).encode())} for v, t in tops
-                ],
-            }
-        )
+        out.append({**_token_entry(rt, tid, lp), "top_logprobs": [_token_entry(rt, t, v) for v, t in tops]})
     return out
 
 
@@ -300,27 +305,27 @@ def _completion_logprobs(
 ) -> dict[str, Any]:
     """OpenAI's legacy logprobs of output tokens [since, upto), `text_offset` counted from `offset` (a
     streamed chunk's new tokens and where its text starts). With `echo`, the prompt's tokens come first
-    (the first one has no logprob: None, as OpenAI answers) and `text_offset` indexes the echoed text +
-    completion."""
+    (the first one has no logprob: None, as OpenAI answers). `text_offset` is each token's first
+    character in the text (the echoed prompt + completion), counted from the tokens' real bytes."""
     r = job.req
+    tok = rt.tokenizer
     rows: list[tuple[float | None, int, dict[str, float] | None]] = []
     if echo:
         tops_in = r.input_top_logprobs
         for k, (lp, t) in enumerate(r.input_token_logprobs):
-            top = {rt.decode_one(i): v for v, i in tops_in[k]} if k < len(tops_in) and tops_in[k] else None
+            top = {token_text(tok, i): v for v, i in tops_in[k]} if k < len(tops_in) and tops_in[k] else None
             rows.append((None if k == 0 else lp, t, None if k == 0 else top))
     tops_out = r.output_top_logprobs
-    for k, (lp, t) in enumerate(r.output_token_logprobs[since:upto], since):
-        top = {rt.decode_one(i): v for v, i in tops_out[k]} if k < len(tops_out) else None
+    for k, (lp, t) in enumerate(r.output_token_logprobs[since : _num_shown(job, upto)], since):
+        top = {token_text(tok, i): v for v, i in tops_out[k]} if k < len(tops_out) else None
         rows.append((lp, t, top))
-    tokens = [rt.decode_one(t) for _, t, _ in rows]
     offsets, pos = [], offset
-    for tok in tokens:
+    for _, t, _ in rows:
         offsets.append(pos)
-        pos += len(tok)
+        pos += num_chars(token_bytes(tok, t))
     want_top = r.top_logprobs_num > 0
     return {
-        "tokens": tokens,
+        "tokens": [token_text(tok, t) for _, t, _ in rows],
         "token_logprobs": [lp for lp, _, _ in rows],
         "top_logprobs": [top for _, _, top in rows] if want_top else None,
         "text_offset": offsets,
@@ -352,7 +357,11 @@ async def _stream_completion(
         if job.req.return_logprob:
             n = job.logprobs_upto(ev.finished)
             logprobs = _completion_logprobs(rt, job, since=sent[i], upto=n, offset=pos[i])
-            sent[i], pos[i] = n, pos[i] + sum(map(len, logprobs["tokens"]))
+            shown = _num_shown(job, n)
+            pos[i] += sum(
+                num_chars(token_bytes(rt.tokenizer, t)) for _, t in job.req.output_token_logprobs[sent[i] : shown]
+            )
+            sent[i] = max(sent[i], shown)
         yield sse(
             {
                 **base,
@@ -413,7 +422,8 @@ async def _stream_chat(
         logprobs = None
         if job.req.return_logprob:
             n = job.logprobs_upto(ev.finished)
-            logprobs, sent[i] = {"content": _chat_logprobs(rt, job, since=sent[i], upto=n)}, n
+            logprobs = {"content": _chat_logprobs(rt, job, since=sent[i], upto=n)}
+            sent[i] = max(sent[i], _num_shown(job, n))
         yield sse(
             {
                 **base,
