@@ -336,3 +336,43 @@ def test_a_question_over_16_000_chars_answers_413(served):
     for path in ("/query", "/retrieve"):
         r = client.post(path, json={"question": "x" * 16_001, "namespace": "tenant-a"}, headers=ADMIN_AUTH)
         _err(r, 413, "question of 16001 chars exceeds the limit of 16000")
+
+
+# ---- item 5: server-side paths stay under a configured ingest root ------------------------------------------
+def test_paths_ingest_is_refused_without_an_ingest_root(served, tmp_path):
+    client, rt = served
+    assert rt.settings.ingest_root is None
+    (tmp_path / "a.txt").write_text("Some text.")
+    r = client.post("/ingest", json={"namespace": "tenant-a", "paths": [str(tmp_path / "a.txt")]}, headers=ADMIN_AUTH)
+    _err(r, 403, "--ingest-root")
+
+
+def test_paths_ingest_stays_under_the_ingest_root(served, tmp_path, monkeypatch):
+    """A file outside the root, `.`-style escapes and a symlink (a file, or inside a folder) leading out
+    answer 403 and write nothing; a file under the root (absolute or relative to it) is ingested."""
+    import dataclasses
+
+    client, rt = served
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "docs").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("The vault code is 1234.")
+    (root / "docs" / "ok.txt").write_text("The Orvel ferry leaves at nine.")
+    (root / "link.txt").symlink_to(outside / "secret.txt")
+    (root / "docs" / "sneaky.txt").symlink_to(outside / "secret.txt")
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, ingest_root=root))
+
+    def ingest(*paths: str):
+        return client.post("/ingest", json={"namespace": "rooted", "paths": list(paths)}, headers=ADMIN_AUTH)
+
+    _err(ingest(str(outside / "secret.txt")), 403, "outside the ingest root")
+    _err(ingest("../outside/secret.txt"), 403, "outside the ingest root")
+    _err(ingest(str(root / "link.txt")), 403, "outside the ingest root")
+    _err(ingest(str(root / "docs")), 403, "leads outside the ingest root")
+    _err(ingest("/etc/hostname"), 403, "outside the ingest root")
+    assert "rooted" not in rt.rag.db.list_namespaces()
+    (root / "docs" / "sneaky.txt").unlink()
+    for path in (str(root / "docs" / "ok.txt"), "docs"):
+        r = ingest(path)
+        assert r.status_code == 200, r.text
+    assert "rooted" in rt.rag.db.list_namespaces()

@@ -219,7 +219,13 @@ def test_upload_pdf_and_docx_over_http(engine, files, tmp_path):
     from redknot_rag.server.runtime import Runtime
     from redknot_rag.server.settings import ServerSettings
 
-    settings = ServerSettings(api_key="k", admin_key="a", max_document_bytes=60_000, log_requests=False)
+    settings = ServerSettings(
+        api_key="k",
+        admin_key="a",
+        max_document_bytes=60_000,
+        log_requests=False,
+        ingest_root=files["locked.pdf"].parent,
+    )
     rag = RagService(engine, tmp_path / "data", "naive")
     admin = {"Authorization": "Bearer a"}
 

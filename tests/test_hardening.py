@@ -113,6 +113,7 @@ def served(engine, tmp_path_factory):
         max_document_bytes=20_000,
         max_question_chars=40_000,
         log_requests=False,
+        ingest_root=tmp_path_factory.getbasetemp(),  # the tests' own files (tmp_path) lie under it
     )
     rag = RagService(engine, tmp_path_factory.mktemp("hardening") / "data", "naive")
     rt = Runtime(engine, settings, rag)

@@ -170,6 +170,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "serve",
         "--port",
         str(port),
+        *(["--ingest-root", str(Path(args.ingest).resolve().parent)] if getattr(args, "ingest", None) else []),
         "--max-running-requests",
         str(args.max_running),
         "--max-queued-requests",
@@ -213,7 +214,7 @@ async def main_async(args: argparse.Namespace) -> Report:
             if args.ingest:
                 r = httpx.post(
                     url + "/ingest",
-                    json={"namespace": "default", "paths": [args.ingest]},
+                    json={"namespace": "default", "paths": [str(Path(args.ingest).resolve())]},
                     headers={"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {},
                     timeout=1800,
                 )

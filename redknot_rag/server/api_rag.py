@@ -63,6 +63,34 @@ def _decode_file(doc_id: str, content_base64: str, limits: InputLimits) -> bytes
     return data
 
 
+def confine_paths(raw: list[str], root: Path | None) -> list[Path]:
+    """`paths` of an /ingest, resolved (symlinks too; relative ones against `root`): 403 without an ingest
+    root or for anything that resolves outside it, also a file or folder a directory's symlink leads to;
+    400 for a path that does not exist. The parser then reads these resolved paths only."""
+    if not raw:
+        return []
+    if root is None:
+        raise ApiError(403, "paths ingest is off on this server: start it with --ingest-root DIR, or send documents")
+    base = root.resolve()
+    out: list[Path] = []
+    missing: list[str] = []
+    for text in raw:
+        p = (base / text).resolve()
+        if not p.is_relative_to(base):
+            raise ApiError(403, f"path {text!r} is outside the ingest root")
+        if not p.exists():
+            missing.append(text)
+            continue
+        walked = [*p.rglob("*")] if p.is_dir() else []
+        link = next((w for w in walked if not w.resolve().is_relative_to(base)), None)
+        if link is not None:
+            raise ApiError(403, f"{str(link)!r} (under {text!r}) leads outside the ingest root")
+        out.append(p)
+    if missing:
+        raise ApiError(400, f"paths not found on the server: {', '.join(missing[:5])}")
+    return out
+
+
 def _rag(rt: Runtime) -> Any:
     if rt.rag is None:
         raise ApiError(503, "RAG is not enabled on this server: start it with --data-dir")
@@ -168,10 +196,7 @@ def make_router(rt: Runtime) -> APIRouter:
                 limits.check_text(d.doc_id, d.text)  # TooLargeError → 413
         uploads = [d for d in body.documents or [] if d.content_base64 is not None]
         files = {d.doc_id: _decode_file(d.doc_id, d.content_base64 or "", limits) for d in uploads}
-        paths = [Path(p) for p in body.paths or []]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise ApiError(400, f"paths not found on the server: {', '.join(missing[:5])}")
+        paths = await rt.run_blocking(confine_paths, body.paths or [], rt.settings.ingest_root)
         await rt.run_blocking(limits.check_paths, paths)
         out: dict[str, Any] = {"namespace": body.namespace}
         docs = []

@@ -69,6 +69,13 @@ def register_cli(subparsers: Any) -> None:
         default=os.environ.get("REDKNOT_REDIS_URL"),
         help="shared Redis cold tier for chunk KV (env REDKNOT_REDIS_URL)",
     )
+    p.add_argument(
+        "--ingest-root",
+        type=Path,
+        default=None,
+        help="folder whose files /ingest `paths` may read (symlinks resolved; anything outside answers 403); "
+        "without it, `paths` answers 403",
+    )
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="larger max_new_tokens get 400")
     p.add_argument(
@@ -112,6 +119,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         admin_key=args.admin_key,
         tenant_keys=tuple(TenantKey.parse(t) for t in args.tenant_key),
         data_dir=args.data_dir,
+        ingest_root=args.ingest_root,
         reuse_policy=args.reuse_policy,
         max_request_bytes=args.max_request_bytes,
         max_new_tokens_limit=args.max_new_tokens_limit,

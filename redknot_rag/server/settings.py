@@ -22,6 +22,7 @@ class ServerSettings:
     admin_key: str | None = None
     tenant_keys: tuple[TenantKey, ...] = ()
     data_dir: Path | None = None
+    ingest_root: Path | None = None  # admin `paths` ingest reads files under it only; None: `paths` refused
     reuse_policy: str | None = None  # None: the model's measured default (head profile), else redknot
     redis_url: str | None = None
     max_request_bytes: int = 4 << 20
