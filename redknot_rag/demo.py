@@ -20,13 +20,13 @@ DEMO_MAX_DOC_CHARS = 10_000  # keep the quick start's ingestion to ~10 s of CPU
 
 def _cmd_query(args: argparse.Namespace) -> int:
     from redknot_rag.ingest import open_service, require_store
-    from redknot_rag.limits import MAX_QUESTION_CHARS
+    from redknot_rag.limits import MAX_QUESTION_CHARS, is_blank
     from redknot_rag.rag import run_query
     from redknot_rag.reuse import make_policy
     from redknot_rag.sampling import SamplingParams
 
-    if not args.question.strip():
-        raise ValueError("empty question")
+    if is_blank(args.question):
+        raise ValueError("empty question (only whitespace, control or zero-width characters)")
     if len(args.question) > MAX_QUESTION_CHARS:
         raise ValueError(f"question of {len(args.question)} chars exceeds the limit of {MAX_QUESTION_CHARS}")
     if args.reuse_policy:

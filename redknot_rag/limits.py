@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
+
 from redknot_rag.retrieval.parser import SUPPORTED_SUFFIXES
 
 MAX_DOCUMENT_BYTES = 2_000_000  # one document's text (UTF-8), one file, or one line of a .jsonl file
@@ -19,6 +21,22 @@ MAX_DOCUMENTS_PER_INGEST = 1_000  # documents in one /ingest body
 MAX_PATHS_PER_INGEST = 64  # server-side paths in one /ingest body
 MAX_QUESTION_CHARS = 16_000  # /query and /retrieve; the token count is checked against the context too
 MAX_RID_CHARS = 256
+
+
+_VISIBLE = regex.compile(r"[^\s\p{C}]")  # not whitespace, control (NUL), format (zero-width, BOM) or unassigned
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` has nothing to read: only whitespace, control characters (NUL), zero-width and other
+    format characters (BOM) — a question or document of these is as empty as one of spaces."""
+    return _VISIBLE.search(text) is None
+
+
+def require_visible(text: str) -> str:
+    """`text`, or ValueError when it is blank (`is_blank`): a pydantic validator of questions and documents."""
+    if is_blank(text):
+        raise ValueError("has no visible text (only whitespace, control or zero-width characters)")
+    return text
 
 
 class TooLargeError(ValueError):
@@ -34,8 +52,8 @@ class InputLimits:
 
     def check_text(self, doc_id: str, text: str) -> None:
         """ValueError unless `text` is non-blank and at most `max_document_bytes` of UTF-8."""
-        if not text.strip():
-            raise ValueError(f"document {doc_id!r}: text is empty")
+        if is_blank(text):
+            raise ValueError(f"document {doc_id!r}: text is empty (only whitespace, control or zero-width characters)")
         n = len(text.encode("utf-8", "surrogatepass"))
         if n > self.max_document_bytes:
             raise TooLargeError(f"document {doc_id!r}: {n} bytes exceeds the limit of {self.max_document_bytes} bytes")

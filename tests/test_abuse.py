@@ -376,3 +376,18 @@ def test_paths_ingest_stays_under_the_ingest_root(served, tmp_path, monkeypatch)
         r = ingest(path)
         assert r.status_code == 200, r.text
     assert "rooted" in rt.rag.db.list_namespaces()
+
+
+# ---- item 6: blank is blank ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "blank", ["\u200b" * 50, "\x00\ufeff\x00", "\u2060 \u200d\n\ufeff"], ids=["zwsp", "nul-bom", "mix"]
+)
+def test_questions_and_documents_of_only_invisible_characters_are_blank(served, blank):
+    client, _ = served
+    for path in ("/query", "/retrieve"):
+        r = client.post(path, json={"question": blank, "namespace": "tenant-a"}, headers=ADMIN_AUTH)
+        _err(r, 422, "question: value error, has no visible text")
+    r = client.post(
+        "/ingest", json={"namespace": "tenant-a", "documents": [{"doc_id": "z", "text": blank}]}, headers=ADMIN_AUTH
+    )
+    _err(r, 422, "has no visible text")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from redknot_rag.limits import MAX_DOCUMENTS_PER_INGEST, MAX_PATHS_PER_INGEST, MAX_RID_CHARS
+from redknot_rag.limits import MAX_DOCUMENTS_PER_INGEST, MAX_PATHS_PER_INGEST, MAX_RID_CHARS, require_visible
 from redknot_rag.retrieval.docdb import DOC_ID_PATTERN, NAMESPACE_PATTERN, validate_doc_id
 from redknot_rag.reuse import make_policy
 from redknot_rag.sampling import SEED_MAX
@@ -44,7 +44,7 @@ TopLogprobs = Annotated[int, Field(ge=0, le=20)]
 Rid = Annotated[str, Field(min_length=1, max_length=MAX_RID_CHARS)]
 Namespace = Annotated[str, Field(pattern=NAMESPACE_PATTERN)]
 # the length limits of questions and documents are the server's settings, checked by the routes (413)
-Question = Annotated[str, Field(min_length=1, pattern=r"\S")]
+Question = Annotated[str, Field(min_length=1), AfterValidator(require_visible)]
 PolicyName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_policy)]
 DocId = Annotated[str, Field(pattern=DOC_ID_PATTERN), AfterValidator(validate_doc_id)]
 
@@ -214,7 +214,7 @@ class IngestDocument(_Strict):
     extracts the text as it does for a file on disk; the size limit applies to the decoded file)."""
 
     doc_id: DocId
-    text: str | None = Field(default=None, min_length=1, pattern=r"\S")
+    text: Annotated[str, Field(min_length=1), AfterValidator(require_visible)] | None = None
     content_base64: str | None = Field(default=None, min_length=1)
     format: Literal["pdf", "docx"] | None = None
     metadata: dict[str, Any] | None = None
