@@ -124,6 +124,13 @@ def page(browser, server) -> Iterator:
     page.context.close()
 
 
+def test_namespace_fields_start_at_a_namespace_the_key_sees(page, ingested):
+    """With no `default` namespace, the first Ask must not fail with `unknown namespace 'default'` (issue 28):
+    the fields start at a namespace the key can read."""
+    wait_js(page, "document.querySelector('#policy').options.length > 2")  # /ui/info answered
+    assert page.input_value("#namespace") == "test" and page.input_value("#list-namespace") == "test"
+
+
 def ask(page, question: str, *, max_tokens: int = 8, namespace: str = "test", top_k: int = 2) -> None:
     wait_js(page, "document.querySelector('#policy').options.length > 2")  # /ui/info answered
     page.fill("#question", question)

@@ -156,6 +156,10 @@ async function loadInfo() {
   sel.replaceChildren(...info.policies.map((p) => el("option", { value: p, textContent: p === info.reuse_policy ? `${p} (server default)` : p })));
   if (chosen && info.policies.includes(chosen)) sel.value = chosen;
   $("namespaces").replaceChildren(...info.namespaces.map((n) => el("option", { value: n })));
+  // the fields start at "default": where this key sees namespaces and none is "default", start at its first
+  if (info.namespaces.length && !info.namespaces.includes("default")) {
+    for (const id of ["namespace", "list-namespace"]) if ($(id).value === "default") $(id).value = info.namespaces[0];
+  }
   $("max-tokens").max = String(info.max_new_tokens_limit);
 }
 
