@@ -391,3 +391,21 @@ def test_questions_and_documents_of_only_invisible_characters_are_blank(served, 
         "/ingest", json={"namespace": "tenant-a", "documents": [{"doc_id": "z", "text": blank}]}, headers=ADMIN_AUTH
     )
     _err(r, 422, "has no visible text")
+
+
+# ---- item 8: the crash window between the document DB and the vector index -------------------------------------
+def test_start_up_recovers_vectors_a_kill_left_unsaved(engine, tmp_path):
+    """A kill after the DB committed a document's chunks but before the vector index was saved (here: the
+    index file as it was before that ingest) leaves those chunks without vectors; the next start adds them."""
+    from redknot_rag.rag import RagService
+
+    data = tmp_path / "data"
+    rag = RagService(engine, data, "naive")
+    rag.ingest_texts([{"doc_id": "a", "text": "The Orvel canal freezes for six weeks."}], "crash", with_kv=False)
+    before = (data / "index" / "crash.faiss").read_bytes()
+    rag.ingest_texts([{"doc_id": "b", "text": "The Quillon dome turns on iron wheels."}], "crash", with_kv=False)
+    (data / "index" / "crash.faiss").write_bytes(before)  # the save that the kill prevented
+    restarted = RagService(engine, data, "naive")
+    assert restarted.retriever.num_vectors("crash") == len(restarted.db.all_chunk_ids("crash")) == 2
+    hits = restarted.retriever.search("crash", "What turns on iron wheels?", top_k=1)
+    assert hits and "iron wheels" in hits[0].chunk.text and hits[0].cosine is not None  # found by its vector

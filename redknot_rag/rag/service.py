@@ -125,6 +125,11 @@ class RagService:
         )
         self._lock = threading.Lock()
         for ns in self.db.list_namespaces():
+            # a kill between the document DB's commit and the vector index's save left chunks without
+            # vectors (retrieval keyword-only for them): the index is brought back to the DB's chunks here
+            added, removed = self.retriever.sync(ns)
+            if added or removed:
+                log.warning("vector index recovered", extra={"namespace": ns, "added": added, "removed": removed})
             for c in self.db.get_chunks(ns, self.db.all_chunk_ids(ns)):
                 self.matcher.add(self.layout.chunk_ids(c.text), ns)
 
