@@ -271,25 +271,28 @@ def test_pipelined_reads_one_round_trip_same_blocks(tmp_path: Path, redis_server
             writer.put(key, k, v, keep_in_memory=False)
         keys = ["c3", "c0", "absent", "c4", "c1", "c2"]
         got = {}
-        for pipeline in (False, True):
+        for streams in (0, 1, 2):  # 0: no pipelining
             tier = RedisTier.from_url(url, fp(codec))
             calls = _mget_calls(tier)
-            store = ChunkKVStore(tmp_path / f"r{codec}{pipeline}", fp(codec), 1 << 24, cold=tier,
-                                 config=StoreConfig(cold_codec=codec, redis_pipeline=pipeline))  # fmt: skip
-            got[pipeline] = [(k, _kvs(b)) for k, b in store.get_blocks_many(keys, workers=3)]
-            assert [k for k, _ in got[pipeline]] == keys and got[pipeline][2][1] is None
-            if pipeline:  # metas (all 6), then every present chunk's meta + 4 layers in one reply
+            cfg = StoreConfig(cold_codec=codec, redis_pipeline=streams > 0, redis_streams=max(streams, 1))
+            store = ChunkKVStore(tmp_path / f"r{codec}{streams}", fp(codec), 1 << 24, cold=tier, config=cfg)
+            got[streams] = [(k, _kvs(b)) for k, b in store.get_blocks_many(keys, workers=3)]
+            assert [k for k, _ in got[streams]] == keys and got[streams][2][1] is None
+            if streams == 1:  # metas (all 6), then every present chunk's meta + 4 layers in one reply
                 assert sorted(calls) == [6, 5 * 5], calls
+            elif streams == 2:  # the 5 present chunks over 2 connections: 3 and 2 chunks
+                assert sorted(calls) == [6, 2 * 5, 3 * 5], calls
             else:
                 assert len([n for n in calls if n == 5]) == 5, calls  # one MGET per chunk
             store.close()
-        for (k0, b0), (k1, b1) in zip(got[False], got[True], strict=True):
-            assert k0 == k1 and (b0 is None) == (b1 is None)
-            if b0 is not None and b1 is not None:
-                assert b0.keys() == b1.keys()
-                assert all(torch.equal(b0[lh].k, b1[lh].k) and torch.equal(b0[lh].v, b1[lh].v) for lh in b0)
+        for streams in (1, 2):
+            for (k0, b0), (k1, b1) in zip(got[0], got[streams], strict=True):
+                assert k0 == k1 and (b0 is None) == (b1 is None)
+                if b0 is not None and b1 is not None:
+                    assert b0.keys() == b1.keys()
+                    assert all(torch.equal(b0[lh].k, b1[lh].k) and torch.equal(b0[lh].v, b1[lh].v) for lh in b0)
         if codec == "raw":
-            served = [(key, bs) for key, bs in got[True] if bs is not None]
+            served = [(key, bs) for key, bs in got[2] if bs is not None]
             assert all(torch.equal(b.k, data[key][0][la, h]) for key, bs in served for (la, h), b in bs.items())
     # a flipped byte in c1's layer 2: c1 misses (dropped), c2 after it in the same reply is served
     tier = RedisTier.from_url(url, fp("raw"))
@@ -316,7 +319,7 @@ def test_pipelined_read_losing_redis_midway_is_misses_and_loses_nothing(
     the next read (a fresh connection) returns all of them exactly."""
     _, url = redis_server()
     tier = RedisTier.from_url(url, fp(), retry_after_s=0.0)
-    store = ChunkKVStore(tmp_path, fp(), 1 << 24, cold=tier)
+    store = ChunkKVStore(tmp_path, fp(), 1 << 24, cold=tier, config=StoreConfig(redis_streams=1))
     data = {f"c{i}": kv(70 + i, shape=(4, 3, 16, 32)) for i in range(4)}
     for key, (k, v) in data.items():
         store.put(key, k, v, keep_in_memory=False)

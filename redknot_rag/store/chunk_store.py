@@ -678,7 +678,7 @@ class ChunkKVStore:
             return
         batch = self._can_batch(cold)
         with ThreadPoolExecutor(
-            max_workers=min(workers, len(cold)) + (batch is not None),
+            max_workers=min(workers, len(cold)) + (self.config.redis_streams if batch is not None else 0),
             thread_name_prefix="kv-read",
             initializer=one_intra_op_thread,
         ) as pool:
@@ -718,25 +718,28 @@ class ChunkKVStore:
     def _read_batch(
         self, batch: tuple[ColdTier, list[tuple[str, ChunkMeta]]], pool: ThreadPoolExecutor
     ) -> dict[str, _Batched]:
-        """Start one read of every block of the chunks of `batch` (one round trip) on `pool`; returns each
-        chunk's `_Batched` answer, resolved as the reply reaches it (later chunks are still arriving while
-        the first ones are decoded and promoted)."""
+        """Start the reads of every block of the chunks of `batch` on `pool`: `config.redis_streams`
+        connections, each ONE round trip for its share of the chunks (every `redis_streams`-th one), so
+        the replies arrive side by side; returns each chunk's `_Batched` answer, resolved as its reply
+        reaches it (later chunks are still arriving while the first ones are decoded and promoted)."""
         tier, chunks = batch
         answers = {key: _Batched(_Landing(self.memory.pin)) for key, _ in chunks}
         requests = [(key, meta.every_block(), answers[key].landing) for key, meta in chunks]
+        streams = max(1, min(self.config.redis_streams, len(requests)))
 
-        def read() -> None:
+        def read(part: list[tuple[str, list[Block], _Landing]]) -> None:
             try:
-                for key, got in tier.get_payloads_many(requests):  # type: ignore[attr-defined]
+                for key, got in tier.get_payloads_many(part):  # type: ignore[attr-defined]
                     answers[key].set(got)
             except BaseException as e:  # the chunks without an answer yet fail as one read would
-                for answer in answers.values():
-                    answer.fail(e if isinstance(e, TierUnavailableError) else TierUnavailableError(str(e)))
+                for key, _, _ in part:
+                    answers[key].fail(e if isinstance(e, TierUnavailableError) else TierUnavailableError(str(e)))
             finally:
-                for answer in answers.values():
-                    answer.fail(TierUnavailableError("the batched read ended without this chunk"))
+                for key, _, _ in part:
+                    answers[key].fail(TierUnavailableError("the batched read ended without this chunk"))
 
-        pool.submit(read)
+        for i in range(streams):  # chunk j on stream j % streams: the first chunks arrive side by side
+            pool.submit(read, requests[i::streams])
         return answers
 
     def _in_memory(self, chunk_key: str) -> bool:

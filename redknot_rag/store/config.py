@@ -97,8 +97,9 @@ class StoreConfig:
         pieces read by that many threads); 1 reads each run with one pread.
     disk_direct_io: read chunk files with O_DIRECT (aligned buffers; no page-cache copy), where the
         filesystem allows it (bench/store/read_path.py measures both on a cold cache).
-    redis_pipeline: `get_blocks_many` reads a Redis-only store's chunks in one round trip (one MGET of
-        every chunk's metas, one of all their layers), not one per chunk.
+    redis_pipeline: `get_blocks_many` reads a Redis-only store's chunks in one round trip per stream
+        (one MGET of every chunk's metas, then per stream one MGET of its chunks' layers), not one per
+        chunk; `redis_streams` connections side by side (one connection's reply is read by one thread).
     decode_on: where INT8/INT4 blocks are decoded. "host": when read from a cold tier (the host tier
         holds decoded blocks in the storage dtype); "device": the host tier keeps them encoded
         (`tiers.EncodedBlock`, the cold tiers' bytes) and a GPU pool load copies those bytes and
@@ -119,8 +120,11 @@ class StoreConfig:
     disk_read_piece_bytes: int = 1 << 20
     disk_direct_io: bool = False
     redis_pipeline: bool = True
+    redis_streams: int = 4
 
     def __post_init__(self) -> None:
+        if self.redis_streams < 1:
+            raise ValueError("redis_streams must be >= 1")
         if self.disk_read_depth < 1 or self.disk_read_piece_bytes < 4096 or self.disk_read_piece_bytes % 4096:
             raise ValueError("disk_read_depth must be >= 1 and disk_read_piece_bytes a multiple of 4096")
         if self.decode_on not in DECODE_ON:
