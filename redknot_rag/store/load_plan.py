@@ -208,9 +208,10 @@ def load_plan(
     visibility (None: every block whole). O(blocks) Python steps, no per-token ones."""
     nl, nh, npages = pages.shape
     shape = (nl, nh, npages, num_tokens)
-    if all(isinstance(b, EncodedBlock) for b in blocks.values()):
+    kind = _kind(blocks)
+    if kind == "encoded":
         return _encoded_plan(blocks, pages, page_size, num_tokens, visible)
-    if any(isinstance(b, EncodedBlock) for b in blocks.values()):  # mixed: decode those on the host
+    if kind == "mixed":  # decode the encoded ones on the host
         blocks = {lh: b.decode() if isinstance(b, EncodedBlock) else b for lh, b in blocks.items()}
     first = next(iter(blocks.values()))
     assert isinstance(first, KVBlock)
@@ -243,6 +244,18 @@ def load_plan(
         row_bounds=tpl.row_bounds, token_bounds=tpl.token_bounds, zero_bounds=tpl.zero_bounds,
         byte_bounds=tuple(r * elem for r in tpl.row_bounds), template=tpl,
     )  # fmt: skip
+
+
+def _kind(blocks: Blocks) -> str:
+    """ "encoded" (every block an `EncodedBlock`), "decoded" (none) or "mixed"; once per host group."""
+    cache = blocks.cache if isinstance(blocks, ChunkBlocks) else None
+    if cache is not None and "kind" in cache:
+        return cache["kind"]  # type: ignore[return-value]
+    encoded = sum(isinstance(b, EncodedBlock) for b in blocks.values())
+    kind = "encoded" if encoded == len(blocks) else "decoded" if encoded == 0 else "mixed"
+    if cache is not None:
+        cache["kind"] = kind
+    return kind
 
 
 def _encoded_plan(
@@ -356,17 +369,23 @@ def scatter_rows(
     pages: torch.Tensor,
     k_slots: torch.Tensor,
     v_slots: torch.Tensor,
+    dense_slots: torch.Tensor | None = None,
 ) -> None:
     """Write the rows of layers `[first, end)` of `num_plans` plans of `plan`'s class (same dense/sparse
     layout, template and shape), `rows` `[C · group rows, D]` chunk after chunk in the pool's dtype, to
     their pool slots (`k_slots`, `v_slots` `[num_slots, D]`); `pages` `[C, L·Hkv, P]` the plans' pages on
-    the pool's device. Slots are computed on the device; a sparse plan's zero slots of those layers are
-    zeroed. The only scatter of a load plan (`run_plan` and `store.layer_load` both end here)."""
+    the pool's device. Slots are computed on the device (dense plans: `dense_slots`, the class's
+    `[C, L·Hkv·T]` slots computed once for every layer group, when given); a sparse plan's zero slots
+    of those layers are zeroed. The only scatter of a load plan (`run_plan` and `store.layer_load` both
+    end here)."""
     nl, nh, npages, T = plan.shape
     C, d, ps = num_plans, k_slots.shape[-1], plan.page_size
     if plan.dense:
-        blocks = pages[:, first * nh : end * nh].reshape(-1, 1, npages)  # [C·Lg·Hkv, 1, P]
-        slots = page_slots(blocks, ps, T).reshape(-1)  # [C·Lg·Hkv·T]
+        if dense_slots is not None:
+            slots = dense_slots[:, first * nh * T : end * nh * T].reshape(-1)  # [C·Lg·Hkv·T]
+        else:
+            blocks = pages[:, first * nh : end * nh].reshape(-1, 1, npages)  # [C·Lg·Hkv, 1, P]
+            slots = page_slots(blocks, ps, T).reshape(-1)  # [C·Lg·Hkv·T]
         kv = rows.view(-1, 2, T, d)  # per block: K rows then V rows
         k_slots[slots] = kv[:, 0].reshape(-1, d)
         v_slots[slots] = kv[:, 1].reshape(-1, d)

@@ -63,10 +63,19 @@ class SegmentCache:
         self._pending: list[torch.cuda.Event] = []  # copies issued on `stream` that no consumer waited for
         self._layer_events: list[list[torch.cuda.Event | None]] = []  # per layered batch: per layer
         self._loaded: dict[str, torch.cuda.Event] = {}  # segment -> the event after its copies
+        self._num_pages = 0  # pages of `_segments`, kept as they change (asked once per chunk a load plans)
 
     @property
     def num_pages(self) -> int:
-        return sum(s.pages.numel() for s in self._segments.values())
+        return self._num_pages
+
+    def _insert(self, key: str, seg: KVSegment) -> KVSegment:
+        old = self._segments.pop(key, None)
+        if old is not None:
+            self._num_pages -= old.pages.numel()
+        self._segments[key] = seg
+        self._num_pages += seg.pages.numel()
+        return seg
 
     def __contains__(self, key: str) -> bool:
         return key in self._segments
@@ -84,9 +93,7 @@ class SegmentCache:
         if kvt is None:
             return None
         self._make_room(self.runner.segment_pages(kvt[0]))  # waits for the copies into pages it frees
-        seg = self.runner.write_segment(*kvt)
-        self._segments[key] = seg
-        return seg
+        return self._insert(key, self.runner.write_segment(*kvt))
 
     def get_blocks(
         self, key: str, load: BlocksLoad, num_tokens: int, fallback: KVLoad | None = None
@@ -105,8 +112,7 @@ class SegmentCache:
         if self.stream is None:  # CPU: a plain synchronous write
             k, v, visible = assemble_blocks(blocks, num_tokens, r.dtype)
             self._make_room(r.segment_pages(k))
-            seg = self._segments[key] = r.write_segment(k, v, visible)
-            return seg
+            return self._insert(key, r.write_segment(k, v, visible))
         nl, nh, d, visible = blocks_geometry(blocks, num_tokens)
         num_pages = -(-num_tokens // r.page_size)
         self._make_room(nl * nh * num_pages)
@@ -123,7 +129,7 @@ class SegmentCache:
             done = torch.cuda.Event()
             done.record(self.stream)
         self._pending.append(done)
-        self._segments[key] = seg
+        self._insert(key, seg)
         self._loaded[key] = done
         return seg
 
@@ -171,7 +177,7 @@ class SegmentCache:
                 flush()  # the planned segments must not be evicted before their copies are queued
             self._make_room(num_pages)
             pages = torch.from_numpy(r.allocator.allocate(num_pages)).view(nl, nh, -1)
-            seg = self._segments[key] = KVSegment(pages, num_tokens, is_shared=True, visible=visible)
+            seg = self._insert(key, KVSegment(pages, num_tokens, is_shared=True, visible=visible))
             batch.append(load_plan(blocks, pages, r.page_size, num_tokens, visible))
             batch_keys.add(key)
             batch_pages += num_pages
@@ -220,9 +226,9 @@ class SegmentCache:
         if not keep:
             return True
         kept = sum(self._segments[k].pages.numel() for k in keep if k in self._segments)
-        free = self.runner.allocator.num_free + sum(
-            s.pages.numel() for k, s in self._segments.items() if k not in keep
-        )  # an upper bound: a dropped segment's pages free only when no sequence holds them
+        # the pages of the segments outside `keep` (an upper bound: a dropped segment's pages free only
+        # when no sequence holds them); O(|keep|), not O(resident segments), per planned chunk
+        free = self.runner.allocator.num_free + self._num_pages - kept
         return kept + need <= self.max_pages and need <= free
 
     def _issue(self, work: Callable[[], list[torch.cuda.Event | None]]) -> torch.cuda.Event | None:
@@ -278,6 +284,7 @@ class SegmentCache:
         alloc = self.runner.allocator
         while self._segments and (self.num_pages + need > self.max_pages or not alloc.can_allocate(need)):
             key, old = self._segments.popitem(last=False)
+            self._num_pages -= old.pages.numel()
             self._release(key, old)
 
     def _release(self, key: str, seg: KVSegment) -> None:
@@ -292,6 +299,7 @@ class SegmentCache:
     def drop(self, key: str) -> None:
         seg = self._segments.pop(key, None)
         if seg is not None:
+            self._num_pages -= seg.pages.numel()
             self._release(key, seg)
 
     def clear(self) -> None:
