@@ -409,3 +409,15 @@ def test_start_up_recovers_vectors_a_kill_left_unsaved(engine, tmp_path):
     assert restarted.retriever.num_vectors("crash") == len(restarted.db.all_chunk_ids("crash")) == 2
     hits = restarted.retriever.search("crash", "What turns on iron wheels?", top_k=1)
     assert hits and "iron wheels" in hits[0].chunk.text and hits[0].cosine is not None  # found by its vector
+
+
+def test_an_ingest_says_when_it_finishes_what_an_interrupted_one_left(engine, tmp_path):
+    """Chunk KV an earlier ingest did not finish is computed by the next one: the summary says how many
+    chunks that was (it was silent, and a 1-document ingest took minutes for no visible reason)."""
+    from redknot_rag.rag import RagService
+
+    rag = RagService(engine, tmp_path / "data", "naive")
+    left = rag.ingest_texts([{"doc_id": "a", "text": "The Orvel canal freezes for six weeks."}], "ns", with_kv=False)
+    s = rag.ingest_texts([{"doc_id": "b", "text": "The Quillon dome turns on iron wheels."}], "ns")
+    assert left.chunks == 1 and s.chunks == 1
+    assert s.kv_chunks == 2 and s.resumed_kv_chunks == 1

@@ -8,6 +8,7 @@ stored KV is deleted only when no chunk row in any namespace still names its key
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from redknot_rag.rag.assemble import Assembler
 from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, chunk_key
 from redknot_rag.store import ChunkKVStore
 
+log = logging.getLogger("redknot.rag")
 Progress = Callable[[str, int, int, int], None]  # (stage, chunks done, tokens done, tokens total)
 
 
@@ -30,6 +32,7 @@ class IngestSummary:
     tokens: int = 0
     kv_chunks: int = 0
     kv_bytes: int = 0
+    resumed_kv_chunks: int = 0  # of kv_chunks: chunks an earlier, interrupted ingest left without KV
     removed_chunks: int = 0
     seconds: float = 0.0
 
@@ -89,6 +92,13 @@ class Ingestor:
             self.matcher.add(ids, namespace)
         if with_kv:
             todo = self.db.chunks_missing_kv(namespace)  # also finishes what a killed ingest left
+            new_ids = {r.id for r in new_rows}
+            summary.resumed_kv_chunks = sum(1 for r in todo if r.id not in new_ids)
+            if summary.resumed_kv_chunks:
+                log.warning(
+                    "finishing chunk KV an interrupted ingest left",
+                    extra={"namespace": namespace, "chunks": summary.resumed_kv_chunks},
+                )
             summary.kv_chunks, summary.kv_bytes = self.precompute_kv(todo, progress)
         self.drop_unreferenced(old_keys)
         summary.seconds = time.perf_counter() - t0
