@@ -333,7 +333,7 @@ class Runtime:
                 if http is not None and time.monotonic() - checked > _WAKE_S:
                     checked = time.monotonic()
                     if await http.is_disconnected():
-                        log.info("client disconnected", extra={"rid": job.rid})
+                        log.info("client disconnected", extra={"rid": job.public_rid, "owner": job.owner})
                         return
                 ev = self._next_event(job)
                 if ev is None:
@@ -459,7 +459,7 @@ class Runtime:
         log.info(
             "request finished",
             extra={
-                "rid": r.rid,
+                "rid": job.public_rid,  # the client's own rid (with "owner": the engine scopes it by key)
                 "prompt_tokens": r.prompt_len,
                 "completion_tokens": len(r.output_ids),
                 "cached_tokens": r.cached_tokens,
