@@ -191,8 +191,17 @@ def run_case(rag, case: EvalCase, policies: Sequence[str], max_new_tokens: int =
         req.logits_processor = _keep_first(first, pol)
         req.arrival_time = t0
         e.submit(req)
+        steps = 0
         while req.first_token_time is None and not req.is_finished:
             e.step(only={req.rid})
+            steps += 1
+            # every prefill step that gets pages makes progress; one that never finishes is waiting for pages
+            # the other policies' requests hold until their shared decode (seen with 21 policies, 1 GiB)
+            if steps > len(req.prompt_ids) + 64:
+                raise RuntimeError(
+                    f"{pol} on case {case.case_id}: no first token after {steps} steps; the KV pool cannot hold "
+                    f"{len(policies)} policies' requests at once (raise --cpu-kv-gib)"
+                )
         if req.error:
             raise RuntimeError(f"{pol} failed on case {case.case_id}: {req.error}")
         ttft[pol] = (req.first_token_time - t0) * 1e3
