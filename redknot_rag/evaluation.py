@@ -645,7 +645,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         runner = engine.runner
         return store_config_for(setting, runner, load_profile_for(runner.name, runner.weights_fingerprint))
 
-    rag = open_service(args, store_config=setting_config if setting else None)
+    rag = open_service(args, store_config=setting_config if setting else None, threaded=False)  # run_eval steps it
     out.mkdir(parents=True, exist_ok=True)
     tag = (args.tag or rag.engine.runner.name) + (f"-{STORE_SETTINGS[setting]}" if setting else "")
     if args.report_only:  # what an interrupted run measured: every case all policies answered

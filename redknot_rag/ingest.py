@@ -52,8 +52,12 @@ def _suffixes() -> str:
     return " ".join(SUPPORTED_SUFFIXES)
 
 
-def open_service(args: argparse.Namespace, policy: str | None = None, store_config=None):
-    """Engine + RagService from the flags; `store_config(engine)` (optional) gives the chunk store's settings."""
+def open_service(args: argparse.Namespace, policy: str | None = None, store_config=None, threaded: bool = True):
+    """Engine + RagService from the flags; `store_config(engine)` (optional) gives the chunk store's settings.
+
+    `threaded`: the forward runs on the engine's own thread, as in the server. A caller that steps the
+    engine itself (the fidelity harness: `Engine.step(only=...)` per policy) passes False: a running
+    engine thread would step the same requests at the same time."""
     from redknot_rag.engine import Engine
     from redknot_rag.options import engine_config_from_args
     from redknot_rag.rag import RagService
@@ -64,7 +68,8 @@ def open_service(args: argparse.Namespace, policy: str | None = None, store_conf
         add_store_args(defaults)
         args = argparse.Namespace(**{**vars(defaults.parse_args([])), **vars(args)})
     engine = Engine(engine_config_from_args(args))
-    engine.start()  # the forward on the engine's own thread, as in the server (see cli._cmd_generate)
+    if threaded:
+        engine.start()  # the forward on the engine's own thread, as in the server (see cli._cmd_generate)
     kw: dict = {}
     if store_config is not None:
         kw["store_config"] = store_config(engine)
