@@ -22,6 +22,7 @@ from redknot_rag.store import (
     KVBlock,
     KVFingerprint,
     MemoryTier,
+    StoreConfig,
     hash_token_ids,
 )
 from redknot_rag.store.blockfile import read_header
@@ -68,9 +69,12 @@ def test_roundtrip_bit_identical(tmp_path: Path, dtype: torch.dtype) -> None:
 
 
 def test_single_block_read_touches_only_its_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffered: exactly the header and the block's bytes; direct I/O: the block's range widened to
+    4 KiB alignment, no more."""
     k, v = kv(1)
     ChunkKVStore(tmp_path, fp(), 0).put("c", k, v)
-    store = ChunkKVStore(tmp_path, fp(), 0)
+    store = ChunkKVStore(tmp_path, fp(), 0, config=StoreConfig(host_bytes=0, disk_direct_io=False))
+    direct = ChunkKVStore(tmp_path, fp(), 0, config=StoreConfig(host_bytes=0, disk_direct_io=True))
     header_len = len(read_header_bytes(chunk_path(store, "c")))
     read = {"bytes": 0}
     pread, preadv = os.pread, os.preadv
@@ -90,6 +94,10 @@ def test_single_block_read_touches_only_its_bytes(tmp_path: Path, monkeypatch: p
     blk = store.get_block("c", 2, 1)
     assert blk is not None and torch.equal(blk[0], k[2, 1])
     assert read["bytes"] == header_len + block_bytes()
+    read["bytes"] = 0
+    blk = direct.get_block("c", 2, 1)
+    assert blk is not None and torch.equal(blk[0], k[2, 1])
+    assert header_len + block_bytes() <= read["bytes"] <= header_len + block_bytes() + 2 * 4096
 
 
 def read_header_bytes(path: Path) -> bytes:

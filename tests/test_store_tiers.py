@@ -612,7 +612,7 @@ def test_failed_disk_read_fails_the_request_clearly_and_loses_nothing(
     from redknot_rag.store import blockfile
     from redknot_rag.store.disk import ChunkReadError
 
-    cfg = StoreConfig(host_bytes=1 << 20, disk_read_depth=4, disk_read_piece_bytes=4096)
+    cfg = StoreConfig(host_bytes=1 << 20, disk_read_depth=4, disk_read_piece_bytes=4096, disk_direct_io=False)
     store = ChunkKVStore(tmp_path, fp(), config=cfg)
     k, v = kv(90)
     store.put("c", k, v, keep_in_memory=False)
@@ -643,6 +643,37 @@ def test_failed_disk_read_fails_the_request_clearly_and_loses_nothing(
     assert disk_of(store)._path(key_hash("c")).exists() and not any(disk_of(store).quarantine_dir.iterdir())
     assert store.stats().corrupt == 0 and store.stats().memory_blocks == 0
     got = store.get_blocks("c")
+    assert got is not None
+    assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in got.items())
+    store.close()
+
+
+def test_direct_reads_refused_by_the_filesystem_fall_back_to_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A filesystem that takes the O_DIRECT flag but fails the reads (EINVAL): the read is redone through
+    the page cache (same blocks), direct I/O is off from then on, with one log line."""
+    import errno
+    import fcntl
+
+    from redknot_rag.store import blockfile
+
+    store = ChunkKVStore(tmp_path, fp(), config=StoreConfig(host_bytes=1 << 20))  # defaults: direct, depth 8
+    k, v = kv(91)
+    store.put("c", k, v, keep_in_memory=False)
+    real = os.preadv
+    refused: list[int] = []
+
+    def no_direct(fd: int, bufs: list, offset: int) -> int:  # type: ignore[type-arg]
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(blockfile.os, "preadv", no_direct)
+    with caplog.at_level(logging.WARNING):
+        got = store.get_blocks("c")
+    assert refused and not disk_of(store).direct_io and "direct I/O refused" in caplog.text
     assert got is not None
     assert all(torch.equal(b.k, k[la, h]) and torch.equal(b.v, v[la, h]) for (la, h), b in got.items())
     store.close()

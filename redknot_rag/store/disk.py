@@ -27,6 +27,7 @@ so committed plus in-flight bytes never exceed the budget; an evicted chunk is h
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import functools
 import json
@@ -406,10 +407,13 @@ class DiskTier:
         kh = key_hash(chunk_key)
         try:
             idx = {hdr.block_index(layer, head): (layer, head) for layer, head in blocks}
-            align = DIRECT_ALIGN if self.direct_io and self._set_direct(fd) else 1
-            span = payload_span(hdr, list(idx), align)
-            buf = aligned(alloc, span, align) if align > 1 else alloc(span) if alloc is not None else None
-            raw = read_payloads(fd, hdr, list(idx), buf, self.reader, align)
+            try:
+                raw = self._read(fd, hdr, list(idx), alloc, self.direct_io and self._set_direct(fd, True))
+            except OSError as e:  # a filesystem that takes the O_DIRECT flag but not the reads: buffered
+                if e.errno != errno.EINVAL or not self.direct_io:
+                    raise
+                self._set_direct(fd, False, why=e)
+                raw = self._read(fd, hdr, list(idx), alloc, False)
         except CorruptChunkError as e:
             self._quarantine(kh, str(e))
             raise
@@ -422,15 +426,28 @@ class DiskTier:
                 self._index.move_to_end(kh)
         return hdr.meta, {idx[b]: p for b, p in raw.items()}
 
-    def _set_direct(self, fd: int) -> bool:
-        """Turn on O_DIRECT for `fd`; False (and direct I/O off for good, with a log line) where refused."""
+    def _read(
+        self, fd: int, hdr: ChunkHeader, indices: list[int], alloc: Alloc | None, direct: bool
+    ) -> dict[int, memoryview]:
+        align = DIRECT_ALIGN if direct else 1
+        span = payload_span(hdr, indices, align)
+        buf = aligned(alloc, span, align) if direct else alloc(span) if alloc is not None else None
+        return read_payloads(fd, hdr, indices, buf, self.reader, align)
+
+    def _set_direct(self, fd: int, on: bool, why: Exception | None = None) -> bool:
+        """Turn O_DIRECT on (or off) for `fd`; where refused (or `why`: a direct read failed), direct I/O
+        is off for good, with a log line, and False is returned."""
         try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
-            return True
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+            if why is None:
+                return on
         except OSError as e:
+            why = e
+        if self.direct_io:
             self.direct_io = False
-            log.warning("KV store %s: direct I/O refused (%s); reading through the page cache", self.ns, e)
-            return False
+            log.warning("KV store %s: direct I/O refused (%s); reading through the page cache", self.ns, why)
+        return False
 
     def close(self) -> None:
         """Stop the read threads."""
