@@ -55,7 +55,7 @@ def compare(
     rot = Rotary(cfg, dev)
     ref = TorchBackend(cfg, pool, rot)
     be = FlashInferBackend(cfg, pool, rot, emulate=emulate)
-    be.inside = "split"  # the FlashInfer mapping under test (by default recompute batches take Triton tiles)
+    be.inside = "split"  # the FlashInfer mapping under test (not the Triton tiles of inside="tiles")
     be.block = 8 if emulate else 64
     be.local_decode = local_decode
     be.local_inside = True  # the split path under test (the default sends such batches to Triton)

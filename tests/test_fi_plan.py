@@ -40,7 +40,7 @@ def _compare(cfg, pool, batch, block=8, atol=1e-4, part_a="rotated"):
     rot = Rotary(cfg, "cpu")
     ref = TorchBackend(cfg, pool, rot)
     be = FlashInferBackend(cfg, pool, rot, emulate=True)
-    be.inside = "split"  # the FlashInfer mapping under test (by default recompute batches take Triton tiles)
+    be.inside = "split"  # the FlashInfer mapping under test (not the Triton tiles of inside="tiles")
     be.block = block
     be.part_a = part_a
     be.plan(batch)

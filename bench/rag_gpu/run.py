@@ -29,13 +29,15 @@ visible keys; `FlashInferBackend.local_inside = True`); `@local-triton` is the s
 (`local_inside = False`, the engine's default since it measured faster); `@local-split` runs the
 recompute forward and then the question forward, timed apart (`recompute_s`, `question_s`).
 
-`@split` runs queries inside the context (recompute) on FlashInfer part A + Triton part B + merge
-(`FlashInferBackend.inside = "split"`) instead of the default one Triton launch per layer whose query
-tiles stop at their last position (`"tiles"`); `@bm128` runs those tiles 128 (token, q head) pairs high.
+`@tiles` runs queries inside the context (recompute) and the question in ONE Triton launch per layer
+whose query tiles stop at their last position (`FlashInferBackend.inside = "tiles"`) instead of the
+default FlashInfer part A + Triton part B + merge (`"split"`); `@tiles-bm128` runs those tiles 128
+(token, q head) pairs high.
 
-The default policy list is the price list of issue 21: full, naive, redknot at budgets 2-50% (`BUDGETS`),
-and the split / bm128 variants at 5% and 20%; `--policies legacy` runs the list of earlier runs. The JSON's
-`price_list` holds one row per (context, budget); `--plot` also draws `price_<card>.png` from it.
+The default policy list is the price list of issue 21: full, naive, redknot at budgets 2-50% (`BUDGETS`)
+on the default path and on `@tiles`, and `@tiles-bm128` at 5% and 20%; `--policies legacy` runs the list
+of earlier runs. The JSON's `price_list` holds one row per (context, budget, variant); `--plot` also
+draws `price_<card>.png` from it.
 
 `--tiny` runs the same code on the CPU with a 2-layer model and short chunks.
 """
@@ -322,12 +324,12 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
     part_a = getattr(be, "part_a", None)
     if variant == "prerot" and part_a is not None:
         be.part_a = "pre-rotated-q"
-    inside = getattr(be, "inside", None)  # "@split": recompute on part A + part B + merge, not Triton tiles
-    if variant in ("split", "prerot") and inside is not None:
-        be.inside = "split"
-    tri = getattr(be, "triton", be)  # "@bm128": Triton tiles of 128 (token, q head) pairs
+    inside = getattr(be, "inside", None)  # "@tiles": recompute in one Triton launch per layer (bounded tiles)
+    if inside is not None:
+        be.inside = "tiles" if variant in ("tiles", "tiles-bm128") else "split"
+    tri = getattr(be, "triton", be)  # "@tiles-bm128": those tiles 128 (token, q head) pairs high
     block_m = getattr(tri, "block_m", None)
-    if variant == "bm128" and hasattr(tri, "block_m"):
+    if variant == "tiles-bm128" and hasattr(tri, "block_m"):
         tri.block_m = 128
     glob = vis = None
     local_inside = getattr(be, "local_inside", None)
@@ -464,7 +466,7 @@ def policy_list(spec: str, default_policy: str) -> list[str]:
     """`spec`: "price" (the default), "legacy" (the list of runs before issue 21) or a comma list."""
     if spec == "price":
         pols = ["full", "naive"] + [f"redknot:{b}" for b in BUDGETS]
-        return pols + [f"redknot:{b}@{v}" for v in ("split", "bm128") for b in (0.05, 0.2)]
+        return pols + [f"redknot:{b}@tiles" for b in BUDGETS] + [f"redknot:{b}@tiles-bm128" for b in (0.05, 0.2)]
     if spec == "legacy":
         pols = ["full", "full@eager", "naive", "naive@eager", "epic:16", default_policy, "redknot:0.1", "redknot:0.02"]
         pols = list(dict.fromkeys(pols)) + [default_policy + "@prerot", "naive@local"]
@@ -473,16 +475,18 @@ def policy_list(spec: str, default_policy: str) -> list[str]:
 
 
 def price_list(data: dict) -> list[dict]:
-    """One row per (context, redknot budget) of the default path (no variant): TTFT against its floor, its
+    """One row per (context, redknot budget, path: the default or a variant): TTFT against its floor, its
     phases, and transformers over a cache with the same number of new tokens."""
     rows = []
     for sc in data["scenarios"]:
         for name, r in sc["policies"].items():
             base, _, arg = name.partition(":")
-            if base != "redknot" or "@" in arg:
+            ratio, _, variant = arg.partition("@")
+            if base != "redknot":
                 continue
             rows.append(dict(
-                context_tokens=sc["context_tokens"], budget=float(arg), recomputed_tokens=r["recomputed_tokens"],
+                context_tokens=sc["context_tokens"], budget=float(ratio), variant=variant or "default",
+                recomputed_tokens=r["recomputed_tokens"],
                 ttft_ms=r["ttft_median_s"] * 1e3, floor_ms=r["floor_s"] * 1e3, vs_floor=r["ttft_vs_floor"],
                 load_ms=r["load_median_s"] * 1e3, select_ms=r["select_median_s"] * 1e3,
                 forward_ms=r["forward_median_s"] * 1e3, hf_cached_ms=r.get("hf_cached_s", float("nan")) * 1e3,
@@ -686,13 +690,20 @@ def plot_prices(d: dict, out: Path) -> None:
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
     for ctx in sorted({r["context_tokens"] for r in d["price_list"]}):
-        rows = sorted((r for r in d["price_list"] if r["context_tokens"] == ctx), key=lambda r: r["budget"])
-        x = [100 * r["budget"] for r in rows]
-        (line,) = ax.plot(x, [r["ttft_ms"] for r in rows], "o-", label=f"redknot TTFT, {ctx} tokens")
-        ax.plot(x, [r["floor_ms"] for r in rows], "--", color=line.get_color(), label=f"floor, {ctx} tokens")
-        ax.plot(x, [r["hf_cached_ms"] for r in rows], ":", color=line.get_color(), marker="x",
-                label=f"transformers, same new tokens over a cache, {ctx}")  # fmt: skip
-        ax2.plot(x, [r["vs_floor"] for r in rows], "o-", color=line.get_color(), label=f"{ctx} tokens")
+        color = None
+        for variant, style in (("default", "o-"), ("tiles", "s-.")):
+            rows = [r for r in d["price_list"] if r["context_tokens"] == ctx and r.get("variant") == variant]
+            if not rows:
+                continue
+            rows.sort(key=lambda r: r["budget"])
+            x = [100 * r["budget"] for r in rows]
+            (line,) = ax.plot(x, [r["ttft_ms"] for r in rows], style, color=color, label=f"TTFT {variant}, {ctx}")
+            color = line.get_color()
+            ax2.plot(x, [r["vs_floor"] for r in rows], style, color=color, label=f"{variant}, {ctx} tokens")
+            if variant == "default":
+                ax.plot(x, [r["floor_ms"] for r in rows], "--", color=color, label=f"floor, {ctx}")
+                ax.plot(x, [r["hf_cached_ms"] for r in rows], ":", color=color, marker="x",
+                        label=f"transformers, same new tokens over a cache, {ctx}")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("recomputed share of the chunk tokens (%)")
     ax.set_ylabel("ms (log)")

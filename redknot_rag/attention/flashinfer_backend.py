@@ -149,9 +149,9 @@ class FlashInferBackend(AttentionBackend):
 
     # Batches with queries inside the context (recompute): "tiles" runs the whole batch on Triton, ONE
     # launch per layer whose query tiles stop at their last position (`seg_paged_attention`, `kv_sorted`);
-    # "split" maps it onto FlashInfer part A + Triton part B + merge (`flashinfer_plan`). Kept until the
-    # bench (bench/rag_gpu, `@split`) has measured both on the same card.
-    inside: str = "tiles"
+    # "split" maps it onto FlashInfer part A + Triton part B + merge (`flashinfer_plan`). "split" stays the
+    # default until the bench (bench/rag_gpu, `@tiles`) has measured "tiles" faster on a GPU.
+    inside: str = "split"
     # Positions per block of inside queries: part A (FlashInfer) reads the prefix once per block, part B
     # (Triton) reads at most `block` keys per query. None: about 16 blocks over the longest sequence
     # (a multiple of 512), which keeps part A's prefix re-reads and part B's share both small.
