@@ -12,6 +12,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Every POST route that takes a JSON body (the served spec declares each; each answers bad JSON with 400).
+POST_ROUTES = (
+    "/generate",
+    "/abort_request",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/query",
+    "/retrieve",
+    "/ingest",
+)
+
 
 def alternating_profile(runner: Any, window: int = 8) -> Any:
     """A `HeadProfile` for the runner's model with even KV heads local (`window`) and odd ones global, in

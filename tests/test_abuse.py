@@ -10,6 +10,7 @@ import asyncio
 import time
 
 import pytest
+from conftest import POST_ROUTES
 
 from redknot_rag.sampling import SamplingParams
 
@@ -18,15 +19,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 A_AUTH = {"Authorization": f"Bearer {KEY_A}"}
 B_AUTH = {"Authorization": f"Bearer {KEY_B}"}
-POST_ROUTES = [
-    "/generate",
-    "/abort_request",
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/query",
-    "/retrieve",
-    "/ingest",
-]
 
 
 @pytest.fixture(scope="module")
