@@ -12,12 +12,12 @@ from redknot_rag.options import HelpFormatter, add_engine_args, engine_config_fr
 
 # modules that add subcommands (each has `register_cli(subparsers)`)
 _COMMAND_MODULES = (
-    "redknot_rag.ingest",
-    "redknot_rag.server.cli",
+    "redknot_rag.ingest_cli",
+    "redknot_rag.server.serve_cli",
     "redknot_rag.rag.profiling",
-    "redknot_rag.evaluation",
+    "redknot_rag.evaluation.harness",
     "redknot_rag.demo",
-    "redknot_rag.store.cli",
+    "redknot_rag.store.store_cli",
     "redknot_rag.cluster",
 )
 

@@ -19,7 +19,7 @@ DEMO_MAX_DOC_CHARS = 10_000  # keep the quick start's ingestion to ~10 s of CPU
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from redknot_rag.ingest import open_service, require_store
+    from redknot_rag.ingest_cli import open_service, require_store
     from redknot_rag.limits import MAX_QUESTION_CHARS, is_blank
     from redknot_rag.rag import run_query
     from redknot_rag.reuse import make_policy
@@ -85,7 +85,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
     from importlib import resources
 
-    from redknot_rag.ingest import open_service
+    from redknot_rag.ingest_cli import open_service
     from redknot_rag.rag import run_query
     from redknot_rag.sampling import SamplingParams
 
@@ -133,7 +133,7 @@ def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def register_cli(sub) -> None:
-    from redknot_rag.ingest import DEFAULT_DATA_DIR, HELP
+    from redknot_rag.ingest_cli import DEFAULT_DATA_DIR, HELP
     from redknot_rag.options import add_engine_args
 
     q = sub.add_parser(

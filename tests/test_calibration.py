@@ -1,6 +1,6 @@
 """Head-profile calibration data: both case generators, seeds the fidelity harness never uses."""
 
-from redknot_rag.evaluation import fact_cases
+from redknot_rag.evaluation.harness import fact_cases
 from redknot_rag.rag.profiling import calibration_prompts
 
 

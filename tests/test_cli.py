@@ -81,7 +81,7 @@ def test_cli_rag_commands_run_the_forward_on_the_engine_thread(monkeypatch, tmp_
     import argparse
 
     import redknot_rag.rag
-    from redknot_rag.ingest import open_service
+    from redknot_rag.ingest_cli import open_service
     from redknot_rag.options import add_engine_args
 
     monkeypatch.setattr(redknot_rag.rag, "RagService", lambda engine, *a, **kw: engine)  # only the engine matters
@@ -103,7 +103,7 @@ def test_query_and_demo_use_the_defaults_of_ingest_and_serve(monkeypatch, tmp_pa
 
     import redknot_rag.rag
     from redknot_rag.cli import build_parser
-    from redknot_rag.ingest import open_service
+    from redknot_rag.ingest_cli import open_service
     from redknot_rag.server.settings import ServerSettings
 
     assert build_parser().parse_args(["query", "q"]).reuse_policy is None is ServerSettings().reuse_policy
@@ -124,7 +124,7 @@ def test_query_and_demo_use_the_defaults_of_ingest_and_serve(monkeypatch, tmp_pa
 def test_ingest_summary_reports_the_bytes_stored(engine, tmp_path):
     """The summary's KV bytes are what the store holds (bf16 here: 2 bytes a value), not the producer's fp32."""
     from redknot_rag.rag import RagService
-    from redknot_rag.store.config import StoreConfig
+    from redknot_rag.store.store_config import StoreConfig
 
     mc = engine.model_config
     rag = RagService(engine, tmp_path / "data", "naive", store_config=StoreConfig(dtype="bfloat16"))

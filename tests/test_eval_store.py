@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import alternating_profile
 
-from redknot_rag.storage_eval import STORE_SETTINGS, store_config_for
+from redknot_rag.evaluation.store_fidelity import STORE_SETTINGS, store_config_for
 
 WINDOW = 8
 TEXT = "The Hallerby tram depot keeps its oldest car, number 31, under a blue canvas roof near gate four, locked."

@@ -1,10 +1,10 @@
-"""retrieval.fact_cases: the second (paraphrased, multi-fact) case generator."""
+"""evaluation.fact_cases: the second (paraphrased, multi-fact) case generator."""
 
 from __future__ import annotations
 
 import pytest
 
-from redknot_rag.retrieval.fact_cases import KINDS, make_fact_cases, normalize_answer
+from redknot_rag.evaluation.fact_cases import KINDS, make_fact_cases, normalize_answer
 
 
 def test_fact_cases_deterministic_and_balanced() -> None:
@@ -62,7 +62,7 @@ def test_fact_cases_bad_args() -> None:
 
 
 def test_fact_cases_as_retrieval_questions() -> None:
-    from redknot_rag.retrieval.fact_cases import as_retrieval_case
+    from redknot_rag.evaluation.fact_cases import as_retrieval_case
 
     cases = make_fact_cases(12, seed=2)
     for fc, rc in zip(cases, map(as_retrieval_case, cases), strict=True):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import alternating_profile
 
-from redknot_rag.evaluation import (
+from redknot_rag.evaluation.harness import (
     Record,
     choose_default,
     format_oracle_table,
@@ -24,9 +24,9 @@ from redknot_rag.evaluation import (
     plot_frontier,
     report,
 )
+from redknot_rag.evaluation.reuse_oracles import OracleSelectPolicy, RecomputeChunksPolicy, oracle_arm
 from redknot_rag.request import ReusedContext
 from redknot_rag.reuse import ReuseInput, make_policy, relocate
-from redknot_rag.reuse_oracles import OracleSelectPolicy, RecomputeChunksPolicy, oracle_arm
 from redknot_rag.sampling import SamplingParams
 
 TEXTS = [
@@ -174,8 +174,8 @@ def test_oracles_are_not_servable_and_do_what_they_say(tiny):
 
 def test_case_generators_know_the_answer_chunk(tiny):
     engine, _ = tiny
-    from redknot_rag.evaluation import fact_cases, planted_cases
-    from redknot_rag.retrieval.planted_facts import make_planted_cases
+    from redknot_rag.evaluation.harness import fact_cases, planted_cases
+    from redknot_rag.evaluation.planted_facts import make_planted_cases
 
     cases = planted_cases(6, seed=3, tokenizer=engine.tokenizer)
     facts = {c.case_id: c.fact_sentence for c in make_planted_cases(2 * 6 + 8, seed=3, num_distractors=3)}

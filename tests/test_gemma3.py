@@ -109,7 +109,7 @@ def test_gemma3_window_is_exercised(gemma, gemma_engine, hf_gemma):
 
 
 def test_gemma3_greedy_32_tokens_match_transformers(gemma_engine, hf_gemma):
-    from redknot_rag.retrieval.corpus import topic_texts
+    from redknot_rag.evaluation.corpus import topic_texts
 
     text = topic_texts()["class"]  # real prose, longer than the 512-token window
     ids = gemma_engine.tokenizer(text + "\n\nIn short, a class definition", add_special_tokens=True)["input_ids"]

@@ -206,7 +206,7 @@ def test_refused_submission_returns_every_page(rag, monkeypatch):
 def test_eval_quick_is_paired_and_reports_intervals(rag):
     """The fidelity harness's smoke run (`redknot eval --quick`): both generators, paired records, and
     `full` against itself has a zero difference with a zero-width interval."""
-    from redknot_rag.evaluation import QUICK_POLICIES, format_table, run_eval
+    from redknot_rag.evaluation.harness import QUICK_POLICIES, format_table, run_eval
 
     res = run_eval(rag, QUICK_POLICIES, n=2, set_name="all", max_new_tokens=4, progress=False)
     assert res["num_cases"] == 2 and res["sets"] == ["facts", "planted"]
@@ -237,7 +237,7 @@ def test_head_compressed_chunks_are_assembled_without_recompute(rag):
     """A chunk stored with local heads keeping only its tail window is served from the store (no prefill on
     the query path), and those heads never read the tokens their store dropped."""
     from redknot_rag.rag.assemble import Timing
-    from redknot_rag.store.config import HeadCompression
+    from redknot_rag.store.store_config import HeadCompression
 
     cfg = rag.engine.model_config
     classes = torch.ones(cfg.num_layers, cfg.num_kv_heads, dtype=torch.int64)

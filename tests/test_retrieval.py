@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from redknot_rag.evaluation.corpus import sample_documents, topic_texts, write_sample_corpus
+from redknot_rag.evaluation.planted_facts import make_planted_cases, write_planted_corpus
 from redknot_rag.retrieval.chunker import Chunk, Chunker
-from redknot_rag.retrieval.corpus import sample_documents, topic_texts, write_sample_corpus
 from redknot_rag.retrieval.docdb import DocDB, UnknownNamespaceError
 from redknot_rag.retrieval.index import VectorIndex
 from redknot_rag.retrieval.parser import Document, IngestError, html_to_text, parse_path
-from redknot_rag.retrieval.planted_facts import make_planted_cases, write_planted_corpus
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -359,7 +359,7 @@ def test_retriever_roundtrip(tmp_path: Path, embedder) -> None:
 
 
 def test_retrieval_quality_planted_facts(tmp_path: Path, smol_tokenizer, embedder) -> None:
-    from redknot_rag.retrieval.evaluation import evaluate_planted
+    from redknot_rag.evaluation.retrieval_quality import evaluate_planted
 
     cases = make_planted_cases(60, seed=0, num_distractors=1)
     reports = evaluate_planted(

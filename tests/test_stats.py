@@ -1,4 +1,4 @@
-"""redknot_rag.stats: paired intervals, exact McNemar, first-token KL, agreement@k, the table cell."""
+"""redknot_rag.evaluation.paired_stats: paired intervals, exact McNemar, first-token KL, agreement@k, the table cell."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from redknot_rag.stats import (
+from redknot_rag.evaluation.paired_stats import (
     agreement_at_k,
     compare_paired,
     first_token_kl,

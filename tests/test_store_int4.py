@@ -244,8 +244,8 @@ def test_unknown_codec_id_is_refused(tmp_path: Path) -> None:
 def test_cli_flags_accept_int4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from redknot_rag.store.cli import main as store_main
-    from redknot_rag.store.config import add_store_args, store_config_from_args
+    from redknot_rag.store.store_cli import main as store_main
+    from redknot_rag.store.store_config import add_store_args, store_config_from_args
 
     p = argparse.ArgumentParser()
     add_store_args(p)

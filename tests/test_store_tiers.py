@@ -278,7 +278,7 @@ def test_old_format_is_refused_with_a_clear_error(tmp_path: Path, caplog: pytest
 
 
 def test_stats_dict_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from redknot_rag.store.cli import main as store_main
+    from redknot_rag.store.store_cli import main as store_main
 
     heads = HeadCompression.from_mask(CLASSES, WINDOW)
     store = ChunkKVStore(tmp_path / "kv", fp(), 1 << 20, config=StoreConfig(heads=heads))
@@ -343,7 +343,7 @@ def write_v1_store(root: Path, f: KVFingerprint, chunks: dict[str, tuple[torch.T
 
 
 def test_migrate_v1_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from redknot_rag.store.cli import main as store_main
+    from redknot_rag.store.store_cli import main as store_main
 
     data = {"c0": kv(80), "c1": kv(81), "bad": kv(82)}
     ns = write_v1_store(tmp_path, fp(), data)
@@ -367,7 +367,7 @@ def test_store_flags_and_config_validation() -> None:
     import argparse
 
     from redknot_rag.store import add_store_args, store_config_from_args
-    from redknot_rag.store.config import parse_bytes
+    from redknot_rag.store.store_config import parse_bytes
 
     assert parse_bytes("4096") == 4096 and parse_bytes("256M") == 256 << 20 and parse_bytes("1.5GiB") == 3 << 29
     with pytest.raises(ValueError):

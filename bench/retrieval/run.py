@@ -5,7 +5,7 @@ Usage: python bench/retrieval/run.py [--cases 120] [--seed 0] [--modes hybrid,de
 Writes bench/retrieval/results.json: one entry per mode (keyed by mode) and `fusion_sweep`, the
 hybrid fusion grid measured on a separate case set (`--tune-seed`; 0 cases skips it) with the
 setting `choose_fusion` picks, which retriever.py's RRF_K / DENSE_WEIGHT must equal.
-`--set facts` checks that choice on the second generator (`retrieval.fact_cases`: paraphrased
+`--set facts` checks that choice on the second generator (`evaluation.fact_cases`: paraphrased
 questions, each case's chunks one document each) without re-tuning: `facts` holds its per-mode
 recall and the grid.
 """
@@ -19,11 +19,11 @@ import platform
 import time
 from pathlib import Path
 
+from redknot_rag.evaluation.fact_cases import as_retrieval_case, make_fact_cases
+from redknot_rag.evaluation.planted_facts import make_planted_cases
+from redknot_rag.evaluation.retrieval_quality import choose_fusion, evaluate_planted, evaluate_with_sweep, sweep_planted
 from redknot_rag.retrieval import retriever as retriever_mod
 from redknot_rag.retrieval.embedder import get_embedder
-from redknot_rag.retrieval.evaluation import choose_fusion, evaluate_planted, evaluate_with_sweep, sweep_planted
-from redknot_rag.retrieval.fact_cases import as_retrieval_case, make_fact_cases
-from redknot_rag.retrieval.planted_facts import make_planted_cases
 
 RESULTS = Path(__file__).with_name("results.json")
 GRID = [(k, w) for k in (1.0, 2.0, 5.0, 10.0, 20.0, 60.0) for w in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)]

@@ -111,10 +111,10 @@ from zipf import pct, query_stream  # noqa: E402
 
 from redknot_rag.reuse import ReuseInput  # noqa: E402
 from redknot_rag.store import ChunkKVStore, Codec, KVFingerprint, StoreConfig  # noqa: E402
-from redknot_rag.store.config import HeadCompression  # noqa: E402
 from redknot_rag.store.disk import DiskTier  # noqa: E402
 from redknot_rag.store.load_plan import byte_runs  # noqa: E402
 from redknot_rag.store.segment_cache import SegmentCache  # noqa: E402
+from redknot_rag.store.store_config import HeadCompression  # noqa: E402
 
 TIERS = ("gpu", "host", "disk", "redis")
 SETTING_TEXT = {

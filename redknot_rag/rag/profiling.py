@@ -40,8 +40,8 @@ class CalibrationPrompt:
 
 def calibration_prompts(num_cases: int, seed: int) -> list[CalibrationPrompt]:
     """`num_cases` prompts, alternating planted-fact and `facts` cases (half each, planted first)."""
-    from redknot_rag.retrieval.fact_cases import make_fact_cases
-    from redknot_rag.retrieval.planted_facts import make_planted_cases
+    from redknot_rag.evaluation.fact_cases import make_fact_cases
+    from redknot_rag.evaluation.planted_facts import make_planted_cases
 
     rng = random.Random(seed)
     planted = []

@@ -25,7 +25,7 @@ from redknot_rag.request import Request
 from redknot_rag.reuse import make_policy
 from redknot_rag.sampling import SamplingParams
 from redknot_rag.store import ChunkKVStore
-from redknot_rag.store.config import StoreConfig
+from redknot_rag.store.store_config import StoreConfig
 
 log = logging.getLogger("redknot.rag")
 

@@ -24,7 +24,7 @@ from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
 from redknot_rag.server.auth import Principal, principal_of
 from redknot_rag.server.constrained import JSON_OBJECT_SCHEMA
 from redknot_rag.server.errors import ApiError
-from redknot_rag.server.limits import read_model
+from redknot_rag.server.request_body import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from redknot_rag.server.spec import request_body

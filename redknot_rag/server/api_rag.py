@@ -27,7 +27,7 @@ from redknot_rag.retrieval.parser import parse_binary
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
 from redknot_rag.server.auth import principal_of, require_admin
 from redknot_rag.server.errors import ApiError
-from redknot_rag.server.limits import read_model
+from redknot_rag.server.request_body import read_model
 from redknot_rag.server.runtime import Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import IngestRequest, QueryRequest, RetrieveRequest
 from redknot_rag.server.spec import request_body

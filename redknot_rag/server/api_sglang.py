@@ -22,7 +22,7 @@ from starlette.requests import Request as HttpRequest
 
 from redknot_rag.server.auth import Principal, principal_of, require_admin
 from redknot_rag.server.errors import ApiError
-from redknot_rag.server.limits import read_model
+from redknot_rag.server.request_body import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields
 from redknot_rag.server.schemas import AbortRequest, GenerateRequest, SglSamplingParams
 from redknot_rag.server.spec import request_body

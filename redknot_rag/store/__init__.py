@@ -11,11 +11,11 @@ from redknot_rag.store.blockfile import (
 )
 from redknot_rag.store.chunk_store import ChunkKV, ChunkKVStore
 from redknot_rag.store.codec import BlockMeta, ChunkMeta, ChunkShape, Codec, HeadClass
-from redknot_rag.store.config import HeadCompression, StoreConfig, add_store_args, store_config_from_args
 from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.fingerprint import FORMAT_VERSION, KVFingerprint, hash_token_ids, sha256_hex
 from redknot_rag.store.prefetch import Prefetch
 from redknot_rag.store.stats import StoreStats, TierStats
+from redknot_rag.store.store_config import HeadCompression, StoreConfig, add_store_args, store_config_from_args
 from redknot_rag.store.tiers import (
     BlockKey,
     BlockTier,

@@ -45,11 +45,11 @@ from redknot_rag.store.codec import (
     decode_int4_batch,
     encode_block,
 )
-from redknot_rag.store.config import HeadCompression, StoreConfig
 from redknot_rag.store.disk import DiskTier
 from redknot_rag.store.fingerprint import KVFingerprint, dtype_from_name
 from redknot_rag.store.prefetch import Prefetch, Prefetcher
 from redknot_rag.store.stats import Counters, StoreStats, TierStats, save_stats
+from redknot_rag.store.store_config import HeadCompression, StoreConfig
 from redknot_rag.store.threads import one_intra_op_thread
 from redknot_rag.store.tiers import (
     BlockKey,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from redknot_rag.store.config import StoreConfig
 from redknot_rag.store.fingerprint import KVFingerprint, dtype_from_name
+from redknot_rag.store.store_config import StoreConfig
 
 log = logging.getLogger(__name__)
 

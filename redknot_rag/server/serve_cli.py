@@ -27,7 +27,7 @@ log = logging.getLogger("redknot.server")
 
 def register_cli(subparsers: Any) -> None:
     from redknot_rag.options import HelpFormatter, add_engine_args
-    from redknot_rag.store.config import add_store_args
+    from redknot_rag.store.store_config import add_store_args
 
     p = subparsers.add_parser("serve", help="serve the HTTP API (RAG, SGLang native, OpenAI)")
     p.formatter_class = HelpFormatter
@@ -192,7 +192,7 @@ def _serve(engine: Any, settings: ServerSettings, args: argparse.Namespace) -> i
 
 def store_config_for(engine: Any, args: argparse.Namespace) -> Any:
     """The chunk KV store settings from the `--store-*` flags (the head profile only when asked for)."""
-    from redknot_rag.store.config import store_config_from_args
+    from redknot_rag.store.store_config import store_config_from_args
 
     profile = None
     if getattr(args, "store_local_heads", "off") == "profile":

@@ -25,9 +25,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from redknot_rag.retrieval.corpus import topic_passages
+from redknot_rag.evaluation.corpus import topic_passages
+from redknot_rag.evaluation.planted_facts import PlantedCase, plant_sentence
 from redknot_rag.retrieval.parser import Document
-from redknot_rag.retrieval.planted_facts import PlantedCase, plant_sentence
 
 KINDS = ("number", "date", "two_facts")
 POSITIONS = ("first", "last")
@@ -285,7 +285,7 @@ def make_fact_cases(
 def as_retrieval_case(case: FactCase) -> PlantedCase:
     """The case as a retrieval question over its own chunks (one document each): the gold is the
     chunk holding the first needed fact (a bridge's second fact names no place, so the question
-    alone cannot find it). For `retrieval.evaluation`, which judges a hit by `answer in text`."""
+    alone cannot find it). For `evaluation.retrieval_quality`, which judges a hit by `answer in text`."""
     docs = [
         Document(
             doc_id=f"{case.case_id}/c{i}",

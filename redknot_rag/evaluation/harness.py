@@ -2,7 +2,7 @@
 
 Two case generators with different phrasing: `planted` (one planted fact in real help-topic text, 6
 chunks) and `facts` (numbers/dates, two facts that must both be used, the fact in the first or last
-chunk, 4/8/12 chunks, decoys; `retrieval/fact_cases.py`). Every policy answers every case, so
+chunk, 4/8/12 chunks, decoys; `redknot_rag/evaluation/fact_cases.py`). Every policy answers every case, so
 differences to `full` are paired: per policy we report accuracy with a paired-bootstrap 95% interval and
 the exact McNemar p-value on the difference, first-token KL(full || policy), greedy agreement@32 with
 `full`, the recomputed fraction of chunk tokens and the median TTFT speed-up (each request's first token
@@ -90,8 +90,8 @@ class Record:
 
 def planted_cases(n: int, seed: int, tokenizer, num_chunks: int = 4, chunk_tokens: int = 112) -> list[EvalCase]:
     """Planted-fact cases: the fact's chunk and `num_chunks - 1` others, in a seeded order."""
+    from redknot_rag.evaluation.planted_facts import make_planted_cases
     from redknot_rag.retrieval.chunker import Chunker
-    from redknot_rag.retrieval.planted_facts import make_planted_cases
 
     chunker = Chunker(tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=0)
     rng = random.Random(seed)
@@ -123,7 +123,7 @@ def _contains(answer: str) -> Callable[[str], bool]:
 
 def fact_cases(n: int, seed: int) -> list[EvalCase]:
     """The second generator (numbers/dates, two facts, first/last chunk, 4/8/12 chunks, decoys)."""
-    from redknot_rag.retrieval.fact_cases import make_fact_cases
+    from redknot_rag.evaluation.fact_cases import make_fact_cases
 
     return [
         EvalCase(c.case_id, "facts", c.question, tuple(c.chunks), c.is_correct, tuple(c.fact_chunks))
@@ -155,11 +155,11 @@ def _keep_first(into: dict, name: str):
 
 def run_case(rag, case: EvalCase, policies: Sequence[str], max_new_tokens: int = 32) -> list[Record]:
     """Every policy on one case: TTFT of each request measured alone, then all decoded together."""
+    from redknot_rag.evaluation.paired_stats import agreement_at_k, first_token_kl
+    from redknot_rag.evaluation.reuse_oracles import is_oracle, oracle_arm
     from redknot_rag.rag.assemble import Timing
     from redknot_rag.rag.layout import chunk_key
-    from redknot_rag.reuse_oracles import is_oracle, oracle_arm
     from redknot_rag.sampling import SamplingParams
-    from redknot_rag.stats import agreement_at_k, first_token_kl
 
     e = rag.engine
     layout = rag.layout
@@ -235,7 +235,7 @@ def run_case(rag, case: EvalCase, policies: Sequence[str], max_new_tokens: int =
 def summarize(records: Sequence[Record], reference: str = "full") -> dict:
     """Per policy: accuracy, paired difference to `reference` with its bootstrap 95% CI and McNemar p,
     mean first-token KL, agreement@32, recomputed fraction, median TTFT and median speed-up."""
-    from redknot_rag.stats import compare_paired
+    from redknot_rag.evaluation.paired_stats import compare_paired
 
     by: dict[str, dict[str, Record]] = {}
     for r in records:
@@ -298,7 +298,7 @@ def choose_default(policies: dict[str, dict]) -> DefaultChoice:
     are naive or full by construction): the smallest recomputed fraction within 2 points of full whose CI
     lower end is above -4 points and that is not worse than naive; ties by accuracy, then first-token KL.
     Finds nothing when nothing qualifies: then `closest` names the policy that misses by least."""
-    from redknot_rag.reuse_oracles import is_oracle
+    from redknot_rag.evaluation.reuse_oracles import is_oracle
 
     cands = {n: p for n, p in policies.items() if n != "full" and not is_oracle(n) and "alias_of" not in p}
     if not cands:
@@ -356,7 +356,7 @@ def frontier_aliases(policies: dict[str, dict], families: Sequence[str]) -> dict
 
 
 def split_oracles(pooled: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
-    from redknot_rag.reuse_oracles import is_oracle
+    from redknot_rag.evaluation.reuse_oracles import is_oracle
 
     return {n: p for n, p in pooled.items() if not is_oracle(n)}, {n: p for n, p in pooled.items() if is_oracle(n)}
 
@@ -424,7 +424,7 @@ def run_eval(
 ) -> dict:
     from tqdm import tqdm
 
-    from redknot_rag.reuse_oracles import is_oracle, oracle_arm
+    from redknot_rag.evaluation.reuse_oracles import is_oracle, oracle_arm
 
     if "full" not in policies:
         raise ValueError("the policies must include 'full' (the reference)")
@@ -467,7 +467,7 @@ def run_eval(
 
 
 def _meta(rag, seed: int, set_name: str, max_new_tokens: int, store_setting: str | None) -> dict:
-    from redknot_rag.storage_eval import store_footprint
+    from redknot_rag.evaluation.store_fidelity import store_footprint
 
     runner = rag.engine.runner
     return {
@@ -559,7 +559,7 @@ def plot_frontier(result: dict, path: Path) -> None:
 
 
 def _row(name: str, r: dict, note: str = "") -> str:
-    from redknot_rag.stats import format_diff_ci
+    from redknot_rag.evaluation.paired_stats import format_diff_ci
 
     diff = format_diff_ci(r["accuracy_diff"], r["accuracy_diff_ci95"])
     alias = f" (= {r['alias_of']}, by construction)" if "alias_of" in r else ""
@@ -611,8 +611,8 @@ def format_oracle_table(result: dict) -> str:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
-    from redknot_rag.ingest import open_service
-    from redknot_rag.storage_eval import STORE_SETTINGS, format_store_table, store_config_for, store_report
+    from redknot_rag.evaluation.store_fidelity import STORE_SETTINGS, format_store_table, store_config_for, store_report
+    from redknot_rag.ingest_cli import open_service
 
     out = Path(args.out)
     if args.store_report:  # no model needed: the per-setting runs' files side by side
@@ -719,8 +719,8 @@ def _record_default(rag, res: dict, results_path: Path) -> None:
 
 
 def register_cli(sub) -> None:
+    from redknot_rag.evaluation.store_fidelity import STORE_SETTINGS
     from redknot_rag.options import add_engine_args
-    from redknot_rag.storage_eval import STORE_SETTINGS
 
     p = sub.add_parser("eval", help="fidelity of every reuse policy against full prefill (paired, with CIs)")
     p.add_argument("--cases", type=int, default=400, help="paired cases (default 400)")

@@ -145,8 +145,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from redknot_rag.store.config import StoreConfig
     from redknot_rag.store.migrate import migrate_v1
+    from redknot_rag.store.store_config import StoreConfig
 
     root = _kv_root(Path(args.data_dir))
     old = [p for p in old_format_dirs(root) if p.name.startswith("v1-")]

@@ -61,7 +61,7 @@ def open_service(args: argparse.Namespace, policy: str | None = None, store_conf
     from redknot_rag.engine import Engine
     from redknot_rag.options import engine_config_from_args
     from redknot_rag.rag import RagService
-    from redknot_rag.store.config import add_store_args
+    from redknot_rag.store.store_config import add_store_args
 
     if not hasattr(args, "store_host_bytes"):  # `query`, `demo`: the store settings `ingest` and `serve` default to
         defaults = argparse.ArgumentParser(add_help=False)
@@ -74,7 +74,7 @@ def open_service(args: argparse.Namespace, policy: str | None = None, store_conf
     if store_config is not None:
         kw["store_config"] = store_config(engine)
     else:
-        from redknot_rag.server.cli import store_config_for
+        from redknot_rag.server.serve_cli import store_config_for
 
         kw["store_config"] = store_config_for(engine, args)
     if getattr(args, "chunk_tokens", None):
@@ -174,7 +174,7 @@ def _cmd_docs(args: argparse.Namespace) -> int:
 def register_cli(sub) -> None:
     from redknot_rag.limits import MAX_DOCUMENT_BYTES
     from redknot_rag.options import add_engine_args
-    from redknot_rag.store.config import add_store_args
+    from redknot_rag.store.store_config import add_store_args
 
     p = sub.add_parser(
         "ingest", help="parse, chunk, embed and index documents; precompute chunk KV", formatter_class=HELP

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from redknot_rag.evaluation.planted_facts import PlantedCase, corpus_documents
 from redknot_rag.retrieval.chunker import Chunker, Tokenizer
 from redknot_rag.retrieval.docdb import DocDB
 from redknot_rag.retrieval.embedder import Embedder
-from redknot_rag.retrieval.planted_facts import PlantedCase, corpus_documents
 from redknot_rag.retrieval.retriever import Retriever, rrf_fuse
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from redknot_rag.store.config import HeadCompression, StoreConfig
+from redknot_rag.store.store_config import HeadCompression, StoreConfig
 
 # setting -> suffix of its file tag (records_<tag>-<suffix>.jsonl, results_<tag>-<suffix>.json)
 STORE_SETTINGS = {
@@ -114,7 +114,7 @@ def store_report(out: Path, tag: str, policies: Sequence[str] | None = None) -> 
     """Per setting and policy: accuracy, its paired difference to the same policy on dense storage (95%
     bootstrap CI, McNemar p), first-token KL and agreement@32 against that run's `full`, and the setting's
     bytes per stored token. Reads the records/results files `redknot eval --store-setting` wrote in `out`."""
-    from redknot_rag.stats import compare_paired
+    from redknot_rag.evaluation.paired_stats import compare_paired
 
     dense_rec, dense_res = _files(out, tag, "dense")
     if not dense_rec.exists():
@@ -172,7 +172,7 @@ def store_report(out: Path, tag: str, policies: Sequence[str] | None = None) -> 
 
 
 def format_store_table(rep: dict) -> str:
-    from redknot_rag.stats import format_diff_ci
+    from redknot_rag.evaluation.paired_stats import format_diff_ci
 
     lines = [
         "| setting | bytes/token | x dense | policy | cases | accuracy | Δ vs same policy on dense [95% CI] | "

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from redknot_rag.retrieval.corpus import topic_passages
+from redknot_rag.evaluation.corpus import topic_passages
 from redknot_rag.retrieval.parser import Document
 
 
