@@ -177,3 +177,5 @@ class EngineConfig:
     # one-sequence prefill steps of <= 128 new tokens at the tail of a page-aligned sequence (a question
     # after naive reuse, a short prompt) replay CUDA graphs too (flashinfer backend, under `cuda_graphs`)
     cuda_graph_prefill: bool = True
+    # per-head windows in the KV pool (redknot_rag/window.py): auto | profile | architecture | off
+    pool_local_heads: str = "auto"

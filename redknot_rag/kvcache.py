@@ -17,6 +17,7 @@ import torch
 
 from redknot_rag.batch import KVLayout, SeqSlice
 from redknot_rag.config import ModelConfig
+from redknot_rag.window import PoolWindows
 
 
 class OutOfPagesError(RuntimeError):
@@ -171,6 +172,10 @@ class AttachedSegment:
     seq_start: int
     positions: torch.Tensor  # [num_tokens] int64 (device)
     visible: torch.Tensor | None = None  # [num_layers, num_kv_heads, num_tokens] bool; None = all
+    # pool windows: this sequence dropped its references to pages [released_lo, released_hi) of the
+    # local blocks (`SeqKV.windows`); the segment's other holders keep them
+    released_lo: int = 0
+    released_hi: int = 0
 
 
 @dataclass
@@ -183,6 +188,12 @@ class SeqKV:
     cached device slot table, appending computes slots on the device from the new page ids: no
     per-token host work. Tokens appended by the engine go to private pages owned by this sequence.
 
+    Pool windows (`windows`, see window.py): `slide()` after a forward drops this sequence's references
+    to the pages of local (layer, kv_head) blocks whose every token fell out of the window (past the sink),
+    and marks those tokens invisible for those blocks, so every backend reads only what a block keeps.
+    Invariant: per group of pages (an attached segment, the private pages) the released pages of the
+    local blocks are one range `[released_lo, released_hi)`; `release` and `truncate` skip them.
+
     Host layout flags (O(1) checks for the attention backends, see `layout`):
     - `pos_is_index`: positions[i] == i for every token (every attach/append used consecutive positions);
     - `page_aligned`: token i sits at page-offset i % page_size of the page table's i // page_size-th
@@ -193,6 +204,7 @@ class SeqKV:
     num_kv_heads: int
     page_size: int
     device: torch.device = torch.device("cpu")  # a str is accepted and converted
+    windows: PoolWindows | None = None
     slots: torch.Tensor = field(init=False)
     positions: torch.Tensor = field(init=False)
     visible: torch.Tensor | None = field(init=False, default=None)
@@ -205,9 +217,18 @@ class SeqKV:
     _tail_used: int = field(init=False, default=0)
     _private_start: int = field(init=False, default=0)  # first token in private_pages
     _tail_page: torch.Tensor | None = field(init=False, default=None)  # [L, Hkv] device: last private page
+    _priv_released: tuple[int, int] = field(init=False, default=(0, 0))  # private pages [lo, hi) released
+    _cut: int = field(init=False, default=0)  # tokens [sink, _cut) are past every local block's window
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)  # callers may pass "cuda"
+        if self.windows is not None:
+            if tuple(self.windows.local.shape) != (self.num_layers, self.num_kv_heads):
+                raise ValueError(
+                    f"pool windows are {tuple(self.windows.local.shape)}, kv is {self.num_layers}x{self.num_kv_heads}"
+                )
+            self._local_flat = self.windows.local.reshape(-1).numpy().astype(bool)  # [L*Hkv] host
+            self._local_dev = self.windows.local.to(self.device)  # [L, Hkv]
         self.slots = torch.zeros(self.num_layers, self.num_kv_heads, 64, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(64, dtype=torch.int64, device=self.device)
 
@@ -365,6 +386,8 @@ class SeqKV:
         if n < self._private_start or n > self.num_tokens:
             raise ValueError(f"can only truncate appended tokens (>= {self._private_start}), got {n}")
         keep = -(-(n - self._private_start) // self.page_size)
+        if keep < self._priv_released[1]:
+            raise ValueError(f"cannot truncate to {n}: pool windows released pages of the tokens before it")
         if len(self.private_pages) > keep:
             allocator.decref(np.concatenate(self.private_pages[keep:]), unique=True)
             del self.private_pages[keep:]
@@ -382,9 +405,20 @@ class SeqKV:
         # each group lists distinct pages (a segment's, the private ones, the copied ones); the same
         # segment attached twice is two groups, so counts stay right
         for att in self.segments:
-            allocator.decref(att.segment.pages.numpy(), unique=True)
+            pages = att.segment.pages.numpy()  # [L, Hkv, P]
+            if att.released_hi > att.released_lo:
+                held = np.ones(pages.shape, dtype=bool)
+                held[self.windows.local.numpy(), att.released_lo : att.released_hi] = False  # type: ignore[union-attr]
+                pages = pages[held]
+            allocator.decref(pages, unique=True)
         own = self.private_pages + self.cow_pages
         if own:
+            lo, hi = self._priv_released
+            if hi > lo:
+                priv = np.stack(self.private_pages)  # [J, L*Hkv]
+                held = np.ones(priv.shape, dtype=bool)
+                held[lo:hi, self._local_flat] = False
+                own = [priv[held], *self.cow_pages]
             allocator.decref(np.concatenate(own), unique=True)
         self.segments.clear()
         self.private_pages.clear()
@@ -392,8 +426,100 @@ class SeqKV:
         self.num_tokens = 0
         self._tail_used = 0
         self._tail_page = None
+        self._priv_released = (0, 0)
+        self._cut = 0
         self.pos_is_index = True
         self.page_aligned = True
+
+    # ---- pool windows ---------------------------------------------------------------------
+    def window_cut(self) -> int:
+        """First token index a local block must keep past the sink: every token before it has position
+        <= next_pos - window (next_pos = largest position + 1), so no later query's window reaches it.
+        One device sync unless positions are the indices."""
+        assert self.windows is not None
+        t, w = self.num_tokens, self.windows.window
+        if t == 0:
+            return 0
+        if self.pos_is_index:
+            return max(0, min(t, t - w + 1))
+        pos = self.positions[:t]
+        late = pos > pos.max() + 1 - w  # [T] tokens some later query may still read
+        return int(late.int().argmax()) if bool(late.any()) else t
+
+    @staticmethod
+    def _page_range(s0: int, n: int, ps: int, sink: int, cut: int, full_only: bool) -> tuple[int, int]:
+        """Pages `[lo, hi)` of a group (tokens `[s0, s0 + n)`, page p = tokens from s0 + p*ps) whose every
+        token lies in `[sink, cut)`. `full_only`: a partly filled last page is never counted (it is
+        still being appended to)."""
+        npages = n // ps if full_only else -(-n // ps)
+        lo = max(0, -(-(sink - s0) // ps))
+        end = s0 + n
+        hi = npages if cut >= end and not full_only else min(npages, max(0, (cut - s0) // ps))
+        return lo, max(lo, hi)
+
+    def slide(self, allocator: PageAllocator) -> int:
+        """Release the local blocks' pages that fell out of the window; returns how many page references
+        were dropped. A no-op without `windows`. Called after a forward (never inside one)."""
+        win = self.windows
+        if win is None or not win.num_local or self.num_tokens == 0:
+            return 0
+        cut = self.window_cut()
+        if cut <= self._cut:
+            return 0
+        self._cut = cut
+        ps, sink = self.page_size, win.sink
+        local_np = win.local.numpy()
+        dropped: list[np.ndarray] = []
+        spans: list[tuple[int, int]] = []  # token ranges newly hidden from local blocks
+        for att in self.segments:
+            s0, n = att.seq_start, att.segment.num_tokens
+            if s0 >= cut:
+                break
+            lo, hi = self._page_range(s0, n, ps, sink, cut, full_only=False)
+            start = max(lo, att.released_hi)  # lo depends only on (s0, sink): the same every slide
+            if hi <= start:
+                continue
+            dropped.append(att.segment.pages[:, :, start:hi].numpy()[local_np].ravel())
+            spans.append((s0 + start * ps, min(s0 + hi * ps, s0 + n)))
+            att.released_lo, att.released_hi = lo, hi
+        if self.private_pages:
+            s0, n = self._private_start, self.num_tokens - self._private_start
+            lo, hi = self._page_range(s0, n, ps, sink, cut, full_only=True)
+            start = max(lo, self._priv_released[1])
+            if hi > start:
+                dropped.append(np.stack(self.private_pages[start:hi])[:, self._local_flat].ravel())
+                spans.append((s0 + start * ps, s0 + hi * ps))
+                self._priv_released = (lo, hi)
+        if not dropped:
+            return 0
+        vis = self._ensure_visible()
+        keep = ~self._local_dev[:, :, None]  # [L, Hkv, 1]
+        for a, b in spans:
+            vis[:, :, a:b] &= keep
+        ids = np.concatenate(dropped)
+        allocator.decref(ids, unique=True)
+        return int(ids.shape[0])
+
+    def held_pages(self) -> tuple[int, int]:
+        """(global-class, local-class) page references this sequence holds now (private, copied and
+        attached segment pages; a shared page counts once per holder). Without windows all are global."""
+        nb = self.num_layers * self.num_kv_heads
+        nloc = self.windows.num_local if self.windows is not None else 0
+        glob = loc = 0
+        groups = [(att.segment.pages.shape[2], att.released_hi - att.released_lo) for att in self.segments]
+        groups.append((len(self.private_pages), self._priv_released[1] - self._priv_released[0]))
+        for npages, released in groups:
+            glob += (nb - nloc) * npages
+            loc += nloc * npages - nloc * max(0, released)
+        cow = sum(int(p.shape[0]) for p in self.cow_pages)
+        return glob + cow * (nb - nloc) // nb, loc + cow * nloc // nb
+
+    def private_pages_held(self) -> int:
+        """Private page references held (every block), after window releases: what the scheduler's
+        reservation of this sequence has used so far."""
+        nloc = self.windows.num_local if self.windows is not None else 0
+        lo, hi = self._priv_released
+        return len(self.private_pages) * self.num_layers * self.num_kv_heads - nloc * max(0, hi - lo)
 
     def layout(self) -> KVLayout:
         """Host facts about the current token layout (see the class docstring)."""

@@ -65,12 +65,13 @@ class PoolWindows:
         return (self.num_blocks - nl) * dense, nl * self.kept_pages(num_tokens, page_size, chunk)
 
     @classmethod
-    def from_architecture(cls, cfg: ModelConfig, kv_heads: slice | None = None) -> PoolWindows | None:
-        """The model's own sliding-window layers as local blocks (None if it has none)."""
+    def from_architecture(cls, cfg: ModelConfig) -> PoolWindows | None:
+        """The model's own sliding-window layers as local blocks, `[L, cfg.num_kv_heads]` (a tensor-parallel
+        rank's cfg is its shard); None if it has none."""
         if not cfg.has_sliding_layers or cfg.sliding_window is None:
             return None
         sliding = torch.tensor([cfg.is_sliding(i) for i in range(cfg.num_layers)], dtype=torch.bool)
-        local = sliding[:, None].expand(cfg.num_layers, cfg.num_kv_heads)[:, kv_heads or slice(None)]
+        local = sliding[:, None].expand(cfg.num_layers, cfg.num_kv_heads)
         return cls(local.contiguous(), 0, int(cfg.sliding_window), "architecture", True)
 
     @classmethod
@@ -96,7 +97,7 @@ def choose_pool_windows(
         raise ValueError(f"unknown --pool-local-heads {mode!r}; choose from {', '.join(POOL_LOCAL_MODES)}")
     if mode == "off":
         return None, "off (--pool-local-heads off)"
-    arch = PoolWindows.from_architecture(cfg, kv_heads)
+    arch = PoolWindows.from_architecture(cfg)
     if arch is not None:
         return arch, f"architecture: {arch.num_local}/{arch.num_blocks} blocks sliding, window {arch.window} (exact)"
     if mode in ("auto", "architecture"):
