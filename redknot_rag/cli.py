@@ -14,8 +14,8 @@ from redknot_rag.options import HelpFormatter, add_engine_args, engine_config_fr
 _COMMAND_MODULES = (
     "redknot_rag.ingest_cli",
     "redknot_rag.server.serve_cli",
-    "redknot_rag.rag.profiling",
-    "redknot_rag.evaluation.harness",
+    "redknot_rag.profile_cli",
+    "redknot_rag.evaluation.eval_cli",
     "redknot_rag.demo",
     "redknot_rag.store.store_cli",
     "redknot_rag.cluster",

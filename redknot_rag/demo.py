@@ -19,21 +19,21 @@ DEMO_MAX_DOC_CHARS = 10_000  # keep the quick start's ingestion to ~10 s of CPU
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from redknot_rag.ingest_cli import open_service, require_store
+    from redknot_rag.ingest_cli import require_store
     from redknot_rag.limits import MAX_QUESTION_CHARS, is_blank
+    from redknot_rag.options import service_settings_from_args
     from redknot_rag.rag import run_query
-    from redknot_rag.reuse import make_policy
+    from redknot_rag.rag.factory import build_service
     from redknot_rag.sampling import SamplingParams
 
     if is_blank(args.question):
         raise ValueError("empty question (only whitespace, control or zero-width characters)")
     if len(args.question) > MAX_QUESTION_CHARS:
         raise ValueError(f"question of {len(args.question)} chars exceeds the limit of {MAX_QUESTION_CHARS}")
-    if args.reuse_policy:
-        make_policy(args.reuse_policy)
+    settings = service_settings_from_args(args, args.reuse_policy)  # a bad policy name fails here
     SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature).validate()
     require_store(args.data_dir, args.namespace)  # before the model loads; creates nothing
-    rag = open_service(args, args.reuse_policy)
+    rag = build_service(settings)
     res = run_query(
         rag,
         args.question,
@@ -85,13 +85,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
     from importlib import resources
 
-    from redknot_rag.ingest_cli import open_service
+    from redknot_rag.options import service_settings_from_args
     from redknot_rag.rag import run_query
+    from redknot_rag.rag.factory import build_service
     from redknot_rag.sampling import SamplingParams
 
     corpus = Path(str(resources.files("redknot_rag") / "data" / "sample_corpus.jsonl"))
     print("== loading the model and the embedder", flush=True)
-    rag = open_service(args)
+    rag = build_service(service_settings_from_args(args))
     docs = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
     docs = [d for d in docs if len(d["text"]) <= DEMO_MAX_DOC_CHARS]
     print(
@@ -133,8 +134,9 @@ def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def register_cli(sub) -> None:
-    from redknot_rag.ingest_cli import DEFAULT_DATA_DIR, HELP
+    from redknot_rag.ingest_cli import HELP
     from redknot_rag.options import add_engine_args
+    from redknot_rag.rag.factory import DEFAULT_DATA_DIR
 
     q = sub.add_parser(
         "query", help="answer one question from ingested documents (reuses stored KV)", formatter_class=HELP

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from redknot_rag.options import HelpFormatter
+from redknot_rag.options import HelpFormatter, service_settings_from_args
+from redknot_rag.rag.factory import DEFAULT_DATA_DIR, build_service
 
-DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "redknot"
 HELP = HelpFormatter  # every subcommand shows its defaults in --help, once
 
 
@@ -52,36 +52,6 @@ def _suffixes() -> str:
     return " ".join(SUPPORTED_SUFFIXES)
 
 
-def open_service(args: argparse.Namespace, policy: str | None = None, store_config=None, threaded: bool = True):
-    """Engine + RagService from the flags; `store_config(engine)` (optional) gives the chunk store's settings.
-
-    `threaded`: the forward runs on the engine's own thread, as in the server. A caller that steps the
-    engine itself (the fidelity harness: `Engine.step(only=...)` per policy) passes False: a running
-    engine thread would step the same requests at the same time."""
-    from redknot_rag.engine import Engine
-    from redknot_rag.options import engine_config_from_args
-    from redknot_rag.rag import RagService
-    from redknot_rag.store.store_config import add_store_args
-
-    if not hasattr(args, "store_host_bytes"):  # `query`, `demo`: the store settings `ingest` and `serve` default to
-        defaults = argparse.ArgumentParser(add_help=False)
-        add_store_args(defaults)
-        args = argparse.Namespace(**{**vars(defaults.parse_args([])), **vars(args)})
-    engine = Engine(engine_config_from_args(args))
-    if threaded:
-        engine.start()  # the forward on the engine's own thread, as in the server (see cli._cmd_generate)
-    kw: dict = {}
-    if store_config is not None:
-        kw["store_config"] = store_config(engine)
-    else:
-        from redknot_rag.server.serve_cli import store_config_for
-
-        kw["store_config"] = store_config_for(engine, args)
-    if getattr(args, "chunk_tokens", None):
-        kw["chunk_tokens"] = args.chunk_tokens
-    return RagService(engine, Path(args.data_dir), policy, **kw)
-
-
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -105,7 +75,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         raise ValueError(f"nothing to ingest: {len(skipped)} file(s) skipped, none of type {_suffixes()}")
     say(f"{len(taken)} file(s) to ingest, {len(skipped)} skipped")
     say("loading the model and the embedder...")
-    rag = open_service(args)
+    rag = build_service(service_settings_from_args(args))
     say(f"parsing, chunking and embedding {', '.join(map(str, args.paths))} into namespace {args.namespace!r}...")
     bars: list = []  # created on the first KV report, when the total is known
 
@@ -163,7 +133,7 @@ def _cmd_docs(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    rag = open_service(args)
+    rag = build_service(service_settings_from_args(args))
     if not rag.delete_document(args.namespace, args.doc_id):
         print(f"no document {args.doc_id!r} in namespace {args.namespace!r}", file=sys.stderr)
         return 1

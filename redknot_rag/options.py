@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from redknot_rag.config import EngineConfig
+from redknot_rag.rag.factory import DEFAULT_DATA_DIR, ServiceSettings
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,7 +35,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fraction", type=float, default=0.85, help="share of free GPU memory for the KV pool")
 
 
-def engine_config_from_args(args: argparse.Namespace):
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model_path=args.model_path,
         device=args.device,
@@ -42,4 +44,27 @@ def engine_config_from_args(args: argparse.Namespace):
         page_size=args.page_size,
         cpu_kv_gib=args.cpu_kv_gib,
         mem_fraction=args.mem_fraction,
+    )
+
+
+def service_settings_from_args(
+    args: argparse.Namespace, reuse_policy: str | None = None, *, threaded: bool = True
+) -> ServiceSettings:
+    """`rag.factory.ServiceSettings` from the flags; the store's `--store-*` flags where the command has
+    them, else the store defaults `ingest` and `serve` use (`query`, `demo`, `docs`)."""
+    from redknot_rag.store.store_config import add_store_args, store_config_from_args
+
+    defaults = argparse.ArgumentParser(add_help=False)
+    add_store_args(defaults)
+    flags = argparse.Namespace(**{**vars(defaults.parse_args([])), **vars(args)})
+    from_profile = flags.store_local_heads == "profile"  # resolved by build_service once the model is known
+    store = store_config_from_args(argparse.Namespace(**{**vars(flags), "store_local_heads": "off"}))
+    return ServiceSettings(
+        engine=engine_config_from_args(args),
+        data_dir=Path(args.data_dir) if getattr(args, "data_dir", None) else DEFAULT_DATA_DIR,
+        reuse_policy=reuse_policy,
+        store=store,
+        local_heads_from_profile=from_profile,
+        chunk_tokens=getattr(args, "chunk_tokens", None) or 256,
+        threaded=threaded,
     )

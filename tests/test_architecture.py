@@ -136,3 +136,142 @@ def test_kernel_import_check_can_fail(tmp_path):
     (tmp_path / "sib.py").write_text("def f():\n    from redknot_rag.batch import ForwardBatch\n")
     assert _project_imports(tmp_path / "k.py") == [".gone"]
     assert _project_imports(tmp_path / "sib.py") == ["redknot_rag.batch"]
+
+
+# ---- DESIGN's nevers besides "no cycles" ---------------------------------------------------------
+def _arrow_violations(edges: dict[str, set[str]], sources: tuple[str, ...], targets: tuple[str, ...]) -> list[str]:
+    """`module -> target` for every import from a module under `sources` into one under `targets`."""
+    return sorted(f"{m} -> {t}" for m in edges if m.startswith(sources) for t in edges[m] if t.startswith(targets))
+
+
+def test_engine_does_not_import_the_server():
+    """The engine schedules; grammars, sampling and stops live below it, never in `server/`."""
+    edges = _edges(_modules())
+    assert "redknot_rag.engine" in edges
+    assert _arrow_violations(edges, ("redknot_rag.engine",), ("redknot_rag.server",)) == []
+
+
+def _is_cli(path: Path) -> bool:
+    """A CLI module: the `redknot` entry point, its shared flags, or a module that registers a subcommand."""
+    if path.name in ("cli.py", "options.py") and path.parent.name == "redknot_rag":
+        return True
+    tree = ast.parse(path.read_text())
+    return any(isinstance(n, ast.FunctionDef) and n.name == "register_cli" for n in tree.body)
+
+
+def _library_to_cli(mods: dict[str, Path]) -> list[str]:
+    cli = {m for m, p in mods.items() if _is_cli(p)}
+    edges = _edges(mods)
+    return sorted(f"{m} -> {t}" for m in mods if m not in cli for t in edges[m] if t in cli)
+
+
+def test_library_does_not_import_cli_modules():
+    """CLI modules turn flags into settings; library code (the harness, profiling, the server) never
+    imports them, so nothing but the `redknot` command depends on argparse flags."""
+    mods = _modules()
+    assert {"redknot_rag.cli", "redknot_rag.ingest_cli", "redknot_rag.server.serve_cli"} <= {
+        m for m, p in mods.items() if _is_cli(p)
+    }
+    assert _library_to_cli(mods) == []
+
+
+def test_one_composition_root():
+    """`rag.factory.build_service` is the only place that builds a RagService (the server, ingest,
+    query, demo and eval all go through it)."""
+    builders = []
+    for m, path in _modules().items():
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "RagService":
+                builders.append(m)
+    assert builders == ["redknot_rag.rag.factory"], builders
+
+
+# Pool and allocator: only the runner (and kvcache, which defines them) touch KV memory. Today's other
+# readers, by file and count of `.pool`/`.allocator` attribute accesses. This list may only shrink: a file
+# over its count, or a new file, fails; a file that no longer touches them must leave the list. The
+# attention backends and graphs read the pool the runner hands them; grammar.py's `pool` is its compiler
+# process pool and graphs/decode.py's one is also a CUDA graph memory pool handle (name clashes).
+KV_MEMORY_OWNERS = ("redknot_rag/runner.py", "redknot_rag/kvcache.py")
+KV_MEMORY_ALLOWED = {
+    "redknot_rag/attention/backend.py": 1,
+    "redknot_rag/attention/flashinfer_backend.py": 36,
+    "redknot_rag/attention/probe.py": 2,
+    "redknot_rag/attention/torch_backend.py": 9,
+    "redknot_rag/attention/triton_backend.py": 10,
+    "redknot_rag/engine/driver.py": 2,
+    "redknot_rag/engine/grammar.py": 2,
+    "redknot_rag/engine/scheduler.py": 1,
+    "redknot_rag/graphs/decode.py": 4,
+    "redknot_rag/graphs/prefill.py": 9,
+    "redknot_rag/server/runtime.py": 4,
+}
+
+
+def _kv_memory_accesses(files: list[Path], root: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in files:
+        n = sum(
+            isinstance(a, ast.Attribute) and a.attr in ("pool", "allocator") for a in ast.walk(ast.parse(f.read_text()))
+        )
+        if n:
+            out[f.relative_to(root).as_posix()] = n
+    return out
+
+
+def _kv_memory_violations(found: dict[str, int], allowed: dict[str, int], owners: tuple[str, ...]) -> list[str]:
+    bad = [
+        f"{f}: {n} accesses (allowed {allowed.get(f, 0)})"
+        for f, n in found.items()
+        if f not in owners and n > allowed.get(f, 0)
+    ]
+    bad += [
+        f"{f}: no longer touches pool/allocator; remove it from KV_MEMORY_ALLOWED" for f in allowed if f not in found
+    ]
+    return sorted(bad)
+
+
+def test_only_the_runner_touches_pool_and_allocator():
+    files = [p for base, _ in PACKAGES for p in (ROOT / base).rglob("*.py")]
+    found = _kv_memory_accesses(files, ROOT)
+    assert "redknot_rag/runner.py" in found  # the rule sees the owner's own accesses
+    assert _kv_memory_violations(found, KV_MEMORY_ALLOWED, KV_MEMORY_OWNERS) == []
+
+
+def _synthetic(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
+    """A fake project: {"redknot_rag/x.py": source} -> the module map `_edges` reads."""
+    mods = {}
+    for rel, text in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        parts = Path(rel).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return mods
+
+
+def test_each_rule_fails_when_violated(tmp_path):
+    mods = _synthetic(
+        tmp_path,
+        {
+            "redknot_rag/engine/driver.py": "def f():\n    from redknot_rag.server.errors import ApiError\n",
+            "redknot_rag/server/errors.py": "class ApiError(Exception): ...\n",
+            "redknot_rag/harness.py": "from redknot_rag.ingest_cli import open_service\n",
+            "redknot_rag/ingest_cli.py": "def register_cli(sub):\n    pass\n",
+            "redknot_rag/store/cache.py": "def put(runner):\n    return runner.pool.k_slots, runner.allocator\n",
+            "redknot_rag/runner.py": "class R:\n    def f(self):\n        return self.pool\n",
+        },
+    )
+    edges = _edges(mods)
+    assert _arrow_violations(edges, ("redknot_rag.engine",), ("redknot_rag.server",)) == [
+        "redknot_rag.engine.driver -> redknot_rag.server.errors"
+    ]
+    assert _library_to_cli(mods) == ["redknot_rag.harness -> redknot_rag.ingest_cli"]
+    found = _kv_memory_accesses(sorted(mods.values()), tmp_path)
+    assert found == {"redknot_rag/store/cache.py": 2, "redknot_rag/runner.py": 1}
+    assert _kv_memory_violations(found, {}, ("redknot_rag/runner.py",)) == [
+        "redknot_rag/store/cache.py: 2 accesses (allowed 0)"
+    ]
+    assert _kv_memory_violations(found, {"redknot_rag/store/cache.py": 2, "redknot_rag/x.py": 1}, ()) == [
+        "redknot_rag/runner.py: 1 accesses (allowed 0)",
+        "redknot_rag/x.py: no longer touches pool/allocator; remove it from KV_MEMORY_ALLOWED",
+    ]

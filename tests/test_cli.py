@@ -77,18 +77,33 @@ def test_cli_generate_runs_the_forward_on_the_engine_thread_as_the_server_does(m
     assert "3 new tokens" in capsys.readouterr().err
 
 
+def _fake_service(monkeypatch) -> dict:
+    """`build_service` builds the engine as ever but hands it back instead of a RagService; `seen` gets
+    the service's arguments."""
+    import redknot_rag.rag.service
+
+    seen: dict = {}
+
+    def fake_service(engine, data_dir, policy, **kw):
+        seen.update(kw, policy=policy, data_dir=data_dir)
+        return engine
+
+    monkeypatch.setattr(redknot_rag.rag.service, "RagService", fake_service)
+    return seen
+
+
 def test_cli_rag_commands_run_the_forward_on_the_engine_thread(monkeypatch, tmp_path):
     import argparse
 
-    import redknot_rag.rag
-    from redknot_rag.ingest_cli import open_service
-    from redknot_rag.options import add_engine_args
+    from redknot_rag.options import add_engine_args, service_settings_from_args
+    from redknot_rag.rag.factory import build_service
 
-    monkeypatch.setattr(redknot_rag.rag, "RagService", lambda engine, *a, **kw: engine)  # only the engine matters
+    _fake_service(monkeypatch)
     p = argparse.ArgumentParser()
     add_engine_args(p)
     p.add_argument("--data-dir")
-    engine = open_service(p.parse_args(["--model-path", "tiny-gqa", "--device", "cpu", "--data-dir", str(tmp_path)]))
+    args = p.parse_args(["--model-path", "tiny-gqa", "--device", "cpu", "--data-dir", str(tmp_path)])
+    engine = build_service(service_settings_from_args(args))
     try:
         assert engine.is_looping
     finally:
@@ -97,28 +112,33 @@ def test_cli_rag_commands_run_the_forward_on_the_engine_thread(monkeypatch, tmp_
 
 def test_query_and_demo_use_the_defaults_of_ingest_and_serve(monkeypatch, tmp_path):
     """One source per default: `query` takes the server's reuse policy (None: the model's measured one),
-    and `query`/`demo` open the store with the `--store-*` defaults `ingest` and `serve` use (bf16, not
-    the producer's fp32)."""
+    `query`/`demo` open the store with the `--store-*` defaults `ingest` and `serve` use (bf16, not the
+    producer's fp32), and `serve`, `ingest`, `query`, `docs` share one data folder."""
     import argparse
 
-    import redknot_rag.rag
     from redknot_rag.cli import build_parser
-    from redknot_rag.ingest_cli import open_service
-    from redknot_rag.server.settings import ServerSettings
+    from redknot_rag.options import service_settings_from_args
+    from redknot_rag.rag.factory import DEFAULT_DATA_DIR, build_service
+    from redknot_rag.server.serve_cli import settings_from_args
 
-    assert build_parser().parse_args(["query", "q"]).reuse_policy is None is ServerSettings().reuse_policy
-    ingest = build_parser().parse_args(["ingest", "x"])
-    seen: dict = {}
-
-    def fake_service(engine, data_dir, policy, **kw):
-        seen.update(kw, policy=policy)
-        return engine
-
-    monkeypatch.setattr(redknot_rag.rag, "RagService", fake_service)
-    demo = build_parser().parse_args(["demo", "--model-path", "tiny-gqa", "--device", "cpu"])
-    engine = open_service(argparse.Namespace(**{**vars(demo), "data_dir": str(tmp_path)}))
+    parse = build_parser().parse_args
+    assert parse(["query", "q"]).reuse_policy is None is parse(["serve"]).reuse_policy
+    dirs = {str(parse(cmd).data_dir) for cmd in (["serve"], ["ingest", "x"], ["query", "q"], ["docs", "list"])}
+    assert dirs == {str(DEFAULT_DATA_DIR)}, dirs
+    assert settings_from_args(parse(["serve"])).data_dir == DEFAULT_DATA_DIR  # serve has the RAG routes
+    ingest = parse(["ingest", "x"])
+    seen = _fake_service(monkeypatch)
+    demo = parse(["demo", "--model-path", "tiny-gqa", "--device", "cpu"])
+    engine = build_service(service_settings_from_args(argparse.Namespace(**{**vars(demo), "data_dir": str(tmp_path)})))
     engine.shutdown()
     assert seen["store_config"].dtype == ingest.store_dtype == "bfloat16" and seen["policy"] is None
+
+
+def test_a_bad_policy_name_fails_before_the_model_loads():
+    from redknot_rag.rag.factory import ServiceSettings
+
+    with pytest.raises(ValueError, match="policy"):
+        ServiceSettings(reuse_policy="no-such-policy")
 
 
 def test_ingest_summary_reports_the_bytes_stored(engine, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 from redknot_rag.chat import DEFAULT_SYSTEM
 from redknot_rag.engine import Engine
 from redknot_rag.heads import HeadProfile, load_profile_for
+from redknot_rag.limits import TooLargeError, is_blank
 from redknot_rag.rag.assemble import Assembler, Timing
 from redknot_rag.rag.ingest import Ingestor, IngestSummary, Progress, parse_paths, parse_texts
 from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, chunk_key, make_fingerprint
@@ -107,6 +108,7 @@ class RagService:
             default_policy = (prof.reuse_default.get("policy") if prof is not None else None) or DEFAULT_POLICY
         make_policy(default_policy)  # validate early
         self.default_policy = default_policy
+        log.info("default reuse policy: %s", default_policy)
         self.system_prompt = system_prompt
         self.layout = PromptLayout.for_tokenizer(engine.tokenizer, system_prompt)
         self.db = DocDB(self.data_dir / "docs.sqlite")
@@ -138,7 +140,19 @@ class RagService:
         return self.layout.chunk_ids(text)
 
     def question_ids(self, question: str) -> list[int]:
-        return self.layout.question_ids(question)
+        """The question's tokens in its prompt frame, validated: the one check of every entry point (HTTP
+        `/query` and `/retrieve`, CLI, harness). ValueError when it is blank (only whitespace, NUL,
+        zero-width or BOM characters), `TooLargeError` (413) when the frame with it leaves no room in the
+        model context for one answer token."""
+        if not isinstance(question, str) or is_blank(question):
+            raise ValueError("empty question (only whitespace, control or zero-width characters)")
+        ids = self.layout.question_ids(question)
+        if len(ids) + self.layout.num_anchor + 1 >= self.engine.max_context:
+            raise TooLargeError(
+                f"question has {len(ids)} tokens; with the prompt frame it does not fit the "
+                f"{self.engine.max_context}-token context"
+            )
+        return ids
 
     def format_context(self, sources: Sequence[Source]) -> str:
         """Chunk texts exactly as prompts carry them (what automatic reuse recognizes)."""
@@ -188,8 +202,11 @@ class RagService:
 
     # ---- queries --------------------------------------------------------------------------
     def retrieve(self, question: str, *, top_k: int = 6, namespace: str = "default") -> list[Source]:
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("empty question")
+        """The `top_k` chunks of `namespace` nearest the question (validated: `question_ids`)."""
+        self.question_ids(question)
+        return self._search(question, top_k, namespace)
+
+    def _search(self, question: str, top_k: int, namespace: str) -> list[Source]:
         if not 1 <= top_k <= 64:
             raise ValueError(f"top_k must be in [1, 64], got {top_k}")
         self.db.require_namespace(namespace)
@@ -217,19 +234,15 @@ class RagService:
         params: SamplingParams | None = None,
         sources: list[Source] | None = None,
     ) -> Prepared:
-        """Retrieve and assemble a `/query` request (not submitted). Validation runs before any work."""
+        """Retrieve and assemble a `/query` request (not submitted). The question is validated before any
+        work (`question_ids`); a policy name is parsed where it enters (the HTTP schema, `ServiceSettings`)
+        and looked up here by the assembler."""
         t0 = time.perf_counter()
         params = params or SamplingParams(max_new_tokens=64)
         name = reuse_policy or self.default_policy
-        self.assembler.policy(name)  # validates the policy name before retrieval
-        q_ids = self.layout.question_ids(question) if isinstance(question, str) else []
-        if len(q_ids) + self.layout.num_anchor >= self.engine.max_context:
-            raise ValueError(
-                f"question has {len(q_ids)} tokens; with the prompt frame it exceeds the model context of "
-                f"{self.engine.max_context} tokens"
-            )
+        q_ids = self.question_ids(question)
         if sources is None:
-            sources = self.retrieve(question, top_k=top_k, namespace=namespace)
+            sources = self._search(question, top_k, namespace)
         timing = Timing()
         retrieve_ms = (time.perf_counter() - t0) * 1e3
         ordered = list(reversed(sources))  # most relevant chunk closest to the question

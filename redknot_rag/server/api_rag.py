@@ -3,7 +3,8 @@ and the exact context text that automatic reuse recognizes), `/ingest`, `/docume
 
 Every route names a namespace; namespaces are isolated (an unknown one answers 404, and so does one
 the caller's key is not bound to). /ingest and the /documents routes need the admin key. Questions
-are checked against the model context before any retrieval or KV work.
+are checked once, by the service (`RagService.question_ids`: blank 400, over the context 413), before
+any retrieval or KV work; the route checks only the server's character limit (413) first.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
-from redknot_rag.chat import DEFAULT_SYSTEM
 from redknot_rag.limits import InputLimits, TooLargeError
+from redknot_rag.rag.service import Prepared, RagService, Source
 from redknot_rag.retrieval.docdb import NAMESPACE_PATTERN
 from redknot_rag.retrieval.parser import parse_binary
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
@@ -34,20 +35,16 @@ from redknot_rag.server.spec import request_body
 
 NamespaceParam = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
 
-CHUNK_SEPARATOR = "\n\n"  # used only when the RAG service does not say how it joins chunks
 
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return obj
-    return getattr(obj, "__dict__", obj)
-
-
-def _source(src: Any) -> dict[str, Any]:
-    d = to_dict(src)
-    return {k: d.get(k) for k in ("doc_id", "chunk_id", "score", "text", "char_start", "char_end") if k in d}
+def _source(src: Source) -> dict[str, Any]:
+    return {
+        "doc_id": src.doc_id,
+        "chunk_id": src.chunk_id,
+        "score": src.score,
+        "text": src.text,
+        "char_start": src.char_start,
+        "char_end": src.char_end,
+    }
 
 
 def _decode_file(doc_id: str, content_base64: str, limits: InputLimits) -> bytes:
@@ -91,25 +88,16 @@ def confine_paths(raw: list[str], root: Path | None) -> list[Path]:
     return out
 
 
-def _rag(rt: Runtime) -> Any:
+def _rag(rt: Runtime) -> RagService:
     if rt.rag is None:
-        raise ApiError(503, "RAG is not enabled on this server: start it with --data-dir")
+        raise ApiError(503, "RAG is not enabled on this server")
     return rt.rag
 
 
-async def check_question(rt: Runtime, rag: Any, question: str) -> None:
-    """413 unless the question, in its prompt frame, leaves room in the model context (before any work)."""
+def check_question_chars(rt: Runtime, question: str) -> None:
+    """413 over the server's character limit (before the service tokenizes it)."""
     if len(question) > rt.settings.max_question_chars:
         raise ApiError(413, f"question of {len(question)} chars exceeds the limit of {rt.settings.max_question_chars}")
-    fn = getattr(rag, "question_ids", None)
-    ids = await rt.run_blocking(fn, question) if fn is not None else await rt.tokenize(question)
-    layout = getattr(rag, "layout", None)
-    frame = layout.num_anchor if layout is not None else 0
-    ctx = rt.engine.max_context
-    if frame + len(ids) + 1 >= ctx:
-        raise ApiError(
-            413, f"question has {len(ids)} tokens; with the prompt frame it does not fit the {ctx}-token context"
-        )
 
 
 def make_router(rt: Runtime) -> APIRouter:
@@ -122,7 +110,7 @@ def make_router(rt: Runtime) -> APIRouter:
         rag = _rag(rt)
         body = await read_model(request, QueryRequest, limit)
         principal_of(request).require_namespace(body.namespace)
-        await check_question(rt, rag, body.question)
+        check_question_chars(rt, body.question)
         params = sampling_from_fields(
             {
                 "max_new_tokens": body.max_new_tokens,
@@ -158,20 +146,14 @@ def make_router(rt: Runtime) -> APIRouter:
         rag = _rag(rt)
         body = await read_model(request, RetrieveRequest, limit)
         principal_of(request).require_namespace(body.namespace)
-        await check_question(rt, rag, body.question)
-        fn = getattr(rag, "retrieve", None)
-        if fn is None:
-            raise ApiError(501, "this RAG service has no retrieve()")
+        check_question_chars(rt, body.question)
         t0 = time.perf_counter()
-        sources = await rt.run_blocking(fn, body.question, top_k=body.top_k, namespace=body.namespace)
-        fmt = getattr(rag, "format_context", None)
-        context = fmt(sources) if fmt is not None else "".join(to_dict(s)["text"] + CHUNK_SEPARATOR for s in sources)
-        system = getattr(rag, "system_prompt", DEFAULT_SYSTEM)
+        sources = await rt.run_blocking(rag.retrieve, body.question, top_k=body.top_k, namespace=body.namespace)
         return {
             "namespace": body.namespace,
             "chunks": [_source(s) for s in sources],
-            "context": context,
-            "system": system,
+            "context": rag.format_context(sources),
+            "system": rag.system_prompt,
             "retrieve_ms": round((time.perf_counter() - t0) * 1e3, 2),
         }
 
@@ -180,8 +162,8 @@ def make_router(rt: Runtime) -> APIRouter:
         rag = rt.rag
         return {
             "enabled": rag is not None,
-            "system": getattr(rag, "system_prompt", DEFAULT_SYSTEM),
-            "reuse_policy": rt.default_policy,
+            "system": rag.system_prompt if rag is not None else None,
+            "reuse_policy": rag.default_policy if rag is not None else None,
         }
 
     @router.post("/ingest", openapi_extra=request_body(IngestRequest))
@@ -207,9 +189,9 @@ def make_router(rt: Runtime) -> APIRouter:
             docs.append({"doc_id": d.doc_id, "text": text, "metadata": {**info, **(d.metadata or {})}})
         from_docs, from_paths = await rt.run_blocking(rag.ingest_texts_and_paths, docs, paths, body.namespace)
         if from_docs is not None:
-            out["documents"] = to_dict(from_docs)
+            out["documents"] = dataclasses.asdict(from_docs)
         if from_paths is not None:
-            out["paths"] = to_dict(from_paths)
+            out["paths"] = dataclasses.asdict(from_paths)
         return out
 
     @router.get("/documents")
@@ -217,7 +199,7 @@ def make_router(rt: Runtime) -> APIRouter:
         require_admin(principal_of(request))
         rag = _rag(rt)
         docs = await rt.run_blocking(rag.list_documents, namespace)
-        return {"namespace": namespace, "documents": [to_dict(d) for d in docs]}
+        return {"namespace": namespace, "documents": docs}
 
     async def delete(request: HttpRequest, namespace: str, doc_id: str) -> dict[str, Any]:
         require_admin(principal_of(request))
@@ -243,12 +225,8 @@ def make_router(rt: Runtime) -> APIRouter:
     return router
 
 
-def _final(job: Job, prepared: Any, sources: list[dict[str, Any]]) -> dict[str, Any]:
+def _final(job: Job, prepared: Prepared, sources: list[dict[str, Any]]) -> dict[str, Any]:
     r = job.req
-    try:
-        timing = prepared.finalize()
-    except Exception:  # timing is a report; never fail an answer for it
-        timing = dict(getattr(prepared, "timing", {}))
     return {
         "id": r.rid,
         "answer": job.text,
@@ -259,13 +237,13 @@ def _final(job: Job, prepared: Any, sources: list[dict[str, Any]]) -> dict[str, 
             "completion_tokens": len(r.output_ids),
             "cached_tokens": r.cached_tokens,
         },
-        "timing": timing,
-        "reuse": {"policy": getattr(prepared, "policy", None), **getattr(prepared, "stats", {})},
+        "timing": prepared.finalize(),
+        "reuse": {"policy": prepared.policy, **prepared.stats},
     }
 
 
 async def _stream_query(
-    rt: Runtime, job: Job, prepared: Any, sources: list[dict[str, Any]], request: HttpRequest
+    rt: Runtime, job: Job, prepared: Prepared, sources: list[dict[str, Any]], request: HttpRequest
 ) -> AsyncIterator[bytes]:
     """SSE: `{"type": "sources"}`, then `{"type": "token", "text": delta}`..., then `{"type": "done", ...}`."""
     yield sse({"type": "sources", "id": job.rid, "sources": sources})

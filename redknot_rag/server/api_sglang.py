@@ -210,9 +210,8 @@ def make_router(rt: Runtime) -> APIRouter:
     async def flush_cache(request: HttpRequest):
         """Empty the pool-resident chunk KV cache (admin: it is shared by every tenant)."""
         require_admin(principal_of(request))
-        flush = getattr(rt.rag, "flush_cache", None)
-        if flush is not None:
-            await rt.run_blocking(flush)
+        if rt.rag is not None:
+            await rt.run_blocking(rt.rag.flush_cache)
         return JSONResponse({"message": "Cache flushed."})
 
     for method in ("POST", "GET"):

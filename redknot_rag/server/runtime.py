@@ -26,6 +26,7 @@ from starlette.requests import Request as HttpRequest
 
 from redknot_rag.chat import encode
 from redknot_rag.engine import Engine, EngineOverloadedError
+from redknot_rag.rag.service import RagService
 from redknot_rag.request import Request, TokenEvent
 from redknot_rag.sampling import InvalidRequestError, SamplingParams
 from redknot_rag.server.constrained import Grammar, GrammarBackend, compile_stop_regex
@@ -141,7 +142,9 @@ def finish_reason_label(reason: dict | None) -> str:
 class Runtime:
     """Shared state of one server process: engine, optional RAG service, settings, metrics."""
 
-    def __init__(self, engine: Engine, settings: ServerSettings, rag: Any = None, metrics: Metrics | None = None):
+    def __init__(
+        self, engine: Engine, settings: ServerSettings, rag: RagService | None = None, metrics: Metrics | None = None
+    ):
         self.engine = engine
         self.settings = settings
         self.rag = rag
@@ -151,7 +154,6 @@ class Runtime:
         self.draining = False
         self.jobs: dict[str, Job] = {}  # in flight, by rid (event loop thread only)
         self.started = time.time()
-        self._reuse_takes_namespaces = rag is not None and "namespaces" in _parameters(rag.build_request)
         self._probe: concurrent.futures.Future | None = None  # a no-op engine task: done when the loop is live
         self._probe_since = 0.0
         self.model_name = settings.served_model_name or engine.runner.name
@@ -170,14 +172,13 @@ class Runtime:
             "Share of KV pool pages in use (0-1).",
             lambda: 1.0 - e.allocator.num_free / max(e.pool.num_pages, 1),
         )
-        store = getattr(self.rag, "store", None)
-        if store is not None:
-            m.add_store(store.stats)
+        if self.rag is not None:
+            m.add_store(self.rag.store.stats)
 
     @property
     def default_policy(self) -> str | None:
         """The reuse policy `/query` and automatic reuse use when a request names none."""
-        return getattr(self.rag, "default_policy", None) or self.settings.reuse_policy
+        return self.rag.default_policy if self.rag is not None else None
 
     # ---- threads --------------------------------------------------------------------------
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -247,11 +248,10 @@ class Runtime:
         )
         req: Request | None = None
         # A key bound to namespaces reuses only chunks stored there (else `cached_tokens` would tell it
-        # which texts other tenants store); a RAG service that cannot restrict matching gives it no reuse.
-        if self.rag is not None and inp.allow_reuse and inp.namespaces is None:
-            req = self.rag.build_request(inp.prompt_ids, p, **kw)
-        elif self.rag is not None and inp.allow_reuse and self._reuse_takes_namespaces:
-            req = self.rag.build_request(inp.prompt_ids, p, namespaces=set(inp.namespaces or ()), **kw)
+        # which texts other tenants store); `namespaces` None: an unbound key, any namespace.
+        if self.rag is not None and inp.allow_reuse:
+            bound = None if inp.namespaces is None else set(inp.namespaces)
+            req = self.rag.build_request(inp.prompt_ids, p, namespaces=bound, **kw)
         if req is not None:
             if inp.return_logprob and req.prefix_len > max(inp.logprob_start_len, 0):
                 self.discard(req)  # reused prompt tokens have no logits: prefill them to answer logprobs
@@ -545,15 +545,6 @@ def _model_dir_and_note(engine: Engine) -> tuple[str, str]:
         bits = f" ({quant[1]}-bit)" if quant[:1] == "Q" and quant[1:2].isdigit() else ""
         return model_dir, f"GGUF {quant}{bits} weights, dequantized to {dtype} at load"
     return model_dir, f"Hugging Face weights in {dtype}"
-
-
-def _parameters(fn: Any) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -1,4 +1,5 @@
-"""`redknot serve`: load the engine (and the RAG service with --data-dir) and run uvicorn.
+"""`redknot serve`: turn the flags into settings, build the RAG service (`rag.factory.build_service`, over
+--data-dir, by default the folder `redknot ingest` writes to) and run uvicorn.
 
 Shutdown (SIGTERM or Ctrl-C): the server drains. /health and new requests answer 503 at once while
 requests in flight go on for up to --graceful-timeout seconds; what is still running then is
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
 import time
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from redknot_rag.limits import MAX_DOCUMENT_BYTES, MAX_QUESTION_CHARS
+from redknot_rag.rag.factory import DEFAULT_DATA_DIR, ServiceSettings
 from redknot_rag.reuse import POLICY_NAMES
 from redknot_rag.server.auth import TenantKey
 from redknot_rag.server.settings import ServerSettings
@@ -34,7 +35,10 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=30000, help="port to listen on")
     p.add_argument(
-        "--data-dir", type=Path, default=None, help="RAG data (documents, index, KV store); without it, no RAG routes"
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="RAG data (documents, index, KV store), the folder `redknot ingest` writes to by default",
     )
     p.add_argument(
         "--api-key",
@@ -134,44 +138,44 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from redknot_rag.engine import Engine
-    from redknot_rag.options import engine_config_from_args
+    from redknot_rag.options import service_settings_from_args
     from redknot_rag.server.logs import quiet_progress_bars, setup_json_logging
 
     setup_json_logging(args.log_level)
     quiet_progress_bars()
     settings = settings_from_args(args)
-    from redknot_rag.reuse import make_policy
-
-    if settings.reuse_policy is not None:
-        make_policy(settings.reuse_policy)  # a bad name fails now, before the model loads
-    config = dataclasses.replace(
-        engine_config_from_args(args),
-        max_running_requests=args.max_running_requests,
-        max_queued_requests=args.max_queued_requests,
+    service = service_settings_from_args(args, settings.reuse_policy)  # a bad policy name fails before the model
+    service = dataclasses.replace(
+        service,
+        engine=dataclasses.replace(
+            service.engine,
+            max_running_requests=args.max_running_requests,
+            max_queued_requests=args.max_queued_requests,
+        ),
     )
     runner = None
     if args.tp != 1:
         from redknot_rag.tp import launch
 
-        runner = launch(config, args.tp)
+        runner = launch(service.engine, args.tp)
         if runner is None:  # a follower rank: rank 0 closed it
             return 0
     try:
-        return _serve(Engine(config, runner=runner), settings, args)
+        return _serve(service, settings, runner)
     finally:
         if runner is not None:
             runner.close()  # releases the follower ranks
 
 
-def _serve(engine: Any, settings: ServerSettings, args: argparse.Namespace) -> int:
+def _serve(service: ServiceSettings, settings: ServerSettings, runner: Any) -> int:
     import uvicorn
 
+    from redknot_rag.rag.factory import build_service
     from redknot_rag.server.app import create_app
     from redknot_rag.server.runtime import Runtime
 
-    rag = make_rag(engine, settings, store_config_for(engine, args))
-    rt = Runtime(engine, settings, rag)
+    rag = build_service(service, runner)
+    rt = Runtime(rag.engine, settings, rag)
     app = create_app(rt)
     server = _draining_server_class(uvicorn.Server)(
         uvicorn.Config(
@@ -185,21 +189,9 @@ def _serve(engine: Any, settings: ServerSettings, args: argparse.Namespace) -> i
         ),
         rt,
     )
-    log.info("listening", extra={"host": settings.host, "port": settings.port, "engine": engine.info()})
+    log.info("listening", extra={"host": settings.host, "port": settings.port, "engine": rag.engine.info()})
     server.run()
     return 0
-
-
-def store_config_for(engine: Any, args: argparse.Namespace) -> Any:
-    """The chunk KV store settings from the `--store-*` flags (the head profile only when asked for)."""
-    from redknot_rag.store.store_config import store_config_from_args
-
-    profile = None
-    if getattr(args, "store_local_heads", "off") == "profile":
-        from redknot_rag.heads import load_profile_for
-
-        profile = load_profile_for(engine.runner.name, engine.runner.weights_fingerprint)
-    return store_config_from_args(args, profile)
 
 
 _FLUSH_S = 3.0  # after cancelling leftovers: time for their error events to reach the clients
@@ -236,25 +228,3 @@ def _draining_server_class(base: Any) -> Any:
             return await super().on_tick(counter)
 
     return DrainingServer
-
-
-def make_rag(engine: Any, settings: ServerSettings, store_config: Any = None) -> Any:
-    """The RAG service over `settings.data_dir`, or None without one."""
-    if settings.data_dir is None:
-        return None
-    from redknot_rag.rag import RagService
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    kw: dict[str, Any] = {}
-    if store_config is not None:
-        if "store_config" in inspect.signature(RagService).parameters:
-            kw["store_config"] = store_config
-        else:
-            log.warning("this RagService does not take store settings yet; --store-* flags are ignored")
-    if settings.redis_url:
-        os.environ["REDKNOT_REDIS_URL"] = settings.redis_url
-        if "redis_url" in inspect.signature(RagService).parameters:
-            kw["redis_url"] = settings.redis_url
-    rag = RagService(engine, settings.data_dir, settings.reuse_policy, **kw)
-    log.info("default reuse policy: %s", rag.default_policy)
-    return rag
