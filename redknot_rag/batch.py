@@ -43,6 +43,8 @@ class SeqSlice:
     kv_pos: torch.Tensor
     kv_visible: torch.Tensor | None
     layout: KVLayout
+    # the sequence's id (`runner.RunnerKV.seq_id`; -1: a bare `SeqKV`): names it across tensor-parallel ranks
+    seq_id: int = -1
 
     @property
     def num_kv(self) -> int:

@@ -186,11 +186,10 @@ def kv_deviation(runner: KVRunner, inp: ReuseInput, kv: SeqKV, layer: int) -> to
         runner.attach(scratch, inp.anchor, torch.arange(a))
         pos = torch.arange(a, len(ctx))
         slots = runner.append_forward(scratch, ctx[a:], pos, num_layers=layer + 1).slots
-        pool = runner.pool
-        new = slots[layer]  # [Hkv, n]
-        old = kv.slots[layer, :, a : len(ctx)]
-        dk = (pool.k_slots[new] - pool.k_slots[old]).float().norm(dim=-1)  # [Hkv, n]
-        dv = (pool.v_slots[new] - pool.v_slots[old]).float().norm(dim=-1)
+        k_new, v_new = runner.read_slots(slots[layer])  # [Hkv, n, D]
+        k_old, v_old = runner.read_slots(kv.slots[layer, :, a : len(ctx)])
+        dk = (k_new - k_old).float().norm(dim=-1)  # [Hkv, n]
+        dv = (v_new - v_old).float().norm(dim=-1)
         dev = torch.zeros(runner.model_config.num_kv_heads, len(ctx))
         dev[:, a:] = (dk + dv).cpu()
         return dev
@@ -377,11 +376,9 @@ class ApePolicy(ReusePolicy):
             idx = reused.nonzero().flatten()  # [n] ascending context indices of reused chunk tokens
             if idx.numel():
                 runner.settle_layers()  # reads the pool outside a forward
-                old = kv.slots[:, :, idx.to(kv.device)].to(runner.device)  # [L, Hkv, n] shared slots
-                new = runner.override(kv, idx).to(runner.device)  # [L, Hkv, n] private copies
-                pool = runner.pool
-                pool.k_slots[new] = (pool.k_slots[old].float() * (1.0 / self.temperature)).to(pool.k_slots.dtype)
-                pool.v_slots[new] = pool.v_slots[old]
+                old = kv.slots[:, :, idx.to(kv.device)]  # [L, Hkv, n] shared slots
+                new = runner.override(kv, idx)  # [L, Hkv, n] private copies
+                runner.copy_slots(old, new, k_scale=1.0 / self.temperature)
             if asm.deferred and not defer_recompute:
                 recompute(runner, kv, inp.context_ids, asm.recomputed_index)
                 asm = dataclasses.replace(asm, deferred=False)

@@ -1,8 +1,24 @@
 """The model runner: one model, its KV page pool and its attention backend on one device.
 
-Everything that reads or writes KV pages goes through a `KVRunner`: the engine's batches, chunk
-prefill at ingestion, reuse (relocation, recompute) and head profiling. It is the only owner of page
-lifetime (attach / append / override / release), so no caller touches the allocator directly.
+A runner has two halves. `forward(batch)` runs the model over sequence KV. The **KV-memory API** is the
+only way anything else reaches pages: the store and the hot segment cache, the reuse policies, the
+engine and the server all allocate, write, attach, copy-on-write, release and read through it, and
+nothing outside the runner (and `kvcache`, which implements it) touches `pool` or `allocator`:
+
+    new_seq_kv() -> RunnerKV                        a sequence's KV view, named by `seq_id`
+    attach(kv, seg, pos [T], visible) / attach_many share stored segments into a sequence (refcount +1)
+    append(kv, pos [n]) -> slots [L, Hkv, n]        private slots for new tokens
+    override(kv, index [n]) -> slots [L, Hkv, n]    copy-on-write: private slots for existing tokens
+    truncate(kv, n) / release(kv)                   drop private tokens / every reference
+    allocate_segment(T, visible) -> RunnerSegment   fresh pages for a segment, filled by `write_pages`
+    write_segment(k, v, visible) -> RunnerSegment   K/V [L, Hkv, T, D] into fresh pages
+    drop_segment(seg)                               drop the caller's reference
+    read_tokens(kv, a, b) / read_slots(slots)       K/V [..., D] copies (pre-RoPE K)
+    copy_slots(src, dst, k_scale)                   write private slots from others (scaled K)
+    num_pages / free_pages / can_allocate(n) / private_pages(kv) / positions_of(kv, index)
+
+Under tensor parallelism (`tp.TPRunner`) the same API holds per rank: page bookkeeping is recorded as
+typed ops and reaches the other ranks with the next batch or segment write, one control message each.
 
 Invariants: one thread uses a runner at a time (the engine thread, or the caller before the engine
 loop starts); shared segments are never written; K in the pool is pre-RoPE.
@@ -10,7 +26,9 @@ loop starts); shared segments are never written; K in the pool is pre-RoPE.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,12 +38,13 @@ import torch
 
 from redknot_rag.attention import AttentionBackend, create_backend
 from redknot_rag.attention.probe import ProbeBackend
-from redknot_rag.batch import ForwardBatch
+from redknot_rag.batch import ForwardBatch, SeqSlice
 from redknot_rag.config import EngineConfig, ModelConfig
-from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV
+from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV, pool_pages_for
 from redknot_rag.loader import LoadedModel, load_model
 from redknot_rag.model import CausalLM
 from redknot_rag.rope import Rotary
+from redknot_rag.window import PoolWindows, choose_pool_windows
 
 _T = TypeVar("_T")
 log = logging.getLogger("redknot.runner")
@@ -80,8 +99,31 @@ class ForwardResult:
     slots: torch.Tensor
 
 
+@dataclass(eq=False)
+class RunnerKV(SeqKV):
+    """A sequence's KV made by `KVRunner.new_seq_kv`. `seq_id` names it on every tensor-parallel rank
+    (one counter per runner, in creation order: ranks that create in lockstep agree) and goes into each
+    `SeqSlice` it makes, so a batch names its sequences by id."""
+
+    seq_id: int = -1
+
+    def slice(self, q_start: int, q_len: int, new_slots: torch.Tensor) -> SeqSlice:
+        return dataclasses.replace(super().slice(q_start, q_len, new_slots), seq_id=self.seq_id)
+
+
+@dataclass(eq=False)
+class RunnerSegment(KVSegment):
+    """A shared segment made by `KVRunner.allocate_segment` / `write_segment`; `segment_id` names it on
+    every tensor-parallel rank, like `RunnerKV.seq_id`."""
+
+    segment_id: int = -1
+
+
 class KVRunner:
-    """Owns `model`, `pool`, `allocator`, `backend` and `rotary`; runs forwards over sequence KV."""
+    """Owns `model`, `pool`, `allocator`, `backend` and `rotary`; runs forwards over sequence KV.
+
+    `pool` and `allocator` are the runner's own: everything else goes through the KV-memory API
+    (module docstring); tests of the runner and of `kvcache` may read them white-box."""
 
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = cfg = config or EngineConfig()
@@ -95,6 +137,12 @@ class KVRunner:
         self.page_size = cfg.page_size
         self.pool = KVPool(self._num_pages(), cfg.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.allocator = PageAllocator(self.pool.num_pages)
+        self._seq_ids = itertools.count()  # `RunnerKV.seq_id`, `RunnerSegment.segment_id`: creation order
+        self._segment_ids = itertools.count()
+        # per-head windows in the pool (window.py): local blocks of engine sequences keep sink + window
+        self.pool_windows: PoolWindows | None = None
+        self.pool_windows_reason = "off"
+        self.set_pool_windows(cfg.pool_local_heads)
         name = (
             auto_backend(self.device, self.model_config) if cfg.attention_backend == "auto" else cfg.attention_backend
         )
@@ -155,9 +203,40 @@ class KVRunner:
         return fn(self, *args)
 
     # ---- page lifetime (the one place that increfs / decrefs) ----------------------------------
+    def set_pool_windows(self, mode: str) -> None:
+        """Choose the pool windows (`auto`, `profile`, `architecture`, `off`; window.py) for sequences made
+        from now on; the profile is the shipped one matching these weights."""
+        profile = None
+        if mode == "profile":
+            from redknot_rag.heads import load_profile_for
+
+            profile = load_profile_for(self.loaded.name, self.weights_fingerprint)
+        self.pool_windows, self.pool_windows_reason = choose_pool_windows(
+            mode, self.model_config, profile, self.kv_heads
+        )
+
     def new_seq_kv(self) -> SeqKV:
+        """An empty sequence KV view `[L, Hkv, 0]` on this runner's device: a `RunnerKV` with the next `seq_id`."""
         mc = self.model_config
-        return SeqKV(mc.num_layers, mc.num_kv_heads, self.page_size, self.device)
+        return RunnerKV(
+            mc.num_layers, mc.num_kv_heads, self.page_size, self.device, windows=self.pool_windows,
+            seq_id=next(self._seq_ids),
+        )  # fmt: skip
+
+    def reservation_pages(self, num_tokens: int) -> int:
+        """Pages (all blocks) a sequence of `num_tokens` private tokens may hold at once: dense for
+        global blocks, sink + window + one prefill chunk for the local blocks of a windowed pool."""
+        if self.pool_windows is None:
+            return pool_pages_for(self.model_config, num_tokens, self.page_size)
+        glob, loc = self.pool_windows.pages_for(num_tokens, self.page_size, self.config.max_prefill_tokens)
+        return glob + loc
+
+    def slide(self, kv: SeqKV) -> int:
+        """After a forward: drop `kv`'s pages of local blocks that fell out of their window (window.py);
+        returns the page references dropped. Not under tensor parallelism yet (each rank would slide)."""
+        if self.tp_size > 1:
+            return 0
+        return kv.slide(self.allocator)
 
     def attach(
         self, kv: SeqKV, segment: KVSegment, positions: torch.Tensor, visible: torch.Tensor | None = None
@@ -186,15 +265,32 @@ class KVRunner:
         if kv is not None:
             kv.release(self.allocator)
 
-    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> KVSegment:
+    def allocate_segment(self, num_tokens: int, visible: torch.Tensor | None = None) -> RunnerSegment:
+        """Fresh pages for a shared segment of `num_tokens` tokens, every layer and KV head of this rank:
+        `pages` `[L, Hkv, ceil(T / page_size)]`, one reference (the caller's). Not written: the caller
+        fills them through `write_pages` before anything reads the segment. `visible` `[L, Hkv, T]`:
+        the tokens whose K/V exist per head (None: all)."""
+        return self._new_segment(num_tokens, visible)
+
+    def _new_segment(self, num_tokens: int, visible: torch.Tensor | None) -> RunnerSegment:
+        mc = self.model_config
+        num_pages = -(-num_tokens // self.page_size)
+        ids = self.allocator.allocate(mc.num_layers * mc.num_kv_heads * num_pages)
+        pages = torch.from_numpy(ids).view(mc.num_layers, mc.num_kv_heads, num_pages)
+        return RunnerSegment(pages, num_tokens, is_shared=True, visible=visible, segment_id=next(self._segment_ids))
+
+    def write_pages(self, issue: Callable[[torch.Tensor, torch.Tensor], _T]) -> _T:
+        """`issue(k_slots, v_slots)` (the pool as `[num_pages * page_size, D]` slot views) queues copies
+        into pages of segments from `allocate_segment` (a load plan, on any stream); returns its result.
+        The only hand-out of pool memory: the writer may touch only the pages it was given."""
+        return issue(self.pool.k_slots, self.pool.v_slots)
+
+    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> RunnerSegment:
         """Copy K/V `[L, Hkv, T, D]` into fresh pool pages: a shared segment whose one reference is the caller's.
 
         `visible` `[L, Hkv, T]` marks the tokens whose K/V exist per head (None: all); the rest is never read.
         """
-        nl, nh, t, _ = k.shape
-        num_pages = -(-t // self.page_size)
-        pages = torch.from_numpy(self.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
-        seg = KVSegment(pages, t, is_shared=True, visible=visible)
+        seg = self._new_segment(k.shape[2], visible)
         slots = seg.slots(self.page_size).to(self.device)  # [L, Hkv, T]
         self.pool.k_slots[slots] = k.to(self.device, self.dtype)
         self.pool.v_slots[slots] = v.to(self.device, self.dtype)
@@ -213,6 +309,48 @@ class KVRunner:
         self.settle_layers()
         slots = kv.slots[:, :, start:end].to(self.device)
         return self.pool.k_slots[slots].clone(), self.pool.v_slots[slots].clone()
+
+    def read_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at pool `slots` `[...]` (e.g. `[L, Hkv, n]` from `append` or `kv.slots`): `[..., D]` copies
+        each, pre-RoPE K, pool dtype, on the pool's device. Call `settle_layers` first where pool writes
+        may still be in flight (a forward's own writes are ordered already)."""
+        slots = slots.to(self.device)
+        return self.pool.k_slots[slots], self.pool.v_slots[slots]
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, k_scale: float = 1.0) -> None:
+        """Write slots `dst` from slots `src` (same shape `[...]`): V copied, K times `k_scale` (in float32,
+        rounded to the pool dtype once). `dst` must be private slots of the caller (`append`/`override`):
+        shared segment pages are never written."""
+        src, dst = src.to(self.device), dst.to(self.device)
+        k = self.pool.k_slots
+        k[dst] = (k[src].float() * k_scale).to(k.dtype)
+        self.pool.v_slots[dst] = self.pool.v_slots[src]
+
+    # ---- page accounting (scheduler, server gauges, the hot cache) -------------------------------
+    @property
+    def num_pages(self) -> int:
+        """Pages of this rank's pool (each holds `page_size` tokens of one (layer, KV head))."""
+        return self.pool.num_pages
+
+    @property
+    def free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of this rank's pool (K and V of every page)."""
+        return self.pool.num_bytes
+
+    def can_allocate(self, num_pages: int) -> bool:
+        return self.allocator.can_allocate(num_pages)
+
+    def private_pages(self, kv: SeqKV) -> int:
+        """Pages `kv` owns privately for appended tokens, over all its (layer, KV head) blocks."""
+        return len(kv.private_pages) * kv.num_layers * kv.num_kv_heads
+
+    def positions_of(self, kv: SeqKV, token_index: torch.Tensor) -> torch.Tensor:
+        """RoPE positions of tokens `token_index` `[n]` of `kv`: `[n]` int64 on the host."""
+        return kv.positions[token_index.to(kv.device)].cpu()
 
     # ---- layer gates: pool writes still in flight on another stream -----------------------------
     def await_layers(self, events: Sequence[torch.cuda.Event | None]) -> None:
@@ -329,15 +467,20 @@ class KVRunner:
         recomputed tokens); the results go to copy-on-write slots. Returns those slots `[L, Hkv, n]`.
         """
         new_slots = self.override(kv, token_index)
-        pos = kv.positions[token_index.to(kv.device)].cpu()  # host positions: backends plan on the host
+        pos = self.positions_of(kv, token_index)  # host positions: backends plan on the host
         n = int(token_index.numel())
         batch = ForwardBatch(ids, pos, [kv.slice(0, n, new_slots)], torch.zeros(0, dtype=torch.int64))
         self.forward(batch)
         return new_slots
 
-    def probe_backend(self) -> ProbeBackend:
-        """A backend that records question attention (reuse selection, head profiling)."""
-        return ProbeBackend(self.model_config, self.pool, self.rotary, inner=self.backend)
+    def probe_backend(self, layers: list[int] | None = None) -> ProbeBackend:
+        """A backend that records question attention (reuse selection, head profiling); `layers`: only
+        those layers (None: all)."""
+        return ProbeBackend(self.model_config, self.pool, self.rotary, inner=self.backend, layers=layers)
+
+    def backend_named(self, name: str) -> AttentionBackend:
+        """A fresh attention backend `name` over this runner's pool (benches compare backends on one pool)."""
+        return load_backend(name, self.model_config, self.pool, self.rotary)
 
     def info(self) -> dict:
         mc = self.model_config

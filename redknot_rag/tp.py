@@ -8,16 +8,22 @@ Design (the simplest one that keeps the engine unchanged):
   all-reduce after each). Embedding, norms and lm_head are replicated. Each rank's `KVRunner` is an
   ordinary runner over a shard `ModelConfig` (`num_kv_heads = Hkv/N` ...), so its page pool holds
   only its own heads' pages.
-- **Rank 0 drives.** The engine, the HTTP server, retrieval and the chunk store run on rank 0 only.
-  Every runner call that touches pages or the model (`new_seq_kv`, `attach`, `attach_many`, `append`, `override`,
-  `truncate`, `release`, `write_segment`, `drop_segment`, `read_tokens`, `forward`, `append_forward`,
-  `recompute`, `on_all_ranks`) is sent to the other ranks (a gloo group: control on the host, data on
-  NCCL) and run locally; followers (`TPRunner.follow`) replay it on their own shard. Bookkeeping calls
-  queue and go with the next call that runs a collective: one broadcast per engine step.
+- **Rank 0 drives; ranks meet at the runner seam once per step.** The engine, the HTTP server,
+  retrieval and the chunk store run on rank 0 only. Its runner records page bookkeeping (the KV-memory
+  API: new sequence, attach, append, copy-on-write, truncate, release, drop segment) as typed `PageOp`s
+  that name sequences and segments by explicit id (`RunnerKV.seq_id`, `RunnerSegment.segment_id`), and
+  sends them in ONE `Message` (a gloo group: control on the host, data on NCCL) together with the
+  action that needs the followers now: a whole batch (`Forward`), a segment write, a head gather
+  (`read_tokens`) or an all-rank call (`on_all_ranks`). A decode step is one message. Followers
+  (`TPRunner.follow`) apply the ops and the action to their own shard.
 - **Lockstep.** Every rank runs the same allocator operations in the same order on a pool of the
-  same page count, so page ids, sequence slot tables and handle numbers agree on every rank. Python
-  objects (`SeqKV`, `KVSegment`) cross as handles; a follower keeps its twin of each until rank 0's
-  object is garbage-collected.
+  same page count, so page ids, sequence slot tables and ids agree on every rank; a follower checks
+  the ids and the kv length of each batch sequence and fails loudly when out of step. It keeps its
+  twin of each sequence and segment until rank 0's object is garbage-collected.
+- **CUDA graphs.** Decode (and small prefill) graphs are captured and replayed per rank exactly as with
+  one rank: every rank runs the same batch in the same step, so the same replay decision is taken, and
+  the all-reduces of the row-parallel layers are captured inside the graph. (Not measurable on the CPU
+  box: the gloo test runs eagerly, as graphs exist on CUDA only.)
 - **Chunk KV at the boundary is head-complete.** `read_tokens` all-gathers the heads and
   `write_segment` takes all heads and keeps this rank's, so the chunk store (memory, disk, Redis) and
   its keys and fingerprints are the same at any TP degree: replicas with TP=1 and TP=2 share blocks.
@@ -32,33 +38,31 @@ With one rank none of this exists: `KVRunner` has no collectives (`all_reduce` i
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from redknot_rag.attention import AttentionBackend
-from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import EngineConfig, ModelConfig
 from redknot_rag.kvcache import KVSegment, SeqKV
 from redknot_rag.loader import LoadedModel, load_model
 from redknot_rag.ports import free_port
-from redknot_rag.runner import ForwardResult, KVRunner, pick_device, pick_dtype
+from redknot_rag.runner import KVRunner, RunnerKV, RunnerSegment, pick_device, pick_dtype
 
 log = logging.getLogger("redknot.tp")
 
-_STOP = "stop"
-# calls that run collectives: the followers must join them now (everything else may wait in the queue)
-# (`write_segment` too: its payload is a whole chunk's K/V, better sent now than piled up in the queue)
-_FLUSH = frozenset({"forward", "append_forward", "recompute", "read_tokens", "_run_fn", "write_segment"})
 _CONTROL_TIMEOUT = timedelta(days=365)  # followers wait for the next step as long as the server lives
 
 
@@ -174,27 +178,152 @@ def launch(config: EngineConfig, tp_size: int) -> TPRunner | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Handle:
-    """A `SeqKV` or `KVSegment` by number, the same on every rank."""
-
-    id: int
+# ---- the wire: typed page ops and actions; sequences and segments by id ----------------------------
+# positions as (start, n) when they are start, start+1, ..., start+n-1 (the usual case), else host int64 [n]
+Positions = tuple[int, int] | torch.Tensor
 
 
-@dataclasses.dataclass(frozen=True)
-class _SliceRef:
-    """A `SeqSlice` on the wire: its sequence by handle (each rank slices its own twin). `new_slots` is
-    None when they are the sequence's last `q_len` slots (appended tokens: the usual case)."""
+def _pack_positions(p: torch.Tensor) -> Positions:
+    p = p.cpu()  # callers pass host positions (backends plan on the host): no device sync
+    n = int(p.numel())
+    start = int(p[0]) if n else 0
+    if n <= 1 or torch.equal(p, torch.arange(start, start + n, dtype=p.dtype)):
+        return (start, n)
+    return p
 
-    kv: _Handle
+
+def _unpack_positions(p: Positions) -> torch.Tensor:
+    if isinstance(p, torch.Tensor):
+        return p
+    return torch.arange(p[0], p[0] + p[1])
+
+
+class NewSeq(NamedTuple):
+    seq_id: int
+
+
+class Attach(NamedTuple):
+    seq_id: int
+    items: list[tuple[int, Positions, torch.Tensor | None]]  # (segment_id, positions, visible [L, Hkv_r, T])
+
+
+class Append(NamedTuple):
+    seq_id: int
+    positions: Positions
+
+
+class Override(NamedTuple):
+    seq_id: int
+    token_index: torch.Tensor  # [n] int64, host
+
+
+class Truncate(NamedTuple):
+    seq_id: int
+    num_tokens: int
+
+
+class Release(NamedTuple):
+    seq_id: int
+
+
+class DropSegment(NamedTuple):
+    segment_id: int
+
+
+PageOp = NewSeq | Attach | Append | Override | Truncate | Release | DropSegment
+
+
+class SliceMsg(NamedTuple):
+    """One sequence of a batch: `new_slots` None when they are its last `q_len` slots (appended tokens)."""
+
+    seq_id: int
     q_start: int
     q_len: int
     num_kv: int
-    new_slots: torch.Tensor | None
+    new_slots: torch.Tensor | None  # [L, Hkv_r, q_len] int64, host
+
+
+class Forward(NamedTuple):
+    """A whole batch: `input_ids`, `positions` `[num_tokens]`; followers need no logits."""
+
+    input_ids: list[int]
+    positions: list[int]
+    seqs: list[SliceMsg]
+    num_layers: int | None
+
+
+class WriteSegment(NamedTuple):
+    """A head-complete segment: K/V `[L, Hkv, T, D]`, visible `[L, Hkv, T]` or None; each rank keeps its heads."""
+
+    segment_id: int
+    k: torch.Tensor
+    v: torch.Tensor
+    visible: torch.Tensor | None
+
+
+class ReadTokens(NamedTuple):
+    """`read_tokens` gathers heads over ranks: every rank joins."""
+
+    seq_id: int
+    start: int
+    end: int
+
+
+class OnAllRanks(NamedTuple):
+    """`fn(runner, *args)` on every rank (reuse policies); sequences and segments in `args` travel by id."""
+
+    fn: Callable[..., Any]
+    args: tuple
+
+
+class Stop(NamedTuple):
+    pass
+
+
+Action = Forward | WriteSegment | ReadTokens | OnAllRanks | Stop
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """Rank 0 -> followers, one per step (a batch), segment write, gather or all-rank call: the page ops
+    since the last message in order, then the ids rank 0 no longer holds, then the action."""
+
+    ops: list[PageOp]
+    forget_seqs: list[int]
+    forget_segments: list[int]
+    action: Action
+
+
+class _Pickler(pickle.Pickler):
+    """Sequences and segments cross by id (`seq_id`, `segment_id`): each rank has its own twin."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, RunnerKV):
+            return ("seq", obj.seq_id)
+        if isinstance(obj, RunnerSegment):
+            return ("segment", obj.segment_id)
+        if isinstance(obj, SeqKV) or (isinstance(obj, KVSegment) and obj.num_tokens):
+            raise RuntimeError(f"a {type(obj).__name__} not made by this runner cannot cross ranks")
+        return None  # everything else (an empty segment included) by value
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, runner: TPRunner) -> None:
+        super().__init__(io.BytesIO(data))
+        self.runner = runner
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, i = pid
+        return self.runner._seqs[i] if kind == "seq" else self.runner._segments[i]
 
 
 class TPRunner(KVRunner):
-    """A `KVRunner` over this rank's shard; on rank 0 its pool/model calls are mirrored to the followers.
+    """A `KVRunner` over this rank's shard. On rank 0 (the driver) its page bookkeeping is recorded as
+    typed `PageOp`s and sent, with the ids of dead objects, in the next `Message`, whose action is a
+    whole batch (`forward`), a segment write, a gather (`read_tokens`) or an all-rank call
+    (`on_all_ranks`): one control message per engine step or per segment write. Followers (`follow`)
+    apply the ops and the action to their own shard. Calls inside `on_all_ranks` run on every rank
+    already and are not recorded.
 
     Needs `torch.distributed` initialized (`init_from_env`). `loaded` is the full model (or None: load
     `config.model_path` onto this rank's device); it is sharded here and its weights dict is emptied, so
@@ -223,17 +352,18 @@ class TPRunner(KVRunner):
             torch.cuda.empty_cache()
         # control messages on the host (gloo) whatever the data backend is
         self._ctrl = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
-        self._depth = 0  # > 0 inside a mirrored call: nested runner calls run locally only
-        self._next_handle = 0
-        self._objects: dict[int, Any] = {}  # followers: handle → twin
-        self._live_kv: dict[int, weakref.ref[SeqKV]] = {}  # rank 0: handle → sequence (to name slices)
-        self._forget: list[int] = []  # rank 0: handles whose object died (sent with the next call)
-        self._forget_lock = threading.Lock()
-        self._pending: list[tuple[str, Any, Any]] = []  # rank 0: queued calls without collectives
-        self._appended: dict[int, weakref.ref[torch.Tensor]] = {}  # rank 0: slots `append` just returned
+        self._depth = 0  # > 0 inside `on_all_ranks`: every rank runs the calls, nothing is recorded
+        self._ops: list[PageOp] = []  # rank 0: page ops not sent yet
+        self._tails: dict[int, torch.Tensor] = {}  # rank 0: seq_id -> the slots its last `append` returned
+        self._seqs: dict[int, RunnerKV] = {}  # followers: seq_id -> this rank's twin
+        self._segments: dict[int, RunnerSegment] = {}  # followers: segment_id -> twin
+        self._forget: tuple[list[int], list[int]] = ([], [])  # rank 0: ids whose object died (finalizers)
+        self._forget_lock = threading.Lock()  # finalizers run on whichever thread collects
         self._children: list[subprocess.Popen] = []  # follower processes this rank started (`launch`)
+        self._closed = False
         super().__init__(cfg, shard)
-        self.cuda_graphs = False  # decode graphs are captured per process; not across ranks' collectives yet
+        # decode CUDA graphs stay on: every rank replays the same batch (same ops, same layout) in the
+        # same step, and the all-reduces of the row-parallel layers are captured inside the graph (NCCL)
         self.model.reduce = self._reduce_sum
 
     # ---- shape ---------------------------------------------------------------------------------
@@ -265,253 +395,252 @@ class TPRunner(KVRunner):
         dist.broadcast(y, 0)  # identical bits on every rank, whatever the reduction order was
         return y.to(x.device)
 
-    # ---- mirroring -------------------------------------------------------------------------------
-    def _register(self, obj: Any) -> Any:
-        """Number a new SeqKV/KVSegment (the same number on every rank: creation order is lockstep)."""
-        h = self._next_handle
-        self._next_handle += 1
-        if self.tp_rank == 0:
-            obj._tp_handle = h
-            if isinstance(obj, SeqKV):
-                self._live_kv[h] = weakref.ref(obj)
-            weakref.finalize(obj, self._forget_later, h)
+    # ---- recording (rank 0) and ids ---------------------------------------------------------------
+    @property
+    def _records(self) -> bool:
+        """Whether a call here must reach the followers: rank 0, outside `on_all_ranks`."""
+        return self.tp_rank == 0 and self._depth == 0
+
+    def _track(self, obj: RunnerKV | RunnerSegment) -> None:
+        """Followers keep the twin by id; rank 0 tells them when its object dies."""
+        if isinstance(obj, RunnerKV):
+            if self.tp_rank:
+                self._seqs[obj.seq_id] = obj
+            else:
+                weakref.finalize(obj, self._forget_later, 0, obj.seq_id)
+        elif self.tp_rank:
+            self._segments[obj.segment_id] = obj
         else:
-            self._objects[h] = obj
-        return obj
+            weakref.finalize(obj, self._forget_later, 1, obj.segment_id)
 
-    def _forget_later(self, h: int) -> None:
+    def _forget_later(self, kind: int, i: int) -> None:
         with self._forget_lock:
-            self._forget.append(h)
-            self._live_kv.pop(h, None)
+            self._forget[kind].append(i)
 
-    def _slice_ref(self, x: SeqSlice, by_ptr: dict[int, SeqKV]) -> _SliceRef:
-        """Name the sequence a slice views (its slot table is a view of that SeqKV's `slots`)."""
-        kv = by_ptr.get(x.kv_slots.data_ptr())
-        if kv is None:
-            raise RuntimeError("a SeqSlice not made from a sequence of this runner cannot cross ranks")
-        ref = self._appended.pop(id(x.new_slots), None)
-        is_tail = ref is not None and ref() is x.new_slots and x.num_kv == kv.num_tokens  # no device sync
-        new_slots = None if is_tail else x.new_slots.cpu()
-        return _SliceRef(_Handle(kv._tp_handle), x.q_start, x.q_len, x.num_kv, new_slots)  # type: ignore[attr-defined]
+    def _send(self, action: Action) -> None:
+        with self._forget_lock:
+            (seqs, segments), self._forget = self._forget, ([], [])
+        ops, self._ops = self._ops, []
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(Message(ops, seqs, segments, action))
+        dist.broadcast_object_list([buf.getvalue()], src=0, group=self._ctrl)
 
-    def _encode(self, x: Any) -> Any:
-        if isinstance(x, (SeqKV, KVSegment)):
-            h = getattr(x, "_tp_handle", None)
-            if h is None:
-                if isinstance(x, SeqKV) or x.num_tokens:
-                    raise RuntimeError(f"a {type(x).__name__} not made by this runner cannot cross ranks")
-                return x  # an empty segment: by value
-            return _Handle(h)
-        if isinstance(x, ForwardBatch):  # followers need no logits
-            with self._forget_lock:
-                live = [r() for r in self._live_kv.values()]
-            by_ptr = {kv.slots.data_ptr(): kv for kv in live if kv is not None}
-            seqs = [self._slice_ref(sl, by_ptr) for sl in x.seqs]
-            return ForwardBatch(x.input_ids, x.positions, seqs, torch.zeros(0, dtype=torch.int64))  # type: ignore[arg-type]
-        if isinstance(x, (list, tuple)):
-            return type(x)(self._encode(v) for v in x)
-        if isinstance(x, dict):
-            return {k: self._encode(v) for k, v in x.items()}
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return dataclasses.replace(
-                x, **{f.name: self._encode(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-            )
-        if isinstance(x, torch.Tensor):
-            return x.cpu() if x.device.type != "cpu" else x
-        return x
-
-    def _decode(self, x: Any) -> Any:
-        if isinstance(x, _Handle):
-            return self._objects[x.id]
-        if isinstance(x, _SliceRef):
-            kv = self._objects[x.kv.id]
-            if kv.num_tokens != x.num_kv:
-                raise RuntimeError(
-                    f"tensor-parallel ranks out of step: {kv.num_tokens} kv tokens, rank 0 has {x.num_kv}"
-                )
-            slots = x.new_slots
-            if slots is None:  # the usual case: the slots just appended at the sequence's tail
-                slots = kv.slots[:, :, x.num_kv - x.q_len : x.num_kv]
-            return kv.slice(x.q_start, x.q_len, slots.to(kv.slots.device))
-        if isinstance(x, ForwardBatch):
-            return ForwardBatch(x.input_ids, x.positions, [self._decode(s) for s in x.seqs], x.logit_rows)
-        if isinstance(x, (list, tuple)):
-            return type(x)(self._decode(v) for v in x)
-        if isinstance(x, dict):
-            return {k: self._decode(v) for k, v in x.items()}
-        if dataclasses.is_dataclass(x) and not isinstance(x, type) and not isinstance(x, (SeqKV, KVSegment)):
-            return dataclasses.replace(
-                x, **{f.name: self._decode(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-            )
-        return x
-
-    def _send(self, msg: Any) -> Any:
-        box = [msg]
+    def _receive(self) -> Message:
+        box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=self._ctrl)
-        return box[0]
+        return _Unpickler(box[0], self).load()
 
-    def _mirrored(self, op: str, local: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        """On rank 0 at the outermost call: queue `(op, args)` for the followers, then run `local()`.
+    @staticmethod
+    def _id(kv: SeqKV) -> int:
+        if not isinstance(kv, RunnerKV):
+            raise RuntimeError("a SeqKV not made by this runner (new_seq_kv) cannot cross ranks")
+        return kv.seq_id
 
-        Page bookkeeping calls (no collective inside) only queue; a call that runs a collective (`_FLUSH`)
-        sends the queue and itself in one message, so a decode step of B sequences costs one broadcast,
-        not B + 1. Followers need to be current only when they join a collective."""
-        if self.tp_rank == 0 and self._depth == 0:
-            self._pending.append((op, self._encode(args), self._encode(kwargs)))
-            if op in _FLUSH:
-                self._flush()
-        self._depth += 1
-        try:
-            return local()
-        finally:
-            self._depth -= 1
-
-    def _flush(self) -> None:
-        with self._forget_lock:
-            forget, self._forget = self._forget, []
-        ops, self._pending = self._pending, []
-        self._send((ops, forget))
-
-    def follow(self) -> None:
-        """Followers: replay rank 0's calls until it sends stop (`close`)."""
-        if self.tp_rank == 0:
-            raise RuntimeError("rank 0 drives; only followers follow")
-        while True:
-            msg = self._send(None)
-            if msg == _STOP:
-                return
-            ops, forget = msg
-            for op, args, kwargs in ops:
-                try:
-                    getattr(self, op)(*self._decode(args), **self._decode(kwargs))
-                except Exception:  # rank 0 met the same error in the same call (lockstep)
-                    log.exception("tensor-parallel follower: %s failed", op)
-            for h in forget:  # after the ops: they may still have named these objects
-                self._objects.pop(h, None)
-
-    def close(self) -> None:
-        """Rank 0: release the followers (they return from `follow`). Idempotent."""
-        if self.tp_rank == 0 and not getattr(self, "_closed", False):
-            self._closed = True
-            if self._pending:
-                self._flush()
-            self._send(_STOP)
-            for p in self._children:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-
-    # ---- the mirrored runner calls ---------------------------------------------------------------
+    # ---- the KV-memory API: local, recorded on rank 0 -----------------------------------------------
     def new_seq_kv(self) -> SeqKV:
-        return self._mirrored("new_seq_kv", lambda: self._register(super(TPRunner, self).new_seq_kv()))
+        kv = super().new_seq_kv()
+        assert isinstance(kv, RunnerKV)
+        self._track(kv)
+        if self._records:
+            self._ops.append(NewSeq(kv.seq_id))
+        return kv
 
     def attach(
         self, kv: SeqKV, segment: KVSegment, positions: torch.Tensor, visible: torch.Tensor | None = None
     ) -> None:
-        self._mirrored("attach", lambda: super(TPRunner, self).attach(kv, segment, positions, visible),
-                       kv, segment, positions, visible)  # fmt: skip
+        self.attach_many(kv, [(segment, positions, visible)])
 
     def attach_many(self, kv: SeqKV, items: list[tuple[KVSegment, torch.Tensor, torch.Tensor | None]]) -> None:
-        self._mirrored("attach_many", lambda: super(TPRunner, self).attach_many(kv, items), kv, items)
+        super().attach_many(kv, items)
+        if self._records:
+            segs = []
+            for seg, pos, vis in items:
+                if not isinstance(seg, RunnerSegment):
+                    raise RuntimeError("a KVSegment not made by this runner cannot cross ranks")
+                segs.append((seg.segment_id, _pack_positions(pos), None if vis is None else vis.cpu()))
+            self._ops.append(Attach(self._id(kv), segs))
 
     def append(self, kv: SeqKV, positions: torch.Tensor) -> torch.Tensor:
-        out = self._mirrored("append", lambda: super(TPRunner, self).append(kv, positions), kv, positions)
-        if self.tp_rank == 0:  # these slots are kv's tail: a slice over them crosses ranks without them
-            key = id(out)
-
-            def forget(_: weakref.ref[torch.Tensor]) -> None:
-                self._appended.pop(key, None)
-
-            self._appended[key] = weakref.ref(out, forget)
+        out = super().append(kv, positions)
+        if self._records:
+            self._ops.append(Append(self._id(kv), _pack_positions(positions)))
+            self._tails[self._id(kv)] = out  # a slice over exactly these slots crosses ranks without them
         return out
 
     def override(self, kv: SeqKV, token_index: torch.Tensor) -> torch.Tensor:
-        return self._mirrored("override", lambda: super(TPRunner, self).override(kv, token_index), kv, token_index)
+        out = super().override(kv, token_index)
+        if self._records:
+            self._ops.append(Override(self._id(kv), token_index.cpu()))
+        return out
 
     def truncate(self, kv: SeqKV, n: int) -> None:
-        self._mirrored("truncate", lambda: super(TPRunner, self).truncate(kv, n), kv, n)
+        super().truncate(kv, n)
+        if self._records:
+            self._ops.append(Truncate(self._id(kv), n))
 
     def release(self, kv: SeqKV | None) -> None:
-        if kv is not None:
-            self._mirrored("release", lambda: super(TPRunner, self).release(kv), kv)
+        if kv is None:
+            return
+        super().release(kv)
+        if self._records:
+            self._ops.append(Release(self._id(kv)))
+            self._tails.pop(self._id(kv), None)
 
-    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> KVSegment:
+    def _new_segment(self, num_tokens: int, visible: torch.Tensor | None) -> RunnerSegment:
+        seg = super()._new_segment(num_tokens, visible)
+        self._track(seg)
+        return seg
+
+    def allocate_segment(self, num_tokens: int, visible: torch.Tensor | None = None) -> RunnerSegment:
+        if self._records:
+            raise NotImplementedError(
+                "under tensor parallelism a segment is written whole (write_segment: one message to every rank)"
+            )
+        return super().allocate_segment(num_tokens, visible)
+
+    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> RunnerSegment:
         """K/V of all heads `[L, Hkv_full, T, D]` (and `visible` `[L, Hkv_full, T]`) in; this rank keeps
-        its heads `[L, Hkv/N, T, D]`."""
+        its heads `[L, Hkv/N, T, D]`. Rank 0 sends the segment to the followers in one message."""
         heads = self.kv_heads
-
-        def local() -> KVSegment:
-            vis = None if visible is None else visible[:, heads]
-            return self._register(super(TPRunner, self).write_segment(k[:, heads], v[:, heads], vis))
-
-        return self._mirrored("write_segment", local, k, v, visible)
+        vis = None if visible is None else visible[:, heads]
+        seg = super().write_segment(k[:, heads], v[:, heads], vis)
+        if self._records:
+            self._send(WriteSegment(seg.segment_id, k.cpu(), v.cpu(), None if visible is None else visible.cpu()))
+        return seg
 
     def drop_segment(self, segment: KVSegment) -> None:
-        self._mirrored("drop_segment", lambda: super(TPRunner, self).drop_segment(segment), segment)
+        super().drop_segment(segment)
+        if self._records:
+            if not isinstance(segment, RunnerSegment):
+                raise RuntimeError("a KVSegment not made by this runner cannot cross ranks")
+            self._ops.append(DropSegment(segment.segment_id))
 
     def read_tokens(self, kv: SeqKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of all heads `[L, Hkv_full, T, D]` (gathered over ranks), on every rank."""
-
-        def local() -> tuple[torch.Tensor, torch.Tensor]:
-            k, v = super(TPRunner, self).read_tokens(kv, start, end)  # [L, Hkv/N, T, D]
-            return self._gather_heads(k), self._gather_heads(v)
-
-        return self._mirrored("read_tokens", local, kv, start, end)
+        if self._records:
+            self._send(ReadTokens(self._id(kv), start, end))
+        k, v = super().read_tokens(kv, start, end)  # [L, Hkv/N, T, D]
+        return self._gather_heads(k), self._gather_heads(v)
 
     def _gather_heads(self, x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=1)  # [L, Hkv_full, T, D], heads in rank order
 
+    # ---- the step ------------------------------------------------------------------------------------
     def forward(
         self, batch: ForwardBatch, backend: AttentionBackend | None = None, num_layers: int | None = None
     ) -> torch.Tensor:
-        if backend is not None and self._depth == 0:
-            raise NotImplementedError(
-                "a custom attention backend (probe) under tensor parallelism runs only inside runner.on_all_ranks"
-            )
-        return self._mirrored(
-            "forward", lambda: super(TPRunner, self).forward(batch, backend, num_layers), batch, None, num_layers
-        )
+        if self._records:
+            if backend is not None:
+                raise NotImplementedError(
+                    "a custom attention backend (probe) under tensor parallelism runs only inside runner.on_all_ranks"
+                )
+            self._send(self._batch_message(batch, num_layers))
+        return super().forward(batch, backend, num_layers)
 
-    def append_forward(
-        self,
-        kv: SeqKV,
-        ids: list[int],
-        positions: torch.Tensor,
-        *,
-        backend: AttentionBackend | None = None,
-        logits: bool = False,
-        num_layers: int | None = None,
-    ) -> ForwardResult:
-        if backend is not None and self._depth == 0:
-            raise NotImplementedError(
-                "a custom attention backend (probe) under tensor parallelism runs only inside runner.on_all_ranks"
-            )
+    def _batch_message(self, batch: ForwardBatch, num_layers: int | None) -> Forward:
+        seqs = []
+        for s in batch.seqs:
+            if s.seq_id < 0:
+                raise RuntimeError("a SeqSlice not made from a sequence of this runner cannot cross ranks")
+            tail = self._tails.get(s.seq_id) is s.new_slots  # the slots just appended: no device sync
+            seqs.append(SliceMsg(s.seq_id, s.q_start, s.q_len, s.num_kv, None if tail else s.new_slots.cpu()))
+        return Forward(batch.input_ids.tolist(), batch.positions.tolist(), seqs, num_layers)
 
-        def local() -> ForwardResult:
-            return super(TPRunner, self).append_forward(
-                kv, ids, positions, backend=backend, logits=logits, num_layers=num_layers
-            )
-
-        return self._mirrored("append_forward", local, kv, ids, positions, logits=logits, num_layers=num_layers)
-
-    def recompute(self, kv: SeqKV, ids: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-        return self._mirrored(
-            "recompute", lambda: super(TPRunner, self).recompute(kv, ids, token_index), kv, ids, token_index
-        )
+    def _follower_batch(self, f: Forward) -> ForwardBatch:
+        slices = []
+        for m in f.seqs:
+            kv = self._seqs[m.seq_id]
+            if kv.num_tokens != m.num_kv:
+                raise RuntimeError(
+                    f"tensor-parallel ranks out of step: {kv.num_tokens} kv tokens, rank 0 has {m.num_kv}"
+                )
+            if m.new_slots is None:  # the usual case: the slots just appended at the sequence's tail
+                slots = kv.slots[:, :, m.num_kv - m.q_len : m.num_kv]
+            else:
+                slots = m.new_slots.to(kv.device)
+            slices.append(kv.slice(m.q_start, m.q_len, slots))
+        ids, pos = torch.tensor(f.input_ids, dtype=torch.int64), torch.tensor(f.positions, dtype=torch.int64)
+        return ForwardBatch(ids, pos, slices, torch.zeros(0, dtype=torch.int64))
 
     def on_all_ranks(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn` must pickle (a module-level function or a bound method of a picklable object)."""
-        return self._mirrored("_run_fn", lambda: fn(self, *args), fn, *args)
-
-    def _run_fn(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._records:
+            self._send(OnAllRanks(fn, args))
         self._depth += 1
         try:
             return fn(self, *args)
         finally:
             self._depth -= 1
+
+    # ---- followers ---------------------------------------------------------------------------------
+    def _apply(self, op: PageOp) -> None:
+        """Replay one of rank 0's page ops on this rank's shard (same order, same page ids)."""
+        if isinstance(op, NewSeq):
+            sid = self._id(self.new_seq_kv())
+            if sid != op.seq_id:
+                raise RuntimeError(f"tensor-parallel ranks out of step: sequence {sid}, rank 0 has {op.seq_id}")
+        elif isinstance(op, Attach):
+            items = [(self._segments[i], _unpack_positions(p), vis) for i, p, vis in op.items]
+            self.attach_many(self._seqs[op.seq_id], items)  # type: ignore[arg-type]
+        elif isinstance(op, Append):
+            self.append(self._seqs[op.seq_id], _unpack_positions(op.positions))
+        elif isinstance(op, Override):
+            self.override(self._seqs[op.seq_id], op.token_index)
+        elif isinstance(op, Truncate):
+            self.truncate(self._seqs[op.seq_id], op.num_tokens)
+        elif isinstance(op, Release):
+            self.release(self._seqs[op.seq_id])
+        elif isinstance(op, DropSegment):
+            self.drop_segment(self._segments[op.segment_id])
+
+    def _act(self, action: Action) -> None:
+        if isinstance(action, Forward):
+            self.forward(self._follower_batch(action), None, action.num_layers)
+        elif isinstance(action, WriteSegment):
+            seg = self.write_segment(action.k, action.v, action.visible)
+            if seg.segment_id != action.segment_id:
+                raise RuntimeError(
+                    f"tensor-parallel ranks out of step: segment {seg.segment_id}, rank 0 has {action.segment_id}"
+                )
+        elif isinstance(action, ReadTokens):
+            self.read_tokens(self._seqs[action.seq_id], action.start, action.end)
+        elif isinstance(action, OnAllRanks):
+            self.on_all_ranks(action.fn, *action.args)
+
+    def follow(self) -> None:
+        """Followers: apply rank 0's messages until it sends `Stop` (`close`)."""
+        if self.tp_rank == 0:
+            raise RuntimeError("rank 0 drives; only followers follow")
+        while True:
+            msg = self._receive()
+            for op in msg.ops:
+                try:
+                    self._apply(op)
+                except Exception:  # rank 0 met the same error in the same call (lockstep)
+                    log.exception("tensor-parallel follower: %s failed", type(op).__name__)
+            if isinstance(msg.action, Stop):
+                return
+            try:
+                self._act(msg.action)
+            except Exception:
+                log.exception("tensor-parallel follower: %s failed", type(msg.action).__name__)
+            for i in msg.forget_seqs:  # after the ops and the action: they may still have named these
+                self._seqs.pop(i, None)
+            for i in msg.forget_segments:
+                self._segments.pop(i, None)
+
+    def close(self) -> None:
+        """Rank 0: release the followers (they return from `follow`). Idempotent."""
+        if self.tp_rank == 0 and not self._closed:
+            self._closed = True
+            self._send(Stop())
+            for p in self._children:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
     def info(self) -> dict:
         mc = self.full_config

@@ -58,9 +58,26 @@ def _run_all(engine: Any, tmp: Path) -> dict[str, Any]:
         reuse = req.reuse
         out[name] = (req.output_ids, reuse.recomputed_tokens if reuse else None, reuse.stats if reuse else None)
     asm.close()
-    out["free_pages"] = runner.allocator.num_free
-    out["num_pages"] = runner.pool.num_pages
+    out["free_pages"] = runner.free_pages
+    out["num_pages"] = runner.num_pages
     return out
+
+
+def _decode_messages(engine: Any, counted: list[int]) -> list[int]:
+    """Control messages rank 0 sends in each decode step of 4 sequences (`counted[0]`: messages so far)."""
+    from redknot_rag.sampling import SamplingParams
+
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    reqs = [engine.make_request(engine.tokenizer.encode(p), greedy) for p in PROMPTS + ["x y z"]]
+    for r in reqs:
+        engine.submit(r)
+    engine.step()  # the prefill step
+    per_step = []
+    while not all(r.is_finished for r in reqs):
+        before = counted[0]
+        engine.step()
+        per_step.append(counted[0] - before)
+    return per_step
 
 
 def _rank(rank: int, size: int, port: int, tmp: str, results: Any) -> None:
@@ -81,15 +98,25 @@ def _rank(rank: int, size: int, port: int, tmp: str, results: Any) -> None:
         cfg = EngineConfig(model_path="tiny-gqa", device="cpu", dtype="float32", cpu_kv_gib=0.02)
         runner = TPRunner(cfg, load_model("tiny-gqa"))
         if rank == 0:
+            counted = [0]
+            send = dist.broadcast_object_list
+
+            def counting(*a: Any, **kw: Any) -> Any:
+                counted[0] += 1
+                return send(*a, **kw)
+
+            dist.broadcast_object_list = counting  # every control message goes through it
             try:
-                out = _run_all(Engine(runner=runner), Path(tmp))
+                engine = Engine(runner=runner)
+                out = _run_all(engine, Path(tmp))
+                out["decode_messages"] = _decode_messages(engine, counted)
             finally:
                 runner.close()
             out["info"] = runner.info()
             results.put(("ok", out))
         else:
             runner.follow()
-            results.put(("follower", {"free_pages": runner.allocator.num_free, "objects": len(runner._objects)}))
+            results.put(("follower", {"free_pages": runner.free_pages, "seqs": sorted(runner._seqs)}))
         dist.destroy_process_group()
     except BaseException:
         results.put(("error", f"rank {rank}: {traceback.format_exc()}"))
@@ -153,6 +180,13 @@ def test_tp2_ranks_stay_in_lockstep(tp1: dict[str, Any], tp2: dict[str, Any]) ->
     out, follower = tp2["ok"], tp2["follower"]
     assert out["free_pages"] == out["num_pages"] == follower["free_pages"]
     assert tp1["free_pages"] == tp1["num_pages"]
+    assert len(follower["seqs"]) < 8  # twins of sequences rank 0 dropped are forgotten (dozens were made)
+
+
+def test_tp2_one_control_message_per_decode_step(tp2: dict[str, Any]) -> None:
+    """A decode step of 4 sequences reaches the follower as one message (the batch with its page ops)."""
+    steps = tp2["ok"]["decode_messages"]
+    assert len(steps) >= 4 and set(steps) == {1}
 
 
 def test_shard_refuses_what_does_not_divide(loaded_default: Any) -> None:

@@ -42,10 +42,10 @@ def true_deviation(runner: KVRunner, inp: ReuseInput, kv: SeqKV) -> torch.Tensor
     try:
         runner.attach(scratch, inp.anchor, torch.arange(a))
         new = runner.append_forward(scratch, ctx[a:], torch.arange(a, len(ctx))).slots  # [L, Hkv, n]
-        old = kv.slots[:, :, a : len(ctx)].to(new.device)  # [L, Hkv, n]
-        pool = runner.pool
-        dk = (pool.k_slots[new] - pool.k_slots[old]).float().norm(dim=-1)  # [L, Hkv, n]
-        dv = (pool.v_slots[new] - pool.v_slots[old]).float().norm(dim=-1)
+        k_new, v_new = runner.read_slots(new)  # [L, Hkv, n, D]
+        k_old, v_old = runner.read_slots(kv.slots[:, :, a : len(ctx)])
+        dk = (k_new - k_old).float().norm(dim=-1)  # [L, Hkv, n]
+        dv = (v_new - v_old).float().norm(dim=-1)
         dev = dk + dv
         dev = dev / dev.mean((1, 2), keepdim=True).clamp_min(1e-12)  # [L, Hkv, n], each layer's mean 1
         out = torch.zeros(len(ctx))

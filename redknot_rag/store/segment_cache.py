@@ -59,7 +59,10 @@ class SegmentCache:
         self.hits = 0
         self.misses = 0
         dev = torch.device(runner.device)
-        self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None  # host -> pool copies
+        # host -> pool copies on a side stream (one rank; under tensor parallelism every load is a
+        # synchronous `write_segment`, which reaches every rank in one message)
+        gpu = dev.type == "cuda" and runner.tp_size == 1
+        self.stream = torch.cuda.Stream(device=dev) if gpu else None
         self._pending: list[torch.cuda.Event] = []  # copies issued on `stream` that no consumer waited for
         self._layer_events: list[list[torch.cuda.Event | None]] = []  # per layered batch: per layer
         self._loaded: dict[str, torch.cuda.Event] = {}  # segment -> the event after its copies
@@ -109,23 +112,22 @@ class SegmentCache:
         if blocks is None:
             return None if fallback is None else self._write(key, fallback)
         r = self.runner
-        if self.stream is None:  # CPU: a plain synchronous write
+        if self.stream is None:  # CPU (or tensor parallel): a plain synchronous write
             k, v, visible = assemble_blocks(blocks, num_tokens, r.dtype)
             self._make_room(r.segment_pages(k))
             return self._insert(key, r.write_segment(k, v, visible))
         nl, nh, d, visible = blocks_geometry(blocks, num_tokens)
         num_pages = -(-num_tokens // r.page_size)
         self._make_room(nl * nh * num_pages)
-        pages = torch.from_numpy(r.allocator.allocate(nl * nh * num_pages)).view(nl, nh, num_pages)
-        seg = KVSegment(pages, num_tokens, is_shared=True, visible=visible)
-        plan = load_plan(blocks, pages, r.page_size, num_tokens, visible)
+        seg = r.allocate_segment(num_tokens, visible)
+        plan = load_plan(blocks, seg.pages, r.page_size, num_tokens, visible)
         # pinned so the index upload is asynchronous too: the host never waits on the side stream
         index_host = plan.index.pin_memory()
         main = torch.cuda.current_stream(r.device)
         self.stream.wait_stream(main)  # fresh pages may still be read by work queued before (a dropped segment)
         with torch.cuda.stream(self.stream):
             index = index_host.to(r.device, non_blocking=True)
-            run_plan(plan, r.pool.k_slots, r.pool.v_slots, index)
+            r.write_pages(lambda k_slots, v_slots: run_plan(plan, k_slots, v_slots, index))
             done = torch.cuda.Event()
             done.record(self.stream)
         self._pending.append(done)
@@ -151,7 +153,7 @@ class SegmentCache:
             nonlocal batch_pages
             if batch:
                 last = self._issue(
-                    lambda: issue_layered(batch, r.pool.k_slots, r.pool.v_slots, layers_per_event, self.stream)
+                    lambda: r.write_pages(lambda k, v: issue_layered(batch, k, v, layers_per_event, self.stream))
                 )
                 if last is not None:
                     self._loaded.update(dict.fromkeys(batch_keys, last))
@@ -176,9 +178,8 @@ class SegmentCache:
             if batch_pages + num_pages > self.max_pages or not self._room_without(batch_keys, num_pages):
                 flush()  # the planned segments must not be evicted before their copies are queued
             self._make_room(num_pages)
-            pages = torch.from_numpy(r.allocator.allocate(num_pages)).view(nl, nh, -1)
-            seg = self._insert(key, KVSegment(pages, num_tokens, is_shared=True, visible=visible))
-            batch.append(load_plan(blocks, pages, r.page_size, num_tokens, visible))
+            seg = self._insert(key, r.allocate_segment(num_tokens, visible))
+            batch.append(load_plan(blocks, seg.pages, r.page_size, num_tokens, visible))
             batch_keys.add(key)
             batch_pages += num_pages
             out.append(seg)
@@ -228,7 +229,7 @@ class SegmentCache:
         kept = sum(self._segments[k].pages.numel() for k in keep if k in self._segments)
         # the pages of the segments outside `keep` (an upper bound: a dropped segment's pages free only
         # when no sequence holds them); O(|keep|), not O(resident segments), per planned chunk
-        free = self.runner.allocator.num_free + self._num_pages - kept
+        free = self.runner.free_pages + self._num_pages - kept
         return kept + need <= self.max_pages and need <= free
 
     def _issue(self, work: Callable[[], list[torch.cuda.Event | None]]) -> torch.cuda.Event | None:
@@ -281,8 +282,8 @@ class SegmentCache:
 
     def _make_room(self, need: int) -> None:
         """Evict least recently used segments until `need` more pages fit; waits only for their copies."""
-        alloc = self.runner.allocator
-        while self._segments and (self.num_pages + need > self.max_pages or not alloc.can_allocate(need)):
+        r = self.runner
+        while self._segments and (self.num_pages + need > self.max_pages or not r.can_allocate(need)):
             key, old = self._segments.popitem(last=False)
             self._num_pages -= old.pages.numel()
             self._release(key, old)
