@@ -142,7 +142,7 @@ def _cmd_docs(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:
-    from redknot_rag.limits import MAX_DOCUMENT_BYTES
+    from redknot_rag.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_TOKENS
     from redknot_rag.options import add_engine_args
     from redknot_rag.store.store_config import add_store_args
 
@@ -159,6 +159,12 @@ def register_cli(sub) -> None:
         type=int,
         default=MAX_DOCUMENT_BYTES,
         help="larger files (or .jsonl lines) are refused, as `redknot serve` refuses them",
+    )
+    p.add_argument(
+        "--max-document-tokens",
+        type=int,
+        default=MAX_DOCUMENT_TOKENS,
+        help="documents of more tokens are refused before anything is written, as `redknot serve` refuses them",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_store_args(p)

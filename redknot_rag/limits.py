@@ -1,8 +1,9 @@
 """Input limits shared by the HTTP API (schemas.py) and the CLI, so both refuse the same input.
 
 A document's KV costs ~23 KB per token with the default model stored in bf16 (30 layers x 3 KV heads x
-64 dims x K and V x 2 bytes), about 6 KB per byte of English text: the 2 MB document limit bounds one
-document's stored KV near 12 GB. A question must fit the context with room to answer; the server also
+64 dims x K and V x 2 bytes), about 6 KB per byte of English text. Characters do not bound tokens (a
+zero-width character is a token of 3 bytes), so a document is limited in tokens too: 500k tokens bound its
+stored KV near 12 GB. A question must fit the context with room to answer; the server also
 checks its token count against the model context before any retrieval or KV work.
 """
 
@@ -17,6 +18,9 @@ import regex
 from redknot_rag.retrieval.parser import SUPPORTED_SUFFIXES
 
 MAX_DOCUMENT_BYTES = 2_000_000  # one document's text (UTF-8), one file, or one line of a .jsonl file
+# one document's tokens: what bounds its KV (~11.5 GB in bf16 on the default model), whatever its characters
+# (2 MB of English text is ~500k tokens; 1.8 MB of zero-width characters is ~600k)
+MAX_DOCUMENT_TOKENS = 500_000
 MAX_DOCUMENTS_PER_INGEST = 1_000  # documents in one /ingest body
 MAX_PATHS_PER_INGEST = 64  # server-side paths in one /ingest body
 MAX_QUESTION_CHARS = 16_000  # /query and /retrieve; the token count is checked against the context too

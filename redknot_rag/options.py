@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from redknot_rag.config import EngineConfig
+from redknot_rag.limits import MAX_DOCUMENT_TOKENS
 from redknot_rag.rag.factory import DEFAULT_DATA_DIR, ServiceSettings
 
 
@@ -66,5 +67,6 @@ def service_settings_from_args(
         store=store,
         local_heads_from_profile=from_profile,
         chunk_tokens=getattr(args, "chunk_tokens", None) or 256,
+        max_document_tokens=getattr(args, "max_document_tokens", None) or MAX_DOCUMENT_TOKENS,
         threaded=threaded,
     )

@@ -63,8 +63,7 @@ def start_server(tmp: Path, *extra: str, data_dir: Path | None = None) -> Server
         "0.25",
         *extra,
     ]
-    if data_dir is not None:
-        cmd += ["--data-dir", str(data_dir)]
+    cmd += ["--data-dir", str(data_dir if data_dir is not None else tmp / "data")]  # never the user's folder
     log_path = tmp / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from redknot_rag.config import EngineConfig
+from redknot_rag.limits import MAX_DOCUMENT_TOKENS
 from redknot_rag.reuse import make_policy
 from redknot_rag.store.store_config import HeadCompression, StoreConfig
 
@@ -40,6 +41,7 @@ class ServiceSettings:
     # store settings that depend on the loaded model (the eval harness's named settings): replaces `store`
     store_for_model: Callable[[KVRunner, HeadProfile | None], StoreConfig] | None = None
     chunk_tokens: int = 256
+    max_document_tokens: int = MAX_DOCUMENT_TOKENS  # larger documents are refused (TooLargeError, 413)
     # the forward runs on the engine's own thread, as in the server; False for a caller that steps the
     # engine itself (the fidelity harness: `Engine.step(only=...)` per policy)
     threaded: bool = True
@@ -70,5 +72,10 @@ def build_service(settings: ServiceSettings, runner: KVRunner | None = None) -> 
             raise ValueError("--store-local-heads profile needs a head profile for this model (redknot profile-heads)")
         store = dataclasses.replace(store, heads=HeadCompression.from_profile(profile))
     return RagService(
-        engine, settings.data_dir, settings.reuse_policy, chunk_tokens=settings.chunk_tokens, store_config=store
+        engine,
+        settings.data_dir,
+        settings.reuse_policy,
+        chunk_tokens=settings.chunk_tokens,
+        store_config=store,
+        max_document_tokens=settings.max_document_tokens,
     )

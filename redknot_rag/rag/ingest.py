@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from redknot_rag.engine import Engine
+from redknot_rag.limits import MAX_DOCUMENT_TOKENS, TooLargeError
 from redknot_rag.rag.assemble import Assembler
 from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, chunk_key
 from redknot_rag.store import ChunkKVStore
 
 log = logging.getLogger("redknot.rag")
 Progress = Callable[[str, int, int, int], None]  # (stage, chunks done, tokens done, tokens total)
+
+
+class IngestCancelled(RuntimeError):
+    """The ingest's caller left (`cancel` was set). What was written stays consistent: documents and
+    chunks committed so far are searchable, chunks without KV are the backlog the next ingest finishes
+    (and says so: `IngestSummary.resumed_kv_chunks`)."""
 
 
 @dataclass
@@ -54,8 +62,10 @@ class Ingestor:
         store: ChunkKVStore,
         assembler: Assembler,
         matcher: ChunkMatcher,
+        max_document_tokens: int = MAX_DOCUMENT_TOKENS,
     ) -> None:
         self.engine = engine
+        self.max_document_tokens = max_document_tokens
         self.layout = layout
         self.db = db
         self.retriever = retriever
@@ -68,7 +78,33 @@ class Ingestor:
         """The chunk's KV key (recorded in the DB; computed for rows written before it was recorded)."""
         return row.kv_key or chunk_key(self.layout.chunk_ids(row.text))
 
-    def ingest(self, docs, namespace: str, with_kv: bool, progress: Progress | None) -> IngestSummary:
+    def check_tokens(self, docs) -> None:
+        """`TooLargeError` (413) for a document over `max_document_tokens` tokens, before anything is
+        written. Tokens, not characters, bound a document's KV: 1.8 MB of zero-width characters is ~600k
+        tokens (~14 GB of bf16 KV on the default model) though it passes the byte limit."""
+        tok = self.engine.tokenizer
+        for d in docs:
+            n = len(tok(d.text, add_special_tokens=False)["input_ids"])
+            if n > self.max_document_tokens:
+                raise TooLargeError(
+                    f"document {d.doc_id!r}: {n} tokens exceeds the limit of {self.max_document_tokens} tokens"
+                )
+
+    def ingest(
+        self,
+        docs,
+        namespace: str,
+        with_kv: bool,
+        progress: Progress | None,
+        cancel: threading.Event | None = None,
+        *,
+        checked: bool = False,
+    ) -> IngestSummary:
+        """Write `docs` (parsed) into `namespace`. `checked`: `check_tokens` already ran on them. Once
+        `cancel` is set (the HTTP client left) the ingest stops between stages and KV batches with
+        `IngestCancelled`."""
+        if not checked:
+            self.check_tokens(docs)
         t0 = time.perf_counter()
         summary = IngestSummary(namespace, documents=len(docs))
         self.db.create_namespace(namespace)
@@ -78,6 +114,7 @@ class Ingestor:
             if row is not None and row.content_hash != d.content_hash:
                 old_rows.extend(self.db.chunks_for_doc(namespace, d.doc_id))
         old_keys = {self.key_of(r) for r in old_rows}
+        _check(cancel)
         report = self.retriever.ingest(namespace, docs, self.chunker)
         summary.changed_documents = report.num_changed
         summary.removed_chunks = len(report.removed_ids)
@@ -99,13 +136,17 @@ class Ingestor:
                     "finishing chunk KV an interrupted ingest left",
                     extra={"namespace": namespace, "chunks": summary.resumed_kv_chunks},
                 )
-            summary.kv_chunks, summary.kv_bytes = self.precompute_kv(todo, progress)
+            summary.kv_chunks, summary.kv_bytes = self.precompute_kv(todo, progress, cancel=cancel)
         self.drop_unreferenced(old_keys)
         summary.seconds = time.perf_counter() - t0
         return summary
 
     def precompute_kv(
-        self, rows: Sequence, progress: Progress | None = None, batch_tokens: int = 2048
+        self,
+        rows: Sequence,
+        progress: Progress | None = None,
+        batch_tokens: int = 2048,
+        cancel: threading.Event | None = None,
     ) -> tuple[int, int]:
         """Prefill chunks behind the anchor and store their KV; marks each chunk done when durable.
         Returns (chunks done, bytes of KV stored: as the store holds them, not as prefilled)."""
@@ -115,6 +156,7 @@ class Ingestor:
             progress("kv", 0, 0, total_tokens)
         prefiller = self.assembler.prefiller
         while i < len(rows):
+            _check(cancel)
             batch: list = []
             ids: list[list[int]] = []
             n = 0
@@ -154,6 +196,11 @@ class Ingestor:
             self.matcher.remove(self.layout.chunk_ids(r.text), namespace)
         self.drop_unreferenced(keys)
         return True
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise IngestCancelled("ingest cancelled: the client left")
 
 
 def parse_paths(paths: Sequence[str | Path]):

@@ -8,6 +8,7 @@ submits them to the engine the same way as any other request, and `discard`s tho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from redknot_rag.chat import DEFAULT_SYSTEM
 from redknot_rag.engine import Engine
 from redknot_rag.heads import HeadProfile, load_profile_for
-from redknot_rag.limits import TooLargeError, is_blank
+from redknot_rag.limits import MAX_DOCUMENT_TOKENS, TooLargeError, is_blank
 from redknot_rag.rag.assemble import Assembler, Timing
 from redknot_rag.rag.ingest import Ingestor, IngestSummary, Progress, parse_paths, parse_texts
 from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, chunk_key, make_fingerprint
@@ -94,6 +95,7 @@ class RagService:
         embedder=None,
         profile: HeadProfile | None = None,
         store_config: StoreConfig | None = None,
+        max_document_tokens: int = MAX_DOCUMENT_TOKENS,
     ) -> None:
         from redknot_rag.retrieval.chunker import Chunker
         from redknot_rag.retrieval.docdb import DocDB
@@ -123,7 +125,15 @@ class RagService:
         self.assembler = Assembler(engine, self.layout, self.store, profile=profile)
         self.matcher = ChunkMatcher(self.layout)
         self.ingestor = Ingestor(
-            engine, self.layout, self.db, self.retriever, self.chunker, self.store, self.assembler, self.matcher
+            engine,
+            self.layout,
+            self.db,
+            self.retriever,
+            self.chunker,
+            self.store,
+            self.assembler,
+            self.matcher,
+            max_document_tokens=max_document_tokens,
         )
         self._lock = threading.Lock()
         for ns in self.db.list_namespaces():
@@ -180,14 +190,22 @@ class RagService:
         return self.ingestor.ingest(parse_texts(docs), namespace, with_kv, progress)
 
     def ingest_texts_and_paths(
-        self, docs: Sequence[dict], paths: Sequence[str | Path], namespace: str = "default"
+        self,
+        docs: Sequence[dict],
+        paths: Sequence[str | Path],
+        namespace: str = "default",
+        cancel: threading.Event | None = None,
     ) -> tuple[IngestSummary | None, IngestSummary | None]:
-        """Both kinds in one call, all or nothing at parsing: every text and every file is parsed before
-        anything is written, so a bad file (IngestError) or text (ValueError) leaves the store as it was."""
+        """Both kinds in one call, all or nothing at parsing: every text and every file is parsed and its
+        tokens counted before anything is written, so a bad file (IngestError), text (ValueError) or a
+        document over the token limit (TooLargeError) leaves the store as it was. `cancel`: see
+        `Ingestor.ingest`."""
         parsed_docs = parse_texts(docs) if docs else None
         parsed_paths = parse_paths(paths) if paths else None
-        out_docs = self.ingestor.ingest(parsed_docs, namespace, True, None) if parsed_docs else None
-        out_paths = self.ingestor.ingest(parsed_paths, namespace, True, None) if parsed_paths else None
+        self.ingestor.check_tokens([*(parsed_docs or ()), *(parsed_paths or ())])
+        ing = functools.partial(self.ingestor.ingest, namespace=namespace, with_kv=True, progress=None, cancel=cancel)
+        out_docs = ing(parsed_docs, checked=True) if parsed_docs else None
+        out_paths = ing(parsed_paths, checked=True) if parsed_paths else None
         return out_docs, out_paths
 
     def list_documents(self, namespace: str = "default") -> list[dict]:

@@ -9,9 +9,12 @@ any retrieval or KV work; the route checks only the server's character limit (41
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
 from redknot_rag.limits import InputLimits, TooLargeError
+from redknot_rag.rag.ingest import IngestCancelled, IngestSummary
 from redknot_rag.rag.service import Prepared, RagService, Source
 from redknot_rag.retrieval.docdb import NAMESPACE_PATTERN
 from redknot_rag.retrieval.parser import parse_binary
@@ -34,6 +38,8 @@ from redknot_rag.server.schemas import IngestRequest, QueryRequest, RetrieveRequ
 from redknot_rag.server.spec import request_body
 
 NamespaceParam = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
+log = logging.getLogger("redknot.server")
+_DISCONNECT_POLL_S = 0.5
 
 
 def _source(src: Source) -> dict[str, Any]:
@@ -187,7 +193,7 @@ def make_router(rt: Runtime) -> APIRouter:
             if d.format is not None:
                 text, info = await rt.run_blocking(parse_binary, files[d.doc_id], d.format, d.doc_id)
             docs.append({"doc_id": d.doc_id, "text": text, "metadata": {**info, **(d.metadata or {})}})
-        from_docs, from_paths = await rt.run_blocking(rag.ingest_texts_and_paths, docs, paths, body.namespace)
+        from_docs, from_paths = await _ingest_while_connected(rt, rag, request, docs, paths, body.namespace)
         if from_docs is not None:
             out["documents"] = dataclasses.asdict(from_docs)
         if from_paths is not None:
@@ -223,6 +229,26 @@ def make_router(rt: Runtime) -> APIRouter:
         return await delete(request, namespace, doc_id)
 
     return router
+
+
+async def _ingest_while_connected(
+    rt: Runtime, rag: RagService, request: HttpRequest, docs: list[dict[str, Any]], paths: list[Path], namespace: str
+) -> tuple[IngestSummary | None, IngestSummary | None]:
+    """The ingest on an executor thread, cancelled (between stages and KV batches) once the client leaves:
+    polled every `_DISCONNECT_POLL_S`; the handler's own cancellation cancels it too."""
+    cancel = threading.Event()
+    work = asyncio.ensure_future(rt.run_blocking(rag.ingest_texts_and_paths, docs, paths, namespace, cancel))
+    try:
+        while not work.done():
+            await asyncio.wait({work}, timeout=_DISCONNECT_POLL_S)
+            if not work.done() and await request.is_disconnected():
+                log.warning("ingest client left: cancelling", extra={"namespace": namespace})
+                cancel.set()
+        return work.result()
+    except IngestCancelled as e:
+        raise ApiError(499, str(e)) from None  # nobody reads it: the client is gone
+    finally:
+        cancel.set()  # no-op once done; stops the worker if this handler was cancelled
 
 
 def _final(job: Job, prepared: Prepared, sources: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from redknot_rag.limits import MAX_DOCUMENT_BYTES, MAX_QUESTION_CHARS
+from redknot_rag.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_TOKENS, MAX_QUESTION_CHARS
 from redknot_rag.rag.factory import DEFAULT_DATA_DIR, ServiceSettings
 from redknot_rag.reuse import POLICY_NAMES
 from redknot_rag.server.auth import TenantKey
@@ -90,6 +90,12 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument(
         "--max-document-bytes", type=int, default=MAX_DOCUMENT_BYTES, help="larger documents or files get 413"
+    )
+    p.add_argument(
+        "--max-document-tokens",
+        type=int,
+        default=MAX_DOCUMENT_TOKENS,
+        help="documents of more tokens get 413 (tokens bound a document's KV; characters do not)",
     )
     p.add_argument("--max-question-chars", type=int, default=MAX_QUESTION_CHARS, help="longer questions get 413")
     p.add_argument("--served-model-name", default=None, help="model name of /v1 (default: the model file's name)")
