@@ -251,14 +251,15 @@ class RagService:
         reuse_policy: str | None = None,
         params: SamplingParams | None = None,
         sources: list[Source] | None = None,
+        question_ids: list[int] | None = None,
     ) -> Prepared:
         """Retrieve and assemble a `/query` request (not submitted). The question is validated before any
-        work (`question_ids`); a policy name is parsed where it enters (the HTTP schema, `ServiceSettings`)
-        and looked up here by the assembler."""
+        work (`question_ids`; a caller that validated it first passes the ids); a policy name is parsed
+        where it enters (the HTTP schema, `ServiceSettings`) and looked up here by the assembler."""
         t0 = time.perf_counter()
         params = params or SamplingParams(max_new_tokens=64)
         name = reuse_policy or self.default_policy
-        q_ids = self.question_ids(question)
+        q_ids = question_ids if question_ids is not None else self.question_ids(question)
         if sources is None:
             sources = self._search(question, top_k, namespace)
         timing = Timing()

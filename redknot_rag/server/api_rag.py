@@ -117,6 +117,7 @@ def make_router(rt: Runtime) -> APIRouter:
         body = await read_model(request, QueryRequest, limit)
         principal_of(request).require_namespace(body.namespace)
         check_question_chars(rt, body.question)
+        q_ids = await rt.run_blocking(rag.question_ids, body.question)  # the one check, before any other
         params = sampling_from_fields(
             {
                 "max_new_tokens": body.max_new_tokens,
@@ -136,6 +137,7 @@ def make_router(rt: Runtime) -> APIRouter:
             namespace=body.namespace,
             reuse_policy=body.reuse_policy or None,
             params=params,
+            question_ids=q_ids,
         )
         (job,) = await rt.submit([Job(prepared.request, owner=principal_of(request).name)])
         sources = [_source(s) for s in prepared.sources]
