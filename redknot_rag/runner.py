@@ -142,6 +142,7 @@ class KVRunner:
         # per-head windows in the pool (window.py): local blocks of engine sequences keep sink + window
         self.pool_windows: PoolWindows | None = None
         self.pool_windows_reason = "off"
+        self.pages_released = 0  # page references dropped by window slides (a counter for /metrics)
         self.set_pool_windows(cfg.pool_local_heads)
         name = (
             auto_backend(self.device, self.model_config) if cfg.attention_backend == "auto" else cfg.attention_backend
@@ -236,7 +237,9 @@ class KVRunner:
         returns the page references dropped. Not under tensor parallelism yet (each rank would slide)."""
         if self.tp_size > 1:
             return 0
-        return kv.slide(self.allocator)
+        n = kv.slide(self.allocator)
+        self.pages_released += n
+        return n
 
     def attach(
         self, kv: SeqKV, segment: KVSegment, positions: torch.Tensor, visible: torch.Tensor | None = None
@@ -345,8 +348,9 @@ class KVRunner:
         return self.allocator.can_allocate(num_pages)
 
     def private_pages(self, kv: SeqKV) -> int:
-        """Pages `kv` owns privately for appended tokens, over all its (layer, KV head) blocks."""
-        return len(kv.private_pages) * kv.num_layers * kv.num_kv_heads
+        """Private page references `kv` holds for appended tokens, over all its (layer, KV head) blocks,
+        after pool-window releases: what the scheduler's reservation of it has used so far."""
+        return kv.private_pages_held()
 
     def positions_of(self, kv: SeqKV, token_index: torch.Tensor) -> torch.Tensor:
         """RoPE positions of tokens `token_index` `[n]` of `kv`: `[n]` int64 on the host."""

@@ -52,7 +52,8 @@ def shapes() -> list[tuple[str, ModelConfig, PoolWindows | None, torch.dtype]]:
     del smol
     try:
         gemma = load_model("gemma3-270m", dtype=torch.float32, device="cpu")
-        out.append(("Gemma-3-270M (sliding layers)", gemma.config, PoolWindows.from_architecture(gemma.config), torch.bfloat16))
+        arch = PoolWindows.from_architecture(gemma.config)
+        out.append(("Gemma-3-270M (sliding layers)", gemma.config, arch, torch.bfloat16))
     except Exception as e:  # the GGUF packages are optional
         print(f"Gemma-3 skipped: {e}", flush=True)
     cfg = llama3_8b()
