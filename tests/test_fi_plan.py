@@ -184,3 +184,34 @@ def test_gpu_flashinfer_reuse_paths(segments, recompute, question, part_a):
 def test_gpu_flashinfer_plain_paths(specs, path):
     be = _compare_gpu(lambda c, p, a: build_batch(c, p, a, specs))
     assert be.path == path
+
+
+@cpu_emulation
+def test_auto_inside_rule(monkeypatch):
+    """`inside="auto"`: tiles (128 pairs high) for recompute batches, split only for a recompute share over
+    `SPLIT_MIN_SHARE` of a context at least `SPLIT_MIN_CONTEXT` long, neither for batches without inside
+    queries; the tiles path still matches the torch reference."""
+    import redknot_rag.attention.flashinfer_backend as fb
+
+    cfg, pool, alloc = _setup()
+    rot = Rotary(cfg, "cpu")
+    small = reuse_batch(cfg, pool, alloc, [8, 40, 40], list(range(8, 60)), 6)  # 52 of 88: a large share
+    be = FlashInferBackend(cfg, pool, rot, emulate=True)
+    assert be.inside == "auto"
+    be.plan(small)
+    assert be.path == "triton-tiles" and be.triton.block_m == 128
+    ref = TorchBackend(cfg, pool, rot)
+    ref.plan(small)
+    assert max(layer_errors(cfg, be, ref, small.num_tokens, "cpu", torch.float32)) < 1e-4
+    monkeypatch.setattr(fb, "SPLIT_MIN_CONTEXT", 64)  # the same batch counted as "long": split
+    be.plan(small)
+    assert "triton-inside" in be.path and be.triton.block_m is None
+    few = reuse_batch(cfg, pool, alloc, [8, 40, 40], [9, 50], 6)  # 2 of 88: tiles even when long
+    be.plan(few)
+    assert be.path == "triton-tiles"
+    tail = reuse_batch(cfg, pool, alloc, [8, 40, 40], [], 6)  # no inside queries: FlashInfer
+    be.plan(tail)
+    assert "tiles" not in be.path and be.triton.block_m is None
+    be.inside = "tile"
+    with pytest.raises(ValueError, match="inside must be"):
+        be.plan(small)

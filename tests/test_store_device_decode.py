@@ -154,10 +154,14 @@ def test_device_rows_model_shape_cpu(codec: Codec) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("codec", [Codec.INT8, Codec.INT4])
 def test_device_rows_model_shape_gpu(codec: Codec) -> None:
-    """The model-sized layer group decoded on CUDA: bit for bit the CPU reference, in < 1 GiB of GPU memory."""
+    """The model-sized layer group decoded on CUDA: bit for bit the CPU reference, in < 64 MiB of GPU memory
+    above what was allocated before (its payloads and rows are ~3 MB a chunk; memory that earlier tests of
+    the session still hold is not this test's: an absolute bound failed on that, H100 2026-12-08)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     _check_model_shape_rows(codec, "cuda")
-    assert torch.cuda.max_memory_allocated() < 1 << 30
+    assert torch.cuda.max_memory_allocated() - base < 64 << 20
 
 
 def _check_model_shape_rows(codec: Codec, device: str) -> None:
@@ -395,7 +399,7 @@ def test_segment_cache_device_decode_gpu(tmp_path: Path) -> None:
             for i in range(4):
                 _put(store, f"c{i}", 30 + i, torch.bfloat16)
         store.evict()
-        cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+        cache = SegmentCache(runner, max_pages=runner.num_pages)
         segs = cache.get_from_store(store, [(f"c{i}", T, None) for i in range(4)])
         cache.ready()
         kv = []

@@ -29,13 +29,15 @@ visible keys; `FlashInferBackend.local_inside = True`); `@local-triton` is the s
 (`local_inside = False`, the engine's default since it measured faster); `@local-split` runs the
 recompute forward and then the question forward, timed apart (`recompute_s`, `question_s`).
 
-`@tiles` runs queries inside the context (recompute) and the question in ONE Triton launch per layer
-whose query tiles stop at their last position (`FlashInferBackend.inside = "tiles"`) instead of the
-default FlashInfer part A + Triton part B + merge (`"split"`); `@tiles-bm128` runs those tiles 128
-(token, q head) pairs high.
+Recompute (queries inside the context) runs on one of two paths: "tiles", the recompute and the question
+in ONE Triton launch per layer whose query tiles stop at their last position, or "split", FlashInfer part A
++ Triton part B + merge. The backend's default (`FlashInferBackend.inside = "auto"`) takes tiles 128 (token,
+q head) pairs high, and split only for large recompute shares of long contexts (the rule measured on an
+H100 on 2026-12-08). `@split` pins split, `@tiles` tiles with the kernel's own tile height, `@tiles-bm128`
+tiles 128 high.
 
 The default policy list is the price list of issue 21: full, naive, redknot at budgets 2-50% (`BUDGETS`)
-on the default path and on `@tiles`, and `@tiles-bm128` at 5% and 20%; `--policies legacy` runs the list
+on the default path and on `@split`, and `@tiles` at 5% and 20%; `--policies legacy` runs the list
 of earlier runs. The JSON's `price_list` holds one row per (context, budget, variant); `--plot` also
 draws `price_<card>.png` from it.
 
@@ -213,7 +215,6 @@ def select_tokens(
     every chunk. "redknot": those plus the top `ratio` of chunk tokens by the question's attention mass
     on `layers` (a probe pass through the first max(layers) + 1 layers on the engine's backend), over
     the heads `glob` `[L, Hkv]` marks global (None: every head; random weights have no head profile)."""
-    from redknot_rag.attention.probe import ProbeBackend
 
     spans = inp.chunk_spans()
     first = torch.cat([torch.arange(s, min(e, s + head_tokens)) for s, e in spans])
@@ -223,7 +224,7 @@ def select_tokens(
     n = int(round(ratio * (n_ctx - len(inp.anchor_ids))))
     q = inp.question_ids
     r = engine.runner
-    probe = ProbeBackend(r.model_config, r.pool, r.rotary, inner=r.backend, layers=layers)
+    probe = r.probe_backend(layers)
     try:
         r.append_forward(kv, q, torch.arange(n_ctx, n_ctx + len(q)), backend=probe, num_layers=max(layers) + 1)
     finally:
@@ -324,13 +325,14 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
     part_a = getattr(be, "part_a", None)
     if variant == "prerot" and part_a is not None:
         be.part_a = "pre-rotated-q"
-    inside = getattr(be, "inside", None)  # "@tiles": recompute in one Triton launch per layer (bounded tiles)
+    # "@tiles": recompute in one Triton launch per layer (bounded tiles) with the kernel's own tile height,
+    # "@tiles-bm128": those tiles 128 (token, q head) pairs high, "@split": FlashInfer part A + Triton part
+    # B + merge; no variant: the backend's default ("auto": tiles 128 high, split for large shares at 32K)
+    inside = getattr(be, "inside", None)
+    tiles_block_m = getattr(be, "tiles_block_m", None)
     if inside is not None:
-        be.inside = "tiles" if variant in ("tiles", "tiles-bm128") else "split"
-    tri = getattr(be, "triton", be)  # "@tiles-bm128": those tiles 128 (token, q head) pairs high
-    block_m = getattr(tri, "block_m", None)
-    if variant == "tiles-bm128" and hasattr(tri, "block_m"):
-        tri.block_m = 128
+        be.inside = {"tiles": "tiles", "tiles-bm128": "tiles", "split": "split"}.get(variant, "auto")
+        be.tiles_block_m = {"tiles": None, "tiles-bm128": 128}.get(variant, tiles_block_m)
     glob = vis = None
     local_inside = getattr(be, "local_inside", None)
     if variant in ("local", "local-split", "local-triton") and local_inside is not None:
@@ -369,9 +371,7 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
         if part_a is not None:
             be.part_a = part_a
         if inside is not None:
-            be.inside = inside
-        if hasattr(tri, "block_m"):
-            tri.block_m = block_m
+            be.inside, be.tiles_block_m = inside, tiles_block_m
         if local_inside is not None:
             be.local_inside = local_inside
     return out
@@ -466,7 +466,7 @@ def policy_list(spec: str, default_policy: str) -> list[str]:
     """`spec`: "price" (the default), "legacy" (the list of runs before issue 21) or a comma list."""
     if spec == "price":
         pols = ["full", "naive"] + [f"redknot:{b}" for b in BUDGETS]
-        return pols + [f"redknot:{b}@tiles" for b in BUDGETS] + [f"redknot:{b}@tiles-bm128" for b in (0.05, 0.2)]
+        return pols + [f"redknot:{b}@split" for b in BUDGETS] + [f"redknot:{b}@tiles" for b in (0.05, 0.2)]
     if spec == "legacy":
         pols = ["full", "full@eager", "naive", "naive@eager", "epic:16", default_policy, "redknot:0.1", "redknot:0.02"]
         pols = list(dict.fromkeys(pols)) + [default_policy + "@prerot", "naive@local"]
@@ -537,7 +537,7 @@ def main() -> None:
     data: dict[str, Any] = dict(
         card=card(), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (tiny)",
         torch=torch.__version__, backend=backend, tiny=tiny, chunk_tokens=chunk_len, question_tokens=q_len,
-        anchor_tokens=anchor_len, page_size=engine.config.page_size, pool_gib=engine.runner.pool.num_bytes / 2**30,
+        anchor_tokens=anchor_len, page_size=engine.config.page_size, pool_gib=engine.runner.pool_bytes / 2**30,
         probe_layers=args.probe_layers, default_policy=default_policy, ceilings=ceil, scenarios=[],
         notes=[f"policies @local/@local-triton/@local-split: SYNTHETIC head profile (random weights have none): "
                f"{LOCAL_GLOBAL_FRACTION:.0%} of kv heads per layer global, the rest local (anchor + last "
@@ -571,7 +571,7 @@ def main() -> None:
         hf_full(hf, warm.context_ids + question)
     data["warmup_s"] = t.s
     log(f"warm-up {t.s:.1f} s")
-    free_pages = engine.runner.allocator.num_free
+    free_pages = engine.runner.free_pages
     for k in scenarios:
         inp = ReuseInput(anchor, anchor_seg, chunks[:k], segs[:k], question)
         n_ctx = len(inp.context_ids)
@@ -601,7 +601,7 @@ def main() -> None:
             sc["policies"][name] = best
             shown = {a: (round(b, 4) if isinstance(b, float) else b) for a, b in best.items() if a != "ttft_all_s"}
             log(k, name, shown)
-            assert engine.runner.allocator.num_free == free_pages, "pages leaked"
+            assert engine.runner.free_pages == free_pages, "pages leaked"
         del cache
         free_memory()
         full = sc["policies"].get("full")
@@ -691,7 +691,8 @@ def plot_prices(d: dict, out: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
     for ctx in sorted({r["context_tokens"] for r in d["price_list"]}):
         color = None
-        for variant, style in (("default", "o-"), ("tiles", "s-.")):
+        styles = (("default", "o-"), ("split", "d--"), ("tiles", "s-."), ("tiles-bm128", "^-."))
+        for variant, style in styles:
             rows = [r for r in d["price_list"] if r["context_tokens"] == ctx and r.get("variant") == variant]
             if not rows:
                 continue

@@ -119,14 +119,32 @@ class _DecodeGraphState:
     new_slots: torch.Tensor  # [L, Hkv, bs] int32
 
 
-def has_inside_queries(batch: ForwardBatch) -> bool:
-    """Whether some sequence has queries inside its context (recompute): q positions not the tail of its
-    kv tokens, and not a fresh prefill (every kv token new)."""
+def inside_queries(batch: ForwardBatch) -> tuple[int, int]:
+    """(queries inside their context, longest context of those sequences): recompute queries are q positions
+    not at the tail of their sequence's kv tokens, in a sequence that is not a fresh prefill (every kv token
+    new). (0, 0) for a batch without them."""
     positions = batch.positions.cpu()
+    n = longest = 0
     for s in batch.seqs:
-        if 1 < s.q_len < s.num_kv and tail_len(positions[s.q_start : s.q_start + s.q_len], s.num_kv) < s.q_len:
-            return True
-    return False
+        if 1 < s.q_len < s.num_kv:
+            inside = s.q_len - tail_len(positions[s.q_start : s.q_start + s.q_len], s.num_kv)
+            if inside:
+                n, longest = n + inside, max(longest, s.num_kv)
+    return n, longest
+
+
+def has_inside_queries(batch: ForwardBatch) -> bool:
+    """Whether some sequence has queries inside its context (recompute)."""
+    return inside_queries(batch)[0] > 0
+
+
+# "auto" picks "split" over "tiles" only for batches that recompute more than this share of a context at
+# least `SPLIT_MIN_CONTEXT` long (H100, bench/rag_gpu/results_rag_H100_price.json, 2026-12-08, Llama-3-8B
+# shape): tiles were faster at every budget <= 20% (4K: 48 vs 168 ms at 5%; 32K: 224 vs 343 ms at 5%, 576
+# vs 669 ms at 20%) and at every budget at 4K, split only at 32K with 30% (852 vs 920 ms) and 50% (1258 vs
+# 1486 ms).
+SPLIT_MIN_SHARE = 0.25
+SPLIT_MIN_CONTEXT = 16384
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -149,9 +167,12 @@ class FlashInferBackend(AttentionBackend):
 
     # Batches with queries inside the context (recompute): "tiles" runs the whole batch on Triton, ONE
     # launch per layer whose query tiles stop at their last position (`seg_paged_attention`, `kv_sorted`);
-    # "split" maps it onto FlashInfer part A + Triton part B + merge (`flashinfer_plan`). "split" stays the
-    # default until the bench (bench/rag_gpu, `@tiles`) has measured "tiles" faster on a GPU.
-    inside: str = "split"
+    # "split" maps it onto FlashInfer part A + Triton part B + merge (`flashinfer_plan`); "auto" (the
+    # default) takes tiles except for large recompute shares of long contexts (`SPLIT_MIN_SHARE`).
+    inside: str = "auto"
+    # (token, q head) pairs per query tile on the tiles path (None: by the batch's longest row); 128
+    # measured faster than None (H100, 2026-12-08: 32K at 5% 224 vs 252 ms, at 20% 576 vs 654 ms).
+    tiles_block_m: int | None = 128
     # Positions per block of inside queries: part A (FlashInfer) reads the prefix once per block, part B
     # (Triton) reads at most `block` keys per query. None: about 16 blocks over the longest sequence
     # (a multiple of 512), which keeps part A's prefix re-reads and part B's share both small.
@@ -227,6 +248,15 @@ class FlashInferBackend(AttentionBackend):
             return self.pool.k.view(-1, 1, d), self.pool.v.view(-1, 1, d)
         return self.pool.k, self.pool.v
 
+    def _use_tiles(self, batch: ForwardBatch) -> bool:
+        """Whether a batch goes to the tiles path (`inside`): only batches with inside queries do."""
+        if self.inside not in ("auto", "tiles", "split"):
+            raise ValueError(f"FlashInferBackend.inside must be 'auto', 'tiles' or 'split', not {self.inside!r}")
+        n, longest = inside_queries(batch)
+        if not n or self.inside == "split":
+            return False
+        return self.inside == "tiles" or not (longest >= SPLIT_MIN_CONTEXT and n > SPLIT_MIN_SHARE * longest)
+
     def plan(self, batch: ForwardBatch) -> None:
         self.decode = self.eager_decode if not self.emulate else None
         self.graph_mode = False
@@ -235,7 +265,8 @@ class FlashInferBackend(AttentionBackend):
         ok = self.rope_ok and bool(batch.seqs) and all(s.layout.pos_is_index for s in batch.seqs)
         dev = self.pool.device
         p = None
-        tiles = ok and self.inside == "tiles" and has_inside_queries(batch)
+        tiles = ok and self._use_tiles(batch)
+        self.triton.block_m = self.tiles_block_m if tiles else None
         if ok and not tiles:
             block = self.block
             if block is None:
