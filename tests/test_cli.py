@@ -154,3 +154,12 @@ def test_ingest_summary_reports_the_bytes_stored(engine, tmp_path):
     assert s.kv_chunks == s.chunks >= 1 and s.kv_bytes % per_token == 0  # whole tokens (separators too)
     on_disk = sum(f.stat().st_size for f in (tmp_path / "data").rglob("*.rkv"))
     assert 0.97 * on_disk <= s.kv_bytes <= on_disk, (s.kv_bytes, on_disk)  # the files add only headers
+
+
+def test_service_settings_store_what_the_cli_stores():
+    """One default for the stored KV dtype: `ServiceSettings()` (benches, library callers) and the
+    `--store-dtype` flag of `ingest`/`serve` both store bf16."""
+    from redknot_rag.cli import build_parser
+    from redknot_rag.rag.factory import ServiceSettings
+
+    assert ServiceSettings().store.dtype == build_parser().parse_args(["ingest", "x"]).store_dtype == "bfloat16"

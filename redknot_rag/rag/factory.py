@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from redknot_rag.config import EngineConfig
 from redknot_rag.limits import MAX_DOCUMENT_TOKENS
 from redknot_rag.reuse import make_policy
-from redknot_rag.store.store_config import HeadCompression, StoreConfig
+from redknot_rag.store.store_config import DEFAULT_STORE_DTYPE, HeadCompression, StoreConfig
 
 if TYPE_CHECKING:
     from redknot_rag.heads import HeadProfile
@@ -36,7 +36,7 @@ class ServiceSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     data_dir: Path = DEFAULT_DATA_DIR
     reuse_policy: str | None = None  # None: the model's measured default (its head profile)
-    store: StoreConfig = field(default_factory=StoreConfig)
+    store: StoreConfig = field(default_factory=lambda: StoreConfig(dtype=DEFAULT_STORE_DTYPE))  # as the CLI
     local_heads_from_profile: bool = False  # `--store-local-heads profile`: heads from the model's profile
     # store settings that depend on the loaded model (the eval harness's named settings): replaces `store`
     store_for_model: Callable[[KVRunner, HeadProfile | None], StoreConfig] | None = None

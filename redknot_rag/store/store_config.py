@@ -16,6 +16,7 @@ from redknot_rag.store.fingerprint import dtype_from_name
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DECODE_ON = ("host", "device")  # where quantized blocks are decoded (StoreConfig.decode_on)
+DEFAULT_STORE_DTYPE = "bfloat16"  # what `redknot ingest`/`serve` and `rag.factory.ServiceSettings` store
 
 
 def parse_bytes(text: str) -> int:
@@ -150,7 +151,7 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--store-dtype",
         choices=["bfloat16", "float16", "float32"],
-        default="bfloat16",
+        default=DEFAULT_STORE_DTYPE,
         help="storage dtype of chunk KV (float32 only when asked)",
     )
     g.add_argument(
