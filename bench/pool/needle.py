@@ -2,10 +2,12 @@
 
 Each case hides one sentence "The passkey for the <name> vault is <5 digits>." at a random depth
 (10-90%) of real filler text (the pydoc topics of this Python, `evaluation/corpus.py`) cut to the target
-length, and asks for it at the end (the model's chat template). Both arms run the SAME prompt through
-the engine (chunked prefill of `--chunk` tokens, greedy decode); the compressed arm's sequence is made
+length, and asks for it at the end as a completion ("... The passkey for the <name> vault is"). Both arms
+run the SAME prompt through the runner (prefill in `--chunk`-token steps as the engine chunks it, then one
+token per step, a window slide after each step as the engine does); the compressed arm's sequence is made
 with the runner's pool windows (local blocks keep sink + window; pages released after every step), the
-dense arm's without. Correct = the 5 digits appear in the first `--max-new-tokens` tokens. Per length:
+dense arm's without. Correct = greedy decoding yields the 5 digits (teacher-forced: every next-token
+argmax over the answer's positions matches; one token per step after the prefill, as decode runs). Per length:
 accuracies, the paired difference with its bootstrap 95% CI and exact McNemar p
 (`evaluation/paired_stats.py`), first-token agreement, and the pool bytes each arm held at the end of
 prefill.
@@ -42,48 +44,52 @@ def filler_paragraphs() -> list[str]:
     return paras
 
 
-def make_case(tok, paras: list[str], length: int, rng: random.Random) -> tuple[list[int], str]:
-    """Prompt ids (about `length` tokens, chat template) with the needle at a random depth; the answer."""
+def make_case(tok, paras: list[str], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """Prompt ids (about `length` tokens) with the needle at a random depth, ending where the answer
+    starts; and the answer's ids (the 5 digits)."""
     name, key = rng.choice(NAMES), f"{rng.randrange(10000, 100000)}"
-    needle = f"The passkey for the {name} vault is {key}. Remember it: {key}."
-    question = f"What is the passkey for the {name} vault? Answer with the number only."
-    start = rng.randrange(len(paras))
+    needle = f"The passkey for the {name} vault is {key}. Remember it: the passkey for the {name} vault is {key}."
+    head = "A passkey is hidden in the text below. Find it and remember it.\n\n"
+    tail = f"\n\nWhat is the passkey for the {name} vault? The passkey for the {name} vault is"
     body: list[str] = []
-    n = 0
-    i = start
-    while n < length - 60:
+    n, i = 0, rng.randrange(len(paras))
+    while n < length - 80:
         p = paras[i % len(paras)]
         body.append(p)
         n += len(tok(p, add_special_tokens=False)["input_ids"]) + 2
         i += 1
-    while len(body) > 1 and n > length - 60:  # trim the overshoot
+    while len(body) > 1 and n > length - 80:  # trim the overshoot
         n -= len(tok(body[-1], add_special_tokens=False)["input_ids"]) + 2
         body.pop()
-    body.insert(int(rng.uniform(0.1, 0.9) * len(body)), needle)
-    msg = "\n\n".join(body) + "\n\n" + question
-    ids = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    return list(ids), key
+    body.insert(int(rng.uniform(0.1, 0.9) * (len(body) + 1)), needle)
+    ids = tok(head + "\n\n".join(body) + tail, add_special_tokens=True)["input_ids"]
+    return list(ids), list(tok(" " + key, add_special_tokens=False)["input_ids"])
 
 
-def run_arm(engine, windows, ids: list[int], max_new: int) -> tuple[list[int], int]:
-    """Greedy answer through the engine with the runner's pool windows set to `windows`; and the page
-    references the sequence held right after its prefill (sampled by a step hook)."""
-    from redknot_rag.sampling import SamplingParams
-
-    runner = engine.runner
+def run_arm(runner, windows, ids: list[int], answer: list[int], chunk: int) -> tuple[list[int], int]:
+    """Greedy predictions for the answer's positions, teacher-forced (greedy decoding yields the answer iff
+    every prediction matches): the prompt in `chunk`-token prefill steps, then one token per step, with a
+    window slide after every step as the engine does. Returns (predictions, page references held after
+    the prefill)."""
     saved = runner.pool_windows
     runner.pool_windows = windows
+    kv = runner.new_seq_kv()
+    runner.pool_windows = saved
     try:
-        req = engine.submit(engine.make_request(ids, SamplingParams(max_new_tokens=max_new, ignore_eos=True)))
-        held = 0
-        while not req.is_finished:
-            engine.step()
-            if req.kv is not None and not held and req.output_ids:
-                held = sum(req.kv.held_pages())
-        return req.output_ids, held
+        n = len(ids)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            out = runner.append_forward(kv, ids[a:b], torch.arange(a, b), logits=b == n).logits
+            runner.slide(kv)
+        held = sum(kv.held_pages())
+        preds = [int(out[-1].argmax())]
+        for j, t in enumerate(answer[:-1]):
+            out = runner.append_forward(kv, [t], torch.arange(n + j, n + j + 1), logits=True).logits
+            runner.slide(kv)
+            preds.append(int(out[-1].argmax()))
+        return preds, held
     finally:
-        runner.pool_windows = saved
+        runner.release(kv)
 
 
 def main() -> None:
@@ -92,28 +98,28 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--cases", type=int, default=30)
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (EngineConfig.max_prefill_tokens)")
-    ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--mode", default="profile", help="the compressed arm's --pool-local-heads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     from redknot_rag.config import EngineConfig
-    from redknot_rag.engine import Engine
     from redknot_rag.loader import load_model
+    from redknot_rag.runner import KVRunner
 
     loaded = load_model(None if args.model == "default" else args.model, dtype=torch.float32, device="cpu")
     cfg = EngineConfig(device="cpu", dtype="float32", cpu_kv_gib=1.0, max_prefill_tokens=args.chunk,
                        pool_local_heads=args.mode, attention_backend="torch")  # fmt: skip
-    engine = Engine(cfg, loaded=loaded)
-    win = engine.runner.pool_windows
+    runner = KVRunner(cfg, loaded)
+    win = runner.pool_windows
     if win is None:
-        raise SystemExit(f"no pool windows for {loaded.name}: {engine.runner.pool_windows_reason}")
-    tok = engine.tokenizer
+        raise SystemExit(f"no pool windows for {loaded.name}: {runner.pool_windows_reason}")
+    tok = runner.tokenizer
     paras = filler_paragraphs()
     out: dict = dict(
         machine=machine(), model=loaded.name, windows=dict(source=win.source, sink=win.sink, window=win.window,
-        local_blocks=win.num_local, blocks=win.num_blocks), chunk=args.chunk, max_new_tokens=args.max_new_tokens,
+        local_blocks=win.num_local, blocks=win.num_blocks), chunk=args.chunk,
+        scoring="teacher-forced greedy match of the 5 answer digits",
         cases_per_length=args.cases, seed=args.seed, lengths=[],
     )  # fmt: skip
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -122,16 +128,16 @@ def main() -> None:
         held_d, held_c = [], []
         t0 = time.perf_counter()
         for c in range(args.cases):
-            ids, key = make_case(tok, paras, length, rng)
-            d_out, hd = run_arm(engine, None, ids, args.max_new_tokens)
-            c_out, hc = run_arm(engine, win, ids, args.max_new_tokens)
-            d_txt, c_txt = tok.decode(d_out), tok.decode(c_out)
-            dense_ok.append(key in d_txt)
-            comp_ok.append(key in c_txt)
-            first_same.append(d_out[:1] == c_out[:1])
+            ids, answer = make_case(tok, paras, length, rng)
+            d_out, hd = run_arm(runner, None, ids, answer, args.chunk)
+            c_out, hc = run_arm(runner, win, ids, answer, args.chunk)
+            dense_ok.append(d_out == answer)
+            comp_ok.append(c_out == answer)
+            first_same.append(d_out[0] == c_out[0])
             held_d.append(hd)
             held_c.append(hc)
-            rows.append(dict(tokens=len(ids), key=key, dense=d_txt, compressed=c_txt))
+            rows.append(dict(tokens=len(ids), answer=tok.decode(answer), dense=tok.decode(d_out),
+                             compressed=tok.decode(c_out)))  # fmt: skip
             print(f"{length} case {c}: {len(ids)} tok, dense {dense_ok[-1]} comp {comp_ok[-1]} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
         cmp = compare_paired(dense_ok, comp_ok)
