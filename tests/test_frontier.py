@@ -41,8 +41,8 @@ def tiny():
     from redknot_rag.chat import ChatFormat, encode
     from redknot_rag.config import EngineConfig
     from redknot_rag.engine import Engine
+    from redknot_rag.rag.chunk_prefill import ChunkPrefiller
     from redknot_rag.rag.layout import PromptLayout
-    from redknot_rag.rag.prefill import ChunkPrefiller
 
     engine = Engine(EngineConfig(model_path="tiny-gqa", device="cpu", dtype="float32", cpu_kv_gib=0.02))
     tok, runner = engine.tokenizer, engine.runner

@@ -27,7 +27,7 @@ def gpu_engine():
 
 
 def test_gpu_thousand_reused_requests_free_pages(gpu_engine):
-    from redknot_rag.rag.prefill import ChunkPrefiller
+    from redknot_rag.rag.chunk_prefill import ChunkPrefiller
     from redknot_rag.request import ReusedContext
     from redknot_rag.reuse import ReuseInput, make_policy
     from redknot_rag.sampling import SamplingParams

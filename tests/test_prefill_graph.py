@@ -150,7 +150,7 @@ def test_gpu_runner_question_prefill_graph_pages_and_refcounts():
     from redknot_rag.config import EngineConfig
     from redknot_rag.engine import Engine
     from redknot_rag.loader import LoadedModel
-    from redknot_rag.rag.prefill import ChunkPrefiller
+    from redknot_rag.rag.chunk_prefill import ChunkPrefiller
     from redknot_rag.reuse import ReuseInput, relocate
     from redknot_rag.sampling import SamplingParams
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from redknot_rag.chat import ChatFormat, encode
+from redknot_rag.rag.chunk_prefill import ChunkPrefiller
 from redknot_rag.rag.layout import PromptLayout
-from redknot_rag.rag.prefill import ChunkPrefiller
 from redknot_rag.request import ReusedContext
 from redknot_rag.reuse import ReuseInput, make_policy, relocate
 from redknot_rag.sampling import SamplingParams

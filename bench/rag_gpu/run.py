@@ -140,7 +140,7 @@ def build(tiny: bool, backend: str, dev: torch.device) -> tuple[Any, Any]:
 
 
 def ingest(engine: Any, anchor: list[int], chunks: list[list[int]], group: int) -> tuple[Any, list[Any]]:
-    from redknot_rag.rag.prefill import ChunkPrefiller
+    from redknot_rag.rag.chunk_prefill import ChunkPrefiller
 
     pf = ChunkPrefiller(engine.runner, anchor)
     segs = []

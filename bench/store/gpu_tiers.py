@@ -718,7 +718,7 @@ def main() -> None:
         anchor = rand(anchor_len)
         chunks = [rand(args.chunk_tokens) for _ in range(args.chunks)]
         question = rand(args.question_tokens)
-        from redknot_rag.rag.prefill import ChunkPrefiller
+        from redknot_rag.rag.chunk_prefill import ChunkPrefiller
         from redknot_rag.store.fingerprint import hash_token_ids
 
         pf = ChunkPrefiller(engine.runner, anchor)

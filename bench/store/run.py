@@ -40,8 +40,8 @@ def real_chunks(num_chunks: int, chunk_tokens: int) -> tuple[list[tuple[torch.Te
     from redknot_rag.config import EngineConfig
     from redknot_rag.engine import Engine
     from redknot_rag.heads import load_profile_for
+    from redknot_rag.rag.chunk_prefill import ChunkPrefiller
     from redknot_rag.rag.layout import PromptLayout, make_fingerprint
-    from redknot_rag.rag.prefill import ChunkPrefiller
 
     engine = Engine(EngineConfig(device="cpu", dtype="float32", cpu_kv_gib=0.5))
     runner = engine.runner

@@ -132,7 +132,7 @@ def last_logits(engine: Any, prompt: list[int]) -> torch.Tensor:
 
 def reuse_ttft(engine: Any, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     """TTFT per policy over `--chunks` x `--chunk-tokens` stored chunks."""
-    from redknot_rag.rag.prefill import ChunkPrefiller
+    from redknot_rag.rag.chunk_prefill import ChunkPrefiller
     from redknot_rag.request import ReusedContext
     from redknot_rag.reuse import ReuseInput, make_policy
     from redknot_rag.sampling import SamplingParams

@@ -1,4 +1,4 @@
-"""RAG on stored chunk KV: `layout` (the prompt contract), `prefill` (chunk KV behind the anchor),
+"""RAG on stored chunk KV: `layout` (the prompt contract), `chunk_prefill` (chunk KV behind the anchor),
 `assemble` (the one way to build a reused request), `ingest`, `service` (the facade), `profiling`
 (head-profile calibration)."""
 

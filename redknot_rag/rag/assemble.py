@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from redknot_rag.engine import Engine
 from redknot_rag.heads import HeadProfile, load_profile_for
+from redknot_rag.rag.chunk_prefill import ChunkPrefiller
 from redknot_rag.rag.layout import PromptLayout, chunk_key
-from redknot_rag.rag.prefill import ChunkPrefiller
 from redknot_rag.request import Request, ReusedContext
 from redknot_rag.reuse import ReuseInput, ReusePolicy, make_policy
 from redknot_rag.sampling import SamplingParams

@@ -18,8 +18,8 @@ import torch
 from redknot_rag.chat import encode
 from redknot_rag.heads import HeadProfile
 from redknot_rag.kvcache import KVSegment
+from redknot_rag.rag.chunk_prefill import ChunkPrefiller
 from redknot_rag.rag.layout import PromptLayout
-from redknot_rag.rag.prefill import ChunkPrefiller
 from redknot_rag.reuse import ReuseInput, relocate
 from redknot_rag.runner import KVRunner
 
