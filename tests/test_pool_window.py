@@ -253,3 +253,20 @@ def test_gemma3_sliding_layers_release_pages_and_keep_logits():
     runner.release(comp)
     runner.release(dense)
     assert runner.allocator.num_free == free0
+
+
+def test_gpu_bench_tiny_smoke(tmp_path):
+    """bench/pool/gpu.py --tiny on the CPU: the compressed pool holds more sequences, each with fewer bytes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "pool_tiny.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "pool" / "gpu.py"
+    cmd = [sys.executable, str(script), "--tiny", "--steps", "2", "--batches", "1,2", "--context", "256"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, timeout=600, capture_output=True)
+    res = json.loads(out.read_text())
+    d, c = res["arms"]["dense"], res["arms"]["compressed"]
+    assert c["held_at_once"] > d["held_at_once"] >= 2 and res["summary"]["bytes_ratio"] < 0.8
+    assert c["decode"]["2"]["fits"] and c["decode"]["2"]["tokens_per_s"] > 0 and c["prefill"]["prefill_s"] > 0
