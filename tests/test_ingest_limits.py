@@ -98,3 +98,32 @@ def test_the_ingest_route_cancels_when_its_client_leaves():
     with pytest.raises(ApiError) as e:
         asyncio.run(go())
     assert seen == {"cancelled": True} and e.value.status == 499
+
+
+def test_help_and_server_agree_on_the_status_of_what_is_too_long(engine, rag):
+    """`serve --help` says 413 for an over-long question and an over-large document; the server answers
+    413 for both (issue 28, new user 6), not the schema's 422."""
+    import re
+
+    from redknot_rag.cli import build_parser
+    from redknot_rag.server.app import create_app
+    from redknot_rag.server.runtime import Runtime
+    from redknot_rag.server.settings import ServerSettings
+
+    helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
+    said = {k: re.search(r"\b(4\d\d)\b", helps[k]).group(1) for k in ("max_question_chars", "max_document_tokens")}
+    settings = ServerSettings(api_key="u", admin_key="a", log_requests=False, max_question_chars=50)
+    admin = {"Authorization": "Bearer a"}
+    with TestClient(create_app(Runtime(engine, settings, rag)), raise_server_exceptions=False) as client:
+        client.post("/ingest", json={"namespace": "ns", "documents": [{"doc_id": "a", "text": VISIBLE}]}, headers=admin)
+        q = client.post("/query", json={"question": "why " * 30, "namespace": "ns"}, headers=admin)
+        body = {"namespace": "ns", "documents": [{"doc_id": "zw", "text": VISIBLE + ZERO_WIDTH}]}
+        d = client.post("/ingest", json=body, headers=admin)
+    assert (
+        said
+        == {"max_question_chars": str(q.status_code), "max_document_tokens": str(d.status_code)}
+        == {
+            "max_question_chars": "413",
+            "max_document_tokens": "413",
+        }
+    ), (q.text, d.text)
