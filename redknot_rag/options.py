@@ -34,6 +34,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--cpu-kv-gib", type=float, default=1.0, help="KV pool size on CPU")
     p.add_argument("--mem-fraction", type=float, default=0.85, help="share of free GPU memory for the KV pool")
+    p.add_argument(
+        "--pool-local-heads",
+        default="auto",
+        choices=["auto", "profile", "architecture", "off"],
+        help="per-head windows in the KV pool: local heads keep sink + window, their other pages are released. "
+        "auto (default): the model's own sliding-window layers (Gemma-3; exact); profile: also a head profile's "
+        "local heads (changes logits; bench/pool/ measures it); off: every head keeps every token",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -45,6 +53,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         page_size=args.page_size,
         cpu_kv_gib=args.cpu_kv_gib,
         mem_fraction=args.mem_fraction,
+        pool_local_heads=getattr(args, "pool_local_heads", "auto"),
     )
 
 
