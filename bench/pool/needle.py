@@ -66,30 +66,46 @@ def make_case(tok, paras: list[str], length: int, rng: random.Random) -> tuple[l
     return list(ids), list(tok(" " + key, add_special_tokens=False)["input_ids"])
 
 
-def run_arm(runner, windows, ids: list[int], answer: list[int], chunk: int) -> tuple[list[int], int]:
-    """Greedy predictions for the answer's positions, teacher-forced (greedy decoding yields the answer iff
-    every prediction matches): the prompt in `chunk`-token prefill steps, then one token per step, with a
-    window slide after every step as the engine does. Returns (predictions, page references held after
-    the prefill)."""
+def run_pair(runner, windows, ids: list[int], answer: list[int], chunk: int) -> tuple[list[int], list[int], int, int]:
+    """Greedy predictions for the answer's positions in both arms, teacher-forced (greedy decoding yields the
+    answer iff every prediction matches): the prompt in `chunk`-token prefill steps, then one token per
+    step, a window slide after every step as the engine does. The first prefill step is the same
+    computation in both arms (nothing has slid yet), so it runs once: the compressed arm attaches its KV as
+    a shared segment (a reused sequence: its local blocks then drop their references to those pages).
+    Returns (dense predictions, compressed predictions, page references each held after the prefill)."""
+    n = len(ids)
+    c = min(n, chunk)
+    dense = runner.new_seq_kv()  # the runner's pool_windows are off (main sets them per arm)
     saved = runner.pool_windows
     runner.pool_windows = windows
-    kv = runner.new_seq_kv()
+    comp = runner.new_seq_kv()
     runner.pool_windows = saved
     try:
-        n = len(ids)
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            out = runner.append_forward(kv, ids[a:b], torch.arange(a, b), logits=b == n).logits
+        first = runner.append_forward(dense, ids[:c], torch.arange(c), logits=c == n).logits
+        k, v = runner.read_tokens(dense, 0, c)
+        seg = runner.write_segment(k, v)
+        runner.attach(comp, seg, torch.arange(c))
+        runner.drop_segment(seg)  # `comp` holds the only reference now
+        del k, v
+        preds, held = [], []
+        for kv in (dense, comp):
+            out = first
             runner.slide(kv)
-        held = sum(kv.held_pages())
-        preds = [int(out[-1].argmax())]
-        for j, t in enumerate(answer[:-1]):
-            out = runner.append_forward(kv, [t], torch.arange(n + j, n + j + 1), logits=True).logits
-            runner.slide(kv)
-            preds.append(int(out[-1].argmax()))
-        return preds, held
+            for a in range(c, n, chunk):
+                b = min(n, a + chunk)
+                out = runner.append_forward(kv, ids[a:b], torch.arange(a, b), logits=b == n).logits
+                runner.slide(kv)
+            held.append(sum(kv.held_pages()))
+            p = [int(out[-1].argmax())]
+            for j, t in enumerate(answer[:-1]):
+                out = runner.append_forward(kv, [t], torch.arange(n + j, n + j + 1), logits=True).logits
+                runner.slide(kv)
+                p.append(int(out[-1].argmax()))
+            preds.append(p)
+        return preds[0], preds[1], held[0], held[1]
     finally:
-        runner.release(kv)
+        runner.release(dense)
+        runner.release(comp)
 
 
 def main() -> None:
@@ -114,6 +130,7 @@ def main() -> None:
     win = runner.pool_windows
     if win is None:
         raise SystemExit(f"no pool windows for {loaded.name}: {runner.pool_windows_reason}")
+    runner.pool_windows = None  # the dense arm's; run_pair gives the compressed arm `win`
     tok = runner.tokenizer
     paras = filler_paragraphs()
     out: dict = dict(
@@ -129,8 +146,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for c in range(args.cases):
             ids, answer = make_case(tok, paras, length, rng)
-            d_out, hd = run_arm(runner, None, ids, answer, args.chunk)
-            c_out, hc = run_arm(runner, win, ids, answer, args.chunk)
+            d_out, c_out, hd, hc = run_pair(runner, win, ids, answer, args.chunk)
             dense_ok.append(d_out == answer)
             comp_ok.append(c_out == answer)
             first_same.append(d_out[0] == c_out[0])
