@@ -514,6 +514,13 @@ class SeqKV:
         cow = sum(int(p.shape[0]) for p in self.cow_pages)
         return glob + cow * (nb - nloc) // nb, loc + cow * nloc // nb
 
+    def released_pages(self) -> int:
+        """Page references of local blocks this sequence dropped to its windows (what a dense pool would
+        still hold for it, beside `held_pages`)."""
+        nloc = self.windows.num_local if self.windows is not None else 0
+        ranges = [att.released_hi - att.released_lo for att in self.segments]
+        return nloc * (sum(ranges) + self._priv_released[1] - self._priv_released[0])
+
     def private_pages_held(self) -> int:
         """Private page references held (every block), after window releases: what the scheduler's
         reservation of this sequence has used so far."""

@@ -30,6 +30,7 @@ import dataclasses
 import importlib.util
 import itertools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -143,6 +144,7 @@ class KVRunner:
         self.pool_windows: PoolWindows | None = None
         self.pool_windows_reason = "off"
         self.pages_released = 0  # page references dropped by window slides (a counter for /metrics)
+        self._live: weakref.WeakValueDictionary[int, SeqKV] = weakref.WeakValueDictionary()  # by seq_id
         self.set_pool_windows(cfg.pool_local_heads)
         name = (
             auto_backend(self.device, self.model_config) if cfg.attention_backend == "auto" else cfg.attention_backend
@@ -219,10 +221,12 @@ class KVRunner:
     def new_seq_kv(self) -> SeqKV:
         """An empty sequence KV view `[L, Hkv, 0]` on this runner's device: a `RunnerKV` with the next `seq_id`."""
         mc = self.model_config
-        return RunnerKV(
+        kv = RunnerKV(
             mc.num_layers, mc.num_kv_heads, self.page_size, self.device, windows=self.pool_windows,
             seq_id=next(self._seq_ids),
         )  # fmt: skip
+        self._live[kv.seq_id] = kv  # weakly: pool-window accounting over the live sequences
+        return kv
 
     def reservation_pages(self, num_tokens: int) -> int:
         """Pages (all blocks) a sequence of `num_tokens` private tokens may hold at once: dense for
@@ -240,6 +244,29 @@ class KVRunner:
         n = kv.slide(self.allocator)
         self.pages_released += n
         return n
+
+    def pool_window_stats(self) -> dict:
+        """Pool windows for /server_info and /metrics: the mode and why, and over the live sequences the
+        bytes of page references held per head class and the bytes the windows released (a shared page
+        counts once per sequence holding it)."""
+        glob = loc = saved = 0
+        for kv in list(self._live.values()):
+            if kv.num_tokens:
+                g, lo = kv.held_pages()
+                glob, loc, saved = glob + g, loc + lo, saved + kv.released_pages()
+        win, per_page = self.pool_windows, self.pool.bytes_per_page
+        return {
+            "mode": self.pool_windows_reason,
+            "source": win.source if win is not None else "off",
+            "sink": win.sink if win is not None else 0,
+            "window": win.window if win is not None else 0,
+            "local_blocks": win.num_local if win is not None else 0,
+            "blocks": self.model_config.num_kv_blocks,
+            "global_bytes": glob * per_page,
+            "local_bytes": loc * per_page,
+            "saved_bytes": saved * per_page,
+            "pages_released_total": self.pages_released,
+        }
 
     def attach(
         self, kv: SeqKV, segment: KVSegment, positions: torch.Tensor, visible: torch.Tensor | None = None
@@ -503,4 +530,5 @@ class KVRunner:
             "pool_gib": round(self.pool.num_bytes / (1 << 30), 3),
             "pool_free_pages": self.allocator.num_free,
             "attention_backend": self.backend.name,
+            "pool_windows": self.pool_window_stats(),
         }

@@ -172,6 +172,12 @@ class Runtime:
             "Share of KV pool pages in use (0-1).",
             lambda: 1.0 - e.allocator.num_free / max(e.pool.num_pages, 1),
         )
+        for key, name, text in (
+            ("global_bytes", "redknot_kv_pool_global_bytes", "KV pool bytes live sequences hold for global heads."),
+            ("local_bytes", "redknot_kv_pool_local_bytes", "KV pool bytes live sequences hold for windowed heads."),
+            ("saved_bytes", "redknot_kv_pool_window_saved_bytes", "KV pool bytes pool windows released."),
+        ):
+            m.add_gauge(name, text, functools.partial(_window_stat, e, key))
         if self.rag is not None:
             m.add_store(self.rag.store.stats)
 
@@ -565,3 +571,8 @@ def sampling_from_fields(fields: dict[str, Any]) -> SamplingParams:
         raise InvalidRequestError(str(e)) from e
     params.validate(max_new_tokens_limit=1 << 62)  # the server's own limit: Runtime.check_limits_params
     return params
+
+
+def _window_stat(runner: Any, key: str) -> float:
+    """One number of the runner's pool-window accounting (a /metrics gauge)."""
+    return float(runner.pool_window_stats()[key])
