@@ -43,7 +43,7 @@ class SeqSlice:
     kv_pos: torch.Tensor
     kv_visible: torch.Tensor | None
     layout: KVLayout
-    # the sequence's id (`runner.RunnerKV.seq_id`; -1: a bare `SeqKV`): names it across tensor-parallel ranks
+    # the sequence's id (`SeqKV.seq_id`, set by the runner; -1: none): names it across tensor-parallel ranks
     seq_id: int = -1
 
     @property

@@ -141,6 +141,8 @@ class KVSegment:
     # [L, Hkv, num_tokens] bool: the tokens each head's stored KV holds (a local head's store keeps only the
     # chunk's tail window; its other pages hold zeros and must never be read). None: every token, every head.
     visible: torch.Tensor | None = None
+    # set by the runner that allocated it (`KVRunner.allocate_segment`): names it on every tensor-parallel rank
+    segment_id: int = -1
     _slots_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def slots(self, page_size: int) -> torch.Tensor:
@@ -205,6 +207,7 @@ class SeqKV:
     page_size: int
     device: torch.device = torch.device("cpu")  # a str is accepted and converted
     windows: PoolWindows | None = None
+    seq_id: int = -1  # set by the runner that made it (`KVRunner.new_seq_kv`); goes into every `SeqSlice`
     slots: torch.Tensor = field(init=False)
     positions: torch.Tensor = field(init=False)
     visible: torch.Tensor | None = field(init=False, default=None)
@@ -548,6 +551,7 @@ class SeqKV:
             kv_pos=self.positions[:t],
             kv_visible=None if self.visible is None else self.visible[:, :, :t],
             layout=self.layout(),
+            seq_id=self.seq_id,
         )
 
 

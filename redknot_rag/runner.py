@@ -5,13 +5,13 @@ only way anything else reaches pages: the store and the hot segment cache, the r
 engine and the server all allocate, write, attach, copy-on-write, release and read through it, and
 nothing outside the runner (and `kvcache`, which implements it) touches `pool` or `allocator`:
 
-    new_seq_kv() -> RunnerKV                        a sequence's KV view, named by `seq_id`
+    new_seq_kv() -> SeqKV                           a sequence's KV view, named by `seq_id`
     attach(kv, seg, pos [T], visible) / attach_many share stored segments into a sequence (refcount +1)
     append(kv, pos [n]) -> slots [L, Hkv, n]        private slots for new tokens
     override(kv, index [n]) -> slots [L, Hkv, n]    copy-on-write: private slots for existing tokens
     truncate(kv, n) / release(kv)                   drop private tokens / every reference
-    allocate_segment(T, visible) -> RunnerSegment   fresh pages for a segment, filled by `write_pages`
-    write_segment(k, v, visible) -> RunnerSegment   K/V [L, Hkv, T, D] into fresh pages
+    allocate_segment(T, visible) -> KVSegment       fresh pages (named by `segment_id`), filled by `write_pages`
+    write_segment(k, v, visible) -> KVSegment       K/V [L, Hkv, T, D] into fresh pages
     drop_segment(seg)                               drop the caller's reference
     read_tokens(kv, a, b) / read_slots(slots)       K/V [..., D] copies (pre-RoPE K)
     copy_slots(src, dst, k_scale)                   write private slots from others (scaled K)
@@ -26,7 +26,6 @@ loop starts); shared segments are never written; K in the pool is pre-RoPE.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import itertools
 import logging
@@ -39,7 +38,7 @@ import torch
 
 from redknot_rag.attention import AttentionBackend, create_backend
 from redknot_rag.attention.probe import ProbeBackend
-from redknot_rag.batch import ForwardBatch, SeqSlice
+from redknot_rag.batch import ForwardBatch
 from redknot_rag.config import EngineConfig, ModelConfig
 from redknot_rag.kvcache import KVPool, KVSegment, PageAllocator, SeqKV, pool_pages_for
 from redknot_rag.loader import LoadedModel, load_model
@@ -100,26 +99,6 @@ class ForwardResult:
     slots: torch.Tensor
 
 
-@dataclass(eq=False)
-class RunnerKV(SeqKV):
-    """A sequence's KV made by `KVRunner.new_seq_kv`. `seq_id` names it on every tensor-parallel rank
-    (one counter per runner, in creation order: ranks that create in lockstep agree) and goes into each
-    `SeqSlice` it makes, so a batch names its sequences by id."""
-
-    seq_id: int = -1
-
-    def slice(self, q_start: int, q_len: int, new_slots: torch.Tensor) -> SeqSlice:
-        return dataclasses.replace(super().slice(q_start, q_len, new_slots), seq_id=self.seq_id)
-
-
-@dataclass(eq=False)
-class RunnerSegment(KVSegment):
-    """A shared segment made by `KVRunner.allocate_segment` / `write_segment`; `segment_id` names it on
-    every tensor-parallel rank, like `RunnerKV.seq_id`."""
-
-    segment_id: int = -1
-
-
 class KVRunner:
     """Owns `model`, `pool`, `allocator`, `backend` and `rotary`; runs forwards over sequence KV.
 
@@ -138,7 +117,7 @@ class KVRunner:
         self.page_size = cfg.page_size
         self.pool = KVPool(self._num_pages(), cfg.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.allocator = PageAllocator(self.pool.num_pages)
-        self._seq_ids = itertools.count()  # `RunnerKV.seq_id`, `RunnerSegment.segment_id`: creation order
+        self._seq_ids = itertools.count()  # `SeqKV.seq_id`, `KVSegment.segment_id`: creation order
         self._segment_ids = itertools.count()
         # per-head windows in the pool (window.py): local blocks of engine sequences keep sink + window
         self.pool_windows: PoolWindows | None = None
@@ -219,9 +198,10 @@ class KVRunner:
         )
 
     def new_seq_kv(self) -> SeqKV:
-        """An empty sequence KV view `[L, Hkv, 0]` on this runner's device: a `RunnerKV` with the next `seq_id`."""
+        """An empty sequence KV view `[L, Hkv, 0]` on this runner's device, named by the next `seq_id`
+        (one counter per runner, in creation order: ranks that create in lockstep agree)."""
         mc = self.model_config
-        kv = RunnerKV(
+        kv = SeqKV(
             mc.num_layers, mc.num_kv_heads, self.page_size, self.device, windows=self.pool_windows,
             seq_id=next(self._seq_ids),
         )  # fmt: skip
@@ -295,19 +275,19 @@ class KVRunner:
         if kv is not None:
             kv.release(self.allocator)
 
-    def allocate_segment(self, num_tokens: int, visible: torch.Tensor | None = None) -> RunnerSegment:
+    def allocate_segment(self, num_tokens: int, visible: torch.Tensor | None = None) -> KVSegment:
         """Fresh pages for a shared segment of `num_tokens` tokens, every layer and KV head of this rank:
         `pages` `[L, Hkv, ceil(T / page_size)]`, one reference (the caller's). Not written: the caller
         fills them through `write_pages` before anything reads the segment. `visible` `[L, Hkv, T]`:
         the tokens whose K/V exist per head (None: all)."""
         return self._new_segment(num_tokens, visible)
 
-    def _new_segment(self, num_tokens: int, visible: torch.Tensor | None) -> RunnerSegment:
+    def _new_segment(self, num_tokens: int, visible: torch.Tensor | None) -> KVSegment:
         mc = self.model_config
         num_pages = -(-num_tokens // self.page_size)
         ids = self.allocator.allocate(mc.num_layers * mc.num_kv_heads * num_pages)
         pages = torch.from_numpy(ids).view(mc.num_layers, mc.num_kv_heads, num_pages)
-        return RunnerSegment(pages, num_tokens, is_shared=True, visible=visible, segment_id=next(self._segment_ids))
+        return KVSegment(pages, num_tokens, is_shared=True, visible=visible, segment_id=next(self._segment_ids))
 
     def write_pages(self, issue: Callable[[torch.Tensor, torch.Tensor], _T]) -> _T:
         """`issue(k_slots, v_slots)` (the pool as `[num_pages * page_size, D]` slot views) queues copies
@@ -315,7 +295,7 @@ class KVRunner:
         The only hand-out of pool memory: the writer may touch only the pages it was given."""
         return issue(self.pool.k_slots, self.pool.v_slots)
 
-    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> RunnerSegment:
+    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> KVSegment:
         """Copy K/V `[L, Hkv, T, D]` into fresh pool pages: a shared segment whose one reference is the caller's.
 
         `visible` `[L, Hkv, T]` marks the tokens whose K/V exist per head (None: all); the rest is never read.

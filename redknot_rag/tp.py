@@ -11,7 +11,7 @@ Design (the simplest one that keeps the engine unchanged):
 - **Rank 0 drives; ranks meet at the runner seam once per step.** The engine, the HTTP server,
   retrieval and the chunk store run on rank 0 only. Its runner records page bookkeeping (the KV-memory
   API: new sequence, attach, append, copy-on-write, truncate, release, drop segment) as typed `PageOp`s
-  that name sequences and segments by explicit id (`RunnerKV.seq_id`, `RunnerSegment.segment_id`), and
+  that name sequences and segments by explicit id (`SeqKV.seq_id`, `KVSegment.segment_id`), and
   sends them in ONE `Message` (a gloo group: control on the host, data on NCCL) together with the
   action that needs the followers now: a whole batch (`Forward`), a segment write, a head gather
   (`read_tokens`) or an all-rank call (`on_all_ranks`). A decode step is one message. Followers
@@ -59,7 +59,7 @@ from redknot_rag.config import EngineConfig, ModelConfig
 from redknot_rag.kvcache import KVSegment, SeqKV
 from redknot_rag.loader import LoadedModel, load_model
 from redknot_rag.ports import free_port
-from redknot_rag.runner import KVRunner, RunnerKV, RunnerSegment, pick_device, pick_dtype
+from redknot_rag.runner import KVRunner, pick_device, pick_dtype
 
 log = logging.getLogger("redknot.tp")
 
@@ -204,7 +204,7 @@ class NewSeq(NamedTuple):
 
 class Attach(NamedTuple):
     seq_id: int
-    items: list[tuple[int, Positions, torch.Tensor | None]]  # (segment_id, positions, visible [L, Hkv_r, T])
+    items: list[tuple[int, Positions]]  # (segment_id, positions); per-head visibility is rank-local
 
 
 class Append(NamedTuple):
@@ -298,12 +298,10 @@ class _Pickler(pickle.Pickler):
     """Sequences and segments cross by id (`seq_id`, `segment_id`): each rank has its own twin."""
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, RunnerKV):
-            return ("seq", obj.seq_id)
-        if isinstance(obj, RunnerSegment):
-            return ("segment", obj.segment_id)
-        if isinstance(obj, SeqKV) or (isinstance(obj, KVSegment) and obj.num_tokens):
-            raise RuntimeError(f"a {type(obj).__name__} not made by this runner cannot cross ranks")
+        if isinstance(obj, SeqKV):
+            return ("seq", TPRunner._id(obj))
+        if isinstance(obj, KVSegment) and obj.num_tokens:
+            return ("segment", TPRunner._segment_id(obj))
         return None  # everything else (an empty segment included) by value
 
 
@@ -355,8 +353,8 @@ class TPRunner(KVRunner):
         self._depth = 0  # > 0 inside `on_all_ranks`: every rank runs the calls, nothing is recorded
         self._ops: list[PageOp] = []  # rank 0: page ops not sent yet
         self._tails: dict[int, torch.Tensor] = {}  # rank 0: seq_id -> the slots its last `append` returned
-        self._seqs: dict[int, RunnerKV] = {}  # followers: seq_id -> this rank's twin
-        self._segments: dict[int, RunnerSegment] = {}  # followers: segment_id -> twin
+        self._seqs: dict[int, SeqKV] = {}  # followers: seq_id -> this rank's twin
+        self._segments: dict[int, KVSegment] = {}  # followers: segment_id -> twin
         self._forget: tuple[list[int], list[int]] = ([], [])  # rank 0: ids whose object died (finalizers)
         self._forget_lock = threading.Lock()  # finalizers run on whichever thread collects
         self._children: list[subprocess.Popen] = []  # follower processes this rank started (`launch`)
@@ -365,6 +363,30 @@ class TPRunner(KVRunner):
         # decode CUDA graphs stay on: every rank replays the same batch (same ops, same layout) in the
         # same step, and the all-reduces of the row-parallel layers are captured inside the graph (NCCL)
         self.model.reduce = self._reduce_sum
+        if self.device.type == "cuda":  # NCCL's communicator must exist before a graph captures a collective
+            dist.all_reduce(torch.zeros(1, device=self.device))
+
+    # ---- CUDA graphs: every rank captures in the same step; all fall back together ---------------------
+    def _agree(self, ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._ctrl)
+        return bool(flag.item())
+
+    def _decode_graphs(self) -> Any:
+        first = self._graphs is None
+        graphs = super()._decode_graphs()
+        if first and not self._agree(graphs is not None):  # a rank whose capture failed decodes eagerly:
+            self._graphs, self.cuda_graphs = None, False  # so must every other (same replay decision)
+            return None
+        return graphs
+
+    def _prefill_graph_runner(self) -> Any:
+        first = self._prefill_graphs is None
+        graphs = super()._prefill_graph_runner()
+        if first and not self._agree(graphs is not None):
+            self._prefill_graphs, self.prefill_graphs = None, False
+            return None
+        return graphs
 
     # ---- shape ---------------------------------------------------------------------------------
     @property
@@ -401,9 +423,9 @@ class TPRunner(KVRunner):
         """Whether a call here must reach the followers: rank 0, outside `on_all_ranks`."""
         return self.tp_rank == 0 and self._depth == 0
 
-    def _track(self, obj: RunnerKV | RunnerSegment) -> None:
+    def _track(self, obj: SeqKV | KVSegment) -> None:
         """Followers keep the twin by id; rank 0 tells them when its object dies."""
-        if isinstance(obj, RunnerKV):
+        if isinstance(obj, SeqKV):
             if self.tp_rank:
                 self._seqs[obj.seq_id] = obj
             else:
@@ -416,6 +438,8 @@ class TPRunner(KVRunner):
     def _forget_later(self, kind: int, i: int) -> None:
         with self._forget_lock:
             self._forget[kind].append(i)
+        if kind == 0:
+            self._tails.pop(i, None)
 
     def _send(self, action: Action) -> None:
         with self._forget_lock:
@@ -432,14 +456,19 @@ class TPRunner(KVRunner):
 
     @staticmethod
     def _id(kv: SeqKV) -> int:
-        if not isinstance(kv, RunnerKV):
-            raise RuntimeError("a SeqKV not made by this runner (new_seq_kv) cannot cross ranks")
+        if kv.seq_id < 0:
+            raise RuntimeError("a SeqKV not made by a runner (new_seq_kv) cannot cross ranks")
         return kv.seq_id
+
+    @staticmethod
+    def _segment_id(seg: KVSegment) -> int:
+        if seg.segment_id < 0:
+            raise RuntimeError("a KVSegment not made by a runner (write_segment) cannot cross ranks")
+        return seg.segment_id
 
     # ---- the KV-memory API: local, recorded on rank 0 -----------------------------------------------
     def new_seq_kv(self) -> SeqKV:
         kv = super().new_seq_kv()
-        assert isinstance(kv, RunnerKV)
         self._track(kv)
         if self._records:
             self._ops.append(NewSeq(kv.seq_id))
@@ -451,14 +480,16 @@ class TPRunner(KVRunner):
         self.attach_many(kv, [(segment, positions, visible)])
 
     def attach_many(self, kv: SeqKV, items: list[tuple[KVSegment, torch.Tensor, torch.Tensor | None]]) -> None:
+        if not self._records:
+            super().attach_many(kv, items)
+            return
+        segs = []
+        for seg, pos, vis in items:
+            if vis is not None:  # [L, Hkv_r, T] of rank 0's heads: meaningless on another rank
+                raise NotImplementedError("per-head visibility is rank-local: attach it inside runner.on_all_ranks")
+            segs.append((self._segment_id(seg), _pack_positions(pos)))
         super().attach_many(kv, items)
-        if self._records:
-            segs = []
-            for seg, pos, vis in items:
-                if not isinstance(seg, RunnerSegment):
-                    raise RuntimeError("a KVSegment not made by this runner cannot cross ranks")
-                segs.append((seg.segment_id, _pack_positions(pos), None if vis is None else vis.cpu()))
-            self._ops.append(Attach(self._id(kv), segs))
+        self._ops.append(Attach(self._id(kv), segs))
 
     def append(self, kv: SeqKV, positions: torch.Tensor) -> torch.Tensor:
         out = super().append(kv, positions)
@@ -486,19 +517,19 @@ class TPRunner(KVRunner):
             self._ops.append(Release(self._id(kv)))
             self._tails.pop(self._id(kv), None)
 
-    def _new_segment(self, num_tokens: int, visible: torch.Tensor | None) -> RunnerSegment:
+    def _new_segment(self, num_tokens: int, visible: torch.Tensor | None) -> KVSegment:
         seg = super()._new_segment(num_tokens, visible)
         self._track(seg)
         return seg
 
-    def allocate_segment(self, num_tokens: int, visible: torch.Tensor | None = None) -> RunnerSegment:
+    def allocate_segment(self, num_tokens: int, visible: torch.Tensor | None = None) -> KVSegment:
         if self._records:
             raise NotImplementedError(
                 "under tensor parallelism a segment is written whole (write_segment: one message to every rank)"
             )
         return super().allocate_segment(num_tokens, visible)
 
-    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> RunnerSegment:
+    def write_segment(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> KVSegment:
         """K/V of all heads `[L, Hkv_full, T, D]` (and `visible` `[L, Hkv_full, T]`) in; this rank keeps
         its heads `[L, Hkv/N, T, D]`. Rank 0 sends the segment to the followers in one message."""
         heads = self.kv_heads
@@ -511,9 +542,7 @@ class TPRunner(KVRunner):
     def drop_segment(self, segment: KVSegment) -> None:
         super().drop_segment(segment)
         if self._records:
-            if not isinstance(segment, RunnerSegment):
-                raise RuntimeError("a KVSegment not made by this runner cannot cross ranks")
-            self._ops.append(DropSegment(segment.segment_id))
+            self._ops.append(DropSegment(self._segment_id(segment)))
 
     def read_tokens(self, kv: SeqKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of all heads `[L, Hkv_full, T, D]` (gathered over ranks), on every rank."""
@@ -582,7 +611,7 @@ class TPRunner(KVRunner):
             if sid != op.seq_id:
                 raise RuntimeError(f"tensor-parallel ranks out of step: sequence {sid}, rank 0 has {op.seq_id}")
         elif isinstance(op, Attach):
-            items = [(self._segments[i], _unpack_positions(p), vis) for i, p, vis in op.items]
+            items = [(self._segments[i], _unpack_positions(p), None) for i, p in op.items]
             self.attach_many(self._seqs[op.seq_id], items)  # type: ignore[arg-type]
         elif isinstance(op, Append):
             self.append(self._seqs[op.seq_id], _unpack_positions(op.positions))

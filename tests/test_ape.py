@@ -82,14 +82,14 @@ def test_temperature_one_is_the_base_bit_for_bit(tiny, base):
 def test_selection_is_the_base_selection_and_deterministic(tiny):
     engine, inp = tiny
     runner = engine.runner
-    free = runner.allocator.num_free
+    free = runner.free_pages
     seen = []
     for name in ("redknot:0.3", "ape:0.8:redknot:0.3", "ape:0.8:redknot:0.3"):
         asm = make_policy(name).assemble(runner, inp, defer_recompute=True)
         seen.append(asm.recomputed_index)
         runner.release(asm.kv)
     assert seen[0].numel() > 0 and all(torch.equal(seen[0], s) for s in seen[1:])
-    assert runner.allocator.num_free == free
+    assert runner.free_pages == free
 
 
 class _CaptureQ(ProbeBackend):
@@ -130,7 +130,7 @@ def _layer0_scores(engine, kv, q):
 def test_reused_logits_are_divided_by_the_temperature(tiny, temperature):
     engine, inp = tiny
     runner = engine.runner
-    free = runner.allocator.num_free
+    free = runner.free_pages
     before = _pages(engine, inp)
     base = make_policy("naive").assemble(runner, inp)
     ape = make_policy(f"ape:{temperature}").assemble(runner, inp)
@@ -151,4 +151,4 @@ def test_reused_logits_are_divided_by_the_temperature(tiny, temperature):
     torch.testing.assert_close(mass, want, rtol=1e-4, atol=1e-5)
     after = _pages(engine, inp)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(before, after))
-    assert runner.allocator.num_free == free
+    assert runner.free_pages == free

@@ -46,11 +46,11 @@ def test_concurrent_equals_sequential(engine):
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randrange(5, 300))] for _ in range(16)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    free = engine.runner.allocator.num_free  # other test modules' services may hold pages of this shared engine
+    free = engine.runner.free_pages  # other test modules' services may hold pages of this shared engine
     single = [engine.generate([p], params)[0].output_ids for p in prompts]
     together = [r.output_ids for r in engine.generate(prompts, params)]
     assert single == together
-    assert engine.runner.allocator.num_free == free
+    assert engine.runner.free_pages == free
 
 
 def test_chunked_prefill_matches_whole(engine, loaded_default):
@@ -70,7 +70,7 @@ def test_chunked_prefill_matches_whole(engine, loaded_default):
 
 def test_thousand_requests_leave_pool_empty(engine):
     rng = random.Random(3)
-    before = engine.runner.allocator.num_free
+    before = engine.runner.free_pages
     reqs = []
     for i in range(1000):
         p = [rng.randrange(100, 40000) for _ in range(rng.randrange(1, 40))]
@@ -85,7 +85,7 @@ def test_thousand_requests_leave_pool_empty(engine):
         engine.step()
         assert (engine.runner.allocator.refcount >= 0).all()
     assert all(r.is_finished for r in reqs)
-    assert engine.runner.allocator.num_free == before
+    assert engine.runner.free_pages == before
     assert engine._reserved_pages == 0
 
 
@@ -162,7 +162,7 @@ def test_bad_requests_rejected_engine_keeps_serving(engine, prompt, params, msg)
 
 
 def test_failing_batch_fails_only_its_requests(engine, monkeypatch):
-    free = engine.runner.allocator.num_free
+    free = engine.runner.free_pages
     r = engine.submit(engine.make_request([1, 2, 3], SamplingParams(max_new_tokens=4)))
     real = engine.runner.model.forward
 
@@ -173,7 +173,7 @@ def test_failing_batch_fails_only_its_requests(engine, monkeypatch):
     engine.step()
     monkeypatch.setattr(engine.runner.model, "forward", real)
     assert r.is_finished and "injected fault" in (r.error or "")
-    assert engine.runner.allocator.num_free == free
+    assert engine.runner.free_pages == free
     ok = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, ignore_eos=True))[0]
     assert len(ok.output_ids) == 2
 

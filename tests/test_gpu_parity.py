@@ -68,7 +68,7 @@ def _logits(engine, ids: list[int]) -> torch.Tensor:
         return engine.runner.forward(batch).float().cpu()
     finally:
         engine.runner.release(kv)
-        assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
+        assert engine.runner.free_pages == engine.runner.num_pages
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

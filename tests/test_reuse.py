@@ -24,7 +24,7 @@ TEXTS = [
 def setup(engine):
     tok = engine.tokenizer
     runner = engine.runner
-    free_before = runner.allocator.num_free  # other modules' services may hold pages of this engine
+    free_before = runner.free_pages  # other modules' services may hold pages of this engine
     layout = PromptLayout.for_tokenizer(tok)
     anchor = list(layout.anchor_ids)
     assert anchor == encode(tok, ChatFormat.from_tokenizer(tok).prefix)
@@ -38,7 +38,7 @@ def setup(engine):
     for s in segs:
         runner.drop_segment(s)
     pf.close()
-    assert runner.allocator.num_free == free_before
+    assert runner.free_pages == free_before
 
 
 def _forward(engine, kv, ids, pos):
@@ -123,14 +123,14 @@ def test_policies_never_write_shared_pages_and_full_recompute_is_exact(setup, po
 def test_probe_truncate_returns_pages(setup):
     engine, pf, anchor, chunks, segs, q = setup
     runner = engine.runner
-    free = runner.allocator.num_free
+    free = runner.free_pages
     kv = relocate(runner, ReuseInput(anchor, pf.anchor, chunks, segs, q))
     n = kv.num_tokens
     runner.append(kv, torch.arange(n, n + 40))
     runner.truncate(kv, n)
     assert kv.num_tokens == n
     runner.release(kv)
-    assert runner.allocator.num_free == free
+    assert runner.free_pages == free
 
 
 @pytest.mark.parametrize("policy", ["epic:8", "redknot:0.2", "epic:100000", "ape:0.8:redknot:0.2"])
@@ -140,7 +140,7 @@ def test_recompute_in_one_forward_with_the_question_equals_two_passes(setup, pol
     untouched and every page comes back."""
     engine, pf, anchor, chunks, segs, q = setup
     runner = engine.runner
-    free = runner.allocator.num_free
+    free = runner.free_pages
     inp = ReuseInput(anchor, pf.anchor, chunks, segs, q)
     prompt = inp.context_ids + q
     before = _snapshot(engine, segs + [pf.anchor])
@@ -163,4 +163,4 @@ def test_recompute_in_one_forward_with_the_question_equals_two_passes(setup, pol
     assert diff < 1e-3
     after = _snapshot(engine, segs + [pf.anchor])
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(before, after))
-    assert runner.allocator.num_free == free
+    assert runner.free_pages == free

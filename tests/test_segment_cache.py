@@ -71,13 +71,13 @@ def _check(runner, store: ChunkKVStore, cache: SegmentCache, k: torch.Tensor, v:
 def test_get_blocks_cpu_writes_stored_bytes(tmp_path: Path) -> None:
     runner = _runner("cpu", torch.float32)
     store, k, v = _store(tmp_path, runner, "float32")
-    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    cache = SegmentCache(runner, max_pages=runner.num_pages)
     assert cache.stream is None
-    free = runner.allocator.num_free
+    free = runner.free_pages
     _check(runner, store, cache, k, v)
     assert cache.get_blocks("absent", lambda: store.get_blocks("absent"), T) is None
     cache.clear()
-    assert runner.allocator.num_free == free
+    assert runner.free_pages == free
     store.close()
 
 
@@ -90,7 +90,7 @@ def test_get_blocks_gpu_pinned_side_stream(tmp_path: Path) -> None:
     for head in range(k.shape[1]):  # the host tier holds pinned blocks
         blk = store.memory.get(BlockKey("dense", 1, head))
         assert blk is not None and blk.k.is_pinned() and blk.v.is_pinned()
-    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    cache = SegmentCache(runner, max_pages=runner.num_pages)
     main = torch.cuda.current_stream()
     assert cache.stream is not None and cache.stream != main
     # Warm the load path once, as a server's first query does: a kernel's first launch loads its
@@ -135,7 +135,7 @@ def test_load_plan_few_copies_exact_cpu(tmp_path: Path) -> None:
     runner = _runner("cpu", torch.float32)
     store, k, v = _store(tmp_path, runner, "float32")
     store.evict()  # host tier empty: the next reads come from the chunk files
-    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    cache = SegmentCache(runner, max_pages=runner.num_pages)
     r = runner
     for key in ("dense", "windowed"):
         blocks = store.get_blocks(key)
@@ -255,7 +255,7 @@ def test_layered_load_gates_forward_gpu(tmp_path: Path) -> None:
     the copies (and stale bytes in the pool) its logits still equal those of a fully waited load."""
     runner = _runner("cuda", torch.bfloat16)
     store, k, v = _store(tmp_path, runner, "bfloat16")
-    cache = SegmentCache(runner, max_pages=runner.pool.num_pages)
+    cache = SegmentCache(runner, max_pages=runner.num_pages)
     assert cache.stream is not None
     ids = [5, 9, 17, 33]
 

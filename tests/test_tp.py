@@ -279,3 +279,76 @@ def test_serve_tp_refuses_heads_that_do_not_divide() -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "KV heads (3) do not divide by 2" in out.stderr
+
+
+def _graph_rank(rank: int, size: int, port: int, results: Any) -> None:
+    """One rank on cuda:<rank> over NCCL: greedy decode with CUDA graphs; reports tokens and graph replays."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    try:
+        import torch.distributed as dist
+
+        from redknot_rag.config import EngineConfig
+        from redknot_rag.engine import Engine
+        from redknot_rag.sampling import SamplingParams
+        from redknot_rag.tp import TPRunner, init_from_env
+
+        init_from_env("cuda")
+        runner = TPRunner(EngineConfig(model_path="tiny-gqa", device=f"cuda:{rank}"))
+        if rank == 0:
+            try:
+                engine = Engine(runner=runner)
+                greedy = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+                reqs = engine.generate([engine.tokenizer.encode(p) for p in PROMPTS], greedy)
+                out = {"ids": [r.output_ids for r in reqs], "replays": runner.graph_replays}
+            finally:
+                runner.close()
+            results.put(("ok", out))
+        else:
+            runner.follow()
+            results.put(("follower", {"replays": runner.graph_replays}))
+        dist.destroy_process_group()
+    except BaseException:
+        results.put(("error", f"rank {rank}: {traceback.format_exc()}"))
+        raise
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tp_decode_replays_cuda_graphs() -> None:
+    """Under TP, decode replays CUDA graphs on every rank (the row-parallel all-reduces captured inside them).
+    Two ranks where two GPUs are present; on one GPU a one-rank NCCL group still runs the TP code path
+    (messages, captured collectives) and must give the plain runner's tokens."""
+    from redknot_rag.config import EngineConfig
+    from redknot_rag.engine import Engine
+    from redknot_rag.sampling import SamplingParams
+
+    size = min(2, torch.cuda.device_count())
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_graph_rank, args=(r, size, port, results)) for r in range(size)]
+    for p in procs:
+        p.start()
+    got: dict[str, Any] = {}
+    try:
+        for _ in range(size):
+            kind, val = results.get(timeout=400)
+            if kind == "error":
+                pytest.fail(val)
+            got[kind] = val
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert got["ok"]["replays"] >= NEW_TOKENS - 1  # every decode step of the batch replayed a graph
+    if size > 1:
+        assert got["follower"]["replays"] == got["ok"]["replays"]  # the same replay decisions on every rank
+        return
+    engine = Engine(EngineConfig(model_path="tiny-gqa", device="cuda:0"))
+    greedy = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    plain = [r.output_ids for r in engine.generate([engine.tokenizer.encode(p) for p in PROMPTS], greedy)]
+    assert got["ok"]["ids"] == plain
+    assert engine.runner.graph_replays == got["ok"]["replays"]

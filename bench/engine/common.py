@@ -99,11 +99,11 @@ def prefill_logits(engine: Any, ids: list[int], backend: Any = None) -> torch.Te
     kv = engine.runner.new_seq_kv()
     pos = torch.arange(len(ids))
     try:
-        slots = kv.append(pos, engine.runner.allocator)
+        slots = engine.runner.append(kv, pos)
         batch = ForwardBatch(torch.tensor(ids), pos, [kv.slice(0, len(ids), slots)], torch.arange(len(ids)))
         return engine.runner.model.forward(batch, backend or engine.runner.backend)
     finally:
-        kv.release(engine.runner.allocator)
+        engine.runner.release(kv)
 
 
 def parity(ours: torch.Tensor, ref: torch.Tensor) -> dict:

@@ -212,7 +212,7 @@ def cpu_main(out: Path, lengths: list[int], steps: int, reps: int = 2, threads: 
         row = dict(batch=b, prompt_tokens=64, ours=o, hf=h, speedup=o["tokens_per_s"] / h["tokens_per_s"])
         data["decode"].append(row)
         log("decode", row)
-    assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
+    assert engine.runner.free_pages == engine.runner.num_pages
     (out / "results_cpu.json").write_text(json.dumps(data, indent=1))
     log("wrote", out / "results_cpu.json")
 
@@ -341,7 +341,7 @@ def llama_part(c: Ctx) -> None:
     free_memory()
     # one step runs the whole prompt (as transformers does): only scheduling changes here
     engine.config = replace(engine.config, max_prefill_tokens=max(lengths) + 64)
-    data["pool"] = dict(pages=engine.runner.pool.num_pages, gib=engine.runner.pool.num_bytes / 2**30)
+    data["pool"] = dict(pages=engine.runner.num_pages, gib=engine.runner.pool_bytes / 2**30)
     log(f"engine built ({c.backend}), {gib_allocated():.1f} GiB allocated, pool {data['pool']}")
     mc = engine.model_config
     parity_rows(c, engine, "llama3-8b-shape", par_ids, ref, ref32)
@@ -379,7 +379,7 @@ def llama_part(c: Ctx) -> None:
         finally:
             engine.runner.backend = main_backend
         c.save()
-    assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
+    assert engine.runner.free_pages == engine.runner.num_pages
 
     # ---- decode: eager, then CUDA graphs -----------------------------------------------------
     eager = {}
@@ -398,7 +398,7 @@ def llama_part(c: Ctx) -> None:
             speedup=best["tokens_per_s"] / hf_dec[b]["tokens_per_s"],
         ))  # fmt: skip
     c.save()
-    assert engine.runner.allocator.num_free == engine.runner.pool.num_pages
+    assert engine.runner.free_pages == engine.runner.num_pages
     del mc
 
 
@@ -446,9 +446,7 @@ def qwen_part(c: Ctx) -> None:
 
 
 def _backend(engine: Any, name: str) -> Any:
-    from redknot_rag.runner import load_backend
-
-    return load_backend(name, engine.model_config, engine.runner.pool, engine.runner.rotary)
+    return engine.runner.backend_named(name)
 
 
 def plot(path: Path) -> None:

@@ -235,8 +235,8 @@ def verify_segment(engine: Any, store: ChunkKVStore, key: str, seg: Any) -> bool
     r = engine.runner
     blocks = store.get_blocks(key)
     assert blocks is not None
-    slots = seg.slots(r.page_size).to(r.device)  # [L, Hkv, T]
-    k, v = r.pool.k_slots[slots].cpu(), r.pool.v_slots[slots].cpu()  # [L, Hkv, T, D]
+    r.settle_layers()
+    k, v = (x.cpu() for x in r.read_slots(seg.slots(r.page_size)))  # [L, Hkv, T, D]
     return all(
         torch.equal(k[layer, head, b.token_start : b.token_start + b.num_tokens], b.k.cpu().to(k.dtype))
         and torch.equal(v[layer, head, b.token_start : b.token_start + b.num_tokens], b.v.cpu().to(v.dtype))
@@ -325,7 +325,7 @@ def run_tiers(ctx: dict, args: Any, data: dict, setting: dict) -> None:
     keys, chunks, T = ctx["keys"], ctx["chunks"], args.chunk_tokens
     st_disk: ChunkKVStore = setting["disk"]
     st_redis: ChunkKVStore | None = setting["redis"]
-    cache = SegmentCache(engine.runner, max_pages=engine.runner.pool.num_pages)
+    cache = SegmentCache(engine.runner, max_pages=engine.runner.num_pages)
     out: dict[str, Any] = {}
     data["settings"][setting["name"]]["tiers"] = out
     drop_ok = data["drop_caches"]
@@ -787,7 +787,7 @@ def main() -> None:
         )
         prompt = anchor + [t for c in chunks for t in c] + question
         with Timer(dev) as t:  # kernels (FlashInfer JIT from the cache), transformers, both policies
-            warm_cache = SegmentCache(engine.runner, engine.runner.pool.num_pages)
+            warm_cache = SegmentCache(engine.runner, engine.runner.num_pages)
             warm_segs = load_segments(warm_cache, st_disk, keys[:8], args.chunk_tokens)
             warm = ReuseInput(anchor, pf.anchor, chunks[:8], warm_segs, question)
             for p in (args.policy, "naive"):
@@ -796,7 +796,7 @@ def main() -> None:
         warm_cache.clear()
         del warm_segs, warm, warm_cache
         data["warmup_s"] = t.s
-        data["pool_gib"] = engine.runner.pool.num_bytes / 2**30
+        data["pool_gib"] = engine.runner.pool_bytes / 2**30
         if dev.type == "cuda":
             data["h2d_pinned_GBps"] = h2d_ceiling(dev)
             log("pinned host -> device copy ceiling", data["h2d_pinned_GBps"], "GB/s")

@@ -36,25 +36,44 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from read_depth import cpu_name  # noqa: E402
 
-from redknot_rag.kvcache import PageAllocator  # noqa: E402
+from redknot_rag.kvcache import KVSegment, PageAllocator  # noqa: E402
 from redknot_rag.store import ChunkKVStore, HeadCompression, KVFingerprint, StoreConfig, hash_token_ids  # noqa: E402
 from redknot_rag.store.segment_cache import SegmentCache  # noqa: E402
 
 
 class MetaRunner:
-    """What `SegmentCache` reads of a `KVRunner`: a real page allocator, a pool whose slots live on the
+    """What `SegmentCache` uses of a `KVRunner`'s KV-memory API: a real page allocator, pool slots on the
     `meta` device (shapes and dispatch, no bytes)."""
 
-    def __init__(self, num_pages: int, page_size: int, head_dim: int) -> None:
+    tp_size = 1
+
+    def __init__(self, num_pages: int, page_size: int, head_dim: int, num_layers: int, num_kv_heads: int) -> None:
         self.device = torch.device("meta")
         self.dtype = torch.bfloat16
         self.page_size = page_size
-        self.allocator = PageAllocator(num_pages)
-        slots = torch.empty(num_pages * page_size, head_dim, dtype=self.dtype, device="meta")  # [slots, D]
-        self.pool = type("Pool", (), {"k_slots": slots, "v_slots": torch.empty_like(slots), "num_pages": num_pages})
+        self._geometry = (num_layers, num_kv_heads)
+        self._pages = PageAllocator(num_pages)
+        self._k = torch.empty(num_pages * page_size, head_dim, dtype=self.dtype, device="meta")  # [slots, D]
+        self._v = torch.empty_like(self._k)
+
+    @property
+    def free_pages(self) -> int:
+        return self._pages.num_free
+
+    def can_allocate(self, n: int) -> bool:
+        return self._pages.can_allocate(n)
+
+    def allocate_segment(self, num_tokens: int, visible: Any = None) -> KVSegment:
+        nl, nh = self._geometry
+        n = -(-num_tokens // self.page_size)
+        pages = torch.from_numpy(self._pages.allocate(nl * nh * n)).view(nl, nh, n)
+        return KVSegment(pages, num_tokens, is_shared=True, visible=visible)
+
+    def write_pages(self, issue: Any) -> Any:
+        return issue(self._k, self._v)
 
     def drop_segment(self, segment: Any) -> None:
-        self.allocator.decref(segment.pages.numpy(), unique=True)
+        self._pages.decref(segment.pages.numpy(), unique=True)
 
     def await_layers(self, events: Any) -> None:
         pass
@@ -102,7 +121,7 @@ def main() -> None:
             k, v = (torch.randn(L, H, args.tokens, D, generator=g).to(torch.bfloat16) for _ in range(2))
             store.put(key, k, v)  # on disk and whole in the host tier
         per_chunk = L * H * -(-args.tokens // PS)
-        runner = MetaRunner(per_chunk * args.chunks, PS, D)
+        runner = MetaRunner(per_chunk * args.chunks, PS, D, L, H)
         cache = LayeredCache(runner, per_chunk * args.chunks)
         chunks = [(key, args.tokens, None) for key in keys]
 

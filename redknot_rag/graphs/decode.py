@@ -76,7 +76,7 @@ class DecodeGraphRunner:
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.proxy = PlannedBackend(backend)
         self.slots: dict[int, GraphSlot] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.mempool = torch.cuda.graph_pool_handle()  # CUDA graph memory, shared by every bucket
 
     def bucket_tokens(self, bs: int) -> int:
         """Keys per layer bucket `bs` holds: `max_kv_tokens` scaled by bs / largest bucket (static
@@ -106,7 +106,7 @@ class DecodeGraphRunner:
                     self.model.forward(batch, self.proxy)
             torch.cuda.current_stream().wait_stream(stream)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.mempool):
                 slot.logits = self.model.forward(batch, self.proxy)
             slot.graph = g
             self.slots[bs] = slot

@@ -100,7 +100,7 @@ class PrefillGraphRunner:
         self.sizes = tuple(sorted(sizes))
         self.proxy = PlannedBackend(backend)
         self.buckets: dict[int, PrefillBucket] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.mempool = torch.cuda.graph_pool_handle()  # CUDA graph memory, shared by every bucket
         cfg, ps = backend.cfg, backend.pool.page_size
         self.max_pages = -(-max_kv_tokens // ps)
         cap = cfg.num_kv_heads * (self.max_pages + -(-self.sizes[-1] // ps))
@@ -148,7 +148,7 @@ class PrefillGraphRunner:
                     self.model.forward(batch, self.proxy)
             torch.cuda.current_stream().wait_stream(stream)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.mempool):
                 b.logits = self.model.forward(batch, self.proxy)
             b.graph = g
             self.buckets[n] = b
