@@ -330,3 +330,39 @@ def test_triton_reads_short_tables_and_matches_torch(tiny_engine):
     assert (rows[:, 0] < 85 - 40).all()  # local heads: sink page + window pages only
     runner.release(a_kv)
     runner.release(b_kv)
+
+
+def test_reused_context_through_the_engine_releases_shared_references(tiny_engine):
+    """A request whose context is an attached stored segment (the /query reuse path, with a pending
+    recompute): its local blocks drop their references to the segment's early pages as the engine runs;
+    the store's reference keeps them; everything returns to baseline."""
+    from redknot_rag.request import ReusedContext
+    from redknot_rag.sampling import SamplingParams
+
+    runner = tiny_engine.runner
+    saved = runner.pool_windows
+    runner.pool_windows = PoolWindows.from_profile(alternating_profile(runner, window=8), sink=4)
+    try:
+        mc = runner.model_config
+        free0 = runner.free_pages
+        n = 64
+        g = torch.Generator().manual_seed(5)
+        k = torch.randn(mc.num_layers, mc.num_kv_heads, n, mc.head_dim, generator=g)
+        seg = runner.write_segment(k, torch.randn(k.shape, generator=g))
+        kv = runner.new_seq_kv()
+        runner.attach(kv, seg, torch.arange(n))
+        prompt = torch.randint(0, mc.vocab_size, (n + 12,), generator=g).tolist()
+        req = tiny_engine.make_request(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        req.reuse = ReusedContext(kv, n, n, 2, "test", pending=torch.tensor([3, 40]))
+        released0 = runner.pages_released
+        tiny_engine.submit(req)
+        while not req.is_finished:
+            tiny_engine.step()
+        assert req.error is None and len(req.output_ids) == 6
+        assert runner.pages_released > released0
+        pages = seg.pages.numpy()
+        assert (runner.allocator.refcount[pages] == 1).all()  # only the store's reference is left
+        runner.drop_segment(seg)
+        assert runner.free_pages == free0
+    finally:
+        runner.pool_windows = saved
