@@ -4,6 +4,7 @@ answer questions with KV reuse, and show the timing against full prefill on the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -23,15 +24,16 @@ def _cmd_query(args: argparse.Namespace) -> int:
     from redknot_rag.limits import MAX_QUESTION_CHARS, is_blank
     from redknot_rag.options import service_settings_from_args
     from redknot_rag.rag import run_query
+    from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
     from redknot_rag.rag.factory import build_service
-    from redknot_rag.sampling import SamplingParams
 
     if is_blank(args.question):
         raise ValueError("empty question (only whitespace, control or zero-width characters)")
     if len(args.question) > MAX_QUESTION_CHARS:
         raise ValueError(f"question of {len(args.question)} chars exceeds the limit of {MAX_QUESTION_CHARS}")
     settings = service_settings_from_args(args, args.reuse_policy)  # a bad policy name fails here
-    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature).validate()
+    params = dataclasses.replace(QUERY_DEFAULTS, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    params.validate()
     require_store(args.data_dir, args.namespace)  # before the model loads; creates nothing
     rag = build_service(settings)
     res = run_query(
@@ -39,7 +41,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         args.question,
         top_k=args.top_k,
         namespace=args.namespace,
-        params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+        params=params,
     )
     print(res.answer)
     print(
@@ -87,6 +89,7 @@ def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
 
     from redknot_rag.options import service_settings_from_args
     from redknot_rag.rag import run_query
+    from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
     from redknot_rag.rag.factory import build_service
     from redknot_rag.sampling import SamplingParams
 
@@ -105,7 +108,7 @@ def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
         f"   {s.documents} documents, {s.chunks} chunks, {s.tokens} tokens, {s.kv_bytes / 2**20:.1f} MiB KV "
         f"in {s.seconds:.1f} s ({s.tokens_per_s:.0f} tokens/s)"
     )
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    params = dataclasses.replace(QUERY_DEFAULTS, max_new_tokens=args.max_new_tokens)
     rows = []
     for q in DEMO_QUESTIONS:
         t0 = time.perf_counter()
@@ -136,6 +139,7 @@ def _run_demo(args: argparse.Namespace, data_dir: Path) -> int:
 def register_cli(sub) -> None:
     from redknot_rag.ingest_cli import HELP
     from redknot_rag.options import add_engine_args
+    from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
     from redknot_rag.rag.factory import DEFAULT_DATA_DIR
 
     q = sub.add_parser(
@@ -151,7 +155,9 @@ def register_cli(sub) -> None:
         "redknot-dense[:r[:k]] (default: the one `redknot serve` uses, measured for the model and recorded "
         "with its head profile)",
     )
-    q.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    q.add_argument(
+        "--max-new-tokens", type=int, default=QUERY_DEFAULTS.max_new_tokens, help="longest answer, in tokens"
+    )
     q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     q.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="where `redknot ingest` stored the documents")
     add_engine_args(q)
@@ -162,6 +168,8 @@ def register_cli(sub) -> None:
     d.add_argument("--data-dir", default=None, help="keep the data here (default: a temporary folder, removed after)")
     d.add_argument("--keep", action="store_true", help="keep the temporary data folder")
     d.add_argument("--top-k", type=int, default=6, help="chunks retrieved into each prompt")
-    d.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
+    d.add_argument(
+        "--max-new-tokens", type=int, default=QUERY_DEFAULTS.max_new_tokens, help="longest answer, in tokens"
+    )
     add_engine_args(d)
     d.set_defaults(func=_cmd_demo)

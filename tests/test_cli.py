@@ -163,3 +163,15 @@ def test_service_settings_store_what_the_cli_stores():
     from redknot_rag.rag.factory import ServiceSettings
 
     assert ServiceSettings().store.dtype == build_parser().parse_args(["ingest", "x"]).store_dtype == "bfloat16"
+
+
+def test_one_source_for_the_answer_defaults():
+    """`/query`, `redknot query`, `redknot demo` and the web page start from `QUERY_DEFAULTS`."""
+    from redknot_rag.cli import build_parser
+    from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
+    from redknot_rag.server.schemas import QueryRequest
+
+    parse = build_parser().parse_args
+    n = QUERY_DEFAULTS.max_new_tokens
+    assert QueryRequest(question="q").max_new_tokens == parse(["query", "q"]).max_new_tokens == n
+    assert parse(["demo"]).max_new_tokens == n

@@ -20,6 +20,7 @@ from redknot_rag.chat import DEFAULT_SYSTEM
 from redknot_rag.engine import Engine
 from redknot_rag.heads import HeadProfile, load_profile_for
 from redknot_rag.limits import MAX_DOCUMENT_TOKENS, TooLargeError, is_blank
+from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
 from redknot_rag.rag.assemble import Assembler, Timing
 from redknot_rag.rag.ingest import Ingestor, IngestSummary, Progress, parse_paths, parse_texts
 from redknot_rag.rag.layout import ChunkMatcher, PromptLayout, chunk_key, make_fingerprint
@@ -257,7 +258,7 @@ class RagService:
         work (`question_ids`; a caller that validated it first passes the ids); a policy name is parsed
         where it enters (the HTTP schema, `ServiceSettings`) and looked up here by the assembler."""
         t0 = time.perf_counter()
-        params = params or SamplingParams(max_new_tokens=64)
+        params = params or QUERY_DEFAULTS
         name = reuse_policy or self.default_policy
         q_ids = question_ids if question_ids is not None else self.question_ids(question)
         if sources is None:

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
 from redknot_rag.limits import InputLimits, TooLargeError
+from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
 from redknot_rag.rag.ingest import IngestCancelled, IngestSummary
 from redknot_rag.rag.service import Prepared, RagService, Source
 from redknot_rag.retrieval.docdb import NAMESPACE_PATTERN
@@ -123,7 +124,10 @@ def make_router(rt: Runtime) -> APIRouter:
                 "max_new_tokens": body.max_new_tokens,
                 "temperature": body.temperature,
                 "top_p": body.top_p,
-                "stop": body.stop,
+                "stop": QUERY_DEFAULTS.stop if body.stop is None else body.stop,
+                "repetition_penalty": QUERY_DEFAULTS.repetition_penalty
+                if body.repetition_penalty is None
+                else body.repetition_penalty,
                 "seed": body.seed,
             }
         )

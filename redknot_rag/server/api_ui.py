@@ -17,6 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 from starlette.requests import Request as HttpRequest
 
+from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
 from redknot_rag.server.auth import principal_of, require_admin
 from redknot_rag.server.errors import ApiError
 from redknot_rag.server.runtime import Runtime
@@ -77,6 +78,7 @@ def make_router(rt: Runtime, user: Callable[[HttpRequest], None]) -> APIRouter:
             "reuse_policy": default,
             "policies": [default, *(p for p in POLICIES if p != default)],
             "max_new_tokens_limit": rt.settings.max_new_tokens_limit,
+            "query_max_new_tokens": QUERY_DEFAULTS.max_new_tokens,  # the page starts at /query's own default
             "auth": rt.settings.api_key is not None or rt.settings.admin_key is not None,
         }
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from redknot_rag.limits import MAX_DOCUMENTS_PER_INGEST, MAX_PATHS_PER_INGEST, MAX_RID_CHARS, require_visible
+from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
 from redknot_rag.retrieval.docdb import DOC_ID_PATTERN, NAMESPACE_PATTERN, validate_doc_id
 from redknot_rag.reuse import make_policy
 from redknot_rag.sampling import SEED_MAX
@@ -195,10 +196,12 @@ class QueryRequest(_Strict):
     top_k: int = Field(default=6, ge=1, le=64)
     namespace: Namespace = "default"
     reuse_policy: PolicyName | None = None
-    max_new_tokens: NonNegInt = 128
+    # defaults: rag.answer_defaults.QUERY_DEFAULTS (None: its stop strings / repetition penalty)
+    max_new_tokens: NonNegInt = QUERY_DEFAULTS.max_new_tokens
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
     stop: list[str] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
     stream: bool = False
 
