@@ -188,6 +188,9 @@ class KVRunner:
     def set_pool_windows(self, mode: str) -> None:
         """Choose the pool windows (`auto`, `profile`, `architecture`, `off`; window.py) for sequences made
         from now on; the profile is the shipped one matching these weights."""
+        if self.tp_size > 1 and mode != "off":  # each rank would have to slide its heads in the same step
+            self.pool_windows, self.pool_windows_reason = None, "off: not under tensor parallelism yet"
+            return
         profile = None
         if mode == "profile":
             from redknot_rag.heads import load_profile_for
