@@ -25,8 +25,10 @@ class AttentionBackend(ABC):
 
     def __init__(self, cfg: ModelConfig, pool: KVPool, rotary: Rotary) -> None:
         self.cfg = cfg
-        self.pool = pool
+        self.pool = pool  # the runner's pool: the pages this backend writes (`write_kv`) and reads (`run`)
         self.rotary = rotary
+        self.page_size = pool.page_size  # geometry for planners and graph runners, which need no pages
+        self.device = pool.device
 
     @abstractmethod
     def plan(self, batch: ForwardBatch) -> None: ...

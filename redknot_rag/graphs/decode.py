@@ -89,7 +89,7 @@ class DecodeGraphRunner:
         return ForwardBatch(input_ids=ids, positions=ids, seqs=[], logit_rows=slot.logit_rows)
 
     def capture(self) -> None:
-        dev = self.backend.pool.device
+        dev = self.backend.device
         for bs in reversed(self.batch_sizes):
             slot = GraphSlot(
                 bs=bs,

@@ -101,16 +101,16 @@ class PrefillGraphRunner:
         self.proxy = PlannedBackend(backend)
         self.buckets: dict[int, PrefillBucket] = {}
         self.mempool = torch.cuda.graph_pool_handle()  # CUDA graph memory, shared by every bucket
-        cfg, ps = backend.cfg, backend.pool.page_size
+        cfg, ps = backend.cfg, backend.page_size
         self.max_pages = -(-max_kv_tokens // ps)
         cap = cfg.num_kv_heads * (self.max_pages + -(-self.sizes[-1] // ps))
         # page indices of every layer, rows (head, real | padding); shared by the buckets (one replays at a time)
-        self.indices = torch.zeros(cfg.num_layers, cap, dtype=torch.int32, device=backend.pool.device)
+        self.indices = torch.zeros(cfg.num_layers, cap, dtype=torch.int32, device=backend.device)
 
     # -- planning (host, before each replay) ---------------------------------------------------
     def _plan(self, b: PrefillBucket, m: int, pages: torch.Tensor, kv_len: int) -> None:
         """Plan bucket `b` for `m` real queries at the tail of `kv_len` keys on `pages` `[L, Hkv, P]`."""
-        rq = padded_requests(m, b.n, pages, kv_len, self.backend.pool.page_size)
+        rq = padded_requests(m, b.n, pages, kv_len, self.backend.page_size)
         self.backend.plan_prefill_graph(
             b.wrapper, self.indices, rq.qo_indptr, rq.kv_indptr, rq.indices, rq.last_page_len
         )
@@ -121,7 +121,7 @@ class PrefillGraphRunner:
     # -- capture ---------------------------------------------------------------------------------
     def _make_bucket(self, n: int) -> PrefillBucket:
         be = self.backend
-        cfg, dev, hkv = be.cfg, be.pool.device, be.cfg.num_kv_heads
+        cfg, dev, hkv = be.cfg, be.device, be.cfg.num_kv_heads
 
         w = be.init_prefill_graph(2 * hkv, self.indices)
         b = PrefillBucket(
@@ -132,7 +132,7 @@ class PrefillGraphRunner:
             wrapper=w,
         )
         # the first plan fixes the wrapper's row count (Hkv * n) and grid: all n rows real, over n keys of page 0
-        p = -(-n // be.pool.page_size)
+        p = -(-n // be.page_size)
         self._plan(b, n, torch.zeros(cfg.num_layers, hkv, p, dtype=torch.int32, device=dev), n)
         return b
 
@@ -171,9 +171,9 @@ class PrefillGraphRunner:
         """Host planning + copies into the bucket's buffers; None if the step must run eagerly."""
         b = self.bucket(batch)
         be = self.backend
-        if b is None or not (be.rope_ok and is_contiguous_layout(batch, be.pool.page_size)):
+        if b is None or not (be.rope_ok and is_contiguous_layout(batch, be.page_size)):
             return None
-        s, ps = batch.seqs[0], be.pool.page_size
+        s, ps = batch.seqs[0], be.page_size
         m, rows = s.q_len, batch.logit_rows.shape[0]
         self._plan(b, m, s.kv_slots[:, :, ::ps] // ps, s.num_kv)  # page table [L, Hkv, P] (page-aligned)
         b.input_ids.zero_()
