@@ -38,7 +38,7 @@ def register_cli(subparsers: Any) -> None:
         "--data-dir",
         type=Path,
         default=DEFAULT_DATA_DIR,
-        help="RAG data (documents, index, KV store), the folder `redknot ingest` writes to by default",
+        help="RAG data (documents, index, KV store): the folder `redknot ingest` writes to",
     )
     p.add_argument(
         "--api-key",
