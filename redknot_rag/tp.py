@@ -12,7 +12,7 @@ Design (the simplest one that keeps the engine unchanged):
   retrieval and the chunk store run on rank 0 only. Its runner records page bookkeeping (the KV-memory
   API: new sequence, attach, append, copy-on-write, truncate, release, drop segment) as typed `PageOp`s
   that name sequences and segments by explicit id (`SeqKV.seq_id`, `KVSegment.segment_id`), and
-  sends them in ONE `Message` (a gloo group: control on the host, data on NCCL) together with the
+  sends them in ONE `Message` (`tp_wire`; a gloo group: control on the host, data on NCCL) with the
   action that needs the followers now: a whole batch (`Forward`), a segment write, a head gather
   (`read_tokens`) or an all-rank call (`on_all_ranks`). A decode step is one message. Followers
   (`TPRunner.follow`) apply the ops and the action to their own shard.
@@ -38,17 +38,15 @@ With one rank none of this exists: `KVRunner` has no collectives (`all_reduce` i
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
-import pickle
 import subprocess
 import sys
 import threading
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,6 +58,30 @@ from redknot_rag.kvcache import KVSegment, SeqKV
 from redknot_rag.loader import LoadedModel, load_model
 from redknot_rag.ports import free_port
 from redknot_rag.runner import KVRunner, pick_device, pick_dtype
+from redknot_rag.tp_wire import (
+    Action,
+    Append,
+    Attach,
+    DropSegment,
+    Forward,
+    Message,
+    NewSeq,
+    OnAllRanks,
+    Override,
+    PageOp,
+    ReadTokens,
+    Release,
+    SliceMsg,
+    Stop,
+    Truncate,
+    WriteSegment,
+    decode,
+    encode,
+    pack_positions,
+    segment_id_of,
+    seq_id_of,
+    unpack_positions,
+)
 
 log = logging.getLogger("redknot.tp")
 
@@ -176,143 +198,6 @@ def launch(config: EngineConfig, tp_size: int) -> TPRunner | None:
     runner.follow()
     dist.destroy_process_group()
     return None
-
-
-# ---- the wire: typed page ops and actions; sequences and segments by id ----------------------------
-# positions as (start, n) when they are start, start+1, ..., start+n-1 (the usual case), else host int64 [n]
-Positions = tuple[int, int] | torch.Tensor
-
-
-def _pack_positions(p: torch.Tensor) -> Positions:
-    p = p.cpu()  # callers pass host positions (backends plan on the host): no device sync
-    n = int(p.numel())
-    start = int(p[0]) if n else 0
-    if n <= 1 or torch.equal(p, torch.arange(start, start + n, dtype=p.dtype)):
-        return (start, n)
-    return p
-
-
-def _unpack_positions(p: Positions) -> torch.Tensor:
-    if isinstance(p, torch.Tensor):
-        return p
-    return torch.arange(p[0], p[0] + p[1])
-
-
-class NewSeq(NamedTuple):
-    seq_id: int
-
-
-class Attach(NamedTuple):
-    seq_id: int
-    items: list[tuple[int, Positions]]  # (segment_id, positions); per-head visibility is rank-local
-
-
-class Append(NamedTuple):
-    seq_id: int
-    positions: Positions
-
-
-class Override(NamedTuple):
-    seq_id: int
-    token_index: torch.Tensor  # [n] int64, host
-
-
-class Truncate(NamedTuple):
-    seq_id: int
-    num_tokens: int
-
-
-class Release(NamedTuple):
-    seq_id: int
-
-
-class DropSegment(NamedTuple):
-    segment_id: int
-
-
-PageOp = NewSeq | Attach | Append | Override | Truncate | Release | DropSegment
-
-
-class SliceMsg(NamedTuple):
-    """One sequence of a batch: `new_slots` None when they are its last `q_len` slots (appended tokens)."""
-
-    seq_id: int
-    q_start: int
-    q_len: int
-    num_kv: int
-    new_slots: torch.Tensor | None  # [L, Hkv_r, q_len] int64, host
-
-
-class Forward(NamedTuple):
-    """A whole batch: `input_ids`, `positions` `[num_tokens]`; followers need no logits."""
-
-    input_ids: list[int]
-    positions: list[int]
-    seqs: list[SliceMsg]
-    num_layers: int | None
-
-
-class WriteSegment(NamedTuple):
-    """A head-complete segment: K/V `[L, Hkv, T, D]`, visible `[L, Hkv, T]` or None; each rank keeps its heads."""
-
-    segment_id: int
-    k: torch.Tensor
-    v: torch.Tensor
-    visible: torch.Tensor | None
-
-
-class ReadTokens(NamedTuple):
-    """`read_tokens` gathers heads over ranks: every rank joins."""
-
-    seq_id: int
-    start: int
-    end: int
-
-
-class OnAllRanks(NamedTuple):
-    """`fn(runner, *args)` on every rank (reuse policies); sequences and segments in `args` travel by id."""
-
-    fn: Callable[..., Any]
-    args: tuple
-
-
-class Stop(NamedTuple):
-    pass
-
-
-Action = Forward | WriteSegment | ReadTokens | OnAllRanks | Stop
-
-
-@dataclasses.dataclass(frozen=True)
-class Message:
-    """Rank 0 -> followers, one per step (a batch), segment write, gather or all-rank call: the page ops
-    since the last message in order, then the ids rank 0 no longer holds, then the action."""
-
-    ops: list[PageOp]
-    forget_seqs: list[int]
-    forget_segments: list[int]
-    action: Action
-
-
-class _Pickler(pickle.Pickler):
-    """Sequences and segments cross by id (`seq_id`, `segment_id`): each rank has its own twin."""
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, SeqKV):
-            return ("seq", TPRunner._id(obj))
-        if isinstance(obj, KVSegment) and obj.num_tokens:
-            return ("segment", TPRunner._segment_id(obj))
-        return None  # everything else (an empty segment included) by value
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, runner: TPRunner) -> None:
-        super().__init__(io.BytesIO(data))
-        self.runner = runner
-
-    def persistent_load(self, pid: Any) -> Any:
-        kind, i = pid
-        return self.runner._seqs[i] if kind == "seq" else self.runner._segments[i]
 
 
 class TPRunner(KVRunner):
@@ -445,26 +330,12 @@ class TPRunner(KVRunner):
         with self._forget_lock:
             (seqs, segments), self._forget = self._forget, ([], [])
         ops, self._ops = self._ops, []
-        buf = io.BytesIO()
-        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(Message(ops, seqs, segments, action))
-        dist.broadcast_object_list([buf.getvalue()], src=0, group=self._ctrl)
+        dist.broadcast_object_list([encode(Message(ops, seqs, segments, action))], src=0, group=self._ctrl)
 
     def _receive(self) -> Message:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=self._ctrl)
-        return _Unpickler(box[0], self).load()
-
-    @staticmethod
-    def _id(kv: SeqKV) -> int:
-        if kv.seq_id < 0:
-            raise RuntimeError("a SeqKV not made by a runner (new_seq_kv) cannot cross ranks")
-        return kv.seq_id
-
-    @staticmethod
-    def _segment_id(seg: KVSegment) -> int:
-        if seg.segment_id < 0:
-            raise RuntimeError("a KVSegment not made by a runner (write_segment) cannot cross ranks")
-        return seg.segment_id
+        return decode(box[0], self._seqs, self._segments)
 
     # ---- the KV-memory API: local, recorded on rank 0 -----------------------------------------------
     def new_seq_kv(self) -> SeqKV:
@@ -487,35 +358,35 @@ class TPRunner(KVRunner):
         for seg, pos, vis in items:
             if vis is not None:  # [L, Hkv_r, T] of rank 0's heads: meaningless on another rank
                 raise NotImplementedError("per-head visibility is rank-local: attach it inside runner.on_all_ranks")
-            segs.append((self._segment_id(seg), _pack_positions(pos)))
+            segs.append((segment_id_of(seg), pack_positions(pos)))
         super().attach_many(kv, items)
-        self._ops.append(Attach(self._id(kv), segs))
+        self._ops.append(Attach(seq_id_of(kv), segs))
 
     def append(self, kv: SeqKV, positions: torch.Tensor) -> torch.Tensor:
         out = super().append(kv, positions)
         if self._records:
-            self._ops.append(Append(self._id(kv), _pack_positions(positions)))
-            self._tails[self._id(kv)] = out  # a slice over exactly these slots crosses ranks without them
+            self._ops.append(Append(seq_id_of(kv), pack_positions(positions)))
+            self._tails[seq_id_of(kv)] = out  # a slice over exactly these slots crosses ranks without them
         return out
 
     def override(self, kv: SeqKV, token_index: torch.Tensor) -> torch.Tensor:
         out = super().override(kv, token_index)
         if self._records:
-            self._ops.append(Override(self._id(kv), token_index.cpu()))
+            self._ops.append(Override(seq_id_of(kv), token_index.cpu()))
         return out
 
     def truncate(self, kv: SeqKV, n: int) -> None:
         super().truncate(kv, n)
         if self._records:
-            self._ops.append(Truncate(self._id(kv), n))
+            self._ops.append(Truncate(seq_id_of(kv), n))
 
     def release(self, kv: SeqKV | None) -> None:
         if kv is None:
             return
         super().release(kv)
         if self._records:
-            self._ops.append(Release(self._id(kv)))
-            self._tails.pop(self._id(kv), None)
+            self._ops.append(Release(seq_id_of(kv)))
+            self._tails.pop(seq_id_of(kv), None)
 
     def _new_segment(self, num_tokens: int, visible: torch.Tensor | None) -> KVSegment:
         seg = super()._new_segment(num_tokens, visible)
@@ -542,12 +413,12 @@ class TPRunner(KVRunner):
     def drop_segment(self, segment: KVSegment) -> None:
         super().drop_segment(segment)
         if self._records:
-            self._ops.append(DropSegment(self._segment_id(segment)))
+            self._ops.append(DropSegment(segment_id_of(segment)))
 
     def read_tokens(self, kv: SeqKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of all heads `[L, Hkv_full, T, D]` (gathered over ranks), on every rank."""
         if self._records:
-            self._send(ReadTokens(self._id(kv), start, end))
+            self._send(ReadTokens(seq_id_of(kv), start, end))
         k, v = super().read_tokens(kv, start, end)  # [L, Hkv/N, T, D]
         return self._gather_heads(k), self._gather_heads(v)
 
@@ -607,14 +478,14 @@ class TPRunner(KVRunner):
     def _apply(self, op: PageOp) -> None:
         """Replay one of rank 0's page ops on this rank's shard (same order, same page ids)."""
         if isinstance(op, NewSeq):
-            sid = self._id(self.new_seq_kv())
+            sid = seq_id_of(self.new_seq_kv())
             if sid != op.seq_id:
                 raise RuntimeError(f"tensor-parallel ranks out of step: sequence {sid}, rank 0 has {op.seq_id}")
         elif isinstance(op, Attach):
-            items = [(self._segments[i], _unpack_positions(p), None) for i, p in op.items]
+            items = [(self._segments[i], unpack_positions(p), None) for i, p in op.items]
             self.attach_many(self._seqs[op.seq_id], items)  # type: ignore[arg-type]
         elif isinstance(op, Append):
-            self.append(self._seqs[op.seq_id], _unpack_positions(op.positions))
+            self.append(self._seqs[op.seq_id], unpack_positions(op.positions))
         elif isinstance(op, Override):
             self.override(self._seqs[op.seq_id], op.token_index)
         elif isinstance(op, Truncate):

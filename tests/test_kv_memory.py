@@ -6,8 +6,6 @@ shipped `tiny-gqa` config (2 layers, 2 KV heads, random weights), CPU, fp32.
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
 
@@ -102,18 +100,14 @@ def test_copy_on_write_never_writes_the_shared_segment(runner: KVRunner) -> None
 def test_tp_wire_names_objects_by_id(runner: KVRunner) -> None:
     """A message carries sequences and segments as ids (a few bytes, whatever their length), refuses
     objects no runner made, and packs consecutive positions as (start, n)."""
-    import io
+    from redknot_rag.tp_wire import Append, Message, OnAllRanks, encode, pack_positions, unpack_positions
 
-    from redknot_rag.tp import Append, Message, OnAllRanks, _pack_positions, _Pickler, _unpack_positions
-
-    assert _pack_positions(torch.arange(7, 12)) == (7, 5)
+    assert pack_positions(torch.arange(7, 12)) == (7, 5)
     odd = torch.tensor([3, 9, 4])
-    assert torch.equal(_unpack_positions(_pack_positions(odd)), odd)
+    assert torch.equal(unpack_positions(pack_positions(odd)), odd)
 
     def size(msg: Message) -> int:
-        buf = io.BytesIO()
-        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(msg)
-        return len(buf.getvalue())
+        return len(encode(msg))
 
     short, long = runner.new_seq_kv(), runner.new_seq_kv()
     runner.append(long, torch.arange(500))
