@@ -19,7 +19,6 @@ import torch
 
 from redknot_rag.batch import ForwardBatch, SeqSlice
 from redknot_rag.config import EngineConfig, ModelConfig
-from redknot_rag.kvcache import pool_pages_for
 from redknot_rag.loader import LoadedModel
 from redknot_rag.request import Request, RequestStatus, TokenEvent
 from redknot_rag.runner import KVRunner
@@ -91,9 +90,7 @@ class Engine:
             from dataclasses import replace
 
             req.params = replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
-        need = pool_pages_for(
-            self.model_config, n - req.prefix_len + req.params.max_new_tokens + 1, self.config.page_size
-        )
+        need = self.runner.reservation_pages(n - req.prefix_len + req.params.max_new_tokens + 1)
         if need > self.runner.pool.num_pages:
             raise InvalidRequestError(
                 f"request needs {need} KV pages but the pool has {self.runner.pool.num_pages}; shorten it"
@@ -169,9 +166,8 @@ class Engine:
 
     # ---- scheduling -----------------------------------------------------------------------
     def _reservation(self, req: Request) -> int:
-        return pool_pages_for(
-            self.model_config, req.prompt_len - req.prefix_len + req.params.max_new_tokens + 1, self.config.page_size
-        )
+        # per head class: local blocks of a windowed pool reserve only sink + window + a chunk (window.py)
+        return self.runner.reservation_pages(req.prompt_len - req.prefix_len + req.params.max_new_tokens + 1)
 
     def _admit(self) -> None:
         """Move waiting requests to running while the page reservation and the running cap allow."""
@@ -193,7 +189,7 @@ class Engine:
 
     def _reserved_used(self) -> int:
         """Pages already taken by running requests out of their reservations."""
-        return sum(len(r.kv.private_pages) * self.model_config.num_kv_blocks for r in self._running if r.kv)
+        return sum(self.runner.private_pages(r.kv) for r in self._running if r.kv)  # window releases excluded
 
     def _start(self, req: Request) -> None:
         if req.reuse is not None and req.reuse.kv is not None:
@@ -321,6 +317,9 @@ class Engine:
         finally:
             if step_mask is not None:
                 step_mask.wait()  # no matcher is touched again before its fill is done
+        for req, _ in plan:  # local blocks drop the pages that fell out of their window (window.py)
+            if req.kv is not None:
+                self.runner.slide(req.kv)
         # Greedy requests without logprobs/penalties/constraints only need the argmax: skip moving
         # [M, vocab] logits to the host (at batch 64 x 128K vocab that dominated the decode step).
         needs_logits = any(
