@@ -161,9 +161,9 @@ async function loadInfo() {
     for (const id of ["namespace", "list-namespace"]) if ($(id).value === "default") $(id).value = info.namespaces[0];
   }
   $("max-tokens").max = String(info.max_new_tokens_limit);
-  const mt = $("max-tokens"); // starts at /query's own default until the user types another number
-  if (info.query_max_new_tokens && !mt.dataset.edited) mt.value = String(info.query_max_new_tokens);
-  mt.addEventListener("input", () => { mt.dataset.edited = "1"; }, { once: true });
+  // the field starts at /query's own default; a number already typed in (not the page's initial one) stays
+  const mt = $("max-tokens");
+  if (info.query_max_new_tokens && mt.value === mt.defaultValue) mt.value = mt.defaultValue = String(info.query_max_new_tokens);
 }
 
 // ---- key dialog ------------------------------------------------------------------------------
