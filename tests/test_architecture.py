@@ -179,12 +179,18 @@ def test_library_does_not_import_cli_modules():
 def test_one_composition_root():
     """`rag.factory.build_service` is the only place that builds a RagService (the server, ingest,
     query, demo and eval all go through it)."""
-    builders = []
-    for m, path in _modules().items():
+    builders = _rag_service_builders(_modules())
+    assert builders == ["redknot_rag.rag.factory"], builders
+
+
+def _rag_service_builders(mods: dict[str, Path]) -> list[str]:
+    """Modules that call `RagService(...)`."""
+    out = []
+    for m, path in sorted(mods.items()):
         for n in ast.walk(ast.parse(path.read_text())):
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "RagService":
-                builders.append(m)
-    assert builders == ["redknot_rag.rag.factory"], builders
+                out.append(m)
+    return out
 
 
 # Pool and allocator: only the runner (and kvcache, which defines them) touch KV memory; the store, the
@@ -267,6 +273,8 @@ def test_each_rule_fails_when_violated(tmp_path):
             "redknot_rag/ingest_cli.py": "def register_cli(sub):\n    pass\n",
             "redknot_rag/store/cache.py": "def put(runner):\n    return runner.pool.k_slots, runner.allocator\n",
             "redknot_rag/runner.py": "class R:\n    def f(self):\n        return self.pool\n",
+            "redknot_rag/rag/factory.py": "def build_service(s):\n    return RagService(s)\n",
+            "redknot_rag/server/serve_cli.py": "def make_rag(e):\n    return RagService(e)\n",
         },
     )
     edges = _edges(mods)
@@ -274,6 +282,7 @@ def test_each_rule_fails_when_violated(tmp_path):
         "redknot_rag.engine.driver -> redknot_rag.server.errors"
     ]
     assert _library_to_cli(mods) == ["redknot_rag.harness -> redknot_rag.ingest_cli"]
+    assert _rag_service_builders(mods) == ["redknot_rag.rag.factory", "redknot_rag.server.serve_cli"]
     found = _kv_memory_accesses(sorted(mods.values()), tmp_path)
     assert found == {"redknot_rag/store/cache.py": 2, "redknot_rag/runner.py": 1}
     assert _kv_memory_violations(found, {}, ("redknot_rag/runner.py",)) == [
