@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -87,6 +88,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     aborted: bool = False
     generator: torch.Generator | None = None
+    detokenizer: Any = None  # the engine's incremental detokenizer of `output_ids` (engine/detokenizer.py)
     events: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
 

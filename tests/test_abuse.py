@@ -163,7 +163,7 @@ def test_grammar_compile_over_its_time_is_killed_and_the_pool_recovers(engine):
     """A compile that runs past the pool's timeout is killed with its worker; the next compile works."""
     import xgrammar as xgr
 
-    from redknot_rag.server.grammar_compiler import GrammarCompilerPool, GrammarTimeoutError
+    from redknot_rag.engine.grammar_compiler import GrammarCompilerPool, GrammarTimeoutError
 
     mc = engine.model_config
     info = xgr.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=mc.vocab_size, stop_token_ids=[2])
@@ -183,7 +183,7 @@ def test_grammar_compile_over_its_time_is_killed_and_the_pool_recovers(engine):
 
 
 def test_grammar_over_the_size_limit_or_the_time_limit_is_400(served, monkeypatch):
-    from redknot_rag.server.constrained import MAX_GRAMMAR_CHARS, GrammarBackend
+    from redknot_rag.engine.grammar import MAX_GRAMMAR_CHARS, GrammarBackend
 
     client, rt = served
     huge = "(" + "|".join(f"w{i:06d}" for i in range(MAX_GRAMMAR_CHARS // 8 + 1)) + ")"
@@ -191,7 +191,7 @@ def test_grammar_over_the_size_limit_or_the_time_limit_is_400(served, monkeypatc
     r = client.post("/generate", json={"text": "hi", "sampling_params": {**sp, "regex": huge}}, headers=AUTH)
     _err(r, 400, f"the limit is {MAX_GRAMMAR_CHARS}")
     mc = rt.engine.model_config
-    pool = GrammarBackend.of(rt.tokenizer, mc.vocab_size, tuple(mc.eos_token_ids)).pool
+    pool = GrammarBackend.of(rt.tokenizer, mc.vocab_size, tuple(mc.eos_token_ids)).compilers
     # 1 ms: a 5,000-item enum compiles in tens of ms on a quiet machine (0.05 s was flaky), and the
     # round trip to the worker process alone takes longer than this limit
     monkeypatch.setattr(pool, "timeout_s", 0.001)

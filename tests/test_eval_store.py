@@ -46,7 +46,7 @@ def _read_back(engine, setting, root):
         store.put(chunk_key(ids), k.cpu(), v.cpu())  # as run_case ingests
         asm.flush()  # as run_case does before every policy: the segment comes from the store
         timing = Timing()
-        seg = engine.call(lambda: asm.segment(ids, timing))
+        seg = engine.run_store_work(lambda: asm.segment(ids, timing))
         assert timing.kv_miss_prefill_ms == 0
         slots = seg.slots(engine.config.page_size)  # [L, Hkv, T]
         got = (runner.pool.k_slots[slots].clone(), runner.pool.v_slots[slots].clone(), seg.visible)

@@ -9,7 +9,7 @@ import pytest
 
 from redknot_rag.chat import chat_prompt_ids
 from redknot_rag.sampling import InvalidRequestError, SamplingParams
-from redknot_rag.server.constrained import Grammar, GrammarBackend
+from redknot_rag.engine.grammar import Grammar, GrammarBackend
 
 CITIES = ["Amsterdam", "Barcelona", "Copenhagen", "Dublin", "Edinburgh", "Florence", "Geneva", "Helsinki",
           "Istanbul", "Jerusalem", "Kyoto", "Lisbon", "Madrid", "Nairobi", "Oslo", "Prague", "Quebec City",

@@ -18,7 +18,7 @@ from redknot_rag.chat import chat_prompt_ids
 from redknot_rag.engine import Engine
 from redknot_rag.request import Request
 from redknot_rag.sampling import SamplingParams
-from redknot_rag.server.constrained import Grammar, GrammarBackend
+from redknot_rag.engine.grammar import Grammar, GrammarBackend
 
 SCHEMA = {
     "type": "object",

@@ -394,7 +394,7 @@ def test_health_reports_a_stalled_engine(served):
     rt.settings = dataclasses.replace(settings, health_stall_s=1.5)
     try:
         assert client.get("/health").status_code == 200
-        busy = threading.Thread(target=rt.engine.call, args=(lambda: time.sleep(5),))
+        busy = threading.Thread(target=rt.engine.run_store_work, args=(lambda: time.sleep(5),))
         busy.start()
         time.sleep(0.2)
         codes = [client.get("/health").status_code for _ in range(3)]  # each waits up to 1 s for the probe

@@ -249,12 +249,12 @@ def test_head_compressed_chunks_are_assembled_without_recompute(rag):
     rag.store.put(chunk_key(ids), k.cpu(), v.cpu(), heads=HeadCompression.from_mask(classes, window))
     rag.flush_cache()
     timing = Timing()
-    seg = rag.engine.call(lambda: rag.assembler.segment(ids, timing))
+    seg = rag.engine.run_store_work(lambda: rag.assembler.segment(ids, timing))
     assert timing.kv_miss_prefill_ms == 0, "a head-compressed chunk must not be re-prefilled"
     assert seg.visible is not None and seg.visible[:, 1:].all()
     assert seg.visible[:, 0, -window:].all() and not seg.visible[:, 0, :-window].any()
     q = rag.layout.question_ids("Which car does the Hallerby depot keep?")
-    req = rag.engine.call(lambda: rag.assembler.build([ids], q, "naive", SamplingParams(max_new_tokens=1)))
+    req = rag.engine.assemble(rag.assembler.build_stages([ids], q, "naive", SamplingParams(max_new_tokens=1)))
     kv = req.reuse.kv
     a = rag.layout.num_anchor
     assert not kv.visible[:, 0, a : a + len(ids) - window].any() and kv.visible[:, 1:, a : a + len(ids)].all()

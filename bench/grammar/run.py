@@ -148,12 +148,12 @@ class Served:
     full_mask = True
 
     def __init__(self, tok: Any, vocab: int) -> None:
-        from redknot_rag.server.constrained import GrammarBackend
+        from redknot_rag.engine.grammar import GrammarBackend
 
         self.backend = GrammarBackend(tok, vocab, (tok.eos_token_id,))
 
     def compile(self, case: dict) -> Any:
-        from redknot_rag.server.constrained import Grammar
+        from redknot_rag.engine.grammar import Grammar
 
         g = Grammar("json_schema" if case["kind"] == "json" else "regex", case["spec"])
         self.backend.compile(g)  # timed; `start` gets it from xgrammar's cache

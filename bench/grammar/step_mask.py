@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-from redknot_rag.server.constrained import Grammar, GrammarBackend, GrammarProcessor, StepGrammarMask
+from redknot_rag.engine.grammar import Grammar, GrammarBackend, GrammarProcessor, StepGrammarMask
 
 # Part 2 grammars: none of them can end within the measured steps, so the batch stays B wide.
 LONG_GRAMMARS = [

@@ -141,7 +141,7 @@ def reuse_ttft(engine: Any, args: argparse.Namespace, vocab: int) -> dict[str, A
     anchor = rand_ids(16, vocab, 7)
     chunks = [rand_ids(args.chunk_tokens, vocab, 1000 + i) for i in range(args.chunks)]
     question = rand_ids(32, vocab, 9)
-    pf = engine.call(lambda: ChunkPrefiller(r, anchor))
+    pf = engine.run_store_work(lambda: ChunkPrefiller(r, anchor))
     segs = []
     for i in range(0, len(chunks), 8):
         for k, v in pf.prefill(chunks[i : i + 8]):

@@ -2,13 +2,13 @@
 assembled context KV into an unsubmitted `Request`.
 
 Used by the RAG service (for `/query` and for automatic reuse on every API), the fidelity harness, head
-profiling and the benches. Runs on the runner's thread (`Engine.call`): it writes the page pool.
+profiling and the benches. Runs on the engine thread (`Engine.assemble`, in stages): it writes the page pool.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 from redknot_rag.engine import Engine
@@ -57,8 +57,8 @@ class Assembler:
         self.layout = layout
         self.store = store
         self.profile = profile if profile is not None else load_profile_for(runner.name, runner.weights_fingerprint)
-        self.prefiller: ChunkPrefiller = engine.call(lambda: ChunkPrefiller(runner, layout.anchor_ids))
-        self.cache = SegmentCache(runner, max_pages=cache_pages or runner.pool.num_pages // 2)
+        self.prefiller: ChunkPrefiller = engine.run_store_work(lambda: ChunkPrefiller(runner, layout.anchor_ids))
+        self.cache = SegmentCache(runner, max_pages=cache_pages or runner.num_pages // 2)
         self._policies: dict[str, ReusePolicy] = {}
         # recompute + question in one forward (the engine's first prefill step); False: recompute at assembly
         self.one_forward = True
@@ -107,7 +107,33 @@ class Assembler:
         policy_obj: ReusePolicy | None = None,
         **request_kw,
     ) -> Request:
+        """`build_stages` run through at once, on the calling thread (which must own the pool: the engine
+        thread, or any thread when no engine loop runs)."""
+        stages = self.build_stages(
+            chunk_ids, tail_ids, policy_name, params, timing, policy_obj=policy_obj, **request_kw
+        )
+        while True:
+            try:
+                next(stages)
+            except StopIteration as done:
+                return done.value
+
+    def build_stages(
+        self,
+        chunk_ids: Sequence[Sequence[int]],
+        tail_ids: Sequence[int],
+        policy_name: str,
+        params: SamplingParams,
+        timing: Timing | None = None,
+        *,
+        policy_obj: ReusePolicy | None = None,
+        **request_kw,
+    ) -> Generator[None, None, Request]:
         """`[anchor][chunks][tail]` as an unsubmitted request whose context KV the policy assembled.
+
+        A generator of stages for `Engine.assemble`: it yields after validation and after the segment
+        loads, so the engine can run steps of running requests between them; closed at a yield (its client
+        left), it holds no page (the segments belong to the cache). Returns the request.
 
         `policy_obj` (bench only: the harness's oracles, which no API can name) replaces the policy looked up
         by `policy_name`, which then only labels the request. Runs on the runner's thread. Everything is
@@ -120,16 +146,18 @@ class Assembler:
         req = self.engine.make_request(prompt, params, **request_kw)  # validates length, params, pages
         if policy.name == "full" or not chunk_ids:
             return req
+        yield
         t = time.perf_counter()
         segs = self.segments(chunk_ids, timing)
         # attention below reads the segments: the runner's forwards wait (on the device) for each layer's
         # copies as they reach it, so the host -> pool copies overlap selection and recompute
         self.cache.ready_layers()
         timing.kv_load_ms += (time.perf_counter() - t) * 1e3 - timing.kv_miss_prefill_ms
+        yield
         anchor = list(self.layout.anchor_ids)
         inp = ReuseInput(anchor, self.prefiller.anchor, [list(c) for c in chunk_ids], segs, list(tail_ids))
         t = time.perf_counter()
-        # selection now; the recompute itself is deferred into the engine's first forward of this request,
+        # selection now; the recompute itself is deferred into the engine's prefill of this request,
         # together with the question (`ReusedContext.pending`): one pass over the weights instead of two
         asm = self.runner.on_all_ranks(policy.assemble, inp, self.one_forward)  # one rank: a plain call
         timing.recompute_ms += (time.perf_counter() - t) * 1e3

@@ -168,7 +168,7 @@ class Ingestor:
                 i += 1
             fresh = [c for c in ids if not self.store.contains(chunk_key(c))]
             if fresh:
-                kvs = self.engine.call(functools.partial(prefiller.prefill, fresh))
+                kvs = self.engine.run_store_work(functools.partial(prefiller.prefill, fresh))
                 for c, (k, v) in zip(fresh, kvs):
                     nbytes += self.store.put(chunk_key(c), k.cpu(), v.cpu(), keep_in_memory=False)
             for r, c in zip(batch, ids):
@@ -183,7 +183,7 @@ class Ingestor:
         """Delete the stored and pool-resident KV of `keys` that no chunk row (any namespace) still uses."""
         for key in keys - self.db.kv_keys_in_use(keys):
             self.store.delete(key)
-            self.engine.call(functools.partial(self.assembler.drop_chunk, key))
+            self.engine.run_store_work(functools.partial(self.assembler.drop_chunk, key))
 
     def delete_document(self, namespace: str, doc_id: str) -> bool:
         self.db.require_namespace(namespace)

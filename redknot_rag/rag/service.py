@@ -217,7 +217,7 @@ class RagService:
         return self.ingestor.delete_document(namespace, doc_id)
 
     def flush_cache(self) -> None:
-        self.engine.call(self.assembler.flush)
+        self.engine.run_store_work(self.assembler.flush)
 
     # ---- queries --------------------------------------------------------------------------
     def retrieve(self, question: str, *, top_k: int = 6, namespace: str = "default") -> list[Source]:
@@ -253,10 +253,13 @@ class RagService:
         params: SamplingParams | None = None,
         sources: list[Source] | None = None,
         question_ids: list[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Prepared:
         """Retrieve and assemble a `/query` request (not submitted). The question is validated before any
         work (`question_ids`; a caller that validated it first passes the ids); a policy name is parsed
-        where it enters (the HTTP schema, `ServiceSettings`) and looked up here by the assembler."""
+        where it enters (the HTTP schema, `ServiceSettings`) and looked up here by the assembler. The
+        assembly runs on the engine thread in stages between its steps; once `cancel` is set (the client
+        left) it stops and `AssemblyCancelled` is raised."""
         t0 = time.perf_counter()
         params = params or QUERY_DEFAULTS
         name = reuse_policy or self.default_policy
@@ -269,7 +272,7 @@ class RagService:
         chunk_ids = [self.layout.chunk_ids(s.text) for s in ordered]
         if name != "full":  # start reading the chunks' blocks (layer-major) while the engine thread is busy
             self.store.prefetch([chunk_key(c) for c in chunk_ids if chunk_key(c) not in self.assembler.cache])
-        req = self.engine.call(lambda: self.assembler.build(chunk_ids, q_ids, name, params, timing))
+        req = self.engine.assemble(self.assembler.build_stages(chunk_ids, q_ids, name, params, timing), cancel)
         stats = {}
         if req.reuse is not None:
             stats = {
@@ -292,8 +295,8 @@ class RagService:
         chunks, end = self.matcher.match(prompt_ids, namespaces)
         if not chunks:
             return self.engine.make_request(prompt_ids, params, **kw)
-        return self.engine.call(
-            lambda: self.assembler.build(chunks, prompt_ids[end:], self.default_policy, params, **kw)
+        return self.engine.assemble(
+            self.assembler.build_stages(chunks, prompt_ids[end:], self.default_policy, params, **kw)
         )
 
     def discard(self, req: Request) -> None:
@@ -301,7 +304,7 @@ class RagService:
         self.engine.discard(req)
 
     def close(self) -> None:
-        self.engine.call(self.assembler.close)
+        self.engine.run_store_work(self.assembler.close)
 
 
 def run_query(service: RagService, question: str, **kw) -> RagResult:

@@ -20,9 +20,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
+from redknot_rag.engine.grammar import JSON_OBJECT_SCHEMA
 from redknot_rag.server.api_sglang import SSE_DONE, SSE_HEADERS, sse
 from redknot_rag.server.auth import Principal, principal_of
-from redknot_rag.server.constrained import JSON_OBJECT_SCHEMA
 from redknot_rag.server.errors import ApiError
 from redknot_rag.server.request_body import read_model
 from redknot_rag.server.runtime import GenInput, Job, Runtime, sampling_from_fields

@@ -26,10 +26,10 @@ from starlette.requests import Request as HttpRequest
 
 from redknot_rag.chat import encode
 from redknot_rag.engine import Engine, EngineOverloadedError
+from redknot_rag.engine.grammar import Grammar, GrammarBackend, compile_stop_regex
 from redknot_rag.rag.service import RagService
 from redknot_rag.request import Request, TokenEvent
 from redknot_rag.sampling import InvalidRequestError, SamplingParams
-from redknot_rag.server.constrained import Grammar, GrammarBackend, compile_stop_regex
 from redknot_rag.server.errors import ApiError, error_body
 from redknot_rag.server.metrics import Metrics
 from redknot_rag.server.settings import ServerSettings
@@ -502,7 +502,7 @@ class Runtime:
         exceeds `health_stall_s`; None when it is live. At most one probe is outstanding."""
         if self._probe is None or self._probe.done():
             self._probe_since = time.monotonic()
-            self._probe = self.executor.submit(self.engine.call, lambda: None)
+            self._probe = self.executor.submit(self.engine.ping)
         with contextlib.suppress(asyncio.TimeoutError, Exception):
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._probe)), 1.0)  # never cancels it
         waited = time.monotonic() - self._probe_since

@@ -2,7 +2,7 @@
 
 A `Grammar` names what the output must match; `GrammarBackend` (one per tokenizer) compiles it
 once to an xgrammar `CompiledGrammar` (in a worker process, bounded in size and time, cached:
-grammar_compiler.py) and hands each request a fresh `GrammarProcessor`. The processor is the
+engine/grammar_compiler.py) and hands each request a fresh `GrammarProcessor`. The processor is the
 engine's `Request.logits_processor` hook: at every decode step it feeds the matcher the tokens
 emitted since its last call and sets every logit the grammar disallows to -inf. Stop tokens are
 allowed exactly when the grammar can end here.
@@ -35,8 +35,8 @@ import regex
 import torch
 import xgrammar as xgr
 
+from redknot_rag.engine.grammar_compiler import GrammarCompileError, GrammarCompilerPool, GrammarTimeoutError
 from redknot_rag.sampling import InvalidRequestError, SamplingParams
-from redknot_rag.server.grammar_compiler import GrammarCompileError, GrammarCompilerPool, GrammarTimeoutError
 
 GrammarKind = Literal["regex", "json_schema", "ebnf"]
 _NEG_INF = torch.tensor(float("-inf"))
@@ -75,7 +75,7 @@ class GrammarBackend:
         self.vocab_size = vocab_size
         self.stop_ids = stop_ids
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids))
-        self.pool = GrammarCompilerPool(self.info, timeout_s=GRAMMAR_COMPILE_TIMEOUT_S)
+        self.compilers = GrammarCompilerPool(self.info, timeout_s=GRAMMAR_COMPILE_TIMEOUT_S)
 
     @classmethod
     def of(cls, tokenizer: Any, vocab_size: int, stop_ids: tuple[int, ...]) -> GrammarBackend:
@@ -104,7 +104,7 @@ class GrammarBackend:
             if not isinstance(schema, dict | bool):
                 raise InvalidRequestError("json_schema must be a JSON object")
         try:
-            return self.pool.compile(g.kind, g.source)
+            return self.compilers.compile(g.kind, g.source)
         except GrammarCompileError as e:
             raise InvalidRequestError(f"invalid {what} {g.source[:200]!r}: {e}") from e
         except GrammarTimeoutError as e:
