@@ -24,6 +24,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
+from redknot_rag.engine import AssemblyCancelled
 from redknot_rag.limits import InputLimits, TooLargeError
 from redknot_rag.rag.answer_defaults import QUERY_DEFAULTS
 from redknot_rag.rag.ingest import IngestCancelled, IngestSummary
@@ -134,15 +135,26 @@ def make_router(rt: Runtime) -> APIRouter:
         rt.check_limits_params(params)
         if rt.draining:
             raise ApiError(503, "server is shutting down")
-        prepared = await rt.run_blocking(
-            rag.prepare,
-            body.question,
-            top_k=body.top_k,
-            namespace=body.namespace,
-            reuse_policy=body.reuse_policy or None,
-            params=params,
-            question_ids=q_ids,
+        cancel = threading.Event()  # set when the client leaves: the assembly stops at its next stage
+        preparing = asyncio.ensure_future(
+            rt.run_blocking(
+                rag.prepare,
+                body.question,
+                top_k=body.top_k,
+                namespace=body.namespace,
+                reuse_policy=body.reuse_policy or None,
+                params=params,
+                question_ids=q_ids,
+                cancel=cancel,
+            )
         )
+        while not (await asyncio.wait({preparing}, timeout=0.25))[0]:
+            if await request.is_disconnected():
+                cancel.set()
+        try:
+            prepared = preparing.result()
+        except AssemblyCancelled:
+            raise ApiError(400, "request cancelled: the client left") from None
         (job,) = await rt.submit([Job(prepared.request, owner=principal_of(request).name)])
         sources = [_source(s) for s in prepared.sources]
         if body.stream:
