@@ -87,7 +87,7 @@ def _gaps_within(times: list[float], t0: float, t1: float) -> list[float]:
 
 
 def test_short_request_keeps_decoding_while_a_long_query_assembles(looping):
-    """While a `/query` over 12 chunks (~2,900 tokens, 90% recomputed) is assembled and prefilled, a short
+    """While a `/query` over 12 chunks (~2,200 tokens, 90% recomputed) is assembled and prefilled, a short
     request decoding beside it waits at most a quarter of that query's time to first token between two
     tokens. Before the engine split, the query's recompute went into one forward: the short request then
     stalled for most of the query's time to first token."""
@@ -109,7 +109,7 @@ def test_short_request_keeps_decoding_while_a_long_query_assembles(looping):
     eng.abort(short.rid)
     short.done.wait(60)
     assert q.error is None and q.first_token_time is not None
-    assert prep.request.prompt_len > 2500 and prep.stats["recomputed_tokens"] > 2000
+    assert prep.request.prompt_len > 2000 and prep.stats["recomputed_tokens"] > 1800
     ttft = q.first_token_time - t0
     gaps = _gaps_within(short.token_times, t0, q.first_token_time)
     assert gaps, "the short request produced no token while the query ran"

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from redknot_rag.ports import free_ports
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -66,12 +67,6 @@ def corpus(n_docs: int) -> list[dict]:
         text = fact.format(n=rng.randrange(10, 9999), y=rng.randrange(1700, 1999)) + " " + filler
         docs.append({"doc_id": f"{name}-{i}", "text": text})
     return docs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(tree: Path, data: Path, port: int, log: Path) -> subprocess.Popen:
@@ -190,7 +185,7 @@ def summarize(results: list[dict]) -> dict:
 async def bench(args) -> dict:
     tree = Path(args.tree).resolve()
     with tempfile.TemporaryDirectory(prefix="redknot-load-") as tmp:
-        data, port = Path(tmp) / "data", free_port()
+        data, port = Path(tmp) / "data", free_ports(1)[0]
         base = f"http://127.0.0.1:{port}"
         log = Path(tmp) / "server.log"
         proc = start_server(tree, data, port, log)
