@@ -51,6 +51,7 @@ QUESTIONS = [
     "How large is the mirror of the Kesh observatory telescope?",
     "How many sacks does the Orrin water mill grind a day?",
 ]
+MODEL = ["default"]  # the served model's id, read from /v1/models at start-up
 PROMPTS = ["Once upon a time", "The capital of France is", "List three colours:", "def fibonacci(n):"]
 
 
@@ -110,7 +111,7 @@ async def one_request(c: httpx.AsyncClient, base: str, kind: str, rng: random.Ra
         url = base + "/generate"
     else:
         body = {
-            "model": "default",
+            "model": MODEL[0],
             "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
             "max_tokens": 16,
             "temperature": 0,
@@ -194,6 +195,7 @@ async def bench(args) -> dict:
             async with httpx.AsyncClient() as c:
                 r = await c.post(base + "/ingest", json={"documents": corpus(args.docs)}, timeout=1200)
                 r.raise_for_status()
+                MODEL[0] = (await c.get(base + "/v1/models")).json()["data"][0]["id"]
                 for q in QUESTIONS[:2]:  # warm-up: a query and a generate
                     await c.post(base + "/query", json={"question": q, "max_new_tokens": 4}, timeout=600)
                 await c.post(base + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 4}})
