@@ -33,8 +33,8 @@ class StepBudget:
     further capped so that a step takes about `itl_target_s`, from a model of the step time measured on
     recent steps: `decode_s` (a step with no prefill) + `sec_per_token` x prefill tokens. On a fast device
     the cap is far above `max_tokens` and changes nothing; on a CPU it keeps decode steps short. Before
-    the first measurement the cap is `first_tokens`. At least `min_tokens` go to prefill, so prompts
-    always progress.
+    the first measurement the cap is `first_tokens`. Prefill keeps at least as long as the decodes take
+    and at least `min_tokens`, so prompts always progress.
     """
 
     max_tokens: int
@@ -62,7 +62,9 @@ class StepBudget:
         if self.sec_per_token == 0:
             cap = self.first_tokens
         else:
-            cap = int(max(self.itl_target_s - self.decode_s, 0.0) / self.sec_per_token)
+            # prompts keep at least as much of a step as the decodes take (a step then lasts at most about
+            # twice the decodes): on a machine too slow for the target, time to first token does not starve
+            cap = int(max(self.itl_target_s - self.decode_s, self.decode_s) / self.sec_per_token)
         return max(min(room, cap), min(self.min_tokens, room))
 
 
