@@ -8,8 +8,8 @@ import re
 import pytest
 
 from redknot_rag.chat import chat_prompt_ids
-from redknot_rag.sampling import InvalidRequestError, SamplingParams
 from redknot_rag.engine.grammar import Grammar, GrammarBackend
+from redknot_rag.sampling import InvalidRequestError, SamplingParams
 
 CITIES = ["Amsterdam", "Barcelona", "Copenhagen", "Dublin", "Edinburgh", "Florence", "Geneva", "Helsinki",
           "Istanbul", "Jerusalem", "Kyoto", "Lisbon", "Madrid", "Nairobi", "Oslo", "Prague", "Quebec City",

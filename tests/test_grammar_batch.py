@@ -16,9 +16,10 @@ import xgrammar as xgr
 
 from redknot_rag.chat import chat_prompt_ids
 from redknot_rag.engine import Engine
+from redknot_rag.engine import driver as engine_driver
+from redknot_rag.engine.grammar import Grammar, GrammarBackend
 from redknot_rag.request import Request
 from redknot_rag.sampling import SamplingParams
-from redknot_rag.engine.grammar import Grammar, GrammarBackend
 
 SCHEMA = {
     "type": "object",
@@ -65,7 +66,7 @@ def _drive(engine: Engine, reqs: list[Request]) -> None:
 def alone(engine) -> list[list[int]]:
     """Each request run by itself with the per-request mask (the batch mask switched off)."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(Engine, "_start_grammar_masks", lambda self, wants, num_rows: None)
+    mp.setattr(engine_driver, "start_grammar_masks", lambda built: None)
     try:
         out = []
         for req in _requests(engine):

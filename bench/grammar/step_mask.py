@@ -190,7 +190,6 @@ def engine_steps(engine: Any, batch: int, mode: str, steps: int, probe: _Probe) 
     """Part 2, one round of one batch size and mode ("none", "batch", "per_request"): `steps` decode
     steps of `batch` requests, each recorded by `probe`."""
     from redknot_rag.chat import chat_prompt_ids
-    from redknot_rag.engine import Engine
     from redknot_rag.sampling import SamplingParams
 
     mc = engine.model_config
@@ -202,10 +201,12 @@ def engine_steps(engine: Any, batch: int, mode: str, steps: int, probe: _Probe) 
         if mode != "none":
             req.logits_processor = backend.processor(LONG_GRAMMARS[i % len(LONG_GRAMMARS)])
         reqs.append(engine.submit(req))
-    saved = Engine._start_grammar_masks
+    from redknot_rag.engine import driver as engine_driver
+
+    saved = engine_driver.start_grammar_masks
     try:
         if mode == "per_request":
-            Engine._start_grammar_masks = lambda self, wants, num_rows: None  # type: ignore[method-assign]
+            engine_driver.start_grammar_masks = lambda built: None  # type: ignore[assignment]
         while not all(r.is_prefill_done for r in reqs):
             engine.step()
         for _ in range(2):  # warm-up decode steps
@@ -219,7 +220,7 @@ def engine_steps(engine: Any, batch: int, mode: str, steps: int, probe: _Probe) 
             assert engine.last_step.num_decode == batch, "a request ended inside the measured steps"
     finally:
         probe.restore()
-        Engine._start_grammar_masks = saved  # type: ignore[method-assign]
+        engine_driver.start_grammar_masks = saved
         for r in reqs:
             engine.abort(r.rid)
         while engine.has_work():
