@@ -51,10 +51,10 @@ class Engine:
         self, config: EngineConfig | None = None, loaded: LoadedModel | None = None, runner: KVRunner | None = None
     ) -> None:
         self.runner = runner or KVRunner(config, loaded)
-        self.config = self.runner.config
+        config = self.runner.config
         self.model_config: ModelConfig = self.runner.model_config
         self.tokenizer = self.runner.tokenizer
-        self.scheduler = Scheduler(self.runner, self.config, self.discard)
+        self.scheduler = Scheduler(self.runner, config, self.discard)
         self.output = OutputStage(self.tokenizer, self.model_config.eos_token_ids, self._drop)
         self._lock = self.scheduler.lock
         self._wakeup = self.scheduler.wakeup
@@ -106,6 +106,16 @@ class Engine:
         if req.params.seed is not None:
             req.generator = torch.Generator(device="cpu").manual_seed(req.params.seed)
         return req
+
+    @property
+    def config(self) -> EngineConfig:
+        """The engine's settings: the scheduler's (one copy, so a replaced config reaches admission and
+        the step budget)."""
+        return self.scheduler.config
+
+    @config.setter
+    def config(self, config: EngineConfig) -> None:
+        self.scheduler.set_config(config)
 
     def submit(self, req: Request) -> Request:
         """Queue `req`. From here on the engine owns its pages; if the queue is full, its reused context

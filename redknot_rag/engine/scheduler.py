@@ -84,6 +84,13 @@ class Scheduler:
         self.budget = StepBudget(config.max_prefill_tokens)
         self._release = release  # releases an unstarted request's reused context
 
+    def set_config(self, config: EngineConfig) -> None:
+        """Replace the settings (tests and benches change limits on a live engine): admission reads them on
+        the next step; the step budget's token bound follows `max_prefill_tokens`."""
+        with self.lock:
+            self.config = config
+            self.budget.max_tokens = config.max_prefill_tokens
+
     # ---- intake (any thread) ---------------------------------------------------------------
     def enqueue(self, req: Request) -> bool:
         """Queue `req`; False if the queue is full."""
