@@ -35,10 +35,14 @@ def setup(engine):
         tok, "Question: What is the access code for the Dorbrecht archive?" + ChatFormat.from_tokenizer(tok).suffix
     )
     yield engine, pf, anchor, chunks, segs, q
+    pages = torch.cat([s.pages.flatten() for s in segs])
     for s in segs:
         runner.drop_segment(s)
     pf.close()
-    assert runner.free_pages == free_before
+    # this module's segments are gone; other modules' services sharing the session engine may only have
+    # given pages back meanwhile (their caches evict when this module's sequences need room)
+    assert int(runner.allocator.refcount[pages.numpy()].sum()) == 0
+    assert runner.free_pages >= free_before
 
 
 def _forward(engine, kv, ids, pos):
