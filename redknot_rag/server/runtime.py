@@ -165,12 +165,12 @@ class Runtime:
         eng = self.engine
         m.add_gauge("redknot_num_requests_waiting", "Requests waiting for admission.", lambda: eng.num_waiting)
         m.add_gauge("redknot_num_requests_running", "Requests in the running batch.", lambda: eng.num_running)
-        m.add_gauge("redknot_kv_pool_pages", "KV pool size in (layer, head) pages.", lambda: e.pool.num_pages)
-        m.add_gauge("redknot_kv_pool_free_pages", "Free KV pool pages.", lambda: e.allocator.num_free)
+        m.add_gauge("redknot_kv_pool_pages", "KV pool size in (layer, head) pages.", lambda: e.num_pages)
+        m.add_gauge("redknot_kv_pool_free_pages", "Free KV pool pages.", lambda: e.free_pages)
         m.add_gauge(
             "redknot_kv_cache_usage_perc",
             "Share of KV pool pages in use (0-1).",
-            lambda: 1.0 - e.allocator.num_free / max(e.pool.num_pages, 1),
+            lambda: 1.0 - e.free_pages / max(e.num_pages, 1),
         )
         for key, name, text in (
             ("global_bytes", "redknot_kv_pool_global_bytes", "KV pool bytes live sequences hold for global heads."),
