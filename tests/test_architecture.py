@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,13 +206,6 @@ KV_MEMORY_ALLOWED = {
     "redknot_rag/attention/torch_backend.py": 9,
     "redknot_rag/attention/triton_backend.py": 10,
     "redknot_rag/graphs/decode.py": 1,
-    # committed files of the engine split still in flight (2026-12-08): their successors in the working tree
-    # (engine/driver.py, engine/scheduler.py, engine/batch_builder.py, engine/grammar.py) already use the
-    # runner's API; these entries go stale (reported) when the split lands, then delete them
-    "redknot_rag/engine.py": 3,
-    "redknot_rag/rag/assemble.py": 1,
-    "redknot_rag/server/constrained.py": 2,
-    "redknot_rag/server/runtime.py": 4,
 }
 
 
@@ -246,9 +238,8 @@ def test_only_the_runner_touches_pool_and_allocator():
     found = _kv_memory_accesses(files, ROOT)
     assert "redknot_rag/runner.py" in found  # the rule sees the owner's own accesses
     assert _kv_memory_violations(found, KV_MEMORY_ALLOWED, KV_MEMORY_OWNERS) == []
-    stale = stale_kv_memory_entries(found, KV_MEMORY_ALLOWED)
-    if stale:
-        warnings.warn(f"no longer touch pool/allocator, remove from KV_MEMORY_ALLOWED: {stale}", stacklevel=1)
+    # the list only shrinks: an entry for a file that no longer touches them must go
+    assert stale_kv_memory_entries(found, KV_MEMORY_ALLOWED) == []
 
 
 def _synthetic(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
