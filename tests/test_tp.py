@@ -135,17 +135,23 @@ def tp1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory: pytest.TempPathFactory, tp1: dict[str, Any]) -> dict[str, Any]:
+    tmp = str(tmp_path_factory.mktemp("tp2"))
+    return _spawn_ranks(_rank, 2, lambda r, port, results: (r, 2, port, tmp, results), timeout=240)
+
+
+def _spawn_ranks(target: Any, size: int, args: Any, timeout: float) -> dict[str, Any]:
+    """Run `target(*args(rank, port, results))` in `size` spawned processes; each puts one `(kind, value)` on
+    `results` ("error" fails the test). Returns the values by kind; every process is joined or killed."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    tmp = str(tmp_path_factory.mktemp("tp2"))
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, tmp, results)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=args(r, port, results)) for r in range(size)]
     for p in procs:
         p.start()
     got: dict[str, Any] = {}
     try:
-        for _ in range(2):
-            kind, val = results.get(timeout=240)
+        for _ in range(size):
+            kind, val = results.get(timeout=timeout)
             if kind == "error":
                 pytest.fail(val)
             got[kind] = val
@@ -325,24 +331,7 @@ def test_tp_decode_replays_cuda_graphs() -> None:
     from redknot_rag.sampling import SamplingParams
 
     size = min(2, torch.cuda.device_count())
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_graph_rank, args=(r, size, port, results)) for r in range(size)]
-    for p in procs:
-        p.start()
-    got: dict[str, Any] = {}
-    try:
-        for _ in range(size):
-            kind, val = results.get(timeout=400)
-            if kind == "error":
-                pytest.fail(val)
-            got[kind] = val
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = _spawn_ranks(_graph_rank, size, lambda r, port, results: (r, size, port, results), timeout=400)
     assert got["ok"]["replays"] >= NEW_TOKENS - 1  # every decode step of the batch replayed a graph
     if size > 1:
         assert got["follower"]["replays"] == got["ok"]["replays"]  # the same replay decisions on every rank
