@@ -150,3 +150,19 @@ class Timer:
     def __exit__(self, *exc: Any) -> None:
         sync(self.dev)
         self.s = time.perf_counter() - self.t0
+
+
+SYNTH_GLOBAL_FRACTION = 0.25  # synthetic head profile: share of kv heads per layer that stay global
+
+
+def synthetic_local(num_layers: int, num_kv_heads: int, seed: int = 0) -> torch.Tensor:
+    """A SYNTHETIC head profile `[L, Hkv]` bool (True = local): per layer round(25% of Hkv) (at least one)
+    heads global, chosen at random (seeded) so the local heads differ from layer to layer. Random weights
+    have no measured profile; this is the layout DuoAttention reports for GQA models, not a measurement
+    (bench/rag_gpu and bench/pool use it)."""
+    g = torch.Generator().manual_seed(seed)
+    n_glob = max(1, round(SYNTH_GLOBAL_FRACTION * num_kv_heads))
+    local = torch.ones(num_layers, num_kv_heads, dtype=torch.bool)
+    for layer in range(num_layers):
+        local[layer, torch.randperm(num_kv_heads, generator=g)[:n_glob]] = False
+    return local

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+from pathlib import Path
 
 import torch
 
-GLOBAL_FRACTION = 0.25  # synthetic profile: share of kv heads per layer that stay global
 SYNTH_SINK, SYNTH_WINDOW = 64, 1024  # synthetic profile: local heads keep 64 sink + the last 1024 tokens
 
-
-def synthetic_local(num_layers: int, num_kv_heads: int, seed: int = 0) -> torch.Tensor:
-    """A SYNTHETIC head profile `[L, Hkv]` bool (True = local): per layer round(25% of Hkv) (at least one)
-    heads global, chosen at random (seeded), as bench/rag_gpu/run.py draws it. Random weights have no
-    measured profile; this is the layout DuoAttention reports for GQA models, not a measurement."""
-    g = torch.Generator().manual_seed(seed)
-    n_glob = max(1, round(GLOBAL_FRACTION * num_kv_heads))
-    local = torch.ones(num_layers, num_kv_heads, dtype=torch.bool)
-    for layer in range(num_layers):
-        local[layer, torch.randperm(num_kv_heads, generator=g)[:n_glob]] = False
-    return local
+# bench/engine/common.py (a module of the same file name, so loaded by path): the random-weight builders and
+# the one SYNTHETIC head profile (25% of each layer's kv heads global) that bench/rag_gpu draws too
+_path = Path(__file__).resolve().parents[1] / "engine" / "common.py"
+_spec = importlib.util.spec_from_file_location("engine_common", _path)
+assert _spec is not None and _spec.loader is not None
+engine_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(engine_common)
+synthetic_local = engine_common.synthetic_local
 
 
 def machine() -> str:

@@ -32,7 +32,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SYNTH_SINK, SYNTH_WINDOW, machine, synthetic_local  # noqa: E402
+from common import SYNTH_SINK, SYNTH_WINDOW, engine_common, machine, synthetic_local  # noqa: E402
 
 from redknot_rag.batch import ForwardBatch  # noqa: E402
 from redknot_rag.window import PoolWindows  # noqa: E402
@@ -48,12 +48,7 @@ def sync(dev: torch.device) -> None:
 
 
 def build(args: argparse.Namespace) -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("engine_common", HERE.parent / "engine" / "common.py")
-    assert spec is not None and spec.loader is not None
-    ec = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ec)  # bench/engine/common.py: the random-weight model and engine builders
+    ec = engine_common  # bench/engine/common.py: the random-weight model and engine builders
 
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.float32 if args.tiny else torch.bfloat16

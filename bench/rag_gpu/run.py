@@ -61,6 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from common import (  # noqa: E402
     LLAMA3_8B,
+    SYNTH_GLOBAL_FRACTION,
     Timer,
     available_backends,
     card,
@@ -69,6 +70,7 @@ from common import (  # noqa: E402
     hf_random_model,
     shape,
     sync,
+    synthetic_local,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -185,19 +187,7 @@ def hf_cached_forward(hf: Any, cache: Any, ctx_len: int, n: int, vocab: int) -> 
 
 
 # ------------------------------------------------------------------------------------ policies
-LOCAL_GLOBAL_FRACTION = 0.25  # synthetic profile: share of kv heads per layer that stay global
 LOCAL_WINDOW = 64  # synthetic profile: recent context tokens a local head sees (besides the anchor)
-
-
-def synthetic_local(num_layers: int, num_kv_heads: int, seed: int = 0) -> torch.Tensor:
-    """A SYNTHETIC head profile `[L, Hkv]` bool (True = local): per layer round(25% of Hkv) (at least one)
-    heads global, chosen at random (seeded) so the local heads differ from layer to layer."""
-    g = torch.Generator().manual_seed(seed)
-    n_glob = max(1, round(LOCAL_GLOBAL_FRACTION * num_kv_heads))
-    local = torch.ones(num_layers, num_kv_heads, dtype=torch.bool)
-    for layer in range(num_layers):
-        local[layer, torch.randperm(num_kv_heads, generator=g)[:n_glob]] = False
-    return local
 
 
 def local_visibility(inp: Any, local: torch.Tensor, window: int) -> list[torch.Tensor | None]:
@@ -342,7 +332,7 @@ def _query(engine: Any, name: str, inp: Any, args: Any) -> dict:
         local = synthetic_local(mc.num_layers, mc.num_kv_heads)
         glob = ~local
         vis = local_visibility(inp, local, LOCAL_WINDOW)
-        out["synthetic_profile"] = dict(global_fraction=LOCAL_GLOBAL_FRACTION, window=LOCAL_WINDOW, seed=0)
+        out["synthetic_profile"] = dict(global_fraction=SYNTH_GLOBAL_FRACTION, window=LOCAL_WINDOW, seed=0)
     with Timer(dev) as t:
         kv = relocate(engine.runner, inp, vis)
     out["load_s"] = t.s
@@ -540,7 +530,7 @@ def main() -> None:
         anchor_tokens=anchor_len, page_size=engine.config.page_size, pool_gib=engine.runner.pool_bytes / 2**30,
         probe_layers=args.probe_layers, default_policy=default_policy, ceilings=ceil, scenarios=[],
         notes=[f"policies @local/@local-triton/@local-split: SYNTHETIC head profile (random weights have none): "
-               f"{LOCAL_GLOBAL_FRACTION:.0%} of kv heads per layer global, the rest local (anchor + last "
+               f"{SYNTH_GLOBAL_FRACTION:.0%} of kv heads per layer global, the rest local (anchor + last "
                f"{LOCAL_WINDOW} context tokens)"],
     )  # fmt: skip
 
