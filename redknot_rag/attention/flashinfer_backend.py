@@ -133,11 +133,6 @@ def inside_queries(batch: ForwardBatch) -> tuple[int, int]:
     return n, longest
 
 
-def has_inside_queries(batch: ForwardBatch) -> bool:
-    """Whether some sequence has queries inside its context (recompute)."""
-    return inside_queries(batch)[0] > 0
-
-
 # "auto" picks "split" over "tiles" only for batches that recompute more than this share of a context at
 # least `SPLIT_MIN_CONTEXT` long (H100, bench/rag_gpu/results_rag_H100_price.json, 2026-12-08, Llama-3-8B
 # shape): tiles were faster at every budget <= 20% (4K: 48 vs 168 ms at 5%; 32K: 224 vs 343 ms at 5%, 576
